@@ -1,0 +1,57 @@
+"""usnet: universally slimmable networks for PyTorch.
+
+Train one network, run it at any width in a continuous range::
+
+    import torchvision, usnet
+    model = usnet.slimmable(torchvision.models.resnet50(), width_range=(0.25, 1.0))
+    usnet.set_width(model, 0.6)
+    usnet.calibrate(model, train_loader, widths=[0.25, 0.6, 1.0])
+    small = usnet.export(model, 0.6)
+"""
+
+from . import models
+from .calibrate import calibrate, is_calibrated, sample_images
+from .channels import ChannelGroup, ChannelPlan, config_key, make_divisible, parse_widths
+from .checkpoint import load, save
+from .convert import ConversionError, analyze, slimmable
+from .export import export
+from .layers import (
+    SlimmableBatchNorm2d,
+    SlimmableConv2d,
+    SlimmableLinear,
+    UncalibratedWidthError,
+)
+from .profile import Profile, profile
+from .state import channel_plan, channels_at, get_width, is_slimmable, set_width, width
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ChannelGroup",
+    "ChannelPlan",
+    "ConversionError",
+    "Profile",
+    "SlimmableBatchNorm2d",
+    "SlimmableConv2d",
+    "SlimmableLinear",
+    "UncalibratedWidthError",
+    "analyze",
+    "calibrate",
+    "channel_plan",
+    "channels_at",
+    "config_key",
+    "export",
+    "get_width",
+    "is_calibrated",
+    "is_slimmable",
+    "load",
+    "make_divisible",
+    "models",
+    "parse_widths",
+    "profile",
+    "sample_images",
+    "save",
+    "set_width",
+    "slimmable",
+    "width",
+]

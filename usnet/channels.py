@@ -1,0 +1,214 @@
+"""Channel plans: which channels are tied together and how many are active at a width.
+
+A *channel group* is a set of channel dimensions that must always have the same number of active
+channels (both sides of a residual add, a depthwise conv's input and output, ...). A *channel plan*
+is the ordered collection of a model's groups. Everything here is plain arithmetic: no tensors.
+
+Active channels follow torchvision's rule ``make_divisible(full * width, divisor)``, capped at the
+full size. A *derived* group follows another group at a fixed ratio (an inverted-residual expansion
+layer is ``t`` times its block's input; a flattened feature map is ``H*W`` times its channels), and a
+*fixed* group never changes (image input channels, classifier outputs).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from typing import Union
+
+Width = Union[float, Mapping[str, float]]
+"""A uniform width multiplier, or a mapping from root group name to multiplier."""
+
+
+def make_divisible(value: float, divisor: int = 8, min_value: int | None = None) -> int:
+    """Round ``value`` to the nearest multiple of ``divisor``, never going below 90% of it.
+
+    This is the rule torchvision and the MobileNet/US-Nets reference code use for channel counts.
+    """
+    if min_value is None:
+        min_value = divisor
+    new_value = max(min_value, int(value + divisor / 2) // divisor * divisor)
+    if new_value < 0.9 * value:
+        new_value += divisor
+    return new_value
+
+
+@dataclass(frozen=True)
+class ChannelGroup:
+    """One set of tied channel dimensions.
+
+    Attributes:
+        name: unique name, by convention the module that first produces these channels.
+        size: number of channels at full width.
+        divisor: active channel counts are multiples of this (raised to the lcm with the group
+            counts of grouped convs that consume or produce the group).
+        fixed: never slimmed (image input, classifier outputs).
+        parent: for a derived group, the group it follows.
+        ratio: for a derived group, ``active = round(active(parent) * ratio)``.
+    """
+
+    name: str
+    size: int
+    divisor: int = 8
+    fixed: bool = False
+    parent: str | None = None
+    ratio: float = 1.0
+
+    @property
+    def is_root(self) -> bool:
+        """A root group has its own width multiplier: neither fixed nor derived."""
+        return not self.fixed and self.parent is None
+
+
+class ChannelPlan:
+    """The ordered channel groups of one model, and the arithmetic from width to channels."""
+
+    def __init__(self, groups: list[ChannelGroup], width_range: tuple[float, float]):
+        lo, hi = _check_range(width_range)
+        self.width_range = (lo, hi)
+        self.groups: dict[str, ChannelGroup] = {}
+        for group in groups:
+            if group.name in self.groups:
+                raise ValueError(f"duplicate channel group name {group.name!r}")
+            if group.parent is not None and group.parent not in self.groups:
+                raise ValueError(
+                    f"derived group {group.name!r} must come after its parent {group.parent!r}"
+                )
+            if group.size < 1 or group.divisor < 1:
+                raise ValueError(f"group {group.name!r}: size and divisor must be positive")
+            self.groups[group.name] = group
+
+    # -- queries ---------------------------------------------------------------------------------
+    @property
+    def root_names(self) -> list[str]:
+        """Names of the groups a non-uniform width may set."""
+        return [g.name for g in self.groups.values() if g.is_root]
+
+    def check_width(self, width: Width) -> Width:
+        """Validate a uniform width or a per-group mapping against the range; return it normalized."""
+        lo, hi = self.width_range
+        if isinstance(width, Mapping):
+            roots = set(self.root_names)
+            out = {}
+            for name, value in width.items():
+                if name not in roots:
+                    raise ValueError(
+                        f"unknown channel group {name!r}; valid groups: {', '.join(self.root_names)}"
+                    )
+                out[name] = _check_value(value, lo, hi, f"width of group {name!r}")
+            return out
+        return _check_value(width, lo, hi, "width")
+
+    def channels(self, width: Width) -> dict[str, int]:
+        """Active channels of every group at ``width`` (validated).
+
+        A mapping sets the multiplier of the root groups it names; the others stay at the top of
+        the width range.
+        """
+        width = self.check_width(width)
+        hi = self.width_range[1]
+        active: dict[str, int] = {}
+        for g in self.groups.values():
+            if g.fixed:
+                active[g.name] = g.size
+            elif g.parent is not None:
+                active[g.name] = min(g.size, max(1, int(round(active[g.parent] * g.ratio))))
+            else:
+                w = width.get(g.name, hi) if isinstance(width, Mapping) else width
+                active[g.name] = min(g.size, make_divisible(g.size * w, g.divisor))
+        return active
+
+    def config(self, width: Width) -> tuple[int, ...]:
+        """The network's channel configuration at ``width``: one count per group, in plan order.
+
+        Two widths with the same configuration are the same network (same shapes, same BN stats).
+        """
+        return tuple(self.channels(width).values())
+
+    def distinct_configs(self, step: float = 0.001) -> list[tuple[int, ...]]:
+        """All distinct uniform-width configurations in the range (scanned at ``step``)."""
+        lo, hi = self.width_range
+        n = max(1, int(math.floor((hi - lo) / step + 1e-9)))
+        seen: dict[tuple[int, ...], None] = {}
+        for i in range(n + 1):
+            seen.setdefault(self.config(min(hi, lo + i * step)), None)
+        seen.setdefault(self.config(hi), None)
+        return list(seen)
+
+    # -- serialization ---------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return {
+            "width_range": list(self.width_range),
+            "groups": [asdict(g) for g in self.groups.values()],
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping) -> "ChannelPlan":
+        try:
+            groups = [ChannelGroup(**g) for g in data["groups"]]
+            width_range = tuple(data["width_range"])
+        except (KeyError, TypeError) as err:
+            raise ValueError(f"malformed channel plan: {err}") from None
+        return cls(groups, width_range)  # type: ignore[arg-type]
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, ChannelPlan) and self.to_dict() == other.to_dict()
+
+    def __repr__(self) -> str:
+        roots = len(self.root_names)
+        return (
+            f"ChannelPlan({len(self.groups)} groups, {roots} root, "
+            f"width_range={self.width_range})"
+        )
+
+
+def config_key(config: tuple[int, ...]) -> str:
+    """A stable string id of a channel configuration (used as BN-cache and checkpoint key)."""
+    return "-".join(str(c) for c in config)
+
+
+def parse_widths(spec: str) -> list[float]:
+    """Parse ``"0.25:1.0:0.25"`` (start:stop:step, inclusive) or ``"0.25,0.5,1.0"``."""
+    text = str(spec).strip()
+    try:
+        if ":" in text:
+            parts = [float(p) for p in text.split(":")]
+            if len(parts) != 3 or parts[2] <= 0 or parts[1] < parts[0]:
+                raise ValueError
+            start, stop, step = parts
+            count = int(math.floor((stop - start) / step + 1e-9))
+            values = [round(start + i * step, 10) for i in range(count + 1)]
+            if stop - values[-1] > 1e-9:
+                values.append(stop)
+            return values
+        values = [float(p) for p in text.split(",") if p.strip()]
+        if not values:
+            raise ValueError
+        return values
+    except ValueError:
+        raise ValueError(
+            f"invalid widths {spec!r}; expected start:stop:step (e.g. 0.25:1.0:0.25) "
+            "or a comma-separated list (e.g. 0.25,0.5,1.0)"
+        ) from None
+
+
+def _check_value(value: object, lo: float, hi: float, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{what} must be a number in [{lo}, {hi}], got {value!r}")
+    value = float(value)
+    if not math.isfinite(value) or not (lo - 1e-9 <= value <= hi + 1e-9):
+        raise ValueError(f"{what} {value} is outside the width range [{lo}, {hi}]")
+    return min(max(value, lo), hi)
+
+
+def _check_range(width_range: object) -> tuple[float, float]:
+    try:
+        lo, hi = (float(v) for v in width_range)  # type: ignore[union-attr]
+    except (TypeError, ValueError):
+        raise TypeError(f"width_range must be a pair (lo, hi), got {width_range!r}") from None
+    if not (0.0 < lo <= hi <= 1.0):
+        # 1.0 is the network as built: its weights hold no channels beyond it.
+        raise ValueError(f"width_range must satisfy 0 < lo <= hi <= 1.0, got ({lo}, {hi})")
+    return lo, hi

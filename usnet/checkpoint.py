@@ -1,0 +1,138 @@
+"""One-file checkpoints: weights, channel plan, width range and per-width BN statistics.
+
+``usnet.save`` writes atomically (temporary file in the same directory, then rename), so an
+interrupted save never leaves a half-written checkpoint in place of a good one. ``usnet.load``
+rebuilds the model from the file alone: zoo models from their recorded builder (the file then
+holds only tensors and plain data and loads with ``weights_only=True``); converted custom models
+from the pickled module stored with them (loading those runs pickle: load only files you trust).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .layers import SlimmableBatchNorm2d
+from .state import SlimmableState, get_state, set_width
+
+FORMAT = "usnet-checkpoint"
+VERSION = 1
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers see the old file or the new one, never a part."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def checkpoint_dict(model: nn.Module, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The checkpoint of ``model`` as a dict (what :func:`save` writes)."""
+    state = get_state(model)
+    bn_stats = {
+        name: {key: [mean.detach().cpu(), var.detach().cpu()] for key, (mean, var) in m.width_stats.items()}
+        for name, m in model.named_modules()
+        if isinstance(m, SlimmableBatchNorm2d) and m.width_stats
+    }
+    width = state.width
+    payload: dict[str, Any] = {
+        "format": FORMAT,
+        "version": VERSION,
+        "usnet": state.to_dict(),
+        "width": dict(width) if isinstance(width, Mapping) else float(width),
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "bn_stats": bn_stats,
+        "extra": dict(extra or {}),
+    }
+    if state.arch is None:
+        # No builder to rebuild it from: keep the module itself (pickled classes).
+        payload["module"] = model
+    return payload
+
+
+def save(model: nn.Module, path: str | os.PathLike, extra: Mapping[str, Any] | None = None) -> Path:
+    """Write ``model`` (and optional plain-data ``extra``) to one checkpoint file, atomically."""
+    atomic_torch_save(checkpoint_dict(model, extra), path)
+    return Path(path)
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Read and validate a checkpoint file (without building the model)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist or is not a file")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:
+        try:  # checkpoints of converted custom models hold the pickled module
+            payload = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as err:
+            raise ValueError(f"{str(path)!r} is not a readable checkpoint ({type(err).__name__}: {err})") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise ValueError(f"{str(path)!r} is not a usnet checkpoint (written by usnet.save)")
+    if payload.get("version") != VERSION:
+        raise ValueError(
+            f"{str(path)!r} has checkpoint version {payload.get('version')!r}; this usnet reads {VERSION}"
+        )
+    missing = [k for k in ("usnet", "state_dict", "bn_stats") if k not in payload]
+    if missing:
+        raise ValueError(f"{str(path)!r} is a damaged usnet checkpoint: missing {', '.join(missing)}")
+    return payload
+
+
+def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> nn.Module:
+    """Rebuild the slimmable model saved at ``path``: weights, plan, BN statistics and width."""
+    payload = read_checkpoint(path)
+    return model_from_checkpoint(payload, str(path), map_location)
+
+
+def model_from_checkpoint(payload: Mapping[str, Any], source: str = "checkpoint",
+                          map_location: str | torch.device = "cpu") -> nn.Module:  # fmt: skip
+    saved = SlimmableState.from_dict(payload["usnet"])
+    if "module" in payload:
+        model = payload["module"]
+    elif saved.arch is not None:
+        from .models import create_model
+
+        model = create_model(saved.arch["name"], **saved.arch["kwargs"])
+    else:
+        raise ValueError(f"{source}: checkpoint records neither a zoo builder nor a module")
+    state = get_state(model)
+    if state.plan != saved.plan:
+        raise ValueError(f"{source}: the rebuilt model's channel plan differs from the saved one")
+    try:
+        model.load_state_dict(payload["state_dict"], strict=True)
+    except RuntimeError as err:
+        first = str(err).splitlines()[0]
+        raise ValueError(f"{source}: weights do not match the model ({first})") from None
+    modules = dict(model.named_modules())
+    for name, entries in payload["bn_stats"].items():
+        layer = modules.get(name)
+        if not isinstance(layer, SlimmableBatchNorm2d):
+            raise ValueError(f"{source}: BN statistics for unknown layer {name!r}")
+        layer.width_stats = {key: (mean, var) for key, (mean, var) in entries.items()}
+    model.to(map_location)
+    set_width(model, payload.get("width", state.width_range[1]))
+    return model

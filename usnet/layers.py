@@ -1,0 +1,257 @@
+"""Slimmable layers: drop-in subclasses of the PyTorch layers that run on a prefix of their channels.
+
+Each layer keeps the parameters (names, full-width shapes) of the layer it subclasses, so a
+slimmable model's ``state_dict`` is that of the plain model. The active channel counts are plain
+attributes that :func:`usnet.set_width` sets for a whole model; a layer used on its own can have
+them set directly. At the active counts a layer computes exactly what a plain layer of that shape
+holding the first channels of its weights would compute.
+
+``input_averaging`` is the seed paper's "averaging the output by input channels": the output is
+scaled by ``full fan-in / active fan-in`` so that narrower inputs keep the output magnitude. It is
+**off by default**, as in the US-Nets reference training configs; exported models fold the scale
+into their weights.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class UncalibratedWidthError(RuntimeError):
+    """Eval-mode forward at a width whose BatchNorm statistics were never calibrated."""
+
+
+class SlimmableConv2d(nn.Conv2d):
+    """``nn.Conv2d`` (standard, grouped or depthwise) running on its first channels.
+
+    A depthwise conv (``groups == in_channels``) keeps ``groups == active_in_channels``; any other
+    grouped conv keeps its group count, so its active channels must stay divisible by ``groups``
+    (the channel plan's divisors guarantee that).
+    """
+
+    def __init__(self, *args, input_averaging: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._init_slimmable(input_averaging)
+
+    def _init_slimmable(self, input_averaging: bool = False) -> None:
+        self.active_in_channels = self.in_channels
+        self.active_out_channels = self.out_channels
+        self.input_averaging = input_averaging
+
+    @property
+    def is_depthwise(self) -> bool:
+        return self.groups > 1 and self.groups == self.in_channels
+
+    @property
+    def active_groups(self) -> int:
+        return self.active_in_channels if self.is_depthwise else self.groups
+
+    def active_weight_and_bias(self) -> tuple[Tensor, Tensor | None]:
+        """The weight (and bias) of the plain conv this layer equals at its active channels."""
+        cin, cout, groups = self.active_in_channels, self.active_out_channels, self.active_groups
+        if cin % groups or cout % groups:
+            raise ValueError(
+                f"{type(self).__name__}: {cin} input / {cout} output channels are not divisible "
+                f"by {groups} groups"
+            )
+        weight = self.weight[:cout, : cin // groups]
+        bias = None if self.bias is None else self.bias[:cout]
+        scale = self.averaging_scale()
+        if scale != 1.0:
+            weight = weight * scale
+            bias = None if bias is None else bias * scale
+        return weight, bias
+
+    def averaging_scale(self) -> float:
+        if not self.input_averaging:
+            return 1.0
+        return (self.in_channels / self.groups) / (self.active_in_channels / self.active_groups)
+
+    def forward(self, input: Tensor) -> Tensor:
+        if input.dim() < 3 or input.shape[-3] != self.active_in_channels:
+            raise RuntimeError(
+                f"{type(self).__name__} expects {self.active_in_channels} active input channels, "
+                f"got input of shape {tuple(input.shape)}"
+            )
+        weight, bias = self.active_weight_and_bias()
+        padding = self.padding
+        if self.padding_mode != "zeros":
+            input = F.pad(input, self._reversed_padding_repeated_twice, mode=self.padding_mode)
+            padding = 0
+        return F.conv2d(
+            input, weight, bias, self.stride, padding, self.dilation, self.active_groups
+        )
+
+    def extra_repr(self) -> str:
+        active = f", active={self.active_in_channels}->{self.active_out_channels}"
+        return super().extra_repr() + active + (", input_averaging" if self.input_averaging else "")
+
+
+class SlimmableLinear(nn.Linear):
+    """``nn.Linear`` running on its first input and output features."""
+
+    def __init__(self, *args, input_averaging: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._init_slimmable(input_averaging)
+
+    def _init_slimmable(self, input_averaging: bool = False) -> None:
+        self.active_in_features = self.in_features
+        self.active_out_features = self.out_features
+        self.input_averaging = input_averaging
+
+    def averaging_scale(self) -> float:
+        return self.in_features / self.active_in_features if self.input_averaging else 1.0
+
+    def active_weight_and_bias(self) -> tuple[Tensor, Tensor | None]:
+        weight = self.weight[: self.active_out_features, : self.active_in_features]
+        bias = None if self.bias is None else self.bias[: self.active_out_features]
+        scale = self.averaging_scale()
+        if scale != 1.0:
+            weight = weight * scale
+            bias = None if bias is None else bias * scale
+        return weight, bias
+
+    def forward(self, input: Tensor) -> Tensor:
+        if input.shape[-1] != self.active_in_features:
+            raise RuntimeError(
+                f"{type(self).__name__} expects {self.active_in_features} active input features, "
+                f"got input of shape {tuple(input.shape)}"
+            )
+        weight, bias = self.active_weight_and_bias()
+        return F.linear(input, weight, bias)
+
+    def extra_repr(self) -> str:
+        active = f", active={self.active_in_features}->{self.active_out_features}"
+        return super().extra_repr() + active + (", input_averaging" if self.input_averaging else "")
+
+
+class SlimmableBatchNorm2d(nn.BatchNorm2d):
+    """``nn.BatchNorm2d`` on its first channels, with separate running statistics per width.
+
+    * Training mode normalizes with batch statistics and updates no running statistics: running
+      statistics gathered across changing widths would describe no width.
+    * Eval mode uses the statistics calibrated for the model's current channel configuration. The
+      full-width configuration keeps them in the layer's own ``running_mean``/``running_var``
+      buffers (so a pretrained plain model works at full width as it is, and the state_dict is that
+      of a plain model); every other configuration has an entry in ``width_stats``, keyed by
+      ``stats_key``. A configuration never calibrated raises :class:`UncalibratedWidthError`.
+    * Calibration (:func:`usnet.calibrate`) normalizes with batch statistics and accumulates their
+      cumulative average (PyTorch's ``momentum=None``) into fresh statistics for the configuration,
+      whatever the layer's own ``momentum`` and ``training`` flags say.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._init_slimmable()
+
+    def _init_slimmable(self) -> None:
+        self.active_features = self.num_features
+        self.stats_key: str | None = None  # None: the full-width configuration (own buffers)
+        self.width_label = "full width"
+        self.width_stats: dict[str, tuple[Tensor, Tensor]] = {}
+        self._calibration: list | None = None  # [mean, var, batches] while calibrating
+        self.usnet_name = ""
+
+    # -- statistics ------------------------------------------------------------------------------
+    def current_stats(self) -> tuple[Tensor, Tensor] | None:
+        """(mean, var) for the current configuration, or None if it was never calibrated."""
+        if self.stats_key is None:
+            if not self.track_running_stats or self.num_batches_tracked is None:
+                return None
+            if int(self.num_batches_tracked) == 0:
+                return None
+            return self.running_mean, self.running_var
+        return self.width_stats.get(self.stats_key)
+
+    def start_calibration(self) -> None:
+        """Start fresh statistics for the current configuration."""
+        c = self.active_features
+        device = self.weight.device if self.weight is not None else self.running_mean.device
+        self._calibration = [torch.zeros(c, device=device), torch.ones(c, device=device), 0]
+
+    def finish_calibration(self) -> None:
+        """Store the accumulated statistics for the current configuration."""
+        if self._calibration is None:
+            raise RuntimeError("finish_calibration() without start_calibration()")
+        mean, var, batches = self._calibration
+        self._calibration = None
+        if batches == 0:
+            raise RuntimeError(f"BatchNorm {self.usnet_name!r} saw no batch during calibration")
+        if self.stats_key is None:
+            with torch.no_grad():
+                self.running_mean.copy_(mean)
+                self.running_var.copy_(var)
+                self.num_batches_tracked.fill_(batches)
+        else:
+            self.width_stats[self.stats_key] = (mean, var)
+
+    def cancel_calibration(self) -> None:
+        self._calibration = None
+
+    @property
+    def is_calibrating(self) -> bool:
+        return self._calibration is not None
+
+    # -- forward ---------------------------------------------------------------------------------
+    def forward(self, input: Tensor) -> Tensor:
+        self._check_input_dim(input)
+        c = self.active_features
+        if input.shape[1] != c:
+            raise RuntimeError(
+                f"{type(self).__name__} {self.usnet_name!r} expects {c} active channels, "
+                f"got input of shape {tuple(input.shape)}"
+            )
+        weight = None if self.weight is None else self.weight[:c]
+        bias = None if self.bias is None else self.bias[:c]
+        if self._calibration is not None:
+            self._calibration[2] += 1
+            mean, var, batches = self._calibration
+            # Cumulative average: momentum 1/t, exactly PyTorch's momentum=None behaviour.
+            return F.batch_norm(input, mean, var, weight, bias, True, 1.0 / batches, self.eps)
+        if self.training or not self.track_running_stats:
+            return F.batch_norm(input, None, None, weight, bias, True, 0.0, self.eps)
+        stats = self.current_stats()
+        if stats is None:
+            raise UncalibratedWidthError(
+                f"BatchNorm {self.usnet_name or '(unnamed)'} has no statistics for "
+                f"{self.width_label}: run usnet.calibrate(model, data, widths=[...]) on that width "
+                "first (or use train mode)"
+            )
+        mean, var = stats
+        return F.batch_norm(input, mean[:c], var[:c], weight, bias, False, 0.0, self.eps)
+
+    def _apply(self, fn, recurse=True):
+        # Keep the per-width statistics on the module's device/dtype like ordinary buffers.
+        result = super()._apply(fn, recurse)
+        self.width_stats = {k: (fn(m), fn(v)) for k, (m, v) in self.width_stats.items()}
+        return result
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", active={self.active_features}"
+
+
+SLIMMABLE_LAYERS: dict[type[nn.Module], type[nn.Module]] = {
+    nn.Conv2d: SlimmableConv2d,
+    nn.Linear: SlimmableLinear,
+    nn.BatchNorm2d: SlimmableBatchNorm2d,
+}
+"""Registry: plain layer type -> slimmable subclass (exact types; subclasses are refused)."""
+
+
+def make_slimmable_(module: nn.Module, input_averaging: bool = False) -> nn.Module:
+    """Turn a plain layer into its slimmable subclass in place, keeping its parameter objects."""
+    cls = SLIMMABLE_LAYERS.get(type(module))
+    if cls is None:
+        raise TypeError(f"no slimmable counterpart for {type(module).__name__}")
+    module.__class__ = cls
+    if cls is SlimmableBatchNorm2d:
+        module._init_slimmable()
+    else:
+        module._init_slimmable(input_averaging)
+    return module
+
+
+def is_slimmable_layer(module: nn.Module) -> bool:
+    return isinstance(module, (SlimmableConv2d, SlimmableLinear, SlimmableBatchNorm2d))

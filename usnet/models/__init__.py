@@ -1,0 +1,24 @@
+"""The model zoo: universally slimmable models and the plain models they export to."""
+
+from .mobilenet_v1 import MobileNetV1, mobilenet_v1
+from .zoo import (
+    DEFAULT_WIDTH_RANGES,
+    create_model,
+    list_models,
+    us_mobilenet_v1,
+    us_mobilenet_v2,
+    us_resnet18,
+    us_resnet50,
+)
+
+__all__ = [
+    "DEFAULT_WIDTH_RANGES",
+    "MobileNetV1",
+    "create_model",
+    "list_models",
+    "mobilenet_v1",
+    "us_mobilenet_v1",
+    "us_mobilenet_v2",
+    "us_resnet18",
+    "us_resnet50",
+]

@@ -1,0 +1,137 @@
+"""Universally slimmable models, built through the converter from plain torchvision-style models.
+
+Every builder takes ``num_classes``, ``in_channels``, ``width_range`` and ``small_input`` (a stem
+for 28-32 px images such as Fashion-MNIST or CIFAR), returns a slimmable model whose module names
+match the plain model's, and records itself in the model so :func:`usnet.load` can rebuild it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torchvision
+from torch import nn
+
+from ..convert import slimmable
+from .mobilenet_v1 import MobileNetV1
+
+_BUILDERS: dict[str, Callable[..., nn.Module]] = {}
+DEFAULT_WIDTH_RANGES: dict[str, tuple[float, float]] = {}
+
+
+def register_model(default_width_range: tuple[float, float]):
+    def decorator(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        _BUILDERS[fn.__name__] = fn
+        DEFAULT_WIDTH_RANGES[fn.__name__] = default_width_range
+        return fn
+
+    return decorator
+
+
+def list_models() -> list[str]:
+    """Names of the zoo's builders."""
+    return sorted(_BUILDERS)
+
+
+def create_model(name: str, **kwargs: Any) -> nn.Module:
+    """Build a zoo model by name (e.g. ``create_model("us_mobilenet_v2", num_classes=10)``)."""
+    if name not in _BUILDERS:
+        raise ValueError(f"unknown model {name!r}; available: {', '.join(list_models())}")
+    return _BUILDERS[name](**kwargs)
+
+
+def _finish(name: str, model: nn.Module, width_range, kwargs: dict, input_size, **convert_kw):
+    arch = {"name": name, "kwargs": {**kwargs, "width_range": list(width_range)}}
+    return slimmable(model, width_range, input_size=input_size, arch=arch, **convert_kw)
+
+
+def _replace_stem(conv: nn.Conv2d, in_channels: int, small_input: bool, kernel: int) -> nn.Conv2d:
+    """The first conv with another number of input channels and, for small images, stride 1."""
+    stride = 1 if small_input else conv.stride
+    padding = kernel // 2
+    return nn.Conv2d(in_channels, conv.out_channels, kernel, stride, padding, bias=conv.bias is not None)
+
+
+def _input_size(in_channels: int, small_input: bool) -> tuple[int, int, int, int]:
+    return (1, in_channels, 32 if small_input else 224, 32 if small_input else 224)
+
+
+@register_model((0.25, 1.0))
+def us_mobilenet_v1(
+    num_classes: int = 1000,
+    in_channels: int = 3,
+    width_range: tuple[float, float] = (0.25, 1.0),
+    small_input: bool = False,
+    dropout: float = 0.0,
+    input_averaging: bool = False,
+) -> nn.Module:
+    """US-MobileNetV1 (569M MACs at 1.0, 41M at 0.25 on 224 px)."""
+    kwargs = dict(num_classes=num_classes, in_channels=in_channels, small_input=small_input,
+                  dropout=dropout, input_averaging=input_averaging)  # fmt: skip
+    model = MobileNetV1(num_classes, 1.0, in_channels, small_input, dropout)
+    return _finish("us_mobilenet_v1", model, width_range, kwargs,
+                   _input_size(in_channels, small_input), input_averaging=input_averaging)  # fmt: skip
+
+
+@register_model((0.35, 1.0))
+def us_mobilenet_v2(
+    num_classes: int = 1000,
+    in_channels: int = 3,
+    width_range: tuple[float, float] = (0.35, 1.0),
+    small_input: bool = False,
+    dropout: float = 0.2,
+    input_averaging: bool = False,
+) -> nn.Module:
+    """US-MobileNetV2 with torchvision's layout: at every width w its channels equal
+    ``torchvision.models.mobilenet_v2(width_mult=w)`` (expansions tied at t times their block's
+    input, the last 1280-channel conv fixed)."""
+    kwargs = dict(num_classes=num_classes, in_channels=in_channels, small_input=small_input,
+                  dropout=dropout, input_averaging=input_averaging)  # fmt: skip
+    model = torchvision.models.mobilenet_v2(num_classes=num_classes, dropout=dropout)
+    stem = model.features[0][0]
+    if in_channels != 3 or small_input:
+        model.features[0][0] = _replace_stem(stem, in_channels, small_input, 3)
+    if small_input:  # keep 28-32 px images at full resolution through the first stride-2 block
+        model.features[2].conv[1][0].stride = (1, 1)
+    expansions = [
+        f"features.{i}.conv.0.0"
+        for i, block in enumerate(model.features)
+        if isinstance(block, torchvision.models.mobilenetv2.InvertedResidual) and len(block.conv) == 4
+    ]
+    last = f"features.{len(model.features) - 1}.0"
+    return _finish("us_mobilenet_v2", model, width_range, kwargs,
+                   _input_size(in_channels, small_input), ratio_ties=expansions,
+                   fixed_outputs=[last], input_averaging=input_averaging)  # fmt: skip
+
+
+def _us_resnet(name: str, depth: int, num_classes, in_channels, width_range, small_input,
+               input_averaging) -> nn.Module:  # fmt: skip
+    kwargs = dict(num_classes=num_classes, in_channels=in_channels, small_input=small_input,
+                  input_averaging=input_averaging)  # fmt: skip
+    model = getattr(torchvision.models, f"resnet{depth}")(num_classes=num_classes)
+    if small_input:  # CIFAR-style stem: 3x3 stride-1 conv, no max pooling
+        model.conv1 = _replace_stem(model.conv1, in_channels, True, 3)
+        model.maxpool = nn.Identity()
+    elif in_channels != 3:
+        model.conv1 = nn.Conv2d(in_channels, 64, 7, 2, 3, bias=False)
+    return _finish(name, model, width_range, kwargs, _input_size(in_channels, small_input),
+                   input_averaging=input_averaging)  # fmt: skip
+
+
+@register_model((0.25, 1.0))
+def us_resnet18(num_classes: int = 1000, in_channels: int = 3,
+                width_range: tuple[float, float] = (0.25, 1.0), small_input: bool = False,
+                input_averaging: bool = False) -> nn.Module:  # fmt: skip
+    """US-ResNet-18 with torchvision's module names."""
+    return _us_resnet("us_resnet18", 18, num_classes, in_channels, width_range, small_input,
+                      input_averaging)  # fmt: skip
+
+
+@register_model((0.25, 1.0))
+def us_resnet50(num_classes: int = 1000, in_channels: int = 3,
+                width_range: tuple[float, float] = (0.25, 1.0), small_input: bool = False,
+                input_averaging: bool = False) -> nn.Module:  # fmt: skip
+    """US-ResNet-50 with torchvision's module names (4.09G MACs at 1.0 on 224 px)."""
+    return _us_resnet("us_resnet50", 50, num_classes, in_channels, width_range, small_input,
+                      input_averaging)  # fmt: skip

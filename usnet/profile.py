@@ -1,0 +1,88 @@
+"""Cost of a width: parameters, multiply-accumulates and FLOPs, counted by PyTorch itself.
+
+MACs and FLOPs come from ``torch.utils.flop_counter.FlopCounterMode`` running the exported plain
+model once on a zero input (it counts 2 FLOPs per multiply-accumulate of convolutions and matrix
+products, and nothing for BN/activations/additions, which is the convention of torchvision's
+published figures). Parameters are those of the exported model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from .channels import Width, config_key
+from .export import export
+from .state import get_state
+
+
+@dataclass(frozen=True)
+class Profile:
+    width: float | dict
+    config_id: str
+    params: int
+    macs: int
+    flops: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def profile(model: nn.Module, width: Width | None = None,
+            input_size: Sequence[int] = (1, 3, 224, 224)) -> Profile:  # fmt: skip
+    """Params, MACs and FLOPs of ``model`` at ``width`` for one input of ``input_size``."""
+    state = get_state(model)
+    width = state.plan.check_width(state.width if width is None else width)
+    size = _check_input_size(input_size)
+    plain = export(model, width, require_stats=False)
+    params = sum(p.numel() for p in plain.parameters())
+    ref = next(plain.parameters())
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        plain(torch.zeros(size, dtype=ref.dtype, device=ref.device))
+    flops = int(counter.get_total_flops())
+    return Profile(
+        width=dict(width) if isinstance(width, dict) else width,
+        config_id=config_key(state.plan.config(width)),
+        params=params,
+        macs=flops // 2,
+        flops=flops,
+    )
+
+
+def profile_table(model: nn.Module, widths: Iterable[Width],
+                  input_size: Sequence[int] = (1, 3, 224, 224)) -> list[Profile]:  # fmt: skip
+    return [profile(model, w, input_size) for w in widths]
+
+
+def format_count(value: float) -> str:
+    """1234567 -> '1.23M' (K, M, G)."""
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(value) >= scale:
+            return f"{value / scale:.2f}{unit}"
+    return str(int(value))
+
+
+def format_profiles(rows: Iterable[Profile]) -> str:
+    lines = [f"{'width':>8} {'params':>10} {'MACs':>10} {'FLOPs':>10}  config"]
+    for r in rows:
+        w = r.width if isinstance(r.width, dict) else f"{r.width:.3f}"
+        lines.append(
+            f"{w!s:>8} {format_count(r.params):>10} {format_count(r.macs):>10} "
+            f"{format_count(r.flops):>10}  {r.config_id[:40]}"
+        )
+    return "\n".join(lines)
+
+
+def _check_input_size(input_size: Sequence[int]) -> tuple[int, ...]:
+    try:
+        size = tuple(int(s) for s in input_size)
+    except (TypeError, ValueError):
+        raise ValueError(f"input_size must be a sequence of ints like (1, 3, 224, 224), got {input_size!r}") from None
+    if len(size) != 4 or min(size) < 1:
+        raise ValueError(f"input_size must be (N, C, H, W) with positive sizes, got {size}")
+    return size

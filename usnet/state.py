@@ -1,0 +1,173 @@
+"""Width as explicit state of one model: the plan, the layer bindings, and ``set_width``.
+
+A slimmable model is an ordinary ``nn.Module`` whose slimmable layers are bound to channel groups
+of its :class:`~usnet.channels.ChannelPlan`. The plan and bindings travel with the model as the
+plain attribute ``model.usnet_state``; nothing is global, so any number of models coexist and each
+has its own width.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from .channels import ChannelPlan, Width, config_key
+from .layers import SlimmableBatchNorm2d, SlimmableConv2d, SlimmableLinear
+
+Dim = tuple[str, int]
+"""A channel dimension: (group name, factor). Active size = active(group) * factor."""
+
+STATE_ATTR = "usnet_state"
+
+
+@dataclass
+class Binding:
+    """Which channel groups one slimmable layer's input and output dimensions belong to."""
+
+    layer: str
+    inputs: Dim | None  # None for BatchNorm (its features are its outputs)
+    outputs: Dim
+
+    def to_dict(self) -> dict:
+        return {"layer": self.layer, "inputs": self.inputs, "outputs": self.outputs}
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> "Binding":
+        inputs = None if d["inputs"] is None else (str(d["inputs"][0]), int(d["inputs"][1]))
+        return cls(str(d["layer"]), inputs, (str(d["outputs"][0]), int(d["outputs"][1])))
+
+
+@dataclass
+class SlimmableState:
+    """Everything that makes a plain model slimmable, stored on the model itself."""
+
+    plan: ChannelPlan
+    bindings: list[Binding]
+    arch: dict[str, Any] | None = None  # {"name": zoo builder, "kwargs": {...}} when rebuildable
+    input_averaging: bool = False
+    width: Width = 1.0
+    _applied: tuple[int, ...] | None = field(default=None, repr=False)
+
+    @property
+    def width_range(self) -> tuple[float, float]:
+        return self.plan.width_range
+
+    @property
+    def full_config(self) -> tuple[int, ...]:
+        return tuple(g.size for g in self.plan.groups.values())
+
+    def to_dict(self) -> dict:
+        return {
+            "plan": self.plan.to_dict(),
+            "bindings": [b.to_dict() for b in self.bindings],
+            "arch": self.arch,
+            "input_averaging": self.input_averaging,
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> "SlimmableState":
+        return cls(
+            plan=ChannelPlan.from_dict(d["plan"]),
+            bindings=[Binding.from_dict(b) for b in d["bindings"]],
+            arch=d.get("arch"),
+            input_averaging=bool(d.get("input_averaging", False)),
+        )
+
+
+def get_state(model: nn.Module) -> SlimmableState:
+    """The model's slimmable state; a clear error for a model that is not slimmable."""
+    state = getattr(model, STATE_ATTR, None)
+    if not isinstance(state, SlimmableState):
+        raise TypeError(
+            f"{type(model).__name__} is not a slimmable model: build one with usnet.models.* or "
+            "convert it with usnet.slimmable(model)"
+        )
+    return state
+
+
+def is_slimmable(model: nn.Module) -> bool:
+    return isinstance(getattr(model, STATE_ATTR, None), SlimmableState)
+
+
+def channel_plan(model: nn.Module) -> ChannelPlan:
+    """The model's channel plan."""
+    return get_state(model).plan
+
+
+def get_width(model: nn.Module) -> Width:
+    """The width the model currently runs at."""
+    return get_state(model).width
+
+
+def channels_at(model: nn.Module, width: Width | None = None) -> dict[str, int]:
+    """Active channels of every group at ``width`` (default: the current width)."""
+    state = get_state(model)
+    return state.plan.channels(state.width if width is None else width)
+
+
+def set_width(model: nn.Module, width: Width) -> nn.Module:
+    """Make ``model`` run at ``width``: a float in its width range, or {group: multiplier}.
+
+    Sets the active channels of every slimmable layer and selects the BatchNorm statistics of the
+    resulting channel configuration. Returns the model.
+    """
+    state = get_state(model)
+    width = state.plan.check_width(width)
+    channels = state.plan.channels(width)
+    config = tuple(channels.values())
+    label = _describe(width, config)
+    stats_key = None if config == state.full_config else config_key(config)
+    for binding in state.bindings:
+        layer = model.get_submodule(binding.layer)
+        out_group, out_factor = binding.outputs
+        out = channels[out_group] * out_factor
+        if isinstance(layer, SlimmableBatchNorm2d):
+            if layer.is_calibrating:
+                raise RuntimeError("cannot change the width of a model while it is calibrating")
+            layer.active_features = out
+            layer.stats_key = stats_key
+            layer.width_label = label
+            continue
+        in_group, in_factor = binding.inputs  # type: ignore[misc]
+        cin = channels[in_group] * in_factor
+        if isinstance(layer, SlimmableConv2d):
+            layer.active_in_channels, layer.active_out_channels = cin, out
+        elif isinstance(layer, SlimmableLinear):
+            layer.active_in_features, layer.active_out_features = cin, out
+        else:  # pragma: no cover - bindings only ever name slimmable layers
+            raise TypeError(f"layer {binding.layer!r} is not slimmable")
+    state.width = width
+    state._applied = config
+    return model
+
+
+@contextlib.contextmanager
+def width(model: nn.Module, width: Width) -> Iterator[nn.Module]:
+    """Run ``model`` at ``width`` inside the block, then restore the previous width."""
+    previous = get_width(model)
+    set_width(model, width)
+    try:
+        yield model
+    finally:
+        set_width(model, previous)
+
+
+def current_config(model: nn.Module) -> tuple[int, ...]:
+    state = get_state(model)
+    return state.plan.config(state.width)
+
+
+def _describe(width: Width, config: tuple[int, ...]) -> str:
+    if isinstance(width, Mapping):
+        return f"width {dict(width)} (config {config_key(config)})"
+    return f"width {width:g} (config {config_key(config)})"
+
+
+def slimmable_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """The bound slimmable layers of a model, by name."""
+    for binding in get_state(model).bindings:
+        yield binding.layer, model.get_submodule(binding.layer)
