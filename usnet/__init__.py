@@ -11,7 +11,14 @@ Train one network, run it at any width in a continuous range::
 
 from . import models
 from .calibrate import calibrate, is_calibrated, sample_images
-from .channels import ChannelGroup, ChannelPlan, config_key, make_divisible, parse_widths
+from .channels import (
+    ChannelGroup,
+    ChannelPlan,
+    config_id,
+    config_key,
+    make_divisible,
+    parse_widths,
+)
 from .checkpoint import load, save
 from .convert import ConversionError, analyze, slimmable
 from .export import export
@@ -39,6 +46,7 @@ __all__ = [
     "calibrate",
     "channel_plan",
     "channels_at",
+    "config_id",
     "config_key",
     "export",
     "get_width",

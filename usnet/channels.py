@@ -12,6 +12,7 @@ layer is ``t`` times its block's input; a flattened feature map is ``H*W`` times
 
 from __future__ import annotations
 
+import hashlib
 import math
 import numbers
 from collections.abc import Mapping
@@ -165,8 +166,13 @@ class ChannelPlan:
 
 
 def config_key(config: tuple[int, ...]) -> str:
-    """A stable string id of a channel configuration (used as BN-cache and checkpoint key)."""
+    """The exact string form of a channel configuration (the BN-cache and checkpoint key)."""
     return "-".join(str(c) for c in config)
+
+
+def config_id(config: tuple[int, ...]) -> str:
+    """A short stable id of a channel configuration, for tables and file names."""
+    return hashlib.sha1(config_key(config).encode()).hexdigest()[:10]
 
 
 def parse_widths(spec: str) -> list[float]:

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from .channels import Width, config_key
+from .channels import Width, config_id
 from .export import export
 from .state import get_state
 
@@ -47,7 +47,7 @@ def profile(model: nn.Module, width: Width | None = None,
     flops = int(counter.get_total_flops())
     return Profile(
         width=dict(width) if isinstance(width, dict) else width,
-        config_id=config_key(state.plan.config(width)),
+        config_id=config_id(state.plan.config(width)),
         params=params,
         macs=flops // 2,
         flops=flops,
@@ -73,7 +73,7 @@ def format_profiles(rows: Iterable[Profile]) -> str:
         w = r.width if isinstance(r.width, dict) else f"{r.width:.3f}"
         lines.append(
             f"{w!s:>8} {format_count(r.params):>10} {format_count(r.macs):>10} "
-            f"{format_count(r.flops):>10}  {r.config_id[:40]}"
+            f"{format_count(r.flops):>10}  {r.config_id}"
         )
     return "\n".join(lines)
 

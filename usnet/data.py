@@ -1,0 +1,117 @@
+"""Datasets: Fashion-MNIST (the default) from the standard IDX files.
+
+The IDX files come from Debian's ``dataset-fashion-mnist`` package
+(``/usr/share/datasets/fashion-mnist``), or any directory holding the four standard files
+(``.gz`` or not). Where none exists, torchvision's downloader fetches them (network needed).
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+
+DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+FASHION_MNIST_MEAN, FASHION_MNIST_STD = 0.2860, 0.3530
+FASHION_MNIST_CLASSES = (
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+)  # fmt: skip
+_IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+
+
+def read_idx(path: str | os.PathLike) -> np.ndarray:
+    """Read an IDX file (optionally gzipped) into a numpy array."""
+    path = Path(path)
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _IDX_DTYPES:
+        raise ValueError(f"{str(path)!r} is not an IDX file")
+    ndim = data[3]
+    dims = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
+    array = np.frombuffer(data, dtype=_IDX_DTYPES[data[2]], offset=4 + 4 * ndim)
+    if array.size != int(np.prod(dims)):
+        raise ValueError(f"{str(path)!r} is truncated: expected {dims}, found {array.size} values")
+    return array.reshape(dims)
+
+
+def _find(root: Path, stem: str) -> Path | None:
+    for name in (stem + ".gz", stem):
+        if (root / name).is_file():
+            return root / name
+    return None
+
+
+class FashionMNIST(Dataset):
+    """Fashion-MNIST held in memory as uint8; items are normalized ``(1, 28, 28)`` float tensors.
+
+    Args:
+        root: directory with the IDX files (default: Debian's package directory, else
+            torchvision's download into ``~/.cache/usnet/data``).
+        train: the 60k training split, else the 10k test split.
+        limit: keep only the first ``limit`` images (quick runs).
+        transform: optional callable applied to each normalized image tensor.
+        download: allow torchvision's downloader when no files are found.
+    """
+
+    def __init__(self, root: str | os.PathLike | None = None, train: bool = True,
+                 limit: int | None = None, transform=None, download: bool = True):  # fmt: skip
+        split = "train" if train else "t10k"
+        images_path, labels_path = self._locate(root, split, download)
+        images = read_idx(images_path)
+        labels = read_idx(labels_path)
+        if images.ndim != 3 or labels.shape != (images.shape[0],):
+            raise ValueError(f"unexpected Fashion-MNIST shapes {images.shape} / {labels.shape}")
+        if limit is not None:
+            if limit < 1:
+                raise ValueError(f"limit must be a positive number of images, got {limit}")
+            images, labels = images[:limit], labels[:limit]
+        self.images = torch.from_numpy(images.copy())
+        self.targets = torch.from_numpy(labels.astype(np.int64))
+        self.transform = transform
+        self.classes = FASHION_MNIST_CLASSES
+
+    @staticmethod
+    def _locate(root, split: str, download: bool) -> tuple[Path, Path]:
+        candidates = [Path(root)] if root is not None else [DEBIAN_FASHION_MNIST]
+        for directory in candidates:
+            images = _find(directory, f"{split}-images-idx3-ubyte")
+            labels = _find(directory, f"{split}-labels-idx1-ubyte")
+            if images and labels:
+                return images, labels
+        if root is not None and not download:
+            raise FileNotFoundError(
+                f"no Fashion-MNIST IDX files ({split}-images-idx3-ubyte[.gz]) in {str(root)!r}"
+            )
+        if not download:
+            raise FileNotFoundError(
+                f"Fashion-MNIST not found in {DEBIAN_FASHION_MNIST}; install Debian's "
+                "dataset-fashion-mnist (scripts/setup.sh does) or pass root="
+            )
+        from torchvision.datasets import FashionMNIST as TorchvisionFashionMNIST
+
+        cache = Path(root) if root is not None else Path.home() / ".cache" / "usnet" / "data"
+        tv = TorchvisionFashionMNIST(str(cache), train=split == "train", download=True)
+        raw = Path(tv.raw_folder)
+        return raw / f"{split}-images-idx3-ubyte", raw / f"{split}-labels-idx1-ubyte"
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+        image = self.images[index].unsqueeze(0).float().div_(255.0)
+        image = (image - FASHION_MNIST_MEAN) / FASHION_MNIST_STD
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, int(self.targets[index])
+
+    def tensors(self) -> tuple[Tensor, Tensor]:
+        """All images, normalized, as one ``(N, 1, 28, 28)`` tensor, and the labels."""
+        images = self.images.unsqueeze(1).float().div_(255.0)
+        return (images - FASHION_MNIST_MEAN) / FASHION_MNIST_STD, self.targets
