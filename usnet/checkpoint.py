@@ -119,20 +119,27 @@ def model_from_checkpoint(payload: Mapping[str, Any], source: str = "checkpoint"
         model = create_model(saved.arch["name"], **saved.arch["kwargs"])
     else:
         raise ValueError(f"{source}: checkpoint records neither a zoo builder nor a module")
+    load_into(model, payload, source)
+    model.to(map_location)
+    return model
+
+
+def load_into(model: nn.Module, payload: Mapping[str, Any], source: str = "checkpoint") -> None:
+    """Load a checkpoint's weights, BN statistics and width into an already built model."""
     state = get_state(model)
+    saved = SlimmableState.from_dict(payload["usnet"])
     if state.plan != saved.plan:
-        raise ValueError(f"{source}: the rebuilt model's channel plan differs from the saved one")
+        raise ValueError(f"{source}: the model's channel plan differs from the saved one")
     try:
         model.load_state_dict(payload["state_dict"], strict=True)
     except RuntimeError as err:
         first = str(err).splitlines()[0]
         raise ValueError(f"{source}: weights do not match the model ({first})") from None
     modules = dict(model.named_modules())
+    device = next(model.parameters()).device
     for name, entries in payload["bn_stats"].items():
         layer = modules.get(name)
         if not isinstance(layer, SlimmableBatchNorm2d):
             raise ValueError(f"{source}: BN statistics for unknown layer {name!r}")
-        layer.width_stats = {key: (mean, var) for key, (mean, var) in entries.items()}
-    model.to(map_location)
+        layer.width_stats = {key: (mean.to(device), var.to(device)) for key, (mean, var) in entries.items()}
     set_width(model, payload.get("width", state.width_range[1]))
-    return model

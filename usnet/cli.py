@@ -1,4 +1,4 @@
-"""The ``usnet`` command line: ``usnet profile``, ``usnet demo``.
+"""The ``usnet`` command line: ``train``, ``eval``, ``calibrate``, ``profile``, ``demo``.
 
 Every command reports bad input as one line, ``usnet: error: ...``, and exits with status 2.
 """
@@ -17,7 +17,8 @@ from .channels import parse_widths
 from .convert import ConversionError
 from .layers import UncalibratedWidthError
 
-USER_ERRORS = (ValueError, TypeError, FileNotFoundError, ConversionError, UncalibratedWidthError)
+USER_ERRORS = (ValueError, TypeError, FileNotFoundError, FileExistsError, ConversionError,
+               UncalibratedWidthError, RuntimeError)
 
 
 def parse_input_size(text: str) -> tuple[int, ...]:
@@ -90,6 +91,94 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from . import checkpoint
+    from .config import config_from_dict, load_config
+    from .trainer import CHECKPOINT, Trainer
+
+    overrides = [item for group in args.set for item in group]
+    if args.config is None:
+        if not args.resume:
+            raise ValueError("usnet train needs a CONFIG file (e.g. configs/fashion_mnist.yaml)")
+        if overrides:
+            raise ValueError("--set needs the CONFIG file it modifies; --resume alone reuses the saved config")
+        payload = checkpoint.read_checkpoint(Path(args.out) / CHECKPOINT)
+        config = config_from_dict(payload.get("extra", {}).get("config") or {})
+    else:
+        config = load_config(args.config, overrides)
+    Trainer(config, args.out, resume=args.resume).run()
+    return 0
+
+
+def _data_for(model_path: str, payload: dict, data_root: str | None, dataset: str | None):
+    from .config import TrainConfig
+    from .trainer import datasets_for, load_run_config
+
+    config = load_run_config(payload) or TrainConfig()
+    if dataset is not None:
+        config.data.name = dataset
+    if data_root is not None:
+        config.data.root = data_root
+    if load_run_config(payload) is None and dataset is None:
+        raise ValueError(f"{model_path!r} records no training config: pass --dataset and --data")
+    return config, datasets_for(config)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from . import checkpoint
+    from .calibrate import calibrate, is_calibrated
+    from .trainer import evaluate, format_spectrum
+    from .profile import profile
+    from .channels import config_id
+    from .state import get_state
+
+    payload = checkpoint.read_checkpoint(args.checkpoint)
+    model = checkpoint.model_from_checkpoint(payload, args.checkpoint)
+    config, (_, calib_set, test_set, info) = _data_for(args.checkpoint, payload, args.data, args.dataset)
+    widths = args.widths or _spectrum_widths(payload, model)
+    missing = [w for w in widths if not is_calibrated(model, w)]
+    if missing:
+        print(f"calibrating {len(missing)} uncalibrated widths on {config.calib.num_images} training images")
+        calibrate(model, calib_set, missing, num_images=config.calib.num_images, seed=config.seed)
+    from torch.utils.data import DataLoader
+
+    results = evaluate(model, DataLoader(test_set, batch_size=config.eval.batch_size), widths)
+    plan = get_state(model).plan
+    rows = []
+    for w, (top1, top5) in zip(widths, results):
+        cost = profile(model, w, info.input_size)
+        rows.append({"width": w, "config_id": config_id(plan.config(w)), "params": cost.params,
+                     "macs": cost.macs, "top1": top1, "top5": top5})  # fmt: skip
+    print(json.dumps(rows) if args.json else format_spectrum(rows))
+    return 0
+
+
+def _spectrum_widths(payload: dict, model: nn.Module) -> list[float]:
+    from .state import get_state
+
+    spectrum = payload.get("extra", {}).get("spectrum")
+    if spectrum:
+        return [float(r["width"]) for r in spectrum]
+    lo, hi = get_state(model).width_range
+    return sorted({lo, hi})
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from . import checkpoint
+    from .calibrate import calibrate
+
+    payload = checkpoint.read_checkpoint(args.checkpoint)
+    model = checkpoint.model_from_checkpoint(payload, args.checkpoint)
+    config, (_, calib_set, _, _) = _data_for(args.checkpoint, payload, args.data, args.dataset)
+    keys = calibrate(model, calib_set, args.widths, num_images=args.images, seed=args.seed,
+                     batch_size=config.calib.batch_size)  # fmt: skip
+    out = args.out or args.checkpoint
+    checkpoint.save(model, out, extra=payload.get("extra"))
+    print(f"calibrated {len(keys)} channel configurations ({len(args.widths)} widths) on "
+          f"{args.images} images; wrote {out}")  # fmt: skip
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="usnet", description="Universally slimmable networks: train once, run at any width."
@@ -116,6 +205,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=300, help="sandwich-rule training steps")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("train", help="train a US-Net from a YAML config")
+    p.add_argument("config", nargs="?", help="YAML config (optional with --resume: the saved one)")
+    p.add_argument("--out", required=True, help="run directory (checkpoints, metrics, spectrum)")
+    p.add_argument("--set", nargs="+", action="append", default=[], metavar="KEY=VALUE",
+                   help="override config keys, e.g. --set epochs=1 data.limit_train=3000")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    p.set_defaults(func=cmd_train)
+
+    for name, helptext in (("eval", "test accuracy of a checkpoint across widths"),
+                           ("calibrate", "calibrate BN of a checkpoint at widths")):  # fmt: skip
+        p = sub.add_parser(name, help=helptext)
+        p.add_argument("checkpoint", help="checkpoint written by usnet train / usnet.save")
+        p.add_argument("--widths", type=widths_arg, required=name == "calibrate",
+                       help="start:stop:step or a comma-separated list")
+        p.add_argument("--data", default=None, help="dataset root (default: the run's data.root)")
+        p.add_argument("--dataset", default=None,
+                       help="dataset name (default: the run's data.name)")
+        if name == "eval":
+            p.add_argument("--json", action="store_true", help="print one JSON list")
+            p.set_defaults(func=cmd_eval)
+        else:
+            p.add_argument("--images", type=int, default=1024, help="calibration images")
+            p.add_argument("--seed", type=int, default=0)
+            p.add_argument("--out", default=None, help="write here instead of in place")
+            p.set_defaults(func=cmd_calibrate)
     return parser
 
 

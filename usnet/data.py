@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import gzip
 import os
+import typing
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_MEAN, FASHION_MNIST_STD = 0.2860, 0.3530
@@ -115,3 +116,73 @@ class FashionMNIST(Dataset):
         """All images, normalized, as one ``(N, 1, 28, 28)`` tensor, and the labels."""
         images = self.images.unsqueeze(1).float().div_(255.0)
         return (images - FASHION_MNIST_MEAN) / FASHION_MNIST_STD, self.targets
+
+
+# --- datasets by name (the trainer's `data` config section) --------------------------------------
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+
+
+class DataInfo(typing.NamedTuple):
+    num_classes: int
+    in_channels: int
+    small_input: bool
+    input_size: tuple[int, int, int, int]
+
+
+def build_datasets(name: str, root: str | None = None, *, limit_train: int | None = None,
+                   limit_test: int | None = None, image_size: int = 224,
+                   augment: bool = False) -> tuple[Dataset, Dataset, Dataset, DataInfo]:  # fmt: skip
+    """(train, calibration, test) datasets and their shape info, by name.
+
+    The calibration set holds the training images with evaluation-time transforms.
+    """
+    from torchvision.transforms import v2 as T
+
+    if name == "fashion_mnist":
+        train_tf = T.Compose([T.RandomCrop(28, padding=2), T.RandomHorizontalFlip()]) if augment else None
+        train = FashionMNIST(root, train=True, limit=limit_train, transform=train_tf)
+        calib = FashionMNIST(root, train=True, limit=limit_train)
+        test = FashionMNIST(root, train=False, limit=limit_test)
+        return train, calib, test, DataInfo(10, 1, True, (1, 1, 28, 28))
+    if name in ("cifar10", "cifar100"):
+        from torchvision import datasets
+
+        cls = datasets.CIFAR10 if name == "cifar10" else datasets.CIFAR100
+        root = root or str(Path.home() / ".cache" / "usnet" / "data")
+        norm = [T.ToImage(), T.ToDtype(torch.float32, scale=True), T.Normalize(CIFAR_MEAN, CIFAR_STD)]
+        aug = [T.RandomCrop(32, padding=4), T.RandomHorizontalFlip()] if augment else []
+        try:
+            train = cls(root, train=True, transform=T.Compose(aug + norm))
+            calib = cls(root, train=True, transform=T.Compose(norm))
+            test = cls(root, train=False, transform=T.Compose(norm))
+        except RuntimeError as err:
+            raise FileNotFoundError(f"{name} not found under {root!r} ({err})") from None
+        train, calib, test = (_limit(d, n) for d, n in ((train, limit_train), (calib, limit_train), (test, limit_test)))
+        return train, calib, test, DataInfo(10 if name == "cifar10" else 100, 3, True, (1, 3, 32, 32))
+    if name == "imagefolder":
+        from torchvision import datasets
+
+        if root is None:
+            raise ValueError("imagefolder needs a root directory holding train/ and val/")
+        for split in ("train", "val"):
+            if not (Path(root) / split).is_dir():
+                raise FileNotFoundError(f"imagefolder root {root!r} has no {split}/ directory")
+        norm = [T.ToImage(), T.ToDtype(torch.float32, scale=True), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+        resize = [T.Resize(int(round(image_size / 0.875))), T.CenterCrop(image_size)]
+        train_tf = T.Compose([T.RandomResizedCrop(image_size), T.RandomHorizontalFlip(), *norm])
+        train = datasets.ImageFolder(str(Path(root) / "train"), transform=train_tf)
+        calib = datasets.ImageFolder(str(Path(root) / "train"), transform=T.Compose(resize + norm))
+        test = datasets.ImageFolder(str(Path(root) / "val"), transform=T.Compose(resize + norm))
+        if train.classes != test.classes:
+            raise ValueError(f"imagefolder {root!r}: train/ and val/ hold different classes")
+        train, calib, test = (_limit(d, n) for d, n in ((train, limit_train), (calib, limit_train), (test, limit_test)))
+        return train, calib, test, DataInfo(len(test.dataset.classes if isinstance(test, Subset) else test.classes),
+                                            3, False, (1, 3, image_size, image_size))  # fmt: skip
+    raise ValueError(f"unknown dataset {name!r}; valid: fashion_mnist, imagefolder, cifar10, cifar100")
+
+
+def _limit(dataset: Dataset, limit: int | None) -> Dataset:
+    if limit is None or limit >= len(dataset):
+        return dataset
+    return Subset(dataset, range(limit))

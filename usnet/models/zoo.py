@@ -14,6 +14,7 @@ import torchvision
 from torch import nn
 
 from ..convert import slimmable
+from .convnet import DEFAULT_CHANNELS, DEFAULT_STRIDES, ConvNet
 from .mobilenet_v1 import MobileNetV1
 
 _BUILDERS: dict[str, Callable[..., nn.Module]] = {}
@@ -135,3 +136,25 @@ def us_resnet50(num_classes: int = 1000, in_channels: int = 3,
     """US-ResNet-50 with torchvision's module names (4.09G MACs at 1.0 on 224 px)."""
     return _us_resnet("us_resnet50", 50, num_classes, in_channels, width_range, small_input,
                       input_averaging)  # fmt: skip
+
+
+@register_model((0.25, 1.0))
+def us_convnet(
+    num_classes: int = 10,
+    in_channels: int = 1,
+    width_range: tuple[float, float] = (0.25, 1.0),
+    small_input: bool = True,
+    channels: tuple[int, ...] | list[int] = DEFAULT_CHANNELS,
+    strides: tuple[int, ...] | list[int] = DEFAULT_STRIDES,
+    dropout: float = 0.0,
+    input_averaging: bool = False,
+) -> nn.Module:
+    """US-ConvNet: a VGG-style 3x3 CNN for 28-32 px images (the Fashion-MNIST default).
+
+    It has no stem to adapt: ``small_input`` is accepted for a uniform builder signature."""
+    kwargs = dict(num_classes=num_classes, in_channels=in_channels, small_input=small_input,
+                  channels=list(channels), strides=list(strides), dropout=dropout,
+                  input_averaging=input_averaging)  # fmt: skip
+    model = ConvNet(num_classes, in_channels, channels, strides, 1.0, dropout)
+    return _finish("us_convnet", model, width_range, kwargs, _input_size(in_channels, small_input),
+                   input_averaging=input_averaging)  # fmt: skip

@@ -1,0 +1,133 @@
+"""Helpers shared by the usnet tests: tiny models, zoo builders, reference computations."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+import usnet
+from usnet.layers import SlimmableBatchNorm2d, SlimmableConv2d, SlimmableLinear
+
+SMALL = dict(small_input=True, in_channels=1, num_classes=10)
+"""Zoo builder arguments for the fast 28 px tests."""
+
+SLIMMABLE_TYPES = (SlimmableConv2d, SlimmableLinear, SlimmableBatchNorm2d)
+
+
+def zoo_model(name: str, **kwargs) -> nn.Module:
+    """A zoo model for 28 px single-channel images (overridable)."""
+    return usnet.models.create_model(name, **{**SMALL, **kwargs})
+
+
+def tiny_cnn(in_channels: int = 3, channels: int = 16, num_classes: int = 10, pool: int = 1):
+    """conv -> bn -> relu -> pool -> flatten -> linear, as a plain nn.Sequential."""
+    return nn.Sequential(
+        nn.Conv2d(in_channels, channels, 3, padding=1),
+        nn.BatchNorm2d(channels),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(pool),
+        nn.Flatten(),
+        nn.Linear(channels * pool * pool, num_classes),
+    )
+
+
+def tiny_slimmable(width_range=(0.25, 1.0), spatial: int = 8, **kwargs) -> nn.Module:
+    return usnet.slimmable(tiny_cnn(**kwargs), width_range, input_size=(1, 3, spatial, spatial))
+
+
+def grid(lo: float, hi: float, step: float) -> list[float]:
+    """lo, lo+step, ..., hi (hi always included), rounded to avoid float noise."""
+    n = int(math.floor((hi - lo) / step + 1e-9))
+    values = [round(lo + i * step, 6) for i in range(n + 1)]
+    if hi - values[-1] > 1e-9:
+        values.append(hi)
+    return values
+
+
+@torch.no_grad()
+def liven(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Randomize BN affine parameters and Linear weights so that logits are O(1), not ~0.
+
+    Zoo models initialize classifiers at std 0.01 and BN at weight 1/bias 0, which would make
+    tolerance-based comparisons of logits nearly vacuous.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d) and m.affine:
+            m.weight.copy_(torch.rand(m.weight.shape, generator=gen) + 0.5)
+            m.bias.copy_(torch.randn(m.bias.shape, generator=gen) * 0.2)
+        elif isinstance(m, nn.Linear):
+            m.weight.copy_(torch.randn(m.weight.shape, generator=gen) / math.sqrt(m.in_features))
+            if m.bias is not None:
+                m.bias.copy_(torch.randn(m.bias.shape, generator=gen) * 0.1)
+    return model
+
+
+def slimmable_modules(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if isinstance(m, SLIMMABLE_TYPES)]
+
+
+def group_of(model: nn.Module, layer: str) -> str:
+    """Name of the channel group a layer's outputs are bound to."""
+    for b in usnet.state.get_state(model).bindings:
+        if b.layer == layer:
+            return b.outputs[0]
+    raise KeyError(layer)
+
+
+def active_out(layer: nn.Module) -> int:
+    if isinstance(layer, SlimmableConv2d):
+        return layer.active_out_channels
+    if isinstance(layer, SlimmableLinear):
+        return layer.active_out_features
+    if isinstance(layer, SlimmableBatchNorm2d):
+        return layer.active_features
+    raise TypeError(type(layer).__name__)
+
+
+def check_bindings(model: nn.Module) -> None:
+    """Every bound layer's active sizes equal its groups' channels at the current width."""
+    state = usnet.state.get_state(model)
+    channels = usnet.channels_at(model)
+    for b in state.bindings:
+        layer = model.get_submodule(b.layer)
+        out = channels[b.outputs[0]] * b.outputs[1]
+        assert active_out(layer) == out, b.layer
+        if b.inputs is not None:
+            cin = channels[b.inputs[0]] * b.inputs[1]
+            got = (
+                layer.active_in_channels
+                if isinstance(layer, SlimmableConv2d)
+                else layer.active_in_features
+            )
+            assert got == cin, b.layer
+
+
+def max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a - b).abs().max().item()
+
+
+def params_snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def assert_same_tensors(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def random_mapping(model: nn.Module, gen: torch.Generator) -> dict[str, float]:
+    """A random non-uniform width: one multiplier per root group, within the range."""
+    plan = usnet.channel_plan(model)
+    lo, hi = plan.width_range
+    return {
+        name: lo + (hi - lo) * torch.rand((), generator=gen).item() for name in plan.root_names
+    }
+
+
+def first_of(modules: Iterable[nn.Module], cls) -> nn.Module:
+    return next(m for m in modules if isinstance(m, cls))

@@ -1,0 +1,248 @@
+"""Training configuration: typed dataclasses, loaded from YAML and validated strictly.
+
+An unknown key or a value of the wrong type is an error naming the key and what would be valid:
+the reference implementation trained without in-place distillation for a misspelled key, silently.
+``--set key=value`` overrides use dotted keys (``data.limit_train=3000``) and YAML syntax for
+values (``width_range=[0.25,1.0]``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+from .channels import parse_widths
+
+
+class ConfigError(ValueError):
+    """A configuration key or value is invalid; the message names it and the valid choices."""
+
+
+@dataclass
+class DataConfig:
+    name: Literal["fashion_mnist", "imagefolder", "cifar10", "cifar100"] = "fashion_mnist"
+    root: str | None = None  # default: Debian's Fashion-MNIST directory; required for imagefolder
+    limit_train: int | None = None  # use only the first N training images (quick runs)
+    limit_test: int | None = None  # evaluate on the first N test images only
+    image_size: int = 224  # imagefolder: train crop / eval center crop
+    augment: bool = False  # fashion_mnist/cifar: random crop (pad 2/4) + horizontal flip
+    num_workers: int = 0
+
+
+@dataclass
+class EvalConfig:
+    widths: str = "0.25:1.0:0.025"  # start:stop:step or a comma-separated list
+    batch_size: int = 1000
+    every_epoch: bool = True  # validate the narrowest and widest widths after each epoch
+    epoch_calib_images: int = 1024  # sample for the per-epoch validation's calibration
+
+
+@dataclass
+class CalibConfig:
+    num_images: int = 1024
+    batch_size: int = 128
+
+
+@dataclass
+class TrainConfig:
+    model: str = "us_convnet"
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    width_range: list[float] = field(default_factory=lambda: [0.25, 1.0])
+    mode: Literal["universal", "individual", "slimmable"] = "universal"
+    width: float | None = None  # mode=individual: the one width trained
+    widths: list[float] | None = None  # mode=slimmable: the fixed widths trained every step
+    num_widths: int = 4  # sandwich rule: widest + narrowest + (n-2) random
+    inplace_distill: bool = True
+    distill_temperature: float = 1.0
+    label_smoothing: float = 0.0
+    epochs: int = 4
+    batch_size: int = 128
+    lr: float = 0.1
+    lr_schedule: Literal["linear", "cosine"] = "cosine"
+    warmup_epochs: float = 0.0
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 5e-5
+    amp: Literal["none", "bf16", "fp16"] = "none"
+    channels_last: bool = False
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    seed: int = 0
+    log_every: int = 50  # steps between metrics.jsonl training records
+    data: DataConfig = field(default_factory=DataConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    calib: CalibConfig = field(default_factory=CalibConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def trained_widths_description(self) -> str:
+        if self.mode == "individual":
+            return f"individual network at width {self.width}"
+        if self.mode == "slimmable":
+            return f"slimmable network at widths {self.widths}"
+        return f"universally slimmable over {self.width_range}, n={self.num_widths}"
+
+
+# --- loading ---------------------------------------------------------------------------------------
+def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> TrainConfig:
+    """Read a YAML config (or start from defaults), apply ``key=value`` overrides, validate."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{str(path)!r} is not valid YAML: {str(err).splitlines()[0]}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{str(path)!r} must hold a mapping of config keys")
+    for item in overrides:
+        key, value = parse_override(item)
+        _set_dotted(raw, key, value)
+    return config_from_dict(raw)
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    if "=" not in item:
+        raise ConfigError(f"invalid override {item!r}; expected key=value, e.g. epochs=1")
+    key, _, text = item.partition("=")
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"invalid override {item!r}; expected key=value, e.g. epochs=1")
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError:
+        value = text
+    return key, value
+
+
+def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = raw
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"cannot set {key!r}: {part!r} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def config_from_dict(raw: Mapping[str, Any]) -> TrainConfig:
+    config = _build(TrainConfig, raw, "")
+    _check_semantics(config)
+    return config
+
+
+def _build(cls: type, raw: Mapping[str, Any], prefix: str):
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {raw!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    unknown = [k for k in raw if k not in fields]
+    if unknown:
+        raise ConfigError(
+            f"unknown config key {prefix + str(unknown[0])!r}; valid keys"
+            f"{' in ' + prefix.rstrip('.') if prefix else ''}: {', '.join(fields)}"
+        )
+    values = {}
+    for name, value in raw.items():
+        hint = hints[name]
+        key = prefix + name
+        if dataclasses.is_dataclass(hint):
+            values[name] = _build(hint, value if value is not None else {}, key + ".")
+        else:
+            values[name] = _coerce(value, hint, key)
+    return cls(**values)
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: invalid value {value!r}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}: invalid value {value!r}; valid: {', '.join(map(str, args))}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return dict(value)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return str(value)
+    if hint is Any:
+        return value
+    raise ConfigError(f"{key}: unsupported config type {hint}")  # pragma: no cover
+
+
+def _check_semantics(c: TrainConfig) -> None:
+    def positive(key: str, value: float) -> None:
+        if value <= 0:
+            raise ConfigError(f"{key} must be positive, got {value}")
+
+    for key in ("epochs", "batch_size", "lr", "num_widths", "log_every"):
+        positive(key, getattr(c, key))
+    positive("calib.num_images", c.calib.num_images)
+    positive("eval.batch_size", c.eval.batch_size)
+    if c.num_widths < 2 and c.mode == "universal":
+        raise ConfigError(f"num_widths must be at least 2 (widest and narrowest), got {c.num_widths}")
+    if len(c.width_range) != 2 or not (0 < c.width_range[0] <= c.width_range[1] <= 1.0):
+        raise ConfigError(f"width_range must be [lo, hi] with 0 < lo <= hi <= 1, got {c.width_range}")
+    lo, hi = c.width_range
+    if c.mode == "individual":
+        if c.width is None or not (lo <= c.width <= hi):
+            raise ConfigError(f"mode=individual needs width= in the width range [{lo}, {hi}]")
+    if c.mode == "slimmable":
+        if not c.widths or any(not (lo <= w <= hi) for w in c.widths):
+            raise ConfigError(f"mode=slimmable needs widths=[...] inside the width range [{lo}, {hi}]")
+    if c.data.name == "imagefolder" and not c.data.root:
+        raise ConfigError("data.name=imagefolder needs data.root (a folder with train/ and val/)")
+    if not (0.0 <= c.label_smoothing < 1.0):
+        raise ConfigError(f"label_smoothing must be in [0, 1), got {c.label_smoothing}")
+    positive("distill_temperature", c.distill_temperature)
+    if c.warmup_epochs < 0 or c.weight_decay < 0:
+        raise ConfigError("warmup_epochs and weight_decay must not be negative")
+    try:
+        parse_widths(c.eval.widths)
+    except ValueError as err:
+        raise ConfigError(f"eval.widths: {err}") from None
+    if c.device not in ("auto", "cpu", "cuda") and not c.device.startswith("cuda:"):
+        raise ConfigError(f"device: invalid value {c.device!r}; valid: auto, cpu, cuda, cuda:N")

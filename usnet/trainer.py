@@ -1,0 +1,466 @@
+"""``usnet train``: the training run from config to calibrated checkpoint and spectrum.
+
+Data flow: config -> datasets -> zoo model -> sandwich-rule steps (``usnet.training``) ->
+per-epoch atomic checkpoint (+ validation at the narrowest and widest widths, calibrated on a
+small sample) -> final BN calibration of every evaluated width -> test accuracy across the width
+range -> ``spectrum.csv``/``.json``/``.png`` and the final checkpoint (``usnet.save`` format).
+
+Reproducibility: the widths come from the sampler's own seeded generator, the data order and
+augmentation of epoch ``e`` from generators seeded with ``(seed, e)``; checkpoints hold the
+optimizer, scheduler and sampler states, so ``--resume`` continues exactly where the last
+checkpoint left off.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+
+from . import checkpoint as ckpt
+from .calibrate import calibrate
+from .channels import Width, config_id, parse_widths
+from .config import ConfigError, TrainConfig, config_from_dict
+from .data import DataInfo, build_datasets
+from .models import create_model
+from .profile import format_count, profile
+from .state import get_state, set_width
+from .training import (
+    InplaceDistillationLoss,
+    WidthSampler,
+    make_optimizer,
+    make_scheduler,
+    sandwich_step,
+)
+
+CHECKPOINT = "checkpoint.pt"  # latest epoch, with trainer state: what --resume reads
+FINAL = "model.pt"  # calibrated final model
+METRICS = "metrics.jsonl"
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (non-finite loss, ...); the message says where and what is kept."""
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device {name!r} requested but CUDA is not available; use device=cpu")
+    return torch.device(name)
+
+
+class FixedWidths:
+    """A sampler that always returns the same widths (individual and slimmable baselines)."""
+
+    def __init__(self, widths: Sequence[float]):
+        self.widths = sorted(widths, reverse=True)
+
+    def sample(self) -> list[float]:
+        return list(self.widths)
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+class Trainer:
+    def __init__(self, config: TrainConfig, out_dir: str | Path, *, resume: bool = False,
+                 log: Callable[[str], None] = print, progress: bool | None = None):  # fmt: skip
+        self.config = config
+        self.out = Path(out_dir)
+        self.log = log
+        self.progress = progress
+        self.device = pick_device(config.device)
+        saved = self._check_out_dir(resume)
+
+        d = config.data
+        self.train_set, self.calib_set, self.test_set, self.info = build_datasets(
+            d.name, d.root, limit_train=d.limit_train, limit_test=d.limit_test,
+            image_size=d.image_size, augment=d.augment,
+        )  # fmt: skip
+        self.model = self._build_model(self.info).to(self.device)
+        if config.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.steps_per_epoch = len(self.train_set) // config.batch_size
+        if self.steps_per_epoch == 0:
+            raise ConfigError(
+                f"batch_size {config.batch_size} exceeds the {len(self.train_set)} training images"
+            )
+        self.total_steps = config.epochs * self.steps_per_epoch
+        self.optimizer = make_optimizer(self.model, lr=config.lr, momentum=config.momentum,
+                                        weight_decay=config.weight_decay, nesterov=config.nesterov)  # fmt: skip
+        self.scheduler = make_scheduler(
+            self.optimizer, total_steps=self.total_steps,
+            warmup_steps=int(round(config.warmup_epochs * self.steps_per_epoch)),
+            schedule=config.lr_schedule,
+        )  # fmt: skip
+        self.sampler = self._build_sampler()
+        self.criterion = InplaceDistillationLoss(
+            label_smoothing=config.label_smoothing,
+            temperature=config.distill_temperature,
+            enabled=config.inplace_distill,
+        )
+        self.scaler = torch.amp.GradScaler(self.device.type) if config.amp == "fp16" else None
+        self.autocast_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[config.amp]
+        self.epoch = 0
+        self.step = 0
+        self.tb = None
+        if saved is not None:
+            self._restore(saved)
+
+    # -- setup ---------------------------------------------------------------------------------
+    def _check_out_dir(self, resume: bool) -> dict | None:
+        path = self.out / CHECKPOINT
+        if not resume:
+            if path.exists() or (self.out / FINAL).exists():
+                raise FileExistsError(
+                    f"{str(self.out)!r} already holds a run; pass --resume to continue it or choose "
+                    "another --out (nothing was overwritten)"
+                )
+            return None
+        if not path.exists():
+            raise FileNotFoundError(f"--resume: no {CHECKPOINT} in {str(self.out)!r}")
+        payload = ckpt.read_checkpoint(path)
+        saved_config = payload.get("extra", {}).get("config")
+        if saved_config is None or "trainer" not in payload.get("extra", {}):
+            raise ValueError(f"{str(path)!r} holds no trainer state to resume from")
+        current = self.config.to_dict()
+        changed = sorted(_diff(saved_config, current))
+        if changed:
+            raise ConfigError(
+                f"--resume with a changed config ({', '.join(changed)}); resume with the saved "
+                "config or start a new run in another --out"
+            )
+        return payload
+
+    def _build_model(self, info: DataInfo) -> nn.Module:
+        c = self.config
+        width_range = (c.width, c.width) if c.mode == "individual" else tuple(c.width_range)
+        kwargs = {"num_classes": info.num_classes, "in_channels": info.in_channels,
+                  "small_input": info.small_input, "width_range": width_range, **c.model_kwargs}  # fmt: skip
+        try:
+            return create_model(c.model, **kwargs)
+        except TypeError as err:
+            raise ConfigError(f"model_kwargs for {c.model!r}: {err}") from None
+
+    def _build_sampler(self):
+        c = self.config
+        if c.mode == "individual":
+            return FixedWidths([c.width])
+        if c.mode == "slimmable":
+            return FixedWidths(c.widths)
+        return WidthSampler(get_state(self.model).width_range, num_widths=c.num_widths, seed=c.seed)
+
+    def _restore(self, payload: dict) -> None:
+        ckpt.load_into(self.model, payload, str(self.out / CHECKPOINT))
+        state = payload["extra"]["trainer"]
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.sampler.load_state_dict(state["sampler"])
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.epoch, self.step = int(state["epoch"]), int(state["step"])
+        self._truncate_metrics(self.step)
+        self.log(f"resumed from {self.out / CHECKPOINT} at epoch {self.epoch}, step {self.step}")
+
+    # -- logging -------------------------------------------------------------------------------
+    def _metric(self, record: dict[str, Any]) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
+        with open(self.out / METRICS, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and key not in ("step", "epoch"):
+                    self.tb.add_scalar(f"{record['kind']}/{key}", value, record.get("step", self.step))
+
+    def _truncate_metrics(self, step: int) -> None:
+        path = self.out / METRICS
+        if not path.exists():
+            return
+        keep = [line for line in path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= step]  # fmt: skip
+        ckpt.atomic_write_bytes(path, ("\n".join(keep) + "\n" if keep else "").encode())
+
+    def describe_losses(self) -> str:
+        c = self.config
+        smoothing = f", label smoothing {c.label_smoothing}" if c.label_smoothing else ""
+        if c.mode == "individual":
+            return f"width {c.width}: cross-entropy with labels{smoothing}"
+        if not c.inplace_distill:
+            return f"every width: cross-entropy with labels{smoothing} (in-place distillation off)"
+        return (f"widest width: cross-entropy with labels{smoothing}; every narrower width: "
+                f"in-place distillation from the widest's detached softmax (T={c.distill_temperature})")  # fmt: skip
+
+    # -- the run -------------------------------------------------------------------------------
+    def train_loader(self, epoch: int) -> DataLoader:
+        generator = torch.Generator().manual_seed(_epoch_seed(self.config.seed, epoch))
+        return DataLoader(self.train_set, batch_size=self.config.batch_size, shuffle=True,
+                          drop_last=True, generator=generator,
+                          num_workers=self.config.data.num_workers,
+                          pin_memory=self.device.type == "cuda")  # fmt: skip
+
+    def run(self, max_epochs: int | None = None) -> list[dict] | None:
+        """Train to ``config.epochs`` (or stop after ``max_epochs`` more), then calibrate and
+        evaluate the spectrum. Returns the spectrum rows, or None if stopped early."""
+        from torch.utils.tensorboard import SummaryWriter
+
+        c = self.config
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.tb = SummaryWriter(str(self.out / "tensorboard"), purge_step=self.step or None)
+        try:
+            if self.step == 0:
+                self._metric({"kind": "run", "step": 0, "config": c.to_dict(),
+                              "losses": self.describe_losses(), "device": str(self.device)})  # fmt: skip
+            self.log(f"training {c.model} ({c.trained_widths_description()}) on {c.data.name}: "
+                     f"{len(self.train_set)} images, {c.epochs} epochs x {self.steps_per_epoch} steps, "
+                     f"device {self.device}")  # fmt: skip
+            self.log(f"losses: {self.describe_losses()}")
+            stop = c.epochs if max_epochs is None else min(c.epochs, self.epoch + max_epochs)
+            while self.epoch < stop:
+                self._train_epoch()
+                self.epoch += 1
+                if c.eval.every_epoch:
+                    self._validate_ends()
+                self._save_checkpoint()
+            if self.epoch < c.epochs:
+                return None
+            return self._finish()
+        finally:
+            self.tb.close()
+            self.tb = None
+
+    def _train_epoch(self) -> None:
+        c = self.config
+        torch.manual_seed(_epoch_seed(c.seed, self.epoch))  # dropout/augmentation in this process
+        self.model.train()
+        bar = _bar(self.steps_per_epoch, f"epoch {self.epoch + 1}/{c.epochs}", self.progress)
+        seen, start = 0, time.perf_counter()
+        for images, labels in self.train_loader(self.epoch):
+            images = images.to(self.device, non_blocking=True)
+            labels = labels.to(self.device, non_blocking=True)
+            if c.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            try:
+                result = sandwich_step(self.model, images, labels, self.optimizer, self.sampler,
+                                       self.criterion, scaler=self.scaler,
+                                       autocast_dtype=self.autocast_dtype)  # fmt: skip
+            except FloatingPointError as err:
+                raise TrainingError(
+                    f"stopped at epoch {self.epoch + 1}, step {self.step + 1}: {err}; the last good "
+                    f"checkpoint is {self.out / CHECKPOINT if (self.out / CHECKPOINT).exists() else 'none (first epoch)'}"
+                ) from None
+            self.scheduler.step()
+            self.step += 1
+            seen += images.shape[0]
+            rate = seen / max(time.perf_counter() - start, 1e-9)
+            if bar is not None:
+                bar.set_postfix(loss=f"{result.losses[0]:.3f}", img_s=f"{rate:.0f}")
+                bar.update(1)
+            if self.step % c.log_every == 0:
+                record = {"kind": "train", "step": self.step, "epoch": self.epoch + 1,
+                          "lr": self.optimizer.param_groups[0]["lr"], "images_per_s": rate,
+                          "loss_widest": result.losses[0], "loss_narrowest": result.losses[-1],
+                          "widths": result.widths, "loss_kinds": result.loss_kinds}  # fmt: skip
+                if c.mode == "universal":
+                    record["loss_narrowest"] = result.losses[1]
+                self._metric(record)
+        if bar is not None:
+            bar.close()
+        self.log(f"epoch {self.epoch + 1}/{c.epochs}: {seen} images in "
+                 f"{time.perf_counter() - start:.0f}s ({seen / max(time.perf_counter() - start, 1e-9):.0f} img/s)")  # fmt: skip
+
+    def _end_widths(self) -> list[float]:
+        lo, hi = get_state(self.model).width_range
+        return [lo] if lo == hi else [lo, hi]
+
+    def _validate_ends(self) -> None:
+        c = self.config
+        widths = self._end_widths()
+        calibrate(self.model, self.calib_set, widths, num_images=c.eval.epoch_calib_images,
+                  seed=c.seed + self.epoch, batch_size=c.calib.batch_size, progress=False)  # fmt: skip
+        results = evaluate(self.model, self.test_loader(), widths, self.device)
+        record = {"kind": "val", "step": self.step, "epoch": self.epoch}
+        for w, (top1, top5) in zip(widths, results):
+            record[f"top1@{w:g}"] = top1
+            record[f"top5@{w:g}"] = top5
+        self._metric(record)
+        self.log(f"  validation (BN calibrated on {c.eval.epoch_calib_images} images): "
+                 + ", ".join(f"width {w:g} top-1 {100 * r[0]:.2f}%" for w, r in zip(widths, results)))  # fmt: skip
+
+    def test_loader(self) -> DataLoader:
+        return DataLoader(self.test_set, batch_size=self.config.eval.batch_size,
+                          num_workers=self.config.data.num_workers)  # fmt: skip
+
+    def trainer_state(self) -> dict:
+        return {
+            "epoch": self.epoch,
+            "step": self.step,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "sampler": self.sampler.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+        }
+
+    def _save_checkpoint(self) -> None:
+        ckpt.save(self.model, self.out / CHECKPOINT,
+                  extra={"config": self.config.to_dict(), "trainer": self.trainer_state()})  # fmt: skip
+
+    def _finish(self) -> list[dict]:
+        c = self.config
+        widths = self.eval_widths()
+        self.log(f"calibrating BN at {len(widths)} widths on {c.calib.num_images} training images")
+        calibrate(self.model, self.calib_set, widths, num_images=c.calib.num_images, seed=c.seed,
+                  batch_size=c.calib.batch_size, progress=self.progress)  # fmt: skip
+        results = evaluate(self.model, self.test_loader(), widths, self.device)
+        rows = []
+        plan = get_state(self.model).plan
+        for w, (top1, top5) in zip(widths, results):
+            cost = profile(self.model, w, self.info.input_size)
+            rows.append({"width": w, "config_id": config_id(plan.config(w)), "params": cost.params,
+                         "macs": cost.macs, "top1": top1, "top5": top5})  # fmt: skip
+        write_spectrum(self.out, rows, title=f"{c.model} on {c.data.name}")
+        set_width(self.model, plan.width_range[1])
+        ckpt.save(self.model, self.out / FINAL,
+                  extra={"config": c.to_dict(), "spectrum": rows, "trainer": self.trainer_state()})  # fmt: skip
+        self._metric({"kind": "spectrum", "step": self.step, "rows": rows})
+        self.log(format_spectrum(rows))
+        self.log(f"wrote {self.out / FINAL}, {self.out / 'spectrum.csv'}, spectrum.json, spectrum.png")
+        return rows
+
+    def eval_widths(self) -> list[float]:
+        lo, hi = get_state(self.model).width_range
+        if lo == hi:
+            return [lo]
+        widths = [w for w in parse_widths(self.config.eval.widths) if lo - 1e-9 <= w <= hi + 1e-9]
+        if not widths:
+            raise ConfigError(f"eval.widths {self.config.eval.widths!r} has no width in [{lo}, {hi}]")
+        return widths
+
+
+# --- evaluation and reports ---------------------------------------------------------------------
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: DataLoader | Sequence, widths: Sequence[Width],
+             device: torch.device | None = None) -> list[tuple[float, float]]:  # fmt: skip
+    """Top-1 and top-5 accuracy (fractions) at each width; every batch is loaded once for all."""
+    state = get_state(model)
+    previous, was_training = state.width, model.training
+    device = device or next(model.parameters()).device
+    correct1 = [0] * len(widths)
+    correct5 = [0] * len(widths)
+    total = 0
+    model.eval()
+    try:
+        for images, labels in loader:
+            images, labels = images.to(device), labels.to(device)
+            total += labels.shape[0]
+            for i, w in enumerate(widths):
+                set_width(model, w)
+                logits = model(images)
+                top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+                hits = top == labels[:, None]
+                correct1[i] += int(hits[:, 0].sum())
+                correct5[i] += int(hits.any(dim=1).sum())
+    finally:
+        set_width(model, previous)
+        model.train(was_training)
+    if total == 0:
+        raise ValueError("evaluation data is empty")
+    return [(c1 / total, c5 / total) for c1, c5 in zip(correct1, correct5)]
+
+
+SPECTRUM_FIELDS = ("width", "config_id", "params", "macs", "top1", "top5")
+
+
+def format_spectrum(rows: Sequence[dict]) -> str:
+    lines = [f"{'width':>7} {'params':>9} {'MACs':>9} {'top-1':>7} {'top-5':>7}"]
+    for r in rows:
+        lines.append(f"{r['width']:>7.3f} {format_count(r['params']):>9} {format_count(r['macs']):>9} "
+                     f"{100 * r['top1']:>6.2f}% {100 * r['top5']:>6.2f}%")  # fmt: skip
+    return "\n".join(lines)
+
+
+def write_spectrum(out: Path, rows: Sequence[dict], title: str = "") -> None:
+    """spectrum.csv, spectrum.json and spectrum.png (top-1 against MACs), each written atomically."""
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=SPECTRUM_FIELDS)
+    writer.writeheader()
+    for r in rows:
+        writer.writerow({k: r[k] for k in SPECTRUM_FIELDS})
+    ckpt.atomic_write_bytes(out / "spectrum.csv", text.getvalue().encode())
+    ckpt.atomic_write_bytes(out / "spectrum.json",
+                            json.dumps([{k: r[k] for k in SPECTRUM_FIELDS} for r in rows], indent=1).encode())  # fmt: skip
+    ckpt.atomic_write_bytes(out / "spectrum.png", plot_spectrum(rows, title))
+
+
+def plot_spectrum(rows: Sequence[dict], title: str = "") -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    macs = [r["macs"] / 1e6 for r in rows]
+    top1 = [100 * r["top1"] for r in rows]
+    ax.plot(macs, top1, "o-", ms=3)
+    stride = max(1, math.ceil(len(rows) / 12))
+    for i, r in enumerate(rows):
+        if i % stride == 0 or i == len(rows) - 1:
+            ax.annotate(f"{r['width']:g}", (macs[i], top1[i]), textcoords="offset points",
+                        xytext=(0, 6), ha="center", fontsize=7)  # fmt: skip
+    ax.set_xlabel("MACs (M) per image")
+    ax.set_ylabel("top-1 accuracy (%)")
+    ax.set_title(title or "accuracy across the width range")
+    ax.grid(alpha=0.3)
+    buffer = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def _epoch_seed(seed: int, epoch: int) -> int:
+    return seed * 100_003 + epoch
+
+
+def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for key in sorted(set(a) | set(b)):
+            out += _diff(a.get(key), b.get(key), f"{prefix}{key}.")
+        return out
+    return [] if a == b else [prefix.rstrip(".")]
+
+
+def _bar(total: int, desc: str, show: bool | None):
+    import sys
+
+    if show is False:
+        return None
+    from tqdm.auto import tqdm
+
+    tty = sys.stderr.isatty()
+    return tqdm(total=total, desc=desc, unit="step", leave=tty is False, mininterval=1 if tty else 30)
+
+
+def load_run_config(payload: dict) -> TrainConfig | None:
+    """The training config stored in a checkpoint, if any."""
+    raw = payload.get("extra", {}).get("config")
+    return None if raw is None else config_from_dict(raw)
+
+
+def datasets_for(config: TrainConfig) -> tuple[Dataset, Dataset, Dataset, DataInfo]:
+    d = config.data
+    return build_datasets(d.name, d.root, limit_train=d.limit_train, limit_test=d.limit_test,
+                          image_size=d.image_size, augment=False)  # fmt: skip

@@ -1,0 +1,510 @@
+"""Training building blocks for universally slimmable networks (US-Nets, Yu & Huang, ICCV 2019).
+
+Each piece is independent and works in a user's own training loop::
+
+    import usnet
+    from usnet.training import (InplaceDistillationLoss, WidthSampler, make_optimizer,
+                                make_scheduler, sandwich_step)
+
+    model = usnet.models.us_mobilenet_v1(num_classes=10)
+    sampler = WidthSampler(usnet.channel_plan(model).width_range, num_widths=4, seed=0)
+    criterion = InplaceDistillationLoss(label_smoothing=0.1)
+    optimizer = make_optimizer(model, lr=0.1)
+    scheduler = make_scheduler(optimizer, total_steps=epochs * len(loader), warmup_steps=500)
+    model.train()
+    for images, labels in loader:
+        result = sandwich_step(model, images, labels, optimizer, sampler, criterion)
+        scheduler.step()
+
+* :class:`WidthSampler` draws the widths of one step by the *sandwich rule*: the widest, the
+  narrowest and ``n - 2`` random widths, from its own seeded generator.
+* :class:`InplaceDistillationLoss` trains the widest width on the labels and every narrower width
+  on the widest width's (detached) predictions: *inplace distillation*.
+* :func:`sandwich_step` runs one optimizer step over the drawn widths, accumulating gradients.
+* :func:`param_groups`, :func:`make_optimizer`, :func:`lr_lambda` and :func:`make_scheduler`
+  reproduce the paper's optimization recipe: SGD with Nesterov momentum, no weight decay on
+  BatchNorm parameters, biases and depthwise convolutions, and a per-iteration linear (or cosine)
+  learning-rate decay after an optional linear warmup.
+
+Nothing here holds global state: the sampler owns its ``torch.Generator`` and the width of a model
+is the model's own state (:func:`usnet.set_width`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+import numbers
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.optim.lr_scheduler import LambdaLR
+
+from .channels import Width, _check_range
+from .state import get_state, is_slimmable, set_width
+
+__all__ = [
+    "DISTILL",
+    "LABELS",
+    "SCHEDULES",
+    "InplaceDistillationLoss",
+    "StepResult",
+    "WidthSampler",
+    "lr_lambda",
+    "make_optimizer",
+    "make_scheduler",
+    "param_groups",
+    "sandwich_step",
+    "soft_cross_entropy",
+]
+
+LABELS = "labels"
+"""Loss kind: cross-entropy with the ground-truth labels."""
+
+DISTILL = "distill"
+"""Loss kind: soft cross-entropy with the widest width's predictions (inplace distillation)."""
+
+SCHEDULES = ("linear", "cosine")
+"""Learning-rate decay shapes accepted by :func:`lr_lambda` and :func:`make_scheduler`."""
+
+
+# -- width sampling ------------------------------------------------------------------------------
+class WidthSampler:
+    r"""Draws the widths of one training step by the sandwich rule.
+
+    :meth:`sample` returns ``[max, min, w_1, ..., w_{n-2}]``: the top and the bottom of
+    ``width_range`` (the "bread", which bound the performance of every width in between) followed
+    by ``num_widths - 2`` widths drawn uniformly from the range. The widest comes first because
+    inplace distillation uses its predictions as the soft targets of the others.
+
+    The random widths come from the sampler's own ``torch.Generator`` seeded with ``seed``; the
+    global RNG is never used. A run is therefore reproducible, every distributed rank created with
+    the same seed draws the same widths (which data-parallel training requires: all ranks must run
+    the same sub-networks in a step), and :meth:`state_dict` / :meth:`load_state_dict` let a
+    resumed run continue the exact same sequence.
+
+    Args:
+        width_range: ``(lo, hi)`` with ``0 < lo <= hi <= 1``, usually
+            ``usnet.channel_plan(model).width_range``.
+        num_widths: widths per step, at least 2 (the paper uses 4).
+        seed: seed of the sampler's generator.
+
+    Example::
+
+        >>> sampler = WidthSampler((0.25, 1.0), num_widths=4, seed=0)
+        >>> widths = sampler.sample()
+        >>> widths[:2]
+        [1.0, 0.25]
+    """
+
+    def __init__(self, width_range: tuple[float, float], num_widths: int = 4, seed: int = 0):
+        self.width_range: tuple[float, float] = _check_range(width_range)
+        if isinstance(num_widths, bool) or not isinstance(num_widths, numbers.Integral):
+            raise TypeError(f"num_widths must be an integer >= 2, got {num_widths!r}")
+        if num_widths < 2:
+            raise ValueError(
+                f"num_widths must be an integer >= 2 (the widest and the narrowest width, plus "
+                f"any number of random ones; the paper uses 4), got {num_widths}"
+            )
+        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+            raise TypeError(f"seed must be an integer, got {seed!r}")
+        self.num_widths = int(num_widths)
+        self.seed = int(seed)
+        self.generator = torch.Generator(device="cpu")
+        self.generator.manual_seed(self.seed)
+
+    def sample(self) -> list[float]:
+        """The widths of the next step: ``[max, min]`` and ``num_widths - 2`` uniform draws."""
+        lo, hi = self.width_range
+        draws = torch.rand(self.num_widths - 2, generator=self.generator, dtype=torch.float64)
+        return [hi, lo] + [min(hi, lo + (hi - lo) * float(u)) for u in draws]
+
+    def state_dict(self) -> dict[str, Any]:
+        """The sampler's settings and generator state, for checkpoints."""
+        return {
+            "width_range": list(self.width_range),
+            "num_widths": self.num_widths,
+            "seed": self.seed,
+            "generator": self.generator.get_state(),
+        }
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Restore a state from :meth:`state_dict`, so the next draws continue that sequence."""
+        try:
+            generator_state = state_dict["generator"]
+        except (KeyError, TypeError):
+            raise ValueError("malformed WidthSampler state: no 'generator' entry") from None
+        if not isinstance(generator_state, Tensor) or generator_state.dtype != torch.uint8:
+            raise ValueError("malformed WidthSampler state: 'generator' must be a uint8 tensor")
+        if "width_range" in state_dict:
+            self.width_range = _check_range(state_dict["width_range"])
+        if "num_widths" in state_dict:
+            num_widths = int(state_dict["num_widths"])
+            if num_widths < 2:
+                raise ValueError(f"malformed WidthSampler state: num_widths {num_widths} < 2")
+            self.num_widths = num_widths
+        if "seed" in state_dict:
+            self.seed = int(state_dict["seed"])
+        self.generator.set_state(generator_state.cpu())
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(width_range={self.width_range}, "
+            f"num_widths={self.num_widths}, seed={self.seed})"
+        )
+
+
+# -- losses --------------------------------------------------------------------------------------
+def soft_cross_entropy(logits: Tensor, soft_targets: Tensor, temperature: float = 1.0) -> Tensor:
+    r"""Cross-entropy of ``logits`` against a probability distribution, averaged over the batch.
+
+    .. math::
+        \ell = \frac{T^2}{N} \sum_n -\sum_c p_{n,c} \log \operatorname{softmax}(z_n / T)_c
+
+    ``soft_targets`` are probabilities over the last dimension (for distillation, the teacher's
+    softmax taken at the same temperature ``T``). The loss is multiplied by ``T**2`` (Hinton et
+    al., 2015): the gradient of the softened softmax scales as ``1/T**2``, so the factor keeps the
+    gradient magnitude independent of ``T`` and a loss comparable to the labels' cross-entropy. At
+    ``T = 1`` the factor is 1 and, for one-hot targets, the result equals ``F.cross_entropy``.
+
+    Args:
+        logits: ``(N, C)`` unnormalized scores.
+        soft_targets: ``(N, C)`` target probabilities (rows sum to 1); never differentiated
+            through by this function's callers in :mod:`usnet.training`.
+        temperature: softmax temperature ``T > 0``.
+    """
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if logits.shape != soft_targets.shape:
+        raise ValueError(
+            f"logits {tuple(logits.shape)} and soft_targets {tuple(soft_targets.shape)} must have "
+            "the same shape"
+        )
+    log_probs = F.log_softmax(logits.float() / temperature, dim=-1)
+    per_sample = -(soft_targets.to(log_probs.dtype) * log_probs).sum(dim=-1)
+    return per_sample.mean() * (temperature**2)
+
+
+class InplaceDistillationLoss(nn.Module):
+    r"""The US-Nets loss: labels for the widest width, its predictions for the others.
+
+    * Without ``teacher_probs`` (the widest width), or with ``enabled=False``: cross-entropy with
+      ``labels``, with optional label smoothing.
+    * With ``teacher_probs`` (narrower widths): :func:`soft_cross_entropy` against them at
+      ``temperature``. :meth:`teacher_probs` makes them from the widest width's logits: a softmax
+      at ``temperature`` of the **detached** logits, so the narrower widths' losses train only the
+      narrower sub-networks and never pull the widest one towards them.
+
+    Call it as ``criterion(logits, labels, teacher_probs)`` (or ``criterion.loss(...)``), and
+    :meth:`loss_kind` with the same ``teacher_probs`` says which loss that call used
+    (:data:`LABELS` or :data:`DISTILL`), for the run log.
+
+    Args:
+        label_smoothing: label smoothing of the labels' cross-entropy, in ``[0, 1)``.
+        temperature: distillation temperature ``T > 0`` (the paper uses 1).
+        enabled: ``False`` trains every width on the labels (no inplace distillation).
+    """
+
+    def __init__(
+        self, label_smoothing: float = 0.0, temperature: float = 1.0, enabled: bool = True
+    ) -> None:
+        super().__init__()
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        self.label_smoothing = float(label_smoothing)
+        self.temperature = float(temperature)
+        self.enabled = bool(enabled)
+
+    def teacher_probs(self, logits: Tensor) -> Tensor:
+        """Soft targets from the widest width's logits: detached float32 softmax at ``T``."""
+        return F.softmax(logits.detach().float() / self.temperature, dim=-1)
+
+    def loss_kind(self, teacher_probs: Tensor | None = None) -> str:
+        """:data:`DISTILL` if a call with these ``teacher_probs`` distills, else :data:`LABELS`."""
+        return DISTILL if self.enabled and teacher_probs is not None else LABELS
+
+    def forward(
+        self, logits: Tensor, labels: Tensor, teacher_probs: Tensor | None = None
+    ) -> Tensor:
+        if teacher_probs is not None and self.enabled:
+            return soft_cross_entropy(logits, teacher_probs, self.temperature)
+        return F.cross_entropy(logits.float(), labels, label_smoothing=self.label_smoothing)
+
+    def loss(self, logits: Tensor, labels: Tensor, teacher_probs: Tensor | None = None) -> Tensor:
+        """Same as calling the module."""
+        return self(logits, labels, teacher_probs)
+
+    def extra_repr(self) -> str:
+        return (
+            f"label_smoothing={self.label_smoothing}, temperature={self.temperature}, "
+            f"enabled={self.enabled}"
+        )
+
+
+# -- the training step ---------------------------------------------------------------------------
+@dataclass
+class StepResult:
+    """What one :func:`sandwich_step` did, in the order the widths ran (widest first).
+
+    Attributes:
+        widths: the widths trained.
+        losses: each width's loss value.
+        loss_kinds: each width's loss kind: :data:`LABELS` or :data:`DISTILL`.
+    """
+
+    widths: list[float] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)
+    loss_kinds: list[str] = field(default_factory=list)
+
+    @property
+    def total_loss(self) -> float:
+        """The sum of the widths' losses: the objective whose gradient the step followed."""
+        return float(sum(self.losses))
+
+
+class _Sampler(Protocol):
+    def sample(self) -> Sequence[Width]: ...
+
+
+Criterion = Union[InplaceDistillationLoss, Callable[[Tensor, Tensor], Tensor]]
+
+
+def sandwich_step(
+    model: nn.Module,
+    images: Tensor,
+    labels: Tensor,
+    optimizer: torch.optim.Optimizer,
+    sampler: _Sampler | Iterable[Width],
+    criterion: Criterion,
+    *,
+    scaler: torch.amp.GradScaler | None = None,
+    autocast_dtype: torch.dtype | None = None,
+) -> StepResult:
+    r"""One optimizer step of US-Nets training over the widths the sampler draws.
+
+    1. ``optimizer.zero_grad(set_to_none=True)``.
+    2. For each width of ``sampler.sample()``, in order: :func:`usnet.set_width`, forward,
+       loss, ``backward()``. The first width is the teacher (the sandwich rule puts the widest
+       first): with an :class:`InplaceDistillationLoss` it learns from ``labels`` and each later
+       width from its detached softmax; any other ``criterion(logits, labels)`` is applied to
+       every width.
+    3. One ``optimizer.step()``.
+
+    Gradients **accumulate** over the widths: the step follows the gradient of the *sum* of the
+    widths' losses, not their mean. This is the paper's (and its reference code's) choice; it means
+    the effective learning rate grows with ``num_widths``, which the paper's recipe is tuned for.
+
+    The model should be in training mode (slimmable BatchNorm then normalizes with batch
+    statistics at every width). After the step, or if it fails, the model is left at the widest
+    width of the step. A model wrapped in ``DistributedDataParallel`` (or ``torch.compile``) is
+    accepted: its width is set on the wrapped module, and gradients are synchronized only once,
+    in the last width's backward (``no_sync`` for the others).
+
+    Args:
+        model: a slimmable model (or a DDP / compiled wrapper of one).
+        images, labels: one batch.
+        optimizer: any optimizer over the model's parameters.
+        sampler: a :class:`WidthSampler` (anything with ``sample()``), or a fixed sequence of
+            widths, widest first.
+        criterion: an :class:`InplaceDistillationLoss`, or a plain ``loss(logits, labels)``.
+        scaler: a ``torch.amp.GradScaler`` for float16 training: losses are scaled before
+            ``backward`` and ``scaler.step(optimizer)`` / ``scaler.update()`` replace the plain
+            step.
+        autocast_dtype: run forward passes under ``torch.autocast`` with this dtype
+            (``torch.bfloat16``, or ``torch.float16`` with a ``scaler``); ``None``: no autocast.
+
+    Returns:
+        a :class:`StepResult` with the widths, loss values and loss kinds.
+
+    Raises:
+        FloatingPointError: a width's loss is NaN or infinite. The error names the width; the
+            optimizer did not step (the gradients of the failed step are left in ``.grad``).
+    """
+    inner = _unwrap(model)
+    draw = getattr(sampler, "sample", None)
+    widths = list(draw() if callable(draw) else sampler)  # type: ignore[arg-type]
+    if not widths:
+        raise ValueError("the sampler gave no widths")
+    uniform = [w for w in widths if not isinstance(w, Mapping)]
+    if len(uniform) == len(widths) and widths[0] < max(uniform):  # type: ignore[operator]
+        raise ValueError(
+            f"the first width must be the widest (the teacher of the others), got {widths}"
+        )
+    distill = isinstance(criterion, InplaceDistillationLoss)
+
+    def autocast() -> contextlib.AbstractContextManager:
+        if autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=images.device.type, dtype=autocast_dtype)
+
+    no_sync = getattr(model, "no_sync", None)
+
+    optimizer.zero_grad(set_to_none=True)
+    losses: list[Tensor] = []
+    kinds: list[str] = []
+    teacher: Tensor | None = None
+    try:
+        for i, w in enumerate(widths):
+            set_width(inner, w)
+            last = i == len(widths) - 1
+            sync = contextlib.nullcontext() if last or no_sync is None else no_sync()
+            with sync:
+                with autocast():
+                    logits = model(images)
+                    if distill:
+                        loss = criterion(logits, labels, teacher)
+                        kinds.append(criterion.loss_kind(teacher))  # type: ignore[union-attr]
+                    else:
+                        loss = criterion(logits, labels)
+                        kinds.append(LABELS)
+                if distill and i == 0 and criterion.enabled:  # type: ignore[union-attr]
+                    teacher = criterion.teacher_probs(logits)  # type: ignore[union-attr]
+                (scaler.scale(loss) if scaler is not None else loss).backward()
+            losses.append(loss.detach().float())
+            del logits, loss
+        values = torch.stack(losses).tolist()  # one device sync per step
+        for w, value in zip(widths, values):
+            if not math.isfinite(value):
+                raise FloatingPointError(
+                    f"non-finite loss ({value}) at {_describe_width(w)}; the optimizer did not step"
+                )
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+    finally:
+        set_width(inner, widths[0])
+    return StepResult(widths=[_plain(w) for w in widths], losses=values, loss_kinds=kinds)
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The slimmable module inside a DDP / DataParallel / ``torch.compile`` wrapper."""
+    current = model
+    for _ in range(4):
+        if is_slimmable(current):
+            return current
+        for attr in ("module", "_orig_mod"):
+            inner = getattr(current, attr, None)
+            if isinstance(inner, nn.Module):
+                current = inner
+                break
+        else:
+            break
+    get_state(model)  # raises the standard "not a slimmable model" error
+    return model  # pragma: no cover
+
+
+def _plain(width: Width) -> Any:
+    return dict(width) if isinstance(width, Mapping) else float(width)
+
+
+def _describe_width(width: Width) -> str:
+    return f"width {dict(width)}" if isinstance(width, Mapping) else f"width {float(width):g}"
+
+
+# -- optimizer -----------------------------------------------------------------------------------
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Split the parameters into a weight-decayed and a non-decayed group (the paper's recipe).
+
+    Weight decay applies only to the weights of convolutions and linear layers. BatchNorm (and any
+    other normalization) parameters, all biases, the weights of depthwise convolutions
+    (``groups == in_channels > 1``) and any other parameter get none. Every parameter of the
+    model (shared ones once) is in exactly one group.
+
+    Returns:
+        ``[{"params": decayed, "weight_decay": weight_decay},
+        {"params": not_decayed, "weight_decay": 0.0}]``, ready for ``torch.optim.SGD``.
+    """
+    if not weight_decay >= 0:
+        raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+    decayed_ids: set[int] = set()
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        if not isinstance(weight, nn.Parameter):
+            continue
+        if isinstance(module, nn.modules.conv._ConvNd):
+            depthwise = module.groups > 1 and module.groups == module.in_channels
+            if not depthwise:
+                decayed_ids.add(id(weight))
+        elif isinstance(module, nn.Linear):
+            decayed_ids.add(id(weight))
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
+    for p in model.parameters():  # deduplicated, in registration order
+        (decay if id(p) in decayed_ids else no_decay).append(p)
+    return [
+        {"params": decay, "weight_decay": float(weight_decay)},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def make_optimizer(
+    model: nn.Module,
+    lr: float,
+    momentum: float = 0.9,
+    weight_decay: float = 1e-4,
+    nesterov: bool = True,
+) -> torch.optim.SGD:
+    """SGD over :func:`param_groups` (the paper: momentum 0.9, Nesterov, weight decay 1e-4)."""
+    if nesterov and momentum <= 0:
+        raise ValueError(f"nesterov momentum needs momentum > 0, got {momentum}")
+    return torch.optim.SGD(
+        param_groups(model, weight_decay), lr=lr, momentum=momentum, nesterov=nesterov
+    )
+
+
+# -- learning-rate schedule ----------------------------------------------------------------------
+def lr_lambda(
+    step: int, total_steps: int, warmup_steps: int = 0, schedule: str = "linear"
+) -> float:
+    """The learning-rate factor of iteration ``step`` (0-based), for ``LambdaLR``.
+
+    * Warmup: ``(step + 1) / warmup_steps`` for ``step < warmup_steps``, from ``1/warmup_steps``
+      up to 1.
+    * Decay, with ``p = (step - warmup_steps) / (total_steps - warmup_steps)`` going from 0 to 1:
+      ``1 - p`` (``"linear"``, the paper's per-iteration linear decay) or ``(1 + cos(pi p)) / 2``
+      (``"cosine"``). The factor is 1 right after warmup and 0 from ``step = total_steps`` on.
+    """
+    _check_schedule(total_steps, warmup_steps, schedule)
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if step >= total_steps:
+        return 0.0
+    progress = (step - warmup_steps) / (total_steps - warmup_steps)
+    if schedule == "linear":
+        return 1.0 - progress
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def make_scheduler(
+    optimizer: torch.optim.Optimizer,
+    total_steps: int,
+    warmup_steps: int = 0,
+    schedule: str = "linear",
+) -> LambdaLR:
+    """A per-iteration ``LambdaLR`` following :func:`lr_lambda`: call ``scheduler.step()`` after
+    every optimizer step (not every epoch)."""
+    _check_schedule(total_steps, warmup_steps, schedule)
+    fn = functools.partial(
+        lr_lambda, total_steps=total_steps, warmup_steps=warmup_steps, schedule=schedule
+    )
+    return LambdaLR(optimizer, fn)
+
+
+def _check_schedule(total_steps: int, warmup_steps: int, schedule: str) -> None:
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown schedule {schedule!r}; valid schedules: {', '.join(SCHEDULES)}")
+    if total_steps < 1:
+        raise ValueError(f"total_steps must be >= 1, got {total_steps}")
+    if not 0 <= warmup_steps <= total_steps:
+        raise ValueError(
+            f"warmup_steps must be in [0, total_steps={total_steps}], got {warmup_steps}"
+        )
