@@ -11,6 +11,10 @@ import torch
 # Make the helper module importable whatever pytest's import mode / package layout.
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+# The suite runs many small ops: intra-op threads only add synchronization, and on a busy
+# 2-core machine spinning OpenMP workers slow it down by 10-50x. Override with USNET_TEST_THREADS.
+torch.set_num_threads(int(os.environ.get("USNET_TEST_THREADS", "1")))
+
 
 @pytest.fixture(autouse=True)
 def _seed():

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from .layers import SlimmableBatchNorm2d
-from .state import SlimmableState, get_state, set_width
+from .state import SlimmableState, enable_switchable_bn, get_state, set_width
 
 FORMAT = "usnet-checkpoint"
 VERSION = 1
@@ -117,6 +117,8 @@ def model_from_checkpoint(payload: Mapping[str, Any], source: str = "checkpoint"
         from .models import create_model
 
         model = create_model(saved.arch["name"], **saved.arch["kwargs"])
+        if saved.switchable_widths:
+            enable_switchable_bn(model, saved.switchable_widths)
     else:
         raise ValueError(f"{source}: checkpoint records neither a zoo builder nor a module")
     load_into(model, payload, source)

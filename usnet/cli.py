@@ -1,4 +1,4 @@
-"""The ``usnet`` command line: ``train``, ``eval``, ``calibrate``, ``profile``, ``demo``.
+"""The ``usnet`` command line: ``train``, ``eval``, ``calibrate``, ``profile``.
 
 Every command reports bad input as one line, ``usnet: error: ...``, and exits with status 2.
 """
@@ -80,14 +80,6 @@ def cmd_profile(args: argparse.Namespace) -> int:
     else:
         print(f"{args.model} at input {'x'.join(map(str, input_size))}")
         print(format_profiles(rows))
-    return 0
-
-
-def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
-
-    run_demo(out=Path(args.out), data_root=args.data_root, num_images=args.num_images,
-             steps=args.steps, seed=args.seed)  # fmt: skip
     return 0
 
 
@@ -196,15 +188,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--small-input", action="store_true", help="zoo models only: 28-32 px stem")
     p.add_argument("--json", action="store_true", help="print one JSON list")
     p.set_defaults(func=cmd_profile)
-
-    p = sub.add_parser("demo", help="the API on Fashion-MNIST: convert, train briefly, "
-                       "calibrate, export, profile")  # fmt: skip
-    p.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
-    p.add_argument("--data-root", default=None, help="Fashion-MNIST IDX directory")
-    p.add_argument("--num-images", type=int, default=1024, help="calibration images")
-    p.add_argument("--steps", type=int, default=300, help="sandwich-rule training steps")
-    p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("train", help="train a US-Net from a YAML config")
     p.add_argument("config", nargs="?", help="YAML config (optional with --resume: the saved one)")

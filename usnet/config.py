@@ -9,6 +9,7 @@ values (``width_range=[0.25,1.0]``).
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from collections.abc import Iterable, Mapping
@@ -117,6 +118,8 @@ def parse_override(item: str) -> tuple[str, Any]:
     key = key.strip()
     if not key:
         raise ConfigError(f"invalid override {item!r}; expected key=value, e.g. epochs=1")
+    if re.fullmatch(r"[\d.]+(:[\d.]+)+", text.strip()):
+        return key, text.strip()  # a width spec, not YAML 1.1's base-60 integer
     try:
         value = yaml.safe_load(text) if text.strip() else None
     except yaml.YAMLError:
@@ -241,8 +244,10 @@ def _check_semantics(c: TrainConfig) -> None:
     if c.warmup_epochs < 0 or c.weight_decay < 0:
         raise ConfigError("warmup_epochs and weight_decay must not be negative")
     try:
-        parse_widths(c.eval.widths)
+        widths = parse_widths(c.eval.widths)
     except ValueError as err:
         raise ConfigError(f"eval.widths: {err}") from None
+    if any(not (0 < w <= 1) for w in widths):
+        raise ConfigError(f"eval.widths: widths must lie in (0, 1], got {c.eval.widths!r}")
     if c.device not in ("auto", "cpu", "cuda") and not c.device.startswith("cuda:"):
         raise ConfigError(f"device: invalid value {c.device!r}; valid: auto, cpu, cuda, cuda:N")

@@ -54,7 +54,8 @@ class FashionMNIST(Dataset):
 
     Args:
         root: directory with the IDX files (default: Debian's package directory, else
-            torchvision's download into ``~/.cache/usnet/data``).
+            torchvision's download into ``~/.cache/usnet/data``); a root without the files is an
+            error, never a download.
         train: the 60k training split, else the 10k test split.
         limit: keep only the first ``limit`` images (quick runs).
         transform: optional callable applied to each normalized image tensor.
@@ -80,15 +81,15 @@ class FashionMNIST(Dataset):
 
     @staticmethod
     def _locate(root, split: str, download: bool) -> tuple[Path, Path]:
-        candidates = [Path(root)] if root is not None else [DEBIAN_FASHION_MNIST]
-        for directory in candidates:
-            images = _find(directory, f"{split}-images-idx3-ubyte")
-            labels = _find(directory, f"{split}-labels-idx1-ubyte")
-            if images and labels:
-                return images, labels
-        if root is not None and not download:
+        directory = Path(root) if root is not None else DEBIAN_FASHION_MNIST
+        images = _find(directory, f"{split}-images-idx3-ubyte")
+        labels = _find(directory, f"{split}-labels-idx1-ubyte")
+        if images and labels:
+            return images, labels
+        if root is not None:
             raise FileNotFoundError(
-                f"no Fashion-MNIST IDX files ({split}-images-idx3-ubyte[.gz]) in {str(root)!r}"
+                f"no Fashion-MNIST IDX files ({split}-images-idx3-ubyte[.gz] and "
+                f"{split}-labels-idx1-ubyte[.gz]) in {str(root)!r}"
             )
         if not download:
             raise FileNotFoundError(
@@ -97,7 +98,7 @@ class FashionMNIST(Dataset):
             )
         from torchvision.datasets import FashionMNIST as TorchvisionFashionMNIST
 
-        cache = Path(root) if root is not None else Path.home() / ".cache" / "usnet" / "data"
+        cache = Path.home() / ".cache" / "usnet" / "data"
         tv = TorchvisionFashionMNIST(str(cache), train=split == "train", download=True)
         raw = Path(tv.raw_folder)
         return raw / f"{split}-images-idx3-ubyte", raw / f"{split}-labels-idx1-ubyte"

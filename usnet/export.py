@@ -96,8 +96,9 @@ def _plain_bn(layer: SlimmableBatchNorm2d, require_stats: bool) -> nn.BatchNorm2
     )  # fmt: skip
     with torch.no_grad():
         if layer.affine:
-            new.weight.copy_(layer.weight[:c])
-            new.bias.copy_(layer.bias[:c])
+            weight, bias = layer.active_affine()
+            new.weight.copy_(weight)
+            new.bias.copy_(bias)
         if layer.track_running_stats:
             stats = layer.current_stats()
             if stats is None and require_stats:

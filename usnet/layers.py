@@ -153,6 +153,31 @@ class SlimmableBatchNorm2d(nn.BatchNorm2d):
         self.width_stats: dict[str, tuple[Tensor, Tensor]] = {}
         self._calibration: list | None = None  # [mean, var, batches] while calibrating
         self.usnet_name = ""
+        # Switchable BN (slimmable-network baseline): private affine parameters per configuration.
+        self.private_affine: nn.ParameterDict | None = None
+
+    # -- affine parameters -----------------------------------------------------------------------
+    def add_private_affine(self) -> None:
+        """Give the current configuration its own weight and bias (switchable BN), initialized
+        from the shared ones; the full-width configuration keeps the layer's own."""
+        if self.stats_key is None or not self.affine:
+            return
+        if self.private_affine is None:
+            self.private_affine = nn.ParameterDict()
+        c = self.active_features
+        self.private_affine["weight_" + self.stats_key] = nn.Parameter(self.weight[:c].detach().clone())
+        self.private_affine["bias_" + self.stats_key] = nn.Parameter(self.bias[:c].detach().clone())
+
+    def active_affine(self) -> tuple[Tensor | None, Tensor | None]:
+        """Weight and bias at the active channels (private ones for a switchable configuration)."""
+        if self.private_affine is not None and self.stats_key is not None:
+            weight = self.private_affine.get("weight_" + self.stats_key)
+            if weight is not None:
+                return weight, self.private_affine["bias_" + self.stats_key]
+        c = self.active_features
+        weight = None if self.weight is None else self.weight[:c]
+        bias = None if self.bias is None else self.bias[:c]
+        return weight, bias
 
     # -- statistics ------------------------------------------------------------------------------
     def current_stats(self) -> tuple[Tensor, Tensor] | None:
@@ -203,8 +228,7 @@ class SlimmableBatchNorm2d(nn.BatchNorm2d):
                 f"{type(self).__name__} {self.usnet_name!r} expects {c} active channels, "
                 f"got input of shape {tuple(input.shape)}"
             )
-        weight = None if self.weight is None else self.weight[:c]
-        bias = None if self.bias is None else self.bias[:c]
+        weight, bias = self.active_affine()
         if self._calibration is not None:
             self._calibration[2] += 1
             mean, var, batches = self._calibration

@@ -49,6 +49,7 @@ class SlimmableState:
     bindings: list[Binding]
     arch: dict[str, Any] | None = None  # {"name": zoo builder, "kwargs": {...}} when rebuildable
     input_averaging: bool = False
+    switchable_widths: list[float] = field(default_factory=list)  # switchable-BN baseline
     width: Width = 1.0
     _applied: tuple[int, ...] | None = field(default=None, repr=False)
 
@@ -66,6 +67,7 @@ class SlimmableState:
             "bindings": [b.to_dict() for b in self.bindings],
             "arch": self.arch,
             "input_averaging": self.input_averaging,
+            "switchable_widths": list(self.switchable_widths),
         }
 
     @classmethod
@@ -75,6 +77,7 @@ class SlimmableState:
             bindings=[Binding.from_dict(b) for b in d["bindings"]],
             arch=d.get("arch"),
             input_averaging=bool(d.get("input_averaging", False)),
+            switchable_widths=[float(w) for w in d.get("switchable_widths", [])],
         )
 
 
@@ -171,3 +174,21 @@ def slimmable_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     """The bound slimmable layers of a model, by name."""
     for binding in get_state(model).bindings:
         yield binding.layer, model.get_submodule(binding.layer)
+
+
+def enable_switchable_bn(model: nn.Module, widths: list[float]) -> nn.Module:
+    """Give every BatchNorm private affine parameters at each of ``widths`` (switchable BN of
+    slimmable networks, Yu et al. 2019), for the slimmable-network baseline. Call before creating
+    the optimizer; :func:`usnet.save`/:func:`usnet.load` keep them."""
+    state = get_state(model)
+    previous = state.width
+    try:
+        for w in widths:
+            set_width(model, w)
+            for module in model.modules():
+                if isinstance(module, SlimmableBatchNorm2d):
+                    module.add_private_affine()
+    finally:
+        set_width(model, previous)
+    state.switchable_widths = sorted({*state.switchable_widths, *map(float, widths)})
+    return model

@@ -33,7 +33,7 @@ from .config import ConfigError, TrainConfig, config_from_dict
 from .data import DataInfo, build_datasets
 from .models import create_model
 from .profile import format_count, profile
-from .state import get_state, set_width
+from .state import enable_switchable_bn, get_state, set_width
 from .training import (
     InplaceDistillationLoss,
     WidthSampler,
@@ -90,7 +90,10 @@ class Trainer:
             d.name, d.root, limit_train=d.limit_train, limit_test=d.limit_test,
             image_size=d.image_size, augment=d.augment,
         )  # fmt: skip
+        torch.manual_seed(config.seed)  # the initial weights are part of the run's identity
         self.model = self._build_model(self.info).to(self.device)
+        if config.mode == "slimmable":  # the earlier scheme: switchable BN at fixed widths
+            enable_switchable_bn(self.model, config.widths)
         if config.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.steps_per_epoch = len(self.train_set) // config.batch_size
@@ -266,9 +269,9 @@ class Trainer:
             seen += images.shape[0]
             rate = seen / max(time.perf_counter() - start, 1e-9)
             if bar is not None:
-                bar.set_postfix(loss=f"{result.losses[0]:.3f}", img_s=f"{rate:.0f}")
+                bar.set_postfix(loss=f"{result.losses[0]:.3f}", img_s=f"{rate:.0f}", refresh=False)
                 bar.update(1)
-            if self.step % c.log_every == 0:
+            if self.step % c.log_every == 0 or self.step == 1:
                 record = {"kind": "train", "step": self.step, "epoch": self.epoch + 1,
                           "lr": self.optimizer.param_groups[0]["lr"], "images_per_s": rate,
                           "loss_widest": result.losses[0], "loss_narrowest": result.losses[-1],

@@ -1,0 +1,187 @@
+"""usnet train end to end (real Fashion-MNIST images), resume, and every bad input."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import usnet
+from usnet.config import ConfigError, load_config
+from usnet.trainer import CHECKPOINT, FINAL, Trainer, TrainingError
+
+REPO = Path(__file__).resolve().parents[1]
+FASHION = REPO / "configs" / "fashion_mnist.yaml"
+QUICK = [
+    "data.limit_train=2048", "data.limit_test=1000", "batch_size=64", "eval.widths=0.25:1.0:0.25",
+    "calib.num_images=512", "eval.epoch_calib_images=256", "log_every=8",
+]  # fmt: skip
+
+
+def quick_config(*overrides):
+    return load_config(FASHION, [*QUICK, *overrides])
+
+
+def run_cli(*args, cwd=REPO):
+    return subprocess.run([sys.executable, "-m", "usnet", *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=600)  # fmt: skip
+
+
+def test_cli_train_end_to_end(tmp_path):
+    out = tmp_path / "run"
+    result = run_cli("train", str(FASHION), "--out", str(out), "--set", "epochs=1", *QUICK)
+    assert result.returncode == 0, result.stderr
+    for name in (CHECKPOINT, FINAL, "metrics.jsonl", "spectrum.csv", "spectrum.json", "spectrum.png"):
+        assert (out / name).is_file(), name
+    assert any((out / "tensorboard").iterdir())
+    assert (out / "spectrum.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rows = json.loads((out / "spectrum.json").read_text())
+    assert [r["width"] for r in rows] == [0.25, 0.5, 0.75, 1.0]
+    for r in rows:
+        assert set(r) == {"width", "config_id", "params", "macs", "top1", "top5"}
+        assert 0.0 <= r["top1"] <= r["top5"] <= 1.0
+    assert [r["macs"] for r in rows] == sorted(r["macs"] for r in rows)
+    # 32 steps on 2048 images: both ends well above chance (10%) after calibration.
+    assert rows[0]["top1"] > 0.5 and rows[-1]["top1"] > 0.5, rows
+    assert "top-1" in result.stdout and "1.000" in result.stdout  # the spectrum table
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    kinds = {r["kind"] for r in records}
+    assert {"run", "train", "val", "spectrum"} <= kinds
+    run = next(r for r in records if r["kind"] == "run")
+    assert "in-place distillation" in run["losses"]
+    train = next(r for r in records if r["kind"] == "train")
+    assert train["loss_kinds"] == ["labels", "distill", "distill", "distill"]
+    # the final checkpoint is a usnet.save file with calibrated widths and the config
+    model = usnet.load(out / FINAL)
+    assert usnet.is_calibrated(model, 0.25) and usnet.is_calibrated(model, 1.0)
+    payload = usnet.checkpoint.read_checkpoint(out / FINAL)
+    assert payload["extra"]["config"]["epochs"] == 1
+    assert payload["extra"]["spectrum"] == rows
+
+    # usnet eval reproduces the spectrum from the checkpoint alone
+    result = run_cli("eval", str(out / FINAL), "--widths", "0.25,1.0", "--json")
+    assert result.returncode == 0, result.stderr
+    evaluated = json.loads(result.stdout)
+    assert [r["top1"] for r in evaluated] == [rows[0]["top1"], rows[-1]["top1"]]
+
+    # usnet calibrate adds a width
+    result = run_cli("calibrate", str(out / FINAL), "--widths", "0.33", "--images", "256",
+                     "--out", str(out / "more.pt"))  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert usnet.is_calibrated(usnet.load(out / "more.pt"), 0.33)
+    assert not usnet.is_calibrated(usnet.load(out / FINAL), 0.33)
+
+
+def test_distillation_switch_is_logged(tmp_path):
+    trainer = Trainer(quick_config("epochs=1", "inplace_distill=false", "data.limit_train=256",
+                                   "eval.every_epoch=false"), tmp_path / "r", progress=False,
+                      log=lambda s: None)  # fmt: skip
+    assert "in-place distillation off" in trainer.describe_losses()
+    trainer.run()
+    records = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    train = next(r for r in records if r["kind"] == "train")
+    assert train["loss_kinds"] == ["labels"] * 4
+
+
+def _final_state(out):
+    return usnet.checkpoint.read_checkpoint(out / CHECKPOINT)
+
+
+def test_resume_reproduces_an_uninterrupted_run(tmp_path):
+    overrides = ("epochs=2", "data.limit_train=640", "eval.every_epoch=false")
+    quiet = dict(progress=False, log=lambda s: None)
+    Trainer(quick_config(*overrides), tmp_path / "straight", **quiet).run(max_epochs=2)
+    first = Trainer(quick_config(*overrides), tmp_path / "resumed", **quiet)
+    assert first.run(max_epochs=1) is None  # stopped after one epoch, like a killed run
+    resumed = Trainer(quick_config(*overrides), tmp_path / "resumed", resume=True, **quiet)
+    assert resumed.epoch == 1 and resumed.step == 10
+    resumed.run(max_epochs=1)
+    a, b = _final_state(tmp_path / "straight"), _final_state(tmp_path / "resumed")
+    for key, value in a["state_dict"].items():
+        assert torch.equal(value, b["state_dict"][key]), key
+    assert a["extra"]["trainer"]["step"] == b["extra"]["trainer"]["step"] == 20
+    widths = lambda out: [r["widths"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+                          if r["kind"] == "train"]  # fmt: skip
+    assert widths(tmp_path / "straight") == widths(tmp_path / "resumed")
+
+
+def test_resume_with_changed_config_is_refused(tmp_path):
+    quiet = dict(progress=False, log=lambda s: None)
+    config = quick_config("epochs=2", "data.limit_train=256", "eval.every_epoch=false")
+    Trainer(config, tmp_path / "r", **quiet).run(max_epochs=1)
+    with pytest.raises(ConfigError, match="changed config.*lr"):
+        Trainer(quick_config("epochs=2", "data.limit_train=256", "eval.every_epoch=false", "lr=0.2"),
+                tmp_path / "r", resume=True, **quiet)  # fmt: skip
+    with pytest.raises(FileExistsError, match="already holds a run"):
+        Trainer(config, tmp_path / "r", **quiet)
+    with pytest.raises(FileNotFoundError, match="no checkpoint.pt"):
+        Trainer(config, tmp_path / "empty", resume=True, **quiet)
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+    quiet = dict(progress=False, log=lambda s: None)
+    config = quick_config("epochs=2", "data.limit_train=256", "eval.every_epoch=false")
+    Trainer(config, tmp_path / "r", **quiet).run(max_epochs=1)
+    good = (tmp_path / "r" / CHECKPOINT).read_bytes()
+    trainer = Trainer(config, tmp_path / "r", resume=True, **quiet)
+    for group in trainer.optimizer.param_groups:
+        group["lr"] = 1e30  # diverge at once
+    trainer.scheduler.base_lrs = [1e30] * len(trainer.scheduler.base_lrs)
+    with pytest.raises(TrainingError, match=r"stopped at epoch 2, step \d+: non-finite loss.*checkpoint.pt"):
+        trainer.run()
+    assert (tmp_path / "r" / CHECKPOINT).read_bytes() == good
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--set", "inplace_distil=false"], "unknown config key 'inplace_distil'"),
+        (["--set", "data.root=/nonexistent/fmnist"], "no Fashion-MNIST IDX files"),
+        (["--set", "epochs=zero"], "epochs: expected an integer"),
+        (["--set", "model=us_vgg"], "unknown model 'us_vgg'"),
+    ],
+)
+def test_cli_bad_input_is_one_line(tmp_path, args, message):
+    result = run_cli("train", str(FASHION), "--out", str(tmp_path / "r"), *args)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("usnet: error: ") and message in lines[0], result.stderr
+
+
+def test_cli_corrupt_checkpoint(tmp_path):
+    out = tmp_path / "r"
+    out.mkdir()
+    (out / CHECKPOINT).write_bytes(b"not a checkpoint")
+    result = run_cli("train", "--out", str(out), "--resume")
+    assert result.returncode == 2 and "is not a readable checkpoint" in result.stderr
+    result = run_cli("eval", str(out / CHECKPOINT))
+    assert result.returncode == 2 and "is not a readable checkpoint" in result.stderr
+    result = run_cli("eval", str(tmp_path / "missing.pt"))
+    assert result.returncode == 2 and "does not exist" in result.stderr
+
+
+def test_individual_and_slimmable_baselines(tmp_path):
+    quiet = dict(progress=False, log=lambda s: None)
+    common = ("epochs=1", "data.limit_train=256", "eval.every_epoch=false", "calib.num_images=128")
+    single = Trainer(quick_config(*common, "mode=individual", "width=0.5"), tmp_path / "i", **quiet)
+    assert usnet.channel_plan(single.model).width_range == (0.5, 0.5)
+    rows = single.run()
+    assert [r["width"] for r in rows] == [0.5]
+    exported = usnet.export(usnet.load(tmp_path / "i" / FINAL), 0.5)
+    plain = usnet.models.convnet(num_classes=10, in_channels=1, width_mult=0.5)
+    plain.load_state_dict(exported.state_dict())  # exactly the plain network of that width
+
+    sn = Trainer(quick_config(*common, "mode=slimmable", "widths=[0.25,0.5,1.0]"), tmp_path / "s", **quiet)
+    private = [n for n, _ in sn.model.named_parameters() if "private_affine" in n]
+    assert len(private) == 2 * 2 * 5  # weight+bias, 2 narrower widths, 5 BN layers
+    sn.run()
+    records = [json.loads(line) for line in (tmp_path / "s" / "metrics.jsonl").read_text().splitlines()]
+    assert next(r for r in records if r["kind"] == "train")["widths"] == [1.0, 0.5, 0.25]
+    model = usnet.load(tmp_path / "s" / FINAL)  # rebuilds the switchable BN parameters
+    x = torch.randn(3, 1, 28, 28)
+    for w in (0.25, 0.5, 1.0):
+        with usnet.width(model, w), torch.no_grad():
+            reference = model.eval()(x)
+        assert (usnet.export(model, w)(x) - reference).abs().max() <= 1e-5
