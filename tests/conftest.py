@@ -7,6 +7,13 @@ import sys
 
 import pytest
 import torch
+from hypothesis import settings
+
+# Reproducible property tests by default (same examples on every run, no example database
+# written to the checkout); HYPOTHESIS_PROFILE=random explores new examples on each run.
+settings.register_profile("usnet", derandomize=True, database=None)
+settings.register_profile("random", database=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "usnet"))
 
 # Make the helper module importable whatever pytest's import mode / package layout.
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))

@@ -283,22 +283,12 @@ def test_zoo_model_calibrated_widths_only():
         model(x)
 
 
-@pytest.mark.xfail(
-    reason="BUG: calibrate() treats only int/float/dict as a single width; a numpy float32 "
-    "(accepted by set_width) is iterated and fails with TypeError",
-    strict=True,
-)
 def test_numpy_scalar_width(model):
     usnet.set_width(model, np.float32(0.5))  # accepted as a width everywhere else
     keys = usnet.calibrate(model, [images(16)], widths=np.float32(0.5), num_images=16)
     assert keys == [usnet.config_key(usnet.channel_plan(model).config(0.5))]
 
 
-@pytest.mark.xfail(
-    reason="BUG: SlimmableBatchNorm2d.start_calibration allocates float32 statistics whatever "
-    "the model's dtype, so calibrating a float64 model raises 'expected scalar type Double'",
-    strict=True,
-)
 def test_float64_model(model):
     model.double()
     data = [images(16).double()]
@@ -310,11 +300,6 @@ def test_float64_model(model):
     torch.testing.assert_close(model[1].width_stats[key][1], var)
 
 
-@pytest.mark.xfail(
-    reason="BUG: SlimmableBatchNorm2d.finish_calibration copies into running_mean even when the "
-    "layer has track_running_stats=False (running_mean is None): AttributeError at full width",
-    strict=True,
-)
 def test_bn_without_running_stats():
     plain = nn.Sequential(
         nn.Conv2d(3, 16, 3), nn.BatchNorm2d(16, track_running_stats=False), nn.ReLU(),

@@ -369,7 +369,9 @@ def test_flatten_into_linear_is_channel_major():
         assert torch.allclose(F.linear(features, fc.weight[:, :256], fc.bias), y, atol=1e-6)
 
 
-@pytest.mark.parametrize("groups, divisor, channels", [(4, 2, 32), (4, 1, 36), (3, 8, 48), (16, 8, 64)])
+@pytest.mark.parametrize(
+    "groups, divisor, channels", [(4, 2, 32), (4, 1, 36), (3, 8, 48), (16, 8, 64)]
+)
 def test_grouped_conv_divisors(groups, divisor, channels):
     plain = nn.Sequential(
         nn.Conv2d(3, channels, 3, padding=1), nn.BatchNorm2d(channels), nn.ReLU(),
@@ -397,12 +399,6 @@ def test_grouped_conv_divisors(groups, divisor, channels):
     assert len(seen) >= 2
 
 
-@pytest.mark.xfail(
-    reason="BUG: convert._Analyzer.linear computes a ratio tie as out_features / in_features but "
-    "applies it to the channel group of a flattened input (factor H*W), so the Linear runs 8 of "
-    "its 128 outputs even at full width",
-    strict=True,
-)
 def test_linear_ratio_tie_after_spatial_flatten():
     """A ratio-tied Linear fed by flatten(N, C, 4, 4) must run all its outputs at full width."""
     plain = nn.Sequential(
@@ -440,12 +436,6 @@ def test_elementwise_op_on_multichannel_input():
     assert model(torch.randn(2, 3, 8, 8)).shape == (2, 10)
 
 
-@pytest.mark.xfail(
-    reason="BUG: convert._Analyzer.binary skips every operand with 1 channel as 'broadcast', so "
-    "an elementwise op on a 1-channel tensor (x - 0.5 on a grayscale input) loses its channel "
-    "dims and the next conv is refused: 'its input carries no known channels'",
-    strict=True,
-)
 def test_elementwise_op_on_single_channel_input():
     model = usnet.slimmable(GrayNormalizeNet(1), input_size=(1, 1, 8, 8))
     usnet.set_width(model, 0.5)
@@ -474,3 +464,24 @@ def test_spatial_attention_broadcast_ties_nothing():
     assert model.attn.active_out_channels == 1  # a 1-channel output is never slimmed below 1
     assert model.fc.active_in_features == 8
     assert model(torch.randn(2, 3, 8, 8)).shape == (2, 10)
+
+
+def test_pretrained_statistics_without_batch_counter_work_at_full_width():
+    """Weights saved before PyTorch 0.4 load with num_batches_tracked == 0 (some published
+    torchvision ones): their statistics are real and must be used at full width."""
+    import torchvision
+
+    plain = torchvision.models.resnet18(num_classes=10)
+    with torch.no_grad():
+        for m in plain.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+                m.num_batches_tracked.zero_()
+    x = torch.randn(2, 3, 64, 64)
+    expected = plain.eval()(x)
+    model = usnet.slimmable(copy.deepcopy(plain), (0.25, 1.0))
+    assert torch.equal(model.eval()(x), expected)
+    fresh = usnet.slimmable(torchvision.models.resnet18(num_classes=10), (0.25, 1.0)).eval()
+    with pytest.raises(usnet.UncalibratedWidthError):
+        fresh(x)

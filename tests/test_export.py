@@ -14,10 +14,10 @@ from hypothesis import strategies as st
 from torch import nn
 from usnet_testing import (
     SLIMMABLE_TYPES,
+    assert_same_tensors,
     liven,
     max_abs_diff,
     params_snapshot,
-    assert_same_tensors,
     random_mapping,
     zoo_model,
 )

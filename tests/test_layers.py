@@ -1,4 +1,4 @@
-"""usnet.layers: slimmable Conv2d / Linear / BatchNorm2d against plain layers of the active shape."""
+"""usnet.layers: slimmable Conv2d / Linear / BatchNorm2d vs plain layers of the active shape."""
 
 from __future__ import annotations
 
@@ -69,14 +69,36 @@ def test_make_slimmable_keeps_parameters():
 # --- convolutions -----------------------------------------------------------------------------
 CONV_CASES = [
     # (in, out, groups, extra kwargs, [(active in, active out), ...])
-    pytest.param(16, 24, 1, dict(kernel_size=3, stride=2, padding=1), [(16, 24), (8, 16), (5, 3), (1, 1)], id="standard"),
-    pytest.param(12, 8, 1, dict(kernel_size=(3, 1), padding=(1, 0), dilation=2, bias=False), [(6, 4), (12, 8)], id="dilated-nobias"),
-    pytest.param(16, 32, 4, dict(kernel_size=3, padding=1), [(16, 32), (8, 16), (12, 8), (4, 4)], id="grouped4"),
-    pytest.param(16, 16, 16, dict(kernel_size=3, padding=1), [(16, 16), (8, 8), (3, 3)], id="depthwise"),
-    pytest.param(8, 16, 8, dict(kernel_size=3, padding=1, stride=2), [(8, 16), (4, 8), (1, 2)], id="depthwise-x2"),
-    pytest.param(8, 8, 1, dict(kernel_size=3, padding=1, padding_mode="reflect"), [(4, 6), (8, 8)], id="reflect"),
-    pytest.param(8, 8, 1, dict(kernel_size=3, padding=2, padding_mode="circular"), [(4, 6)], id="circular"),
-    pytest.param(8, 8, 8, dict(kernel_size=3, padding=1, padding_mode="replicate"), [(4, 4)], id="depthwise-replicate"),
+    pytest.param(
+        16, 24, 1, dict(kernel_size=3, stride=2, padding=1),
+        [(16, 24), (8, 16), (5, 3), (1, 1)], id="standard",
+    ),
+    pytest.param(
+        12, 8, 1, dict(kernel_size=(3, 1), padding=(1, 0), dilation=2, bias=False),
+        [(6, 4), (12, 8)], id="dilated-nobias",
+    ),
+    pytest.param(
+        16, 32, 4, dict(kernel_size=3, padding=1),
+        [(16, 32), (8, 16), (12, 8), (4, 4)], id="grouped4",
+    ),
+    pytest.param(
+        16, 16, 16, dict(kernel_size=3, padding=1), [(16, 16), (8, 8), (3, 3)], id="depthwise",
+    ),
+    pytest.param(
+        8, 16, 8, dict(kernel_size=3, padding=1, stride=2),
+        [(8, 16), (4, 8), (1, 2)], id="depthwise-x2",
+    ),
+    pytest.param(
+        8, 8, 1, dict(kernel_size=3, padding=1, padding_mode="reflect"),
+        [(4, 6), (8, 8)], id="reflect",
+    ),
+    pytest.param(
+        8, 8, 1, dict(kernel_size=3, padding=2, padding_mode="circular"), [(4, 6)], id="circular",
+    ),
+    pytest.param(
+        8, 8, 8, dict(kernel_size=3, padding=1, padding_mode="replicate"),
+        [(4, 4)], id="depthwise-replicate",
+    ),
 ]  # fmt: skip
 
 
@@ -102,7 +124,7 @@ def test_conv_equals_plain_conv_of_active_shape(cin_full, cout_full, groups, kwa
 
 
 def test_conv_prefix_semantics_standard():
-    """A standard conv at k active channels is the full conv on zero-padded input, first k outputs."""
+    """At k active channels: the full conv on zero-padded input, first k outputs."""
     layer = SlimmableConv2d(16, 24, 3, padding=1)
     x = torch.randn(2, 8, 7, 7)
     full = layer(torch.cat([x, torch.zeros(2, 8, 7, 7)], 1))

@@ -11,9 +11,10 @@ because it relied on them).
 
 from __future__ import annotations
 
+import numbers
 import sys
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -96,7 +97,7 @@ def calibrate(
     Returns the configuration keys calibrated. The model's width and train/eval mode are restored.
     """
     state = get_state(model)
-    if isinstance(widths, (int, float, dict)):
+    if isinstance(widths, (numbers.Real, Mapping)):
         widths = [widths]  # type: ignore[list-item]
     widths = [state.plan.check_width(w) for w in widths]  # validate all before changing anything
     if not widths:
@@ -104,7 +105,8 @@ def calibrate(
     by_config: dict[tuple[int, ...], Width] = {}
     for w in widths:
         by_config.setdefault(state.plan.config(w), w)
-    bns = [m for m in model.modules() if isinstance(m, SlimmableBatchNorm2d)]
+    # Layers without running statistics always normalize with batch statistics: nothing to do.
+    bns = [m for m in model.modules() if isinstance(m, SlimmableBatchNorm2d) and m.track_running_stats]
     if not bns:
         return [config_key(c) for c in by_config]
     param = next(model.parameters())

@@ -334,7 +334,8 @@ class _Analyzer:
         self.check_size(node, dim, linear.in_features)
         name = node.target
         if name in self.ratio_ties:
-            ratio = linear.out_features / linear.in_features
+            # The ratio follows the input *group* (a flattened input is H*W times its channels).
+            ratio = linear.out_features / self.elements[self.find(dim[0])].size
             out = (self.new(name, linear.out_features, parent=dim[0], ratio=ratio), 1)
         else:
             out = (self.new(name, linear.out_features), 1)
@@ -343,13 +344,18 @@ class _Analyzer:
 
     def binary(self, node: fx.Node):
         out_shape = self.shape(node)
+        out_channels = out_shape[1] if out_shape is not None and len(out_shape) >= 2 else None
         tied: list[tuple[int, int]] = []
         for arg in (*node.args[:2], *node.kwargs.values()):
             shape = self.shape(arg)
-            if shape is None or len(shape) < 2 or shape[1] == 1:
-                continue  # scalars, and tensors broadcast along channels, tie nothing
+            if shape is None or len(shape) < 2:
+                continue  # scalars tie nothing
+            if shape[1] == 1 and out_channels != 1:
+                continue  # broadcast along channels (e.g. a spatial attention map) ties nothing
             dim = self.dim_of(arg)
             if dim is None:
+                if shape[1] == 1:
+                    continue  # a one-channel constant on a one-channel tensor
                 self.refuse(node, f"operand {arg.name!r} has {shape[1]} channels from a constant")
             tied.append(dim)
         if not tied:
@@ -359,8 +365,8 @@ class _Analyzer:
             if other[1] != first[1]:
                 self.refuse(node, "ties channels to flattened features")
             self.union(first[0], other[0], self.where(node))
-        if out_shape is not None and len(out_shape) >= 2:
-            self.check_size(node, first, out_shape[1])
+        if out_channels is not None:
+            self.check_size(node, first, out_channels)
         return first
 
     def flatten(self, node: fx.Node, start_dim: int, end_dim: int):

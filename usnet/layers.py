@@ -183,9 +183,12 @@ class SlimmableBatchNorm2d(nn.BatchNorm2d):
     def current_stats(self) -> tuple[Tensor, Tensor] | None:
         """(mean, var) for the current configuration, or None if it was never calibrated."""
         if self.stats_key is None:
-            if not self.track_running_stats or self.num_batches_tracked is None:
+            if not self.track_running_stats or self.running_mean is None:
                 return None
-            if int(self.num_batches_tracked) == 0:
+            # Trained or calibrated statistics. Weights saved before PyTorch 0.4 (some published
+            # torchvision ones) load with num_batches_tracked == 0 but non-initial statistics.
+            initial = not self.running_mean.any() and bool((self.running_var == 1).all())
+            if int(self.num_batches_tracked) == 0 and initial:
                 return None
             return self.running_mean, self.running_var
         return self.width_stats.get(self.stats_key)
@@ -193,8 +196,9 @@ class SlimmableBatchNorm2d(nn.BatchNorm2d):
     def start_calibration(self) -> None:
         """Start fresh statistics for the current configuration."""
         c = self.active_features
-        device = self.weight.device if self.weight is not None else self.running_mean.device
-        self._calibration = [torch.zeros(c, device=device), torch.ones(c, device=device), 0]
+        ref = self.running_mean if self.running_mean is not None else self.weight
+        kw = {"device": ref.device, "dtype": ref.dtype} if ref is not None else {}
+        self._calibration = [torch.zeros(c, **kw), torch.ones(c, **kw), 0]
 
     def finish_calibration(self) -> None:
         """Store the accumulated statistics for the current configuration."""
