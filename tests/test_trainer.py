@@ -185,3 +185,64 @@ def test_individual_and_slimmable_baselines(tmp_path):
         with usnet.width(model, w), torch.no_grad():
             reference = model.eval()(x)
         assert (usnet.export(model, w)(x) - reference).abs().max() <= 1e-5
+
+
+def test_killed_run_resumes_to_the_same_result(tmp_path):
+    """A run killed at an arbitrary moment resumes from its last checkpoint and ends exactly
+    where an uninterrupted run ends."""
+    import os
+    import signal
+    import time
+
+    args = ["--set", *QUICK, "data.limit_train=1024", "epochs=3", "eval.every_epoch=false"]
+    straight = run_cli("train", str(FASHION), "--out", str(tmp_path / "a"), *args)
+    assert straight.returncode == 0, straight.stderr
+    proc = subprocess.Popen([sys.executable, "-m", "usnet", "train", str(FASHION), "--out",
+                             str(tmp_path / "b"), *args], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        deadline = time.time() + 300
+        while not (tmp_path / "b" / CHECKPOINT).exists() and time.time() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.3)  # somewhere in the second epoch (or later)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert (tmp_path / "b" / CHECKPOINT).exists()
+    resumed = run_cli("train", "--out", str(tmp_path / "b"), "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    a = usnet.checkpoint.read_checkpoint(tmp_path / "a" / FINAL)
+    b = usnet.checkpoint.read_checkpoint(tmp_path / "b" / FINAL)
+    for key, value in a["state_dict"].items():
+        assert torch.equal(value, b["state_dict"][key]), key
+    assert a["extra"]["spectrum"] == b["extra"]["spectrum"]
+    assert os.path.getsize(tmp_path / "b" / "metrics.jsonl") > 0
+
+
+def test_imagefolder_and_missing_datasets(tmp_path):
+    from PIL import Image
+
+    root = tmp_path / "folder"
+    generator = torch.Generator().manual_seed(0)
+    for split in ("train", "val"):
+        for label, colour in enumerate(((200, 30, 30), (30, 30, 200))):
+            directory = root / split / f"class{label}"
+            directory.mkdir(parents=True)
+            for i in range(8):
+                noise = torch.randint(0, 40, (40, 40, 3), generator=generator, dtype=torch.uint8)
+                pixels = (torch.tensor(colour, dtype=torch.uint8) + noise).numpy()
+                Image.fromarray(pixels).save(directory / f"{i}.png")
+    config = load_config(FASHION, ["data.name=imagefolder", f"data.root={root}", "data.image_size=32",
+                                   "epochs=2", "batch_size=4", "lr=0.05", "eval.widths=0.25,1.0",
+                                   "calib.num_images=16", "eval.epoch_calib_images=16"])  # fmt: skip
+    trainer = Trainer(config, tmp_path / "r", progress=False, log=lambda s: None)
+    assert trainer.info.num_classes == 2 and trainer.info.input_size == (1, 3, 32, 32)
+    rows = trainer.run()
+    assert rows[-1]["top1"] == 1.0  # two colours: trivially separable
+
+    with pytest.raises(FileNotFoundError, match="has no train/ directory"):
+        Trainer(load_config(FASHION, ["data.name=imagefolder", f"data.root={tmp_path}"]),
+                tmp_path / "x", progress=False)  # fmt: skip
+    with pytest.raises(FileNotFoundError, match="cifar10 not found"):
+        Trainer(load_config(FASHION, ["data.name=cifar10", f"data.root={tmp_path}"]),
+                tmp_path / "y", progress=False)  # fmt: skip

@@ -492,3 +492,20 @@ def test_scheduler_state_dict_round_trip():
     optimizer.step(), scheduler.step()
     optimizer2.step(), scheduler2.step()
     assert optimizer2.param_groups[0]["lr"] == pytest.approx(optimizer.param_groups[0]["lr"])
+
+
+def test_distillation_label_weight_mixes_the_two_losses():
+    torch.manual_seed(0)
+    logits, teacher_logits = torch.randn(6, 5), torch.randn(6, 5)
+    labels = torch.randint(0, 5, (6,))
+    plain = InplaceDistillationLoss()
+    teacher = plain.teacher_probs(teacher_logits)
+    distill = plain(logits, labels, teacher)
+    labels_only = F.cross_entropy(logits, labels)
+    assert torch.allclose(InplaceDistillationLoss(label_weight=1.0)(logits, labels, teacher), labels_only)
+    mixed = InplaceDistillationLoss(label_weight=0.25)(logits, labels, teacher)
+    assert torch.allclose(mixed, 0.75 * distill + 0.25 * labels_only)
+    # the widest width (no teacher) is unaffected
+    assert torch.allclose(InplaceDistillationLoss(label_weight=0.25)(logits, labels), labels_only)
+    with pytest.raises(ValueError, match="label_weight must be in"):
+        InplaceDistillationLoss(label_weight=1.5)

@@ -62,6 +62,7 @@ class TrainConfig:
     num_widths: int = 4  # sandwich rule: widest + narrowest + (n-2) random
     inplace_distill: bool = True
     distill_temperature: float = 1.0
+    distill_label_weight: float = 0.0  # narrower widths: (1-λ)·distillation + λ·labels
     label_smoothing: float = 0.0
     epochs: int = 4
     batch_size: int = 128
@@ -241,6 +242,8 @@ def _check_semantics(c: TrainConfig) -> None:
     if not (0.0 <= c.label_smoothing < 1.0):
         raise ConfigError(f"label_smoothing must be in [0, 1), got {c.label_smoothing}")
     positive("distill_temperature", c.distill_temperature)
+    if not (0.0 <= c.distill_label_weight <= 1.0):
+        raise ConfigError(f"distill_label_weight must be in [0, 1], got {c.distill_label_weight}")
     if c.warmup_epochs < 0 or c.weight_decay < 0:
         raise ConfigError("warmup_epochs and weight_decay must not be negative")
     try:

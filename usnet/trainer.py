@@ -114,6 +114,7 @@ class Trainer:
             label_smoothing=config.label_smoothing,
             temperature=config.distill_temperature,
             enabled=config.inplace_distill,
+            label_weight=config.distill_label_weight,
         )
         self.scaler = torch.amp.GradScaler(self.device.type) if config.amp == "fp16" else None
         self.autocast_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[config.amp]
@@ -203,8 +204,10 @@ class Trainer:
             return f"width {c.width}: cross-entropy with labels{smoothing}"
         if not c.inplace_distill:
             return f"every width: cross-entropy with labels{smoothing} (in-place distillation off)"
+        mix = (f", mixed with {c.distill_label_weight:g} x cross-entropy with labels"
+               if c.distill_label_weight else "")  # fmt: skip
         return (f"widest width: cross-entropy with labels{smoothing}; every narrower width: "
-                f"in-place distillation from the widest's detached softmax (T={c.distill_temperature})")  # fmt: skip
+                f"in-place distillation from the widest's detached softmax (T={c.distill_temperature}){mix}")  # fmt: skip
 
     # -- the run -------------------------------------------------------------------------------
     def train_loader(self, epoch: int) -> DataLoader:

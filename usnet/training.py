@@ -208,14 +208,24 @@ class InplaceDistillationLoss(nn.Module):
         label_smoothing: label smoothing of the labels' cross-entropy, in ``[0, 1)``.
         temperature: distillation temperature ``T > 0`` (the paper uses 1).
         enabled: ``False`` trains every width on the labels (no inplace distillation).
+        label_weight: weight ``λ`` of the labels in the narrower widths' loss,
+            ``(1 - λ) * distillation + λ * cross-entropy`` (0, the paper: distillation only). Early
+            in a short schedule the widest width is a poor teacher; some label signal helps there.
     """
 
     def __init__(
-        self, label_smoothing: float = 0.0, temperature: float = 1.0, enabled: bool = True
+        self,
+        label_smoothing: float = 0.0,
+        temperature: float = 1.0,
+        enabled: bool = True,
+        label_weight: float = 0.0,
     ) -> None:
         super().__init__()
         if not 0.0 <= label_smoothing < 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+        if not 0.0 <= label_weight <= 1.0:
+            raise ValueError(f"label_weight must be in [0, 1], got {label_weight}")
+        self.label_weight = float(label_weight)
         if not temperature > 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
         self.label_smoothing = float(label_smoothing)
@@ -233,9 +243,15 @@ class InplaceDistillationLoss(nn.Module):
     def forward(
         self, logits: Tensor, labels: Tensor, teacher_probs: Tensor | None = None
     ) -> Tensor:
+        labels_loss = lambda: F.cross_entropy(  # noqa: E731
+            logits.float(), labels, label_smoothing=self.label_smoothing
+        )
         if teacher_probs is not None and self.enabled:
-            return soft_cross_entropy(logits, teacher_probs, self.temperature)
-        return F.cross_entropy(logits.float(), labels, label_smoothing=self.label_smoothing)
+            distill = soft_cross_entropy(logits, teacher_probs, self.temperature)
+            if self.label_weight == 0.0:
+                return distill
+            return (1.0 - self.label_weight) * distill + self.label_weight * labels_loss()
+        return labels_loss()
 
     def loss(self, logits: Tensor, labels: Tensor, teacher_probs: Tensor | None = None) -> Tensor:
         """Same as calling the module."""
@@ -244,7 +260,7 @@ class InplaceDistillationLoss(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"label_smoothing={self.label_smoothing}, temperature={self.temperature}, "
-            f"enabled={self.enabled}"
+            f"enabled={self.enabled}, label_weight={self.label_weight}"
         )
 
 

@@ -27,6 +27,7 @@ class ConvNet(nn.Module):
         strides: Sequence[int] = DEFAULT_STRIDES,
         width_mult: float = 1.0,
         dropout: float = 0.0,
+        pool_size: int = 1,
     ):
         super().__init__()
         if len(channels) != len(strides) or not channels:
@@ -38,8 +39,11 @@ class ConvNet(nn.Module):
             layers.append(Conv2dNormActivation(cin, cout, 3, s, activation_layer=nn.ReLU))
             cin = cout
         self.features = nn.Sequential(*layers)
-        self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.classifier = nn.Sequential(nn.Dropout(dropout), nn.Linear(cin, num_classes))
+        # pool_size > 1 keeps a coarse spatial layout for the classifier (flattened channel-major).
+        self.avgpool = nn.AdaptiveAvgPool2d(pool_size)
+        self.classifier = nn.Sequential(
+            nn.Dropout(dropout), nn.Linear(cin * pool_size * pool_size, num_classes)
+        )
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")

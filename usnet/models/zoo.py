@@ -147,6 +147,7 @@ def us_convnet(
     channels: tuple[int, ...] | list[int] = DEFAULT_CHANNELS,
     strides: tuple[int, ...] | list[int] = DEFAULT_STRIDES,
     dropout: float = 0.0,
+    pool_size: int = 1,
     input_averaging: bool = False,
 ) -> nn.Module:
     """US-ConvNet: a VGG-style 3x3 CNN for 28-32 px images (the Fashion-MNIST default).
@@ -154,7 +155,7 @@ def us_convnet(
     It has no stem to adapt: ``small_input`` is accepted for a uniform builder signature."""
     kwargs = dict(num_classes=num_classes, in_channels=in_channels, small_input=small_input,
                   channels=list(channels), strides=list(strides), dropout=dropout,
-                  input_averaging=input_averaging)  # fmt: skip
-    model = ConvNet(num_classes, in_channels, channels, strides, 1.0, dropout)
+                  pool_size=pool_size, input_averaging=input_averaging)  # fmt: skip
+    model = ConvNet(num_classes, in_channels, channels, strides, 1.0, dropout, pool_size)
     return _finish("us_convnet", model, width_range, kwargs, _input_size(in_channels, small_input),
                    input_averaging=input_averaging)  # fmt: skip
