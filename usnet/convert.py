@@ -502,7 +502,7 @@ def analyze(
     gm = fx.GraphModule(model, graph)
     if example_input is None:
         example_input = default_example_input(model)
-    was_training = model.training
+    modes = {m: m.training for m in model.modules()}
     gm.eval()  # shape propagation only; eval avoids touching BN running statistics
     try:
         with torch.no_grad():
@@ -513,7 +513,8 @@ def analyze(
             f"({type(err).__name__}: {err}); pass input_size=(1, C, H, W) that the model accepts"
         ) from err
     finally:
-        model.train(was_training)
+        for module, training in modes.items():  # restore each module's own mode
+            module.training = training
     analyzer = _Analyzer(gm, divisor, ratio_ties, fixed_outputs)
     analyzer.run()
     missing = [

@@ -23,6 +23,13 @@ class UncalibratedWidthError(RuntimeError):
     """Eval-mode forward at a width whose BatchNorm statistics were never calibrated."""
 
 
+def _scaled(weight: Tensor, bias: Tensor | None, scale: float) -> tuple[Tensor, Tensor | None]:
+    """Weight and bias times the input-averaging scale (a no-op at scale 1)."""
+    if scale == 1.0:
+        return weight, bias
+    return weight * scale, None if bias is None else bias * scale
+
+
 class SlimmableConv2d(nn.Conv2d):
     """``nn.Conv2d`` (standard, grouped or depthwise) running on its first channels.
 
@@ -56,13 +63,8 @@ class SlimmableConv2d(nn.Conv2d):
                 f"{type(self).__name__}: {cin} input / {cout} output channels are not divisible "
                 f"by {groups} groups"
             )
-        weight = self.weight[:cout, : cin // groups]
         bias = None if self.bias is None else self.bias[:cout]
-        scale = self.averaging_scale()
-        if scale != 1.0:
-            weight = weight * scale
-            bias = None if bias is None else bias * scale
-        return weight, bias
+        return _scaled(self.weight[:cout, : cin // groups], bias, self.averaging_scale())
 
     def averaging_scale(self) -> float:
         if not self.input_averaging:
@@ -107,11 +109,7 @@ class SlimmableLinear(nn.Linear):
     def active_weight_and_bias(self) -> tuple[Tensor, Tensor | None]:
         weight = self.weight[: self.active_out_features, : self.active_in_features]
         bias = None if self.bias is None else self.bias[: self.active_out_features]
-        scale = self.averaging_scale()
-        if scale != 1.0:
-            weight = weight * scale
-            bias = None if bias is None else bias * scale
-        return weight, bias
+        return _scaled(weight, bias, self.averaging_scale())
 
     def forward(self, input: Tensor) -> Tensor:
         if input.shape[-1] != self.active_in_features:
