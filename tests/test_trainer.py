@@ -247,3 +247,16 @@ def test_imagefolder_and_missing_datasets(tmp_path):
     with pytest.raises(FileNotFoundError, match="cifar10 not found"):
         Trainer(load_config(FASHION, ["data.name=cifar10", f"data.root={tmp_path}"]),
                 tmp_path / "y", progress=False)  # fmt: skip
+
+
+@pytest.mark.parametrize("overrides", [["channels_last=true"], ["amp=bf16"]])
+def test_channels_last_and_autocast_runs(tmp_path, overrides):
+    config = quick_config("epochs=1", "data.limit_train=256", "eval.every_epoch=false",
+                          "calib.num_images=128", *overrides)  # fmt: skip
+    rows = Trainer(config, tmp_path / "r", progress=False, log=lambda s: None).run()
+    assert len(rows) == 4 and all(0.0 <= r["top1"] <= 1.0 for r in rows)
+    model = usnet.load(tmp_path / "r" / FINAL)
+    x = torch.randn(2, 1, 28, 28)
+    with usnet.width(model, 0.5), torch.no_grad():
+        reference = model.eval()(x)
+    assert (usnet.export(model, 0.5)(x) - reference).abs().max() <= 1e-4
