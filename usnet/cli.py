@@ -106,23 +106,24 @@ def _data_for(model_path: str, payload: dict, data_root: str | None, dataset: st
     from .config import TrainConfig
     from .trainer import datasets_for, load_run_config
 
-    config = load_run_config(payload) or TrainConfig()
+    config = load_run_config(payload)
+    if config is None:
+        if dataset is None:
+            raise ValueError(f"{model_path!r} records no training config: pass --dataset and --data")
+        config = TrainConfig()
     if dataset is not None:
         config.data.name = dataset
     if data_root is not None:
         config.data.root = data_root
-    if load_run_config(payload) is None and dataset is None:
-        raise ValueError(f"{model_path!r} records no training config: pass --dataset and --data")
     return config, datasets_for(config)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from torch.utils.data import DataLoader
+
     from . import checkpoint
     from .calibrate import calibrate, is_calibrated
-    from .trainer import evaluate, format_spectrum
-    from .profile import profile
-    from .channels import config_id
-    from .state import get_state
+    from .trainer import evaluate, format_spectrum, spectrum_rows
 
     payload = checkpoint.read_checkpoint(args.checkpoint)
     model = checkpoint.model_from_checkpoint(payload, args.checkpoint)
@@ -132,15 +133,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if missing:
         print(f"calibrating {len(missing)} uncalibrated widths on {config.calib.num_images} training images")
         calibrate(model, calib_set, missing, num_images=config.calib.num_images, seed=config.seed)
-    from torch.utils.data import DataLoader
-
     results = evaluate(model, DataLoader(test_set, batch_size=config.eval.batch_size), widths)
-    plan = get_state(model).plan
-    rows = []
-    for w, (top1, top5) in zip(widths, results):
-        cost = profile(model, w, info.input_size)
-        rows.append({"width": w, "config_id": config_id(plan.config(w)), "params": cost.params,
-                     "macs": cost.macs, "top1": top1, "top5": top5})  # fmt: skip
+    rows = spectrum_rows(model, widths, results, info.input_size)
     print(json.dumps(rows) if args.json else format_spectrum(rows))
     return 0
 

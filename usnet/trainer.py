@@ -330,14 +330,9 @@ class Trainer:
         calibrate(self.model, self.calib_set, widths, num_images=c.calib.num_images, seed=c.seed,
                   batch_size=c.calib.batch_size, progress=self.progress)  # fmt: skip
         results = evaluate(self.model, self.test_loader(), widths, self.device)
-        rows = []
-        plan = get_state(self.model).plan
-        for w, (top1, top5) in zip(widths, results):
-            cost = profile(self.model, w, self.info.input_size)
-            rows.append({"width": w, "config_id": config_id(plan.config(w)), "params": cost.params,
-                         "macs": cost.macs, "top1": top1, "top5": top5})  # fmt: skip
+        rows = spectrum_rows(self.model, widths, results, self.info.input_size)
         write_spectrum(self.out, rows, title=f"{c.model} on {c.data.name}")
-        set_width(self.model, plan.width_range[1])
+        set_width(self.model, get_state(self.model).width_range[1])
         ckpt.save(self.model, self.out / FINAL,
                   extra={"config": c.to_dict(), "spectrum": rows, "trainer": self.trainer_state()})  # fmt: skip
         self._metric({"kind": "spectrum", "step": self.step, "rows": rows})
@@ -387,6 +382,18 @@ def evaluate(model: nn.Module, loader: DataLoader | Sequence, widths: Sequence[W
 
 
 SPECTRUM_FIELDS = ("width", "config_id", "params", "macs", "top1", "top5")
+
+
+def spectrum_rows(model: nn.Module, widths: Sequence[float], accuracies: Sequence[tuple[float, float]],
+                  input_size: Sequence[int]) -> list[dict]:  # fmt: skip
+    """One spectrum row per width: its configuration id, cost, and (top-1, top-5) accuracy."""
+    plan = get_state(model).plan
+    rows = []
+    for w, (top1, top5) in zip(widths, accuracies):
+        cost = profile(model, w, input_size)
+        rows.append({"width": w, "config_id": config_id(plan.config(w)), "params": cost.params,
+                     "macs": cost.macs, "top1": top1, "top5": top5})  # fmt: skip
+    return rows
 
 
 def format_spectrum(rows: Sequence[dict]) -> str:
