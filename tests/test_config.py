@@ -85,3 +85,22 @@ def test_parse_override_requires_key_value():
     assert parse_override("a.b=[1, 2]") == ("a.b", [1, 2])
     with pytest.raises(ConfigError, match="expected key=value"):
         parse_override("epochs")
+
+
+def test_exponent_floats_and_non_finite_numbers(tmp_path):
+    assert load_config(None, ["lr=1e-3"]).lr == 1e-3
+    path = tmp_path / "c.yaml"
+    path.write_text("weight_decay: 5e-5\n")
+    assert load_config(path).weight_decay == 5e-5
+    with pytest.raises(ConfigError, match="lr: expected a finite number"):
+        load_config(None, ["lr=.nan"])
+
+
+@pytest.mark.parametrize(
+    "override",
+    ["eval.epoch_calib_images=0", "calib.batch_size=0", "data.limit_train=-5",
+     "data.limit_test=0", "data.num_workers=-1", "data.image_size=0"],
+)  # fmt: skip
+def test_out_of_range_values_fail_before_training(override):
+    with pytest.raises(ConfigError, match=override.split("=")[0].replace(".", r"\.")):
+        load_config(None, [override])

@@ -180,3 +180,17 @@ def test_export_trace(name):
     x = batch(shape, 2, 7)
     with torch.no_grad():
         assert torch.equal(again(x), plain(x))
+
+
+def test_export_batchnorm_without_affine_or_running_stats():
+    from torch import nn
+
+    plain = nn.Sequential(nn.Conv2d(3, 16, 3), nn.BatchNorm2d(16, affine=False, track_running_stats=False),
+                          nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 4))  # fmt: skip
+    model = usnet.slimmable(plain, (0.5, 1.0), input_size=(1, 3, 8, 8)).eval()
+    x = torch.randn(2, 3, 8, 8)
+    with usnet.width(model, 0.5), torch.no_grad():
+        reference = model(x)
+    exported = usnet.export(model, 0.5)
+    assert exported[1].num_features == 8
+    assert torch.allclose(exported(x), reference, atol=1e-6)

@@ -260,3 +260,35 @@ def test_channels_last_and_autocast_runs(tmp_path, overrides):
     with usnet.width(model, 0.5), torch.no_grad():
         reference = model.eval()(x)
     assert (usnet.export(model, 0.5)(x) - reference).abs().max() <= 1e-4
+
+
+def test_stale_or_cut_off_metrics_do_not_break_runs(tmp_path):
+    quiet = dict(progress=False, log=lambda s: None)
+    out = tmp_path / "r"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"kind": "train", "step": 5}\n')  # died before a checkpoint
+    config = quick_config("epochs=2", "data.limit_train=256", "eval.every_epoch=false")
+    Trainer(config, out, **quiet).run(max_epochs=1)
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert records[0]["kind"] == "run" and [r["kind"] for r in records].count("run") == 1
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"kind": "train", "st')  # killed mid-write
+    Trainer(config, out, resume=True, **quiet).run()
+    for line in (out / "metrics.jsonl").read_text().splitlines():
+        json.loads(line)
+
+
+def test_result_files_honour_the_umask(tmp_path):
+    import os
+    import stat
+
+    umask = os.umask(0o022)
+    try:
+        path = tmp_path / "f.bin"
+        usnet.checkpoint.atomic_write_bytes(path, b"a")
+        assert stat.S_IMODE(path.stat().st_mode) == 0o644
+        path.chmod(0o640)
+        usnet.checkpoint.atomic_write_bytes(path, b"b")  # replacing keeps the file's mode
+        assert stat.S_IMODE(path.stat().st_mode) == 0o640 and path.read_bytes() == b"b"
+    finally:
+        os.umask(umask)

@@ -132,7 +132,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     missing = [w for w in widths if not is_calibrated(model, w)]
     if missing:
         print(f"calibrating {len(missing)} uncalibrated widths on {config.calib.num_images} training images")
-        calibrate(model, calib_set, missing, num_images=config.calib.num_images, seed=config.seed)
+        calibrate(model, calib_set, missing, num_images=config.calib.num_images, seed=config.seed,
+                  batch_size=config.calib.batch_size)  # fmt: skip
     results = evaluate(model, DataLoader(test_set, batch_size=config.eval.batch_size), widths)
     rows = spectrum_rows(model, widths, results, info.input_size)
     print(json.dumps(rows) if args.json else format_spectrum(rows))
@@ -160,8 +161,9 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
                      batch_size=config.calib.batch_size)  # fmt: skip
     out = args.out or args.checkpoint
     checkpoint.save(model, out, extra=payload.get("extra"))
+    used = min(args.images, len(calib_set))
     print(f"calibrated {len(keys)} channel configurations ({len(args.widths)} widths) on "
-          f"{args.images} images; wrote {out}")  # fmt: skip
+          f"{used} images; wrote {out}")  # fmt: skip
     return 0
 
 

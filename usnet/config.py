@@ -9,6 +9,7 @@ values (``width_range=[0.25,1.0]``).
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -205,8 +206,15 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected an integer, got {value!r}")
         return value
     if hint is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
         return float(value)
     if hint is str:
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
@@ -225,7 +233,15 @@ def _check_semantics(c: TrainConfig) -> None:
     for key in ("epochs", "batch_size", "lr", "num_widths", "log_every"):
         positive(key, getattr(c, key))
     positive("calib.num_images", c.calib.num_images)
+    positive("calib.batch_size", c.calib.batch_size)
     positive("eval.batch_size", c.eval.batch_size)
+    positive("eval.epoch_calib_images", c.eval.epoch_calib_images)
+    positive("data.image_size", c.data.image_size)
+    for key in ("limit_train", "limit_test"):
+        if getattr(c.data, key) is not None:
+            positive(f"data.{key}", getattr(c.data, key))
+    if c.data.num_workers < 0:
+        raise ConfigError(f"data.num_workers must not be negative, got {c.data.num_workers}")
     if c.num_widths < 2 and c.mode == "universal":
         raise ConfigError(f"num_widths must be at least 2 (widest and narrowest), got {c.num_widths}")
     if len(c.width_range) != 2 or not (0 < c.width_range[0] <= c.width_range[1] <= 1.0):

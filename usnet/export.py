@@ -90,10 +90,9 @@ def _plain_layer(layer: nn.Module, require_stats: bool) -> nn.Module:
 def _plain_bn(layer: SlimmableBatchNorm2d, require_stats: bool) -> nn.BatchNorm2d:
     c = layer.active_features
     ref = layer.weight if layer.weight is not None else layer.running_mean
-    new = nn.BatchNorm2d(
-        c, layer.eps, layer.momentum, layer.affine, layer.track_running_stats,
-        device=ref.device, dtype=ref.dtype,
-    )  # fmt: skip
+    placement = {} if ref is None else {"device": ref.device, "dtype": ref.dtype}
+    new = nn.BatchNorm2d(c, layer.eps, layer.momentum, layer.affine, layer.track_running_stats,
+                         **placement)  # fmt: skip
     with torch.no_grad():
         if layer.affine:
             weight, bias = layer.active_affine()

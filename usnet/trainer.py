@@ -193,8 +193,14 @@ class Trainer:
         path = self.out / METRICS
         if not path.exists():
             return
-        keep = [line for line in path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= step]  # fmt: skip
+        keep = []
+        for line in path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut off by the interruption
+            if isinstance(record, dict) and record.get("step", 0) <= step:
+                keep.append(line)
         ckpt.atomic_write_bytes(path, ("\n".join(keep) + "\n" if keep else "").encode())
 
     def describe_losses(self) -> str:
@@ -224,7 +230,10 @@ class Trainer:
 
         c = self.config
         self.out.mkdir(parents=True, exist_ok=True)
-        self.tb = SummaryWriter(str(self.out / "tensorboard"), purge_step=self.step or None)
+        if self.step == 0:
+            # A run that died before its first checkpoint left only logs: start them afresh.
+            self._truncate_metrics(-1)
+        self.tb = SummaryWriter(str(self.out / "tensorboard"), purge_step=self.step)
         try:
             if self.step == 0:
                 self._metric({"kind": "run", "step": 0, "config": c.to_dict(),
@@ -237,9 +246,9 @@ class Trainer:
             while self.epoch < stop:
                 self._train_epoch()
                 self.epoch += 1
+                self._save_checkpoint()  # first: a failing validation must not cost the epoch
                 if c.eval.every_epoch:
                     self._validate_ends()
-                self._save_checkpoint()
             if self.epoch < c.epochs:
                 return None
             return self._finish()
