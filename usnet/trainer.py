@@ -85,11 +85,7 @@ class Trainer:
         self.device = pick_device(config.device)
         saved = self._check_out_dir(resume)
 
-        d = config.data
-        self.train_set, self.calib_set, self.test_set, self.info = build_datasets(
-            d.name, d.root, limit_train=d.limit_train, limit_test=d.limit_test,
-            image_size=d.image_size, augment=d.augment,
-        )  # fmt: skip
+        self.train_set, self.calib_set, self.test_set, self.info = datasets_for(config)
         torch.manual_seed(config.seed)  # the initial weights are part of the run's identity
         self.model = self._build_model(self.info).to(self.device)
         if config.mode == "slimmable":  # the earlier scheme: switchable BN at fixed widths
@@ -483,6 +479,8 @@ def load_run_config(payload: dict) -> TrainConfig | None:
 
 
 def datasets_for(config: TrainConfig) -> tuple[Dataset, Dataset, Dataset, DataInfo]:
+    """(train, calibration, test) datasets of a run's ``data`` section (augmentation, if on,
+    applies to the training set only)."""
     d = config.data
     return build_datasets(d.name, d.root, limit_train=d.limit_train, limit_test=d.limit_test,
-                          image_size=d.image_size, augment=False)  # fmt: skip
+                          image_size=d.image_size, augment=d.augment)  # fmt: skip
