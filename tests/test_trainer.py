@@ -86,6 +86,20 @@ def test_distillation_switch_is_logged(tmp_path):
     assert train["loss_kinds"] == ["labels"] * 4
 
 
+def test_distillation_warmup_moves_the_label_weight_from_labels_to_the_teacher(tmp_path):
+    config = quick_config("epochs=2", "distill_label_weight=0.25", "distill_warmup_epochs=1",
+                          "data.limit_train=256", "eval.every_epoch=false")  # fmt: skip
+    trainer = Trainer(config, tmp_path / "r", progress=False, log=lambda s: None)
+    n = trainer.steps_per_epoch
+    assert n == 4
+    assert [trainer.distill_label_weight(s) for s in (0, 2, 4, 7)] == [1.0, 0.625, 0.25, 0.25]
+    assert "falling linearly from 1 over the first 1 epochs" in trainer.describe_losses()
+    trainer.run()
+    assert trainer.criterion.label_weight == 0.25
+    with pytest.raises(ConfigError, match=r"distill_warmup_epochs must be in \[0, epochs=2\]"):
+        quick_config("epochs=2", "distill_warmup_epochs=3")
+
+
 def _final_state(out):
     return usnet.checkpoint.read_checkpoint(out / CHECKPOINT)
 

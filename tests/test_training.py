@@ -335,6 +335,23 @@ def test_width_sampler_leaves_global_rng_alone():
     assert torch.equal(torch.random.get_rng_state(), state)
 
 
+@pytest.mark.parametrize("ends, fixed", [("max", [1.0]), ("min", [0.25]), ("none", [])])
+def test_width_sampler_one_end_or_none_for_the_ablation(ends, fixed):
+    sampler = WidthSampler(RANGE, num_widths=4, seed=0, ends=ends)
+    draws = [sampler.sample() for _ in range(30)]
+    for widths in draws:
+        assert len(widths) == 4 and widths == sorted(widths, reverse=True)  # widest = the teacher
+        assert all(w in widths for w in fixed)
+    # the ends other than the fixed ones appear only by chance: never exactly, with floats
+    missing = {1.0, 0.25} - set(fixed)
+    assert not any(w in missing for ws in draws for w in ws)
+    resumed = WidthSampler(RANGE, num_widths=4, seed=9)
+    resumed.load_state_dict(sampler.state_dict())
+    assert resumed.ends == ends and resumed.sample() == sampler.sample()
+    with pytest.raises(ValueError, match="ends must be one of 'both', 'max', 'min', 'none'"):
+        WidthSampler(RANGE, ends="middle")
+
+
 def test_width_sampler_validation():
     with pytest.raises(ValueError, match=">= 2"):
         WidthSampler(RANGE, num_widths=1)

@@ -61,9 +61,11 @@ class TrainConfig:
     width: float | None = None  # mode=individual: the one width trained
     widths: list[float] | None = None  # mode=slimmable: the fixed widths trained every step
     num_widths: int = 4  # sandwich rule: widest + narrowest + (n-2) random
+    sandwich_ends: Literal["both", "max", "min", "none"] = "both"  # ends trained every step (ablation)
     inplace_distill: bool = True
     distill_temperature: float = 1.0
     distill_label_weight: float = 0.0  # narrower widths: (1-λ)·distillation + λ·labels
+    distill_warmup_epochs: float = 0.0  # λ falls linearly from 1 to distill_label_weight over these
     label_smoothing: float = 0.0
     epochs: int = 4
     batch_size: int = 128
@@ -260,6 +262,10 @@ def _check_semantics(c: TrainConfig) -> None:
     positive("distill_temperature", c.distill_temperature)
     if not (0.0 <= c.distill_label_weight <= 1.0):
         raise ConfigError(f"distill_label_weight must be in [0, 1], got {c.distill_label_weight}")
+    if not (0.0 <= c.distill_warmup_epochs <= c.epochs):
+        raise ConfigError(
+            f"distill_warmup_epochs must be in [0, epochs={c.epochs}], got {c.distill_warmup_epochs}"
+        )
     if c.warmup_epochs < 0 or c.weight_decay < 0:
         raise ConfigError("warmup_epochs and weight_decay must not be negative")
     try:

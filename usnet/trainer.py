@@ -161,7 +161,8 @@ class Trainer:
             return FixedWidths([c.width])
         if c.mode == "slimmable":
             return FixedWidths(c.widths)
-        return WidthSampler(get_state(self.model).width_range, num_widths=c.num_widths, seed=c.seed)
+        return WidthSampler(get_state(self.model).width_range, num_widths=c.num_widths, seed=c.seed,
+                            ends=c.sandwich_ends)  # fmt: skip
 
     def _restore(self, payload: dict) -> None:
         ckpt.load_into(self.model, payload, str(self.out / CHECKPOINT))
@@ -208,6 +209,9 @@ class Trainer:
             return f"every width: cross-entropy with labels{smoothing} (in-place distillation off)"
         mix = (f", mixed with {c.distill_label_weight:g} x cross-entropy with labels"
                if c.distill_label_weight else "")  # fmt: skip
+        if c.distill_warmup_epochs:
+            mix += (f" (label weight falling linearly from 1 over the first "
+                    f"{c.distill_warmup_epochs:g} epochs)")  # fmt: skip
         return (f"widest width: cross-entropy with labels{smoothing}; every narrower width: "
                 f"in-place distillation from the widest's detached softmax (T={c.distill_temperature}){mix}")  # fmt: skip
 
@@ -263,6 +267,7 @@ class Trainer:
             labels = labels.to(self.device, non_blocking=True)
             if c.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
+            self.criterion.label_weight = self.distill_label_weight(self.step)
             try:
                 result = sandwich_step(self.model, images, labels, self.optimizer, self.sampler,
                                        self.criterion, scaler=self.scaler,
@@ -291,6 +296,16 @@ class Trainer:
             bar.close()
         self.log(f"epoch {self.epoch + 1}/{c.epochs}: {seen} images in "
                  f"{time.perf_counter() - start:.0f}s ({seen / max(time.perf_counter() - start, 1e-9):.0f} img/s)")  # fmt: skip
+
+    def distill_label_weight(self, step: int) -> float:
+        """Weight of the labels in the narrower widths' loss at ``step``: with a distillation
+        warm-up it falls linearly from 1 (labels only, while the widest is a poor teacher) to
+        ``distill_label_weight``."""
+        c = self.config
+        warmup = c.distill_warmup_epochs * self.steps_per_epoch
+        if step >= warmup:
+            return c.distill_label_weight
+        return 1.0 - (1.0 - c.distill_label_weight) * step / warmup
 
     def _end_widths(self) -> list[float]:
         lo, hi = get_state(self.model).width_range

@@ -74,6 +74,9 @@ SCHEDULES = ("linear", "cosine")
 
 
 # -- width sampling ------------------------------------------------------------------------------
+SANDWICH_ENDS = ("both", "max", "min", "none")
+
+
 class WidthSampler:
     r"""Draws the widths of one training step by the sandwich rule.
 
@@ -93,6 +96,10 @@ class WidthSampler:
             ``usnet.channel_plan(model).width_range``.
         num_widths: widths per step, at least 2 (the paper uses 4).
         seed: seed of the sampler's generator.
+        ends: which ends of the range every step trains: ``"both"`` (the sandwich rule),
+            ``"max"`` or ``"min"`` (only one end, for the paper's ablation of the rule) or
+            ``"none"`` (all widths random). The other widths are random; a step's widths are then
+            returned widest first, so the widest of the step is the distillation teacher.
 
     Example::
 
@@ -102,8 +109,12 @@ class WidthSampler:
         [1.0, 0.25]
     """
 
-    def __init__(self, width_range: tuple[float, float], num_widths: int = 4, seed: int = 0):
+    def __init__(self, width_range: tuple[float, float], num_widths: int = 4, seed: int = 0,
+                 ends: str = "both"):  # fmt: skip
         self.width_range: tuple[float, float] = _check_range(width_range)
+        if ends not in SANDWICH_ENDS:
+            raise ValueError(f"ends must be one of {', '.join(map(repr, SANDWICH_ENDS))}, got {ends!r}")
+        self.ends = ends
         if isinstance(num_widths, bool) or not isinstance(num_widths, numbers.Integral):
             raise TypeError(f"num_widths must be an integer >= 2, got {num_widths!r}")
         if num_widths < 2:
@@ -119,10 +130,15 @@ class WidthSampler:
         self.generator.manual_seed(self.seed)
 
     def sample(self) -> list[float]:
-        """The widths of the next step: ``[max, min]`` and ``num_widths - 2`` uniform draws."""
+        """The widths of the next step: ``[max, min]`` and ``num_widths - 2`` uniform draws
+        (with ``ends`` other than ``"both"``: the fixed ends and uniform draws, widest first)."""
         lo, hi = self.width_range
-        draws = torch.rand(self.num_widths - 2, generator=self.generator, dtype=torch.float64)
-        return [hi, lo] + [min(hi, lo + (hi - lo) * float(u)) for u in draws]
+        fixed = {"both": [hi, lo], "max": [hi], "min": [lo], "none": []}[self.ends]
+        draws = torch.rand(self.num_widths - len(fixed), generator=self.generator, dtype=torch.float64)
+        random = [min(hi, lo + (hi - lo) * float(u)) for u in draws]
+        if self.ends == "both":
+            return fixed + random
+        return sorted(fixed + random, reverse=True)
 
     def state_dict(self) -> dict[str, Any]:
         """The sampler's settings and generator state, for checkpoints."""
@@ -130,6 +146,7 @@ class WidthSampler:
             "width_range": list(self.width_range),
             "num_widths": self.num_widths,
             "seed": self.seed,
+            "ends": self.ends,
             "generator": self.generator.get_state(),
         }
 
@@ -150,12 +167,15 @@ class WidthSampler:
             self.num_widths = num_widths
         if "seed" in state_dict:
             self.seed = int(state_dict["seed"])
+        if state_dict.get("ends", "both") not in SANDWICH_ENDS:
+            raise ValueError(f"malformed WidthSampler state: ends {state_dict['ends']!r}")
+        self.ends = state_dict.get("ends", "both")
         self.generator.set_state(generator_state.cpu())
 
     def __repr__(self) -> str:
         return (
             f"{type(self).__name__}(width_range={self.width_range}, "
-            f"num_widths={self.num_widths}, seed={self.seed})"
+            f"num_widths={self.num_widths}, seed={self.seed}, ends={self.ends!r})"
         )
 
 

@@ -1,0 +1,274 @@
+"""Does one US-Net match networks trained alone at every width? The paper's claims, measured.
+
+Trains, with the same epochs and recipe (``configs/fashion_mnist.yaml`` plus each row's overrides),
+the US-Net, individual networks at 0.25 / 0.5 / 0.75 / 1.0, and the ablations of the recipe and of
+the seed paper's other claims, then prints markdown tables of top-1 at each width (mean and spread
+over seeds) and the US-Net's whole spectrum::
+
+    python benchmarks/paper_claims.py --rows headline --seeds 0,1,2      # the headline table
+    python benchmarks/paper_claims.py --rows all --jobs 2                # every row, 2 runs at once
+    python benchmarks/paper_claims.py --quick                            # minutes: a smoke test
+    python benchmarks/paper_claims.py --report                           # tables from finished runs
+
+Every run is an ordinary ``usnet train`` in its own directory under ``--out``; finished runs are
+reused and interrupted ones resumed, so the benchmark can be stopped and continued at any time.
+Claim (d), the calibration sample, needs no training of its own: it recalibrates the seed-0 US-Net
+with 128 to 8192 images, drawn with eval-time or train-time (augmenting) transforms.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from usnet.checkpoint import atomic_write_bytes
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIG = ROOT / "configs" / "fashion_mnist.yaml"
+WIDTHS = (0.25, 0.5, 0.75, 1.0)
+SPECTRUM = "0.25:1.0:0.025"
+
+
+@dataclass(frozen=True)
+class Row:
+    title: str
+    runs: tuple[tuple[str, ...], ...] = ((),)  # one `--set` list per run; results merge by width
+    eval_widths: str = "0.25:1.0:0.25"
+
+
+def _individual() -> tuple[tuple[str, ...], ...]:
+    return tuple(("mode=individual", f"width={w}") for w in WIDTHS)
+
+
+ROWS: dict[str, Row] = {
+    # headline: the paper's central claim and its two techniques
+    "us_net": Row("US-Net, default recipe", eval_widths=SPECTRUM),
+    "individual": Row("individual networks, one trained per width", _individual()),
+    "no_distill": Row("US-Net without in-place distillation", (("inplace_distill=false",),)),
+    "n2": Row("US-Net with only max + min (n=2)", (("num_widths=2",),)),
+    # the recipe's steps on a short schedule
+    "pure_distill": Row("pure in-place distillation (λ=0)", (("distill_label_weight=0.0",),)),
+    "distill_warmup": Row("distillation after a 1-epoch warm-up on labels (λ 1 → 0)",
+                          (("distill_label_weight=0.0", "distill_warmup_epochs=1"),)),  # fmt: skip
+    "warmup_mix": Row("λ 1 → 0.5 over 2 epochs", (("distill_warmup_epochs=2",),)),
+    "temperature2": Row("distillation temperature 2", (("distill_temperature=2.0",),)),
+    # (a) widths per step
+    **{f"n{n}": Row(f"n={n} widths per step", ((f"num_widths={n}",),)) for n in (3, 5, 6)},
+    # (b) lower bound of the width range
+    **{f"lower{lo:g}": Row(f"width range [{lo:g}, 1.0]", ((f"width_range=[{lo},1.0]",),),
+                           eval_widths="0.05,0.15,0.25,0.35,0.5,0.75,1.0")  # fmt: skip
+       for lo in (0.05, 0.15, 0.35)},
+    # (c) input averaging
+    "input_averaging": Row("output averaged by active input channels",
+                           (("model_kwargs={input_averaging: true}",),)),  # fmt: skip
+    # (e) only one end of the sandwich (distillation off: the teacher would not be the widest)
+    "ends_max": Row("widest + 3 random, no narrowest (no distillation)",
+                    (("sandwich_ends=max", "inplace_distill=false"),)),  # fmt: skip
+    "ends_min": Row("narrowest + 3 random, no widest (no distillation)",
+                    (("sandwich_ends=min", "inplace_distill=false"),)),  # fmt: skip
+    "ends_none": Row("4 random widths, neither end (no distillation)",
+                     (("sandwich_ends=none", "inplace_distill=false"),)),  # fmt: skip
+}
+GROUPS = {
+    "headline": ["us_net", "individual", "no_distill", "n2"],
+    "recipe": ["us_net", "no_distill", "pure_distill", "distill_warmup", "warmup_mix", "temperature2"],
+    "claims": ["n2", "n3", "us_net", "n5", "n6", "lower0.05", "lower0.15", "us_net", "lower0.35",
+               "no_distill", "input_averaging", "ends_max", "ends_min", "ends_none"],
+}
+QUICK = ("data.limit_train=6000", "data.limit_test=2000", "calib.num_images=256",
+         "eval.epoch_calib_images=256", "eval.every_epoch=false")  # fmt: skip
+
+
+def run_dir(out: Path, name: str, index: int, seed: int) -> Path:
+    return out / (name if len(ROWS[name].runs) == 1 else f"{name}-{index}") / f"seed{seed}"
+
+
+def train(out: Path, name: str, index: int, seed: int, args: argparse.Namespace) -> dict:
+    """One `usnet train` run (reused when finished, resumed when interrupted); its results."""
+    row, directory = ROWS[name], run_dir(out, name, index, seed)
+    result_file = directory / "benchmark.json"
+    if result_file.exists():
+        return json.loads(result_file.read_text())
+    overrides = [*row.runs[index], f"seed={seed}", f"epochs={args.epochs}",
+                 f"eval.widths={row.eval_widths}", *(QUICK if args.quick else ())]  # fmt: skip
+    command = [sys.executable, "-m", "usnet", "train", str(CONFIG), "--out", str(directory),
+               "--set", *overrides]  # fmt: skip
+    if (directory / "checkpoint.pt").exists():
+        command.append("--resume")
+    directory.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONUNBUFFERED": "1"}
+    start = time.perf_counter()
+    with open(directory / "train.log", "a") as log:
+        done = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed (exit {done.returncode}); see {directory / 'train.log'}")
+    spectrum = json.loads((directory / "spectrum.json").read_text())
+    rows = spectrum["rows"] if isinstance(spectrum, dict) else spectrum
+    result = {"name": name, "index": index, "seed": seed, "overrides": overrides,
+              "wall_s": time.perf_counter() - start, "resumed": "--resume" in command,
+              "top1": {f"{r['width']:g}": 100 * r["top1"] for r in rows},
+              "macs": {f"{r['width']:g}": r["macs"] for r in rows}}  # fmt: skip
+    atomic_write_bytes(result_file, json.dumps(result, indent=1).encode())
+    return result
+
+
+def calibration_claim(out: Path, args: argparse.Namespace) -> list[dict]:
+    """Claim (d): top-1 of the seed-0 US-Net recalibrated from samples of 128 to 8192 images."""
+    import torch
+
+    import usnet
+    from usnet.config import load_config
+    from usnet.data import build_datasets
+    from usnet.trainer import evaluate
+
+    result_file = out / "calibration.json"
+    if result_file.exists():
+        return json.loads(result_file.read_text())
+    torch.set_num_threads(args.threads)
+    model = usnet.load(run_dir(out, "us_net", 0, 0) / "model.pt")
+    config = load_config(CONFIG, QUICK if args.quick else ())
+    d = config.data
+    augmented, calib_set, test_set, _ = build_datasets(d.name, d.root, limit_train=d.limit_train,
+                                                       limit_test=d.limit_test, augment=True)  # fmt: skip
+    loader = torch.utils.data.DataLoader(test_set, batch_size=1000)
+    sizes = (128, 256, 512, 1024, 2048) if args.quick else (128, 256, 512, 1024, 2048, 4096, 8192)
+    results = []
+    for source, dataset in (("eval transforms", calib_set), ("train transforms", augmented)):
+        for size in sizes:
+            for sample_seed in range(args.calib_seeds):
+                usnet.calibrate(model, dataset, WIDTHS, num_images=size, seed=100 + sample_seed,
+                                batch_size=128, progress=False)  # fmt: skip
+                top1 = [100 * t1 for t1, _ in evaluate(model, loader, WIDTHS, torch.device("cpu"))]
+                results.append({"source": source, "images": size, "seed": sample_seed,
+                                "top1": dict(zip(map("{:g}".format, WIDTHS), top1))})  # fmt: skip
+                print(f"calibration {source}, {size} images, seed {sample_seed}: "
+                      + " / ".join(f"{t:.2f}" for t in top1), flush=True)  # fmt: skip
+    atomic_write_bytes(result_file, json.dumps(results, indent=1).encode())
+    return results
+
+
+# --- report -----------------------------------------------------------------------------------------
+def _cell(values: list[float]) -> str:
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{values[0]:.2f}"
+    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
+
+
+def collect(out: Path, name: str) -> dict[int, dict[str, float]]:
+    """seed -> {width: top-1} of a row's finished runs (individual runs merge by width)."""
+    by_seed: dict[int, dict[str, float]] = {}
+    for index in range(len(ROWS[name].runs)):
+        for path in sorted((run_dir(out, name, index, 0).parent).glob("seed*/benchmark.json")):
+            result = json.loads(path.read_text())
+            by_seed.setdefault(result["seed"], {}).update(result["top1"])
+    return by_seed
+
+
+def table(out: Path, names: list[str], widths: tuple[str, ...]) -> str:
+    lines = ["| row | seeds | " + " | ".join(f"{float(w):.2f}" for w in widths) + " |", "|---|---|" + "---|" * len(widths)]
+    for name in dict.fromkeys(names):
+        by_seed = collect(out, name)
+        if not by_seed:
+            continue
+        cells = [_cell([s[w] for s in by_seed.values() if w in s]) for w in widths]
+        lines.append(f"| {ROWS[name].title} (`{name}`) | {len(by_seed)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def report(out: Path) -> str:
+    widths = tuple(f"{w:g}" for w in WIDTHS)
+    parts = ["## Headline: US-Net against individually trained networks (top-1 %)",
+             table(out, GROUPS["headline"], widths)]  # fmt: skip
+    us, alone = collect(out, "us_net"), collect(out, "individual")
+    if us and alone:
+        gaps = []
+        for w in widths:
+            a = [s[w] for s in us.values() if w in s]
+            b = [s[w] for s in alone.values() if w in s]
+            if a and b:
+                gaps.append(f"{w}: {statistics.mean(a) - statistics.mean(b):+.2f}")
+        parts.append("US-Net minus individual (means): " + ", ".join(gaps))
+    claim_widths = tuple(f"{w:g}" for w in sorted({0.05, 0.15, 0.35, *WIDTHS}))
+    parts += ["## Recipe steps", table(out, GROUPS["recipe"], widths),
+              "## The seed paper's other claims", table(out, GROUPS["claims"], claim_widths)]
+    for seed, spectrum in sorted(us.items()):
+        points = sorted((float(w), t) for w, t in spectrum.items())
+        dips = [(b[0], a[1] - b[1]) for a, b in zip(points, points[1:]) if b[1] < a[1]]
+        worst = max(dips, key=lambda d: d[1], default=(None, 0.0))
+        parts.append(f"US-Net spectrum, seed {seed}: {len(points)} widths, top-1 "
+                     f"{points[0][1]:.2f} at {points[0][0]:g} to {points[-1][1]:.2f} at {points[-1][0]:g}; "
+                     f"largest dip between neighbours {worst[1]:.2f} points"
+                     + (f" (at {worst[0]:g})" if worst[0] is not None else ""))  # fmt: skip
+    calib = out / "calibration.json"
+    if calib.exists():
+        results = json.loads(calib.read_text())
+        lines = ["## (d) Calibration sample (seed-0 US-Net, top-1 %, mean ± sd over samples)",
+                 "| source | images | " + " | ".join(f"{float(w):.2f}" for w in widths) + " |", "|---|---|" + "---|" * len(widths)]  # fmt: skip
+        keys = dict.fromkeys((r["source"], r["images"]) for r in results)
+        for source, size in keys:
+            rows = [r for r in results if (r["source"], r["images"]) == (source, size)]
+            lines.append(f"| {source} | {size} | "
+                         + " | ".join(_cell([r["top1"][w] for r in rows]) for w in widths) + " |")  # fmt: skip
+        parts.append("\n".join(lines))
+    return "\n\n".join(parts)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rows", default="headline",
+                        help=f"comma-separated rows or groups ({', '.join(GROUPS)}, all); rows: {', '.join(ROWS)}")  # fmt: skip
+    parser.add_argument("--seeds", default="0", help="comma-separated seeds, e.g. 0,1,2")
+    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--quick", action="store_true", help="6000 training images (a smoke test)")
+    parser.add_argument("--jobs", type=int, default=1, help="runs at once")
+    parser.add_argument("--threads", type=int, default=0, help="threads per run (default: cores / jobs)")
+    parser.add_argument("--calibration", action="store_true", help="also run claim (d)")
+    parser.add_argument("--calib-seeds", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=None, help="default: runs/paper_claims[-quick]-E<epochs>")
+    parser.add_argument("--report", action="store_true", help="only print the tables of finished runs")
+    args = parser.parse_args(argv)
+    args.threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
+    out = args.out or ROOT / "runs" / f"paper_claims{'-quick' if args.quick else ''}-E{args.epochs}"
+    if not args.report:
+        names: list[str] = []
+        for item in args.rows.split(","):
+            item = item.strip()
+            if item == "all":
+                names += list(ROWS)
+            elif item in GROUPS:
+                names += GROUPS[item]
+            elif item in ROWS:
+                names.append(item)
+            else:
+                parser.error(f"unknown row {item!r}; valid: {', '.join([*GROUPS, 'all', *ROWS])}")
+        seeds = [int(s) for s in args.seeds.split(",")]
+        jobs = [(name, index, seed) for seed in seeds for name in dict.fromkeys(names)
+                for index in range(len(ROWS[name].runs))]  # fmt: skip
+        start = time.perf_counter()
+        with ThreadPoolExecutor(args.jobs) as pool:
+            for result in pool.map(lambda job: train(out, *job, args), jobs):
+                print(f"{result['name']}[{result['index']}] seed {result['seed']}: "
+                      + ", ".join(f"{w}: {t:.2f}" for w, t in result["top1"].items() if w in {f"{x:g}" for x in WIDTHS})
+                      + f" ({result['wall_s']:.0f} s)", flush=True)  # fmt: skip
+        if args.calibration:
+            calibration_claim(out, args)
+        print(f"wall time {time.perf_counter() - start:.0f} s for {len(jobs)} runs", flush=True)
+    text = report(out)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(out / "report.md", (text + "\n").encode())
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
