@@ -3,8 +3,10 @@
 #   1. the default dataset (Debian's dataset-fashion-mnist) when missing;
 #   2. a virtual environment with the pinned dependencies (requirements/lock.txt), cached outside
 #      the checkout under $USNET_VENV_CACHE (default ~/.cache/usnet/venvs), keyed by the lock
-#      file's hash, and linked as ./.venv;
-#   3. this checkout installed into it in editable mode (the `usnet` command).
+#      file's hash;
+#   3. ./.venv, a small environment of this checkout's own that sees the cached dependencies
+#      (a .pth file) and holds this checkout in editable mode (the `usnet` command). Several
+#      checkouts share the cache but never each other's code.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -40,8 +42,17 @@ if [ ! -x "$venv/bin/python" ]; then
   # Scripts in bin/ name the build path; point them at the final one.
   grep -rlI -- "$partial" "$venv/bin" | xargs -r sed -i "s|$partial|$venv|g"
 fi
-ln -sfn "$venv" .venv
-# Editable install of this checkout (seconds): the environment is shared, the code is ours.
-.venv/bin/python -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e . \
-  2> >(grep -v "is ignored: it is neither" >&2)
-echo "setup: ready (.venv -> $venv)"
+# The checkout's own environment: seconds to build, rebuilt when the dependencies change.
+site_of() { "$1" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])'; }
+if compgen -G "$(site_of "$venv/bin/python")/__editable__*usnet*" >/dev/null; then
+  "$venv/bin/python" -m pip uninstall -q -y usnet  # left by an older setup: code is per checkout
+fi
+if [ -L .venv ] || [ "$(cat .venv/usnet-deps 2>/dev/null)" != "$venv" ]; then
+  rm -rf .venv
+  "$PYTHON" -m venv --without-pip .venv
+  echo "import site; site.addsitedir('$(site_of "$venv/bin/python")')" > "$(site_of .venv/bin/python)/usnet-deps.pth"
+  echo "$venv" > .venv/usnet-deps
+fi
+"$venv/bin/python" -m pip --python .venv/bin/python install -q --disable-pip-version-check \
+  --no-deps --no-build-isolation -e . 2> >(grep -v "is ignored: it is neither" >&2)
+echo "setup: ready (.venv on $venv)"
