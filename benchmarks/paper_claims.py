@@ -209,6 +209,22 @@ def report(out: Path) -> str:
                      f"{points[0][1]:.2f} at {points[0][0]:g} to {points[-1][1]:.2f} at {points[-1][0]:g}; "
                      f"largest dip between neighbours {worst[1]:.2f} points"
                      + (f" (at {worst[0]:g})" if worst[0] is not None else ""))  # fmt: skip
+    if us and alone:
+        from usnet.trainer import plot_spectrum
+
+        def points(name: str, seed: int) -> list[dict]:
+            results = [json.loads(p.read_text()) for p in out.glob(f"{name}*/seed{seed}/benchmark.json")]
+            merged = {w: (r["macs"][w], r["top1"][w]) for r in results for w in r["top1"]}
+            return [{"width": float(w), "macs": m, "top1": t / 100} for w, (m, t) in
+                    sorted(merged.items(), key=lambda item: float(item[0]))]  # fmt: skip
+
+        seed = min(us)
+        others = {"trained alone at one width": points("individual", seed)}
+        if collect(out, "no_distill"):
+            others["US-Net without in-place distillation"] = points("no_distill", seed)
+        png = plot_spectrum(points("us_net", seed), f"us_convnet on Fashion-MNIST, seed {seed}", others)
+        atomic_write_bytes(out / "spectrum_vs_individual.png", png)
+        parts.append(f"Plot: {out / 'spectrum_vs_individual.png'}")
     calib = out / "calibration.json"
     if calib.exists():
         results = json.loads(calib.read_text())

@@ -18,7 +18,7 @@ import io
 import json
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -437,7 +437,10 @@ def write_spectrum(out: Path, rows: Sequence[dict], title: str = "") -> None:
     ckpt.atomic_write_bytes(out / "spectrum.png", plot_spectrum(rows, title))
 
 
-def plot_spectrum(rows: Sequence[dict], title: str = "") -> bytes:
+def plot_spectrum(rows: Sequence[dict], title: str = "",
+                  others: Mapping[str, Sequence[dict]] | None = None) -> bytes:  # fmt: skip
+    """PNG of top-1 against MACs along the width range; ``others`` adds labelled series of
+    points (e.g. networks trained alone at single widths) for comparison."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -446,7 +449,12 @@ def plot_spectrum(rows: Sequence[dict], title: str = "") -> bytes:
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
     macs = [r["macs"] / 1e6 for r in rows]
     top1 = [100 * r["top1"] for r in rows]
-    ax.plot(macs, top1, "o-", ms=3)
+    ax.plot(macs, top1, "o-", ms=3, label="one US-Net, every width")
+    for (label, points), marker in zip((others or {}).items(), "s^Dv*"):
+        ax.plot([r["macs"] / 1e6 for r in points], [100 * r["top1"] for r in points], marker,
+                ls="--", ms=6, label=label)  # fmt: skip
+    if others:
+        ax.legend(loc="lower right", fontsize=8)
     stride = max(1, math.ceil(len(rows) / 12))
     for i, r in enumerate(rows):
         if i % stride == 0 or i == len(rows) - 1:
