@@ -270,12 +270,21 @@ def main(argv: list[str] | None = None) -> int:
         seeds = [int(s) for s in args.seeds.split(",")]
         jobs = [(name, index, seed) for seed in seeds for name in dict.fromkeys(names)
                 for index in range(len(ROWS[name].runs))]  # fmt: skip
-        start = time.perf_counter()
+        start, failed = time.perf_counter(), []
+
+        def run(job: tuple[str, int, int]) -> None:
+            try:
+                result = train(out, *job, args)
+            except RuntimeError as err:  # report it, keep the other runs going
+                failed.append(job)
+                print(f"FAILED: {err}", flush=True)
+                return
+            print(f"{result['name']}[{result['index']}] seed {result['seed']}: "
+                  + ", ".join(f"{w}: {result['top1'][f'{w:g}']:.2f}" for w in WIDTHS if f"{w:g}" in result["top1"])
+                  + f" ({result['wall_s']:.0f} s)", flush=True)  # fmt: skip
+
         with ThreadPoolExecutor(args.jobs) as pool:
-            for result in pool.map(lambda job: train(out, *job, args), jobs):
-                print(f"{result['name']}[{result['index']}] seed {result['seed']}: "
-                      + ", ".join(f"{w}: {t:.2f}" for w, t in result["top1"].items() if w in {f"{x:g}" for x in WIDTHS})
-                      + f" ({result['wall_s']:.0f} s)", flush=True)  # fmt: skip
+            list(pool.map(run, jobs))
         if args.calibration:
             calibration_claim(out, args)
         print(f"wall time {time.perf_counter() - start:.0f} s for {len(jobs)} runs", flush=True)
@@ -283,6 +292,9 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(out / "report.md", (text + "\n").encode())
     print(text)
+    if not args.report and failed:
+        print(f"{len(failed)} runs failed: {failed}", file=sys.stderr)
+        return 1
     return 0
 
 
