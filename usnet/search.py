@@ -55,7 +55,7 @@ class SearchResult:
     result: Scored
     uniform: Scored  # the widest uniform width with at most the result's MACs
     max_macs: int
-    steps: list[dict] = field(default_factory=list)  # the narrowing chosen at each step
+    steps: list[dict] = field(default_factory=list)  # each step's narrowing and the ones it beat
 
     @property
     def width(self) -> dict:
@@ -132,8 +132,11 @@ def search_width(
                 raise ValueError(f"no narrowing reduces MACs below {format_count(best.macs)}")
             name, narrower, best = max(trials, key=lambda t: (t[2].heldout_top1, -t[2].heldout_loss, -t[2].macs))
             current[name] = narrower
+            tried = [{"group": g, "multiplier": m, "macs": t.macs, "heldout_top1": t.heldout_top1,
+                      "heldout_loss": t.heldout_loss} for g, m, t in trials]  # fmt: skip
             steps.append({"group": name, "multiplier": narrower, "macs": best.macs,
-                          "heldout_top1": best.heldout_top1, "heldout_loss": best.heldout_loss})  # fmt: skip
+                          "heldout_top1": best.heldout_top1, "heldout_loss": best.heldout_loss,
+                          "tried": tried})  # fmt: skip
             say(f"step {len(steps)}: {name} -> {narrower:g}, MACs {format_count(best.macs)}, "
                 f"held-out top-1 {100 * best.heldout_top1:.2f}%")  # fmt: skip
         from .select import select_width  # the exact uniform width of at most equal cost

@@ -165,7 +165,8 @@ def select_width(
     budgets = {k: v for k, v in (("max_macs", max_macs), ("max_params", max_params),
                                  ("max_latency_ms", max_latency_ms)) if v is not None}  # fmt: skip
     if not budgets:
-        raise ValueError("select_width needs a budget: max_macs, max_params or max_latency_ms")
+        raise ValueError("a budget is needed: max_macs, max_params or max_latency_ms (--max-macs, "
+                         "--max-params or --max-latency-ms on the command line)")
     for name, value in budgets.items():
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
             raise ValueError(f"{name} must be a positive number, got {value!r}")
@@ -227,6 +228,9 @@ def measure_candidates(model: nn.Module, candidates: Sequence[Candidate], input_
         plan = get_state(model).plan
         todo = [c for c in candidates if config_key(c.config or plan.config(c.width)) not in entries]
         bar = _progress(len(todo), progress)
+        if todo:  # first runs pay for thread pools and allocator growth: not any width's cost
+            first = export(model, todo[-1].width, require_stats=False).to(device)
+            measure_latency(first, size, device=device, warmup=warmup, repeats=1)
         for c in todo:
             module = export(model, c.width, require_stats=False).to(device)
             samples = measure_latency(module, size, device=device, warmup=warmup, repeats=repeats)
@@ -345,7 +349,10 @@ def plot_selection(selection: Selection, title: str = "") -> bytes:
         key, label, budget = "params", "parameters", budgets["max_params"]
     rows = [c for c in selection.candidates if getattr(c, key) is not None]
     fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=120)
-    ax.plot([c.width for c in rows], [getattr(c, key) for c in rows], "o-", ms=3, color="C0", label=label)
+    # Each configuration is a step of the staircase: a flat segment over the widths giving it.
+    ax.hlines([getattr(c, key) for c in rows], [c.width_interval[0] for c in rows],
+              [c.width_interval[1] for c in rows], color="C0", lw=2)  # fmt: skip
+    ax.plot([c.width for c in rows], [getattr(c, key) for c in rows], "o", ms=3, color="C0", label=label)
     ax.axhline(budget, color="C3", ls="--", lw=1, label=f"budget {_budget_text('max_' + key, budget)}")
     ax.axvline(selection.width, color="C2", ls=":", lw=1, label=f"chosen width {selection.width:g}")
     ax.set_xlabel("width")
