@@ -212,13 +212,15 @@ def _load_checkpoint(spec: str) -> tuple[nn.Module, dict]:
 
 
 def _input_size_of(model: nn.Module, payload: dict) -> tuple[int, ...]:
-    """The run's dataset input size if the checkpoint records its config, else the model's default."""
-    from .data import dataset_input_size
-    from .trainer import load_run_config
+    """The run's dataset input size if the checkpoint records its config, else the model's default.
 
-    config = load_run_config(payload) if payload else None
-    if config is not None:
-        return dataset_input_size(config.data.name, config.data.image_size)
+    Only ``data.name``/``data.image_size`` are read (not the whole config, validated), so a
+    checkpoint whose config has keys this version does not know still exports."""
+    from .data import dataset_input_size
+
+    data = ((payload.get("extra") or {}).get("config") or {}).get("data") or {}
+    if isinstance(data, dict) and data.get("name"):
+        return dataset_input_size(str(data["name"]), int(data.get("image_size", 224)))
     return default_input_size(model)
 
 

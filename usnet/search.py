@@ -8,8 +8,10 @@ that costs the least (highest held-out top-1, then lowest cross-entropy). Stop a
 fit the budget. The result is a ``{group: multiplier}`` width that ``usnet.set_width``,
 ``usnet.export`` and ``usnet export --width RESULT.json`` take like any width.
 
-The comparison that matters is with the uniform width of equal cost: :class:`SearchResult` holds
-the widest uniform width whose MACs do not exceed the result's, scored the same way. The held-out
+The comparison that matters is with the uniform width of the same budget: :class:`SearchResult`
+holds the widest uniform width within ``max_macs`` (what ``usnet.select_width`` picks; channel
+rounding makes uniform MACs a staircase, so its MACs may be above or below the result's), scored
+the same way. The held-out
 batch chose the result, so its held-out score is optimistic: judge both on test data
 (``usnet search`` does).
 
@@ -21,7 +23,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -53,7 +55,7 @@ class Scored:
 @dataclass(frozen=True)
 class SearchResult:
     result: Scored
-    uniform: Scored  # the widest uniform width with at most the result's MACs
+    uniform: Scored  # the widest uniform width within the same budget
     max_macs: int
     steps: list[dict] = field(default_factory=list)  # each step's narrowing and the ones it beat
 
@@ -110,7 +112,7 @@ def search_width(
             top1, loss = _evaluate(model, width, images, labels)
             cost = profile(model, width, input_size)
             cache[config] = Scored(width, config_id(config), cost.params, cost.macs, top1, loss)
-        return cache[config]
+        return replace(cache[config], width=width)  # same channels, same network and score
 
     previous = state.width
     keep = set(kept)
@@ -139,9 +141,9 @@ def search_width(
                           "tried": tried})  # fmt: skip
             say(f"step {len(steps)}: {name} -> {narrower:g}, MACs {format_count(best.macs)}, "
                 f"held-out top-1 {100 * best.heldout_top1:.2f}%")  # fmt: skip
-        from .select import select_width  # the exact uniform width of at most equal cost
+        from .select import select_width  # the uniform width the same budget allows, exactly
 
-        uniform_width = select_width(model, max_macs=best.macs, input_size=input_size).width
+        uniform_width = select_width(model, max_macs=max_macs, input_size=input_size).width
         uniform = score(uniform_width)
         keep |= {config_key(plan.config(best.width)), config_key(plan.config(uniform.width))}
     finally:
@@ -194,7 +196,7 @@ def _drop_stats(model: nn.Module, keep: set[str]) -> None:
 
 
 def format_search(result: SearchResult, test: Mapping[str, float] | None = None) -> str:
-    """Result against the uniform width of at most equal MACs (and test top-1 if given)."""
+    """Result against the uniform width of the same budget (and test top-1 if given)."""
     lines = [f"{'':>9} {'width':<34} {'params':>8} {'MACs':>8} {'held-out':>9}" + (f" {'test':>7}" if test else "")]
     for label, s in (("searched", result.result), ("uniform", result.uniform)):
         width = s.width if isinstance(s.width, float) else ", ".join(f"{v:g}" for v in s.width.values())
