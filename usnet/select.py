@@ -92,8 +92,9 @@ def parse_count(text: str | int | float) -> int:
     """``"150M"`` -> 150000000; also ``K``/``G`` suffixes, plain numbers and ``1.5e8``."""
     scales = {"K": 1e3, "M": 1e6, "G": 1e9}
     raw = str(text).strip()
+    scale = scales.get(raw[-1:].upper(), 1.0)
     try:
-        value = float(raw[:-1]) * scales[raw[-1].upper()] if raw and raw[-1].upper() in scales else float(raw)
+        value = float(raw[:-1] if scale != 1.0 else raw) * scale
     except ValueError:
         value = math.nan
     if not math.isfinite(value) or value <= 0:
@@ -101,8 +102,11 @@ def parse_count(text: str | int | float) -> int:
     return int(round(value))
 
 
+Interval = tuple[float, float]
+
+
 def config_candidates(plan: ChannelPlan, widths: Sequence[float] | None = None,
-                      preferred: Sequence[float] = ()) -> list[tuple[float, tuple[float, float], tuple[int, ...]]]:  # fmt: skip
+                      preferred: Sequence[float] = ()) -> list[tuple[float, Interval, tuple[int, ...]]]:  # fmt: skip
     """``(width, (lo, hi), config)`` per distinct configuration, narrowest first.
 
     ``widths`` restricts the sweep to those widths (each is its own representative; of several
@@ -178,8 +182,8 @@ def select_width(
         cost = profile(model, w, size)
         candidates.append(Candidate(w, interval, config_id(config), cost.params, cost.macs,
                                     top1=spectrum_top1(model, spectrum, w), config=config))  # fmt: skip
-    static = [c for c in candidates
-              if c.macs <= budgets.get("max_macs", math.inf) and c.params <= budgets.get("max_params", math.inf)]  # fmt: skip
+    max_macs_, max_params_ = budgets.get("max_macs", math.inf), budgets.get("max_params", math.inf)
+    static = [c for c in candidates if c.macs <= max_macs_ and c.params <= max_params_]
     latency_info = None
     if max_latency_ms is not None:
         timed, latency_info = measure_candidates(
@@ -196,10 +200,19 @@ def select_width(
     return Selection(chosen, budgets, size, candidates, latency_info)
 
 
-def measure_candidates(model: nn.Module, candidates: Sequence[Candidate], input_size: Sequence[int], *,
-                       device: str | torch.device = "cpu", threads: int | None = None, warmup: int = 5,
-                       repeats: int = 20, cache_dir: str | os.PathLike | None = None,
-                       use_cache: bool = True, progress: bool = False) -> tuple[list[Candidate], dict]:  # fmt: skip
+def measure_candidates(
+    model: nn.Module,
+    candidates: Sequence[Candidate],
+    input_size: Sequence[int],
+    *,
+    device: str | torch.device = "cpu",
+    threads: int | None = None,
+    warmup: int = 5,
+    repeats: int = 20,
+    cache_dir: str | os.PathLike | None = None,
+    use_cache: bool = True,
+    progress: bool = False,
+) -> tuple[list[Candidate], dict]:
     """The candidates with ``latency_ms`` filled in, from the cache or measured (then cached)."""
     device = _check_device(device)
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
