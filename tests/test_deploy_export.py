@@ -160,6 +160,8 @@ def test_export_errors(tmp_path):
     with pytest.raises(ValueError, match="tolerance must be a positive number"):
         usnet.export_artifact(model, 0.6, tmp_path / "m", "onnx", input_size=size, tolerance=0)
     assert not list(tmp_path.iterdir())
+    with pytest.raises(FileExistsError, match="is a directory"):
+        usnet.export_artifact(model, 0.6, tmp_path, "onnx", input_size=size)
 
 
 def test_export_widths_index(tmp_path):

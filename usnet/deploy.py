@@ -190,6 +190,9 @@ def export_artifact(
     width = state.plan.check_width(width)
     size = _check_input_size(input_size)
     tolerance = _check_tolerance(tolerance, fuse_bn)
+    if Path(path).is_dir():
+        raise FileExistsError(f"{str(path)!r} is a directory; name the file to write "
+                              "(export_widths / --widths write a directory)")  # fmt: skip
     module = deployable(model, width, fuse_bn=fuse_bn)
     ref = next(module.parameters())
     gen = torch.Generator().manual_seed(seed)
