@@ -21,6 +21,7 @@ from .channels import (
 )
 from .checkpoint import load, save
 from .convert import ConversionError, analyze, slimmable
+from .deploy import VerificationError, export_artifact, export_widths, load_artifact
 from .export import export
 from .layers import (
     SlimmableBatchNorm2d,
@@ -29,6 +30,8 @@ from .layers import (
     UncalibratedWidthError,
 )
 from .profile import Profile, profile
+from .search import search_width
+from .select import select_width
 from .state import channel_plan, channels_at, get_width, is_slimmable, set_width, width
 
 __version__ = "0.1.0"
@@ -42,6 +45,7 @@ __all__ = [
     "SlimmableConv2d",
     "SlimmableLinear",
     "UncalibratedWidthError",
+    "VerificationError",
     "analyze",
     "calibrate",
     "channel_plan",
@@ -49,16 +53,21 @@ __all__ = [
     "config_id",
     "config_key",
     "export",
+    "export_artifact",
+    "export_widths",
     "get_width",
     "is_calibrated",
     "is_slimmable",
     "load",
+    "load_artifact",
     "make_divisible",
     "models",
     "parse_widths",
     "profile",
     "sample_images",
     "save",
+    "search_width",
+    "select_width",
     "set_width",
     "slimmable",
     "width",

@@ -1,4 +1,5 @@
-"""The ``usnet`` command line: ``train``, ``eval``, ``calibrate``, ``profile``.
+"""The ``usnet`` command line: ``train``, ``eval``, ``calibrate``, ``profile``, ``export``,
+``select``, ``search``.
 
 Every command reports bad input as one line, ``usnet: error: ...``, and exits with status 2.
 """
@@ -167,6 +168,185 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- deployment: export, select, search -------------------------------------------------------
+def width_spec(text: str):
+    """A width: a number, a JSON object {group: multiplier}, or a JSON file holding ``"width"``
+    (what ``usnet search --out`` writes)."""
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    try:
+        value = json.loads(Path(text).read_text()) if Path(text).is_file() else json.loads(text)
+    except (OSError, ValueError):
+        value = None
+    if isinstance(value, dict) and "width" in value:
+        value = value["width"]
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, dict) and value:
+        return value
+    raise argparse.ArgumentTypeError(
+        f"invalid width {text!r}; expected a number (0.5), a JSON object "
+        '({"group": 0.5, ...}) or a JSON file with a "width" entry (usnet search --out)'
+    )
+
+
+def count_arg(text: str) -> int:
+    from .select import parse_count
+
+    try:
+        return parse_count(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def _load_checkpoint(spec: str) -> tuple[nn.Module, dict]:
+    """A checkpoint (with its payload: spectrum, run config) or a zoo model name (empty payload)."""
+    from . import checkpoint
+
+    if Path(spec).exists():
+        payload = checkpoint.read_checkpoint(spec)
+        return checkpoint.model_from_checkpoint(payload, spec), payload
+    return load_model_arg(spec), {}
+
+
+def _input_size_of(model: nn.Module, payload: dict) -> tuple[int, ...]:
+    """The run's dataset input size if the checkpoint records its config, else the model's default.
+
+    Only ``data.name``/``data.image_size`` are read (not the whole config, validated), so a
+    checkpoint whose config has keys this version does not know still exports."""
+    from .data import dataset_input_size
+
+    data = ((payload.get("extra") or {}).get("config") or {}).get("data") or {}
+    if isinstance(data, dict) and data.get("name"):
+        return dataset_input_size(str(data["name"]), int(data.get("image_size", 224)))
+    return default_input_size(model)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .calibrate import calibrate, is_calibrated
+    from .deploy import check_format, export_artifact, export_widths
+    from .profile import format_count
+    from .state import get_state
+
+    check_format(args.format)
+    if (args.width is None) == (args.widths is None):
+        raise ValueError("give one of --width W (one file) or --widths SPEC (a directory with index.json)")
+    model, payload = _load_checkpoint(args.checkpoint)
+    plan = get_state(model).plan
+    widths = [args.width] if args.width is not None else args.widths
+    widths = [plan.check_width(w) for w in widths]
+    missing = [w for w in widths if not is_calibrated(model, w)]
+    if missing:
+        if args.data is None and args.dataset is None:
+            w = missing[0]
+            raise ValueError(f"width {w if isinstance(w, dict) else f'{w:g}'} is not calibrated in "
+                             f"{args.checkpoint}; pass --data ROOT to calibrate it first (or run usnet calibrate)")  # fmt: skip
+        config, (_, calib_set, _, _) = _data_for(args.checkpoint, payload, args.data, args.dataset)
+        print(f"calibrating {len(missing)} widths on {args.calib_images} training images")
+        calibrate(model, calib_set, missing, num_images=args.calib_images, seed=config.seed,
+                  batch_size=config.calib.batch_size)  # fmt: skip
+    input_size = args.input_size or _input_size_of(model, payload)
+    options = {"fuse_bn": args.fuse_bn, "input_size": input_size, "tolerance": args.tolerance}
+    runtime = {"pt": "torch.export.load", "torchscript": "torch.jit.load", "onnx": "onnxruntime"}[args.format]
+    if args.width is not None:
+        result = export_artifact(model, widths[0], args.out, args.format, **options)
+        if args.json:
+            print(json.dumps(result.to_dict()))
+            return 0
+        print(f"wrote {result.path}: {args.format}, width {result.width}, params "
+              f"{format_count(result.params)}, MACs {format_count(result.macs)} at input "
+              f"{'x'.join(map(str, result.input_size))}{', BN folded into conv' if args.fuse_bn else ''}")  # fmt: skip
+        print(f"verified with {runtime}: max |logits difference| {result.max_abs_diff:.3g} "
+              f"<= tolerance {result.tolerance:g}")  # fmt: skip
+        return 0
+    spectrum = payload.get("extra", {}).get("spectrum")
+    rows = export_widths(model, widths, args.out, args.format, spectrum=spectrum, **options)
+    if args.json:
+        print(json.dumps(rows))
+        return 0
+    print(f"{'width':>7} {'params':>9} {'MACs':>9} {'top-1':>7} {'max diff':>9}  file")
+    for r in rows:
+        top1 = f"{100 * r['top1']:.2f}%" if "top1" in r else "-"
+        width = r["width"] if isinstance(r["width"], dict) else f"{r['width']:.3f}"
+        print(f"{width!s:>7} {format_count(r['params']):>9} {format_count(r['macs']):>9} {top1:>7} "
+              f"{r['max_abs_diff']:>9.2g}  {r['file']}")  # fmt: skip
+    print(f"wrote {len({r['file'] for r in rows})} {args.format} files and {Path(args.out) / 'index.json'}; "
+          f"all verified with {runtime}")  # fmt: skip
+    return 0
+
+
+def cmd_select(args: argparse.Namespace) -> int:
+    from .checkpoint import atomic_write_bytes
+    from .select import format_selection, plot_selection, select_width
+
+    model, payload = _load_checkpoint(args.checkpoint)
+    selection = select_width(
+        model, max_macs=args.max_macs, max_params=args.max_params, max_latency_ms=args.max_latency_ms,
+        input_size=args.input_size or _input_size_of(model, payload), widths=args.widths,
+        spectrum=payload.get("extra", {}).get("spectrum"), device=args.device, threads=args.threads,
+        warmup=args.warmup, repeats=args.repeats, cache_dir=args.latency_cache,
+        progress=sys.stderr.isatty() and not args.json,
+    )  # fmt: skip
+    if args.plot:
+        atomic_write_bytes(args.plot, plot_selection(selection, title=Path(args.checkpoint).name))
+    if args.json:
+        print(json.dumps(selection.to_dict()))
+    else:
+        print(format_selection(selection))
+        if args.plot:
+            print(f"wrote {args.plot}")
+    return 0
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    import torch
+    from torch.utils.data import DataLoader, Subset
+
+    from . import checkpoint
+    from .checkpoint import atomic_write_bytes
+    from .search import format_search, search_width
+    from .trainer import evaluate
+
+    payload = checkpoint.read_checkpoint(args.checkpoint)
+    model = checkpoint.model_from_checkpoint(payload, args.checkpoint)
+    config, (_, calib_set, test_set, info) = _data_for(args.checkpoint, payload, args.data, args.dataset)
+    for name in ("calib_images", "heldout_images", "test_images"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be a positive number of images")
+    need = args.calib_images + args.heldout_images
+    if need > len(calib_set):
+        raise ValueError(f"--calib-images + --heldout-images ({need}) exceed the {len(calib_set)} training images")
+    # One seeded draw of training images: the first part calibrates BN, the rest is held out.
+    order = torch.randperm(len(calib_set), generator=torch.Generator().manual_seed(args.seed))[:need].tolist()
+    images, labels = zip(*(calib_set[i] for i in order))
+    images, labels = torch.stack(images), torch.as_tensor(labels)
+    calib = list(images[: args.calib_images].split(config.calib.batch_size))
+    heldout = (images[args.calib_images :], labels[args.calib_images :])
+    log = (lambda message: None) if args.json else print
+    result = search_width(model, calib, heldout, max_macs=args.max_macs, input_size=info.input_size,
+                          step=args.step, log=log)  # fmt: skip
+    test = Subset(test_set, range(min(args.test_images, len(test_set))))
+    (searched, _), (uniform, _) = evaluate(model, DataLoader(test, batch_size=config.eval.batch_size),
+                                           [result.result.width, result.uniform.width])  # fmt: skip
+    report = {**result.to_dict(), "test_top1": {"searched": searched, "uniform": uniform},
+              "test_images": len(test), "input_size": list(info.input_size)}  # fmt: skip
+    if args.out:
+        atomic_write_bytes(args.out, (json.dumps(report, indent=2) + "\n").encode())
+    if args.save:
+        checkpoint.save(model, args.save, extra=payload.get("extra"))
+    if args.json:
+        print(json.dumps(report))
+        return 0
+    print(format_search(result, {"searched": searched, "uniform": uniform}))
+    print(f"test top-1 on {len(test)} images; searched width: {json.dumps(result.width)}")
+    for path, what in ((args.out, "result"), (args.save, "checkpoint with its BN statistics")):
+        if path:
+            print(f"wrote {what} to {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="usnet", description="Universally slimmable networks: train once, run at any width."
@@ -210,6 +390,60 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--seed", type=int, default=0)
             p.add_argument("--out", default=None, help="write here instead of in place")
             p.set_defaults(func=cmd_calibrate)
+
+    p = sub.add_parser("export", help="write one width (or several) as a verified pt/torchscript/onnx file")
+    p.add_argument("checkpoint", help="checkpoint written by usnet train / usnet.save")
+    p.add_argument("--width", type=width_spec, default=None,
+                   help="width: 0.5, a JSON {group: multiplier} or a usnet search --out file")
+    p.add_argument("--widths", type=widths_arg, default=None,
+                   help="several widths (start:stop:step or a list); --out is then a directory")
+    p.add_argument("--format", required=True, help="pt (torch.export), torchscript or onnx")
+    p.add_argument("--out", required=True, help="output file (a directory with --widths)")
+    p.add_argument("--fuse-bn", action="store_true", help="fold BatchNorm into the preceding conv")
+    p.add_argument("--input-size", type=parse_input_size, default=None,
+                   help="N,C,H,W (default: the run's dataset size, else 1,C,224,224 / 32 px)")
+    p.add_argument("--tolerance", type=float, default=None,
+                   help="max |logits difference| allowed (default 1e-4; 1e-3 with --fuse-bn)")
+    p.add_argument("--data", default=None, help="dataset root: calibrate uncalibrated widths first")
+    p.add_argument("--dataset", default=None, help="dataset name (default: the run's data.name)")
+    p.add_argument("--calib-images", type=int, default=1024, help="calibration images")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("select", help="the widest width within a MACs, params or latency budget")
+    p.add_argument("checkpoint", help="checkpoint (or zoo model name)")
+    p.add_argument("--max-macs", type=count_arg, default=None, help="e.g. 150M")
+    p.add_argument("--max-params", type=count_arg, default=None, help="e.g. 2M")
+    p.add_argument("--max-latency-ms", type=float, default=None,
+                   help="median latency of the exported model on this machine")
+    p.add_argument("--input-size", type=parse_input_size, default=None,
+                   help="N,C,H,W (default: the run's dataset size, else 1,C,224,224 / 32 px)")
+    p.add_argument("--widths", type=widths_arg, default=None,
+                   help="sweep only these widths (default: every channel configuration)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (latency)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads while timing")
+    p.add_argument("--warmup", type=int, default=5, help="untimed runs per width")
+    p.add_argument("--repeats", type=int, default=20, help="timed runs per width (median)")
+    p.add_argument("--latency-cache", default=None,
+                   help="latency cache directory (default $USNET_CACHE_DIR or ~/.cache/usnet)")
+    p.add_argument("--plot", default=None, help="PNG of cost and top-1 against width")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_select)
+
+    p = sub.add_parser("search", help="greedy non-uniform width for a MACs budget (AutoSlim-style)")
+    p.add_argument("checkpoint", help="checkpoint written by usnet train / usnet.save")
+    p.add_argument("--max-macs", type=count_arg, required=True, help="e.g. 10M")
+    p.add_argument("--data", default=None, help="dataset root (default: the run's data.root)")
+    p.add_argument("--dataset", default=None, help="dataset name (default: the run's data.name)")
+    p.add_argument("--step", type=float, default=0.1, help="multiplier decrement per narrowing")
+    p.add_argument("--calib-images", type=int, default=256, help="training images calibrating BN")
+    p.add_argument("--heldout-images", type=int, default=256, help="training images scoring candidates")
+    p.add_argument("--test-images", type=int, default=10000, help="test images for the final comparison")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="write the result (JSON; usnet export --width takes it)")
+    p.add_argument("--save", default=None, help="write a checkpoint holding the result's BN statistics")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_search)
     return parser
 
 

@@ -131,6 +131,17 @@ class DataInfo(typing.NamedTuple):
     input_size: tuple[int, int, int, int]
 
 
+def dataset_input_size(name: str, image_size: int = 224) -> tuple[int, int, int, int]:
+    """The ``(1, C, H, W)`` input of a dataset by name (what its models are profiled and exported at)."""
+    if name == "fashion_mnist":
+        return (1, 1, 28, 28)
+    if name in ("cifar10", "cifar100"):
+        return (1, 3, 32, 32)
+    if name == "imagefolder":
+        return (1, 3, image_size, image_size)
+    raise ValueError(f"unknown dataset {name!r}; valid: fashion_mnist, imagefolder, cifar10, cifar100")
+
+
 def build_datasets(name: str, root: str | None = None, *, limit_train: int | None = None,
                    limit_test: int | None = None, image_size: int = 224,
                    augment: bool = False) -> tuple[Dataset, Dataset, Dataset, DataInfo]:  # fmt: skip
@@ -145,7 +156,7 @@ def build_datasets(name: str, root: str | None = None, *, limit_train: int | Non
         train = FashionMNIST(root, train=True, limit=limit_train, transform=train_tf)
         calib = FashionMNIST(root, train=True, limit=limit_train)
         test = FashionMNIST(root, train=False, limit=limit_test)
-        return train, calib, test, DataInfo(10, 1, True, (1, 1, 28, 28))
+        return train, calib, test, DataInfo(10, 1, True, dataset_input_size(name))
     if name in ("cifar10", "cifar100"):
         from torchvision import datasets
 
@@ -160,7 +171,7 @@ def build_datasets(name: str, root: str | None = None, *, limit_train: int | Non
         except RuntimeError as err:
             raise FileNotFoundError(f"{name} not found under {root!r} ({err})") from None
         train, calib, test = (_limit(d, n) for d, n in ((train, limit_train), (calib, limit_train), (test, limit_test)))
-        return train, calib, test, DataInfo(10 if name == "cifar10" else 100, 3, True, (1, 3, 32, 32))
+        return train, calib, test, DataInfo(10 if name == "cifar10" else 100, 3, True, dataset_input_size(name))
     if name == "imagefolder":
         from torchvision import datasets
 
@@ -179,7 +190,7 @@ def build_datasets(name: str, root: str | None = None, *, limit_train: int | Non
             raise ValueError(f"imagefolder {root!r}: train/ and val/ hold different classes")
         train, calib, test = (_limit(d, n) for d, n in ((train, limit_train), (calib, limit_train), (test, limit_test)))
         return train, calib, test, DataInfo(len(test.dataset.classes if isinstance(test, Subset) else test.classes),
-                                            3, False, (1, 3, image_size, image_size))  # fmt: skip
+                                            3, False, dataset_input_size(name, image_size))  # fmt: skip
     raise ValueError(f"unknown dataset {name!r}; valid: fashion_mnist, imagefolder, cifar10, cifar100")
 
 

@@ -39,12 +39,7 @@ def profile(model: nn.Module, width: Width | None = None,
     width = state.plan.check_width(state.width if width is None else width)
     size = _check_input_size(input_size)
     plain = export(model, width, require_stats=False)
-    params = sum(p.numel() for p in plain.parameters())
-    ref = next(plain.parameters())
-    counter = FlopCounterMode(display=False)
-    with torch.no_grad(), counter:
-        plain(torch.zeros(size, dtype=ref.dtype, device=ref.device))
-    flops = int(counter.get_total_flops())
+    params, flops = module_cost(plain, size)
     return Profile(
         width=dict(width) if isinstance(width, dict) else width,
         config_id=config_id(state.plan.config(width)),
@@ -52,6 +47,17 @@ def profile(model: nn.Module, width: Width | None = None,
         macs=flops // 2,
         flops=flops,
     )
+
+
+def module_cost(module: nn.Module, input_size: Sequence[int]) -> tuple[int, int]:
+    """(parameters, FLOPs) of any plain module run once on a zero input of ``input_size``."""
+    size = _check_input_size(input_size)
+    params = sum(p.numel() for p in module.parameters())
+    ref = next(module.parameters())
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        module(torch.zeros(size, dtype=ref.dtype, device=ref.device))
+    return params, int(counter.get_total_flops())
 
 
 def profile_table(model: nn.Module, widths: Iterable[Width],

@@ -1,0 +1,212 @@
+"""Non-uniform widths for a MACs budget: a greedy search in the spirit of AutoSlim.
+
+Start from the widest network (every root channel group at the top of the width range). At each
+step, try narrowing each group alone by ``step`` of its multiplier (at least down to its next
+smaller channel count, never below the range), calibrate BatchNorm for that configuration on a
+small calibration sample, and score it on a held-out batch of training images; keep the narrowing
+that costs the least (highest held-out top-1, then lowest cross-entropy). Stop as soon as the MACs
+fit the budget. The result is a ``{group: multiplier}`` width that ``usnet.set_width``,
+``usnet.export`` and ``usnet export --width RESULT.json`` take like any width.
+
+The comparison that matters is with the uniform width of the same budget: :class:`SearchResult`
+holds the widest uniform width within ``max_macs`` (what ``usnet.select_width`` picks; channel
+rounding makes uniform MACs a staircase, so its MACs may be above or below the result's), scored
+the same way. The held-out
+batch chose the result, so its held-out score is optimistic: judge both on test data
+(``usnet search`` does).
+
+Calibrations of rejected candidates are dropped again; the model keeps the BN statistics of the
+result and of the uniform comparison, and its width is restored.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .calibrate import calibrate
+from .channels import ChannelPlan, config_id, config_key
+from .layers import SlimmableBatchNorm2d
+from .profile import format_count, profile
+from .state import get_state, set_width
+from .state import width as width_context
+
+
+@dataclass(frozen=True)
+class Scored:
+    """One width with its cost and held-out score."""
+
+    width: float | dict
+    config_id: str
+    params: int
+    macs: int
+    heldout_top1: float
+    heldout_loss: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    result: Scored
+    uniform: Scored  # the widest uniform width within the same budget
+    max_macs: int
+    steps: list[dict] = field(default_factory=list)  # each step's narrowing and the ones it beat
+
+    @property
+    def width(self) -> dict:
+        return self.result.width  # type: ignore[return-value]
+
+    def to_dict(self) -> dict:
+        return {"width": self.result.width, "max_macs": self.max_macs, "result": self.result.to_dict(),
+                "uniform": self.uniform.to_dict(), "steps": list(self.steps)}  # fmt: skip
+
+
+def search_width(
+    model: nn.Module,
+    calib_images: Sequence[Tensor] | Tensor,
+    heldout: tuple[Tensor, Tensor],
+    *,
+    max_macs: int | float,
+    input_size: Sequence[int],
+    step: float = 0.1,
+    log: Callable[[str], None] | None = None,
+) -> SearchResult:
+    """Greedy non-uniform width of ``model`` within ``max_macs`` (counted at ``input_size``).
+
+    Args:
+        calib_images: image batches (or one tensor) for calibrating each candidate's BatchNorm.
+        heldout: ``(images, labels)`` that score the candidates.
+        step: how much a narrowing lowers one group's multiplier (at least one channel step).
+    """
+    state = get_state(model)
+    plan = state.plan
+    lo, hi = plan.width_range
+    if isinstance(max_macs, bool) or not isinstance(max_macs, (int, float)) or not max_macs > 0:
+        raise ValueError(f"max_macs must be a positive number, got {max_macs!r}")
+    if not 0 < step <= hi - lo:
+        raise ValueError(f"step must be in (0, {hi - lo:g}] (the width range), got {step!r}")
+    batches = [calib_images] if isinstance(calib_images, Tensor) else list(calib_images)
+    num_calib = sum(b.shape[0] for b in batches)
+    images, labels = heldout
+    if images.shape[0] == 0 or images.shape[0] != labels.shape[0]:
+        raise ValueError("heldout must be (images, labels) with the same positive number of items")
+    narrowest = profile(model, lo, input_size).macs
+    if narrowest > max_macs:
+        raise ValueError(f"no width fits the budget: the narrowest, width {lo:g}, needs "
+                         f"{format_count(narrowest)} MACs > {format_count(max_macs)}")  # fmt: skip
+    say = log or (lambda message: None)
+    kept = _stats_keys(model)
+    cache: dict[tuple[int, ...], Scored] = {}
+
+    def score(width: float | dict) -> Scored:
+        config = plan.config(width)
+        if config not in cache:
+            calibrate(model, batches, [width], num_images=num_calib, progress=False)
+            top1, loss = _evaluate(model, width, images, labels)
+            cost = profile(model, width, input_size)
+            cache[config] = Scored(width, config_id(config), cost.params, cost.macs, top1, loss)
+        return replace(cache[config], width=width)  # same channels, same network and score
+
+    previous = state.width
+    keep = set(kept)
+    try:
+        current = {name: hi for name in plan.root_names}
+        best = score(dict(current))
+        steps: list[dict] = []
+        say(f"start: MACs {format_count(best.macs)}, held-out top-1 {100 * best.heldout_top1:.2f}%")
+        while best.macs > max_macs:
+            trials = []
+            for name in plan.root_names:
+                narrower = _narrow(plan, current, name, step)
+                if narrower is None:
+                    continue
+                trial = score({**current, name: narrower})
+                if trial.macs < best.macs:
+                    trials.append((name, narrower, trial))
+            if not trials:  # every group at the bottom of the range (unreachable: lo fits)
+                raise ValueError(f"no narrowing reduces MACs below {format_count(best.macs)}")
+            name, narrower, best = max(trials, key=lambda t: (t[2].heldout_top1, -t[2].heldout_loss, -t[2].macs))
+            current[name] = narrower
+            tried = [{"group": g, "multiplier": m, "macs": t.macs, "heldout_top1": t.heldout_top1,
+                      "heldout_loss": t.heldout_loss} for g, m, t in trials]  # fmt: skip
+            steps.append({"group": name, "multiplier": narrower, "macs": best.macs,
+                          "heldout_top1": best.heldout_top1, "heldout_loss": best.heldout_loss,
+                          "tried": tried})  # fmt: skip
+            say(f"step {len(steps)}: {name} -> {narrower:g}, MACs {format_count(best.macs)}, "
+                f"held-out top-1 {100 * best.heldout_top1:.2f}%")  # fmt: skip
+        from .select import select_width  # the uniform width the same budget allows, exactly
+
+        uniform_width = select_width(model, max_macs=max_macs, input_size=input_size).width
+        uniform = score(uniform_width)
+        keep |= {config_key(plan.config(best.width)), config_key(plan.config(uniform.width))}
+    finally:
+        _drop_stats(model, keep)
+        set_width(model, previous)
+    return SearchResult(best, uniform, int(max_macs), steps)
+
+
+def _narrow(plan: ChannelPlan, current: Mapping[str, float], name: str, step: float) -> float | None:
+    """``current[name]`` lowered by ``step``, or further to its next smaller channel count."""
+    lo = plan.width_range[0]
+    now = current[name]
+    channels = plan.channels(current)[name]
+    candidate = max(lo, round(now - step, 6))
+    while True:
+        if plan.channels({**current, name: candidate})[name] < channels:
+            return candidate
+        if candidate <= lo:
+            return None
+        candidate = max(lo, round(candidate - 0.001, 6))
+
+
+@torch.no_grad()
+def _evaluate(model: nn.Module, width, images: Tensor, labels: Tensor) -> tuple[float, float]:
+    param = next(model.parameters())
+    was_training = model.training
+    model.eval()
+    try:
+        with width_context(model, width):
+            logits = model(images.to(device=param.device, dtype=param.dtype)).float()
+    finally:
+        model.train(was_training)
+    labels = labels.to(logits.device)
+    top1 = float((logits.argmax(1) == labels).float().mean())
+    loss = float(F.cross_entropy(logits, labels))
+    return top1, loss if math.isfinite(loss) else math.inf
+
+
+def _bns(model: nn.Module) -> list[SlimmableBatchNorm2d]:
+    return [m for m in model.modules() if isinstance(m, SlimmableBatchNorm2d)]
+
+
+def _stats_keys(model: nn.Module) -> set[str]:
+    return {key for bn in _bns(model) for key in bn.width_stats}
+
+
+def _drop_stats(model: nn.Module, keep: set[str]) -> None:
+    for bn in _bns(model):
+        bn.width_stats = {k: v for k, v in bn.width_stats.items() if k in keep}
+
+
+def format_search(result: SearchResult, test: Mapping[str, float] | None = None) -> str:
+    """Result against the uniform width of the same budget (and test top-1 if given)."""
+    lines = [f"{'':>9} {'width':<34} {'params':>8} {'MACs':>8} {'held-out':>9}" + (f" {'test':>7}" if test else "")]
+    for label, s in (("searched", result.result), ("uniform", result.uniform)):
+        width = s.width if isinstance(s.width, float) else ", ".join(f"{v:g}" for v in s.width.values())
+        width = width if isinstance(width, str) else f"{width:g}"
+        if len(width) > 34:
+            width = width[:31] + "..."
+        row = (f"{label:>9} {width:<34} {format_count(s.params):>8} {format_count(s.macs):>8} "
+               f"{100 * s.heldout_top1:>8.2f}%")  # fmt: skip
+        if test:
+            row += f" {100 * test[label]:>6.2f}%"
+        lines.append(row)
+    lines.append(f"budget: {format_count(result.max_macs)} MACs; {len(result.steps)} narrowing steps")
+    return "\n".join(lines)
