@@ -337,3 +337,38 @@ def test_sync_bn_ddp_step_equals_one_process_and_allreduces_once(tmp_path):
         # Without SyncBN each rank normalizes with its half batch: a different step.
         plain = results["plain_bn"][0]
         assert max((plain[k] - v).abs().max().item() for k, v in reference.items()) > 1e-3
+
+
+# -- torchrun -m usnet train -------------------------------------------------------------------
+def torchrun(*args: str, nproc: int = 2) -> subprocess.CompletedProcess:
+    """``torchrun --standalone --nproc_per_node N -m usnet ARGS`` in its own process group,
+    killed as a whole (torchrun and its workers) at the deadline or on any failure here."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc_per_node={nproc}", "-m", "usnet", *args]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
+    try:
+        stdout, stderr = process.communicate(timeout=DEADLINE)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)  # workers left by a timeout or a failure here
+        process.wait()
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+
+
+def test_torchrun_cli_trains_and_reports_errors_once(tmp_path):
+    out = tmp_path / "run"
+    args = ["train", str(FASHION), "--out", str(out), "--set", *TINY, "epochs=1"]
+    result = torchrun(*args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for name in (CHECKPOINT, FINAL, METRICS, "spectrum.csv", "spectrum.json", "spectrum.png"):
+        assert (out / name).is_file(), name
+    assert "x 2 processes" in result.stdout  # logged once, by rank 0
+    assert result.stdout.count("epoch 1/1:") == 1
+    assert [r["width"] for r in _records(out, "spectrum")[0]["rows"]] == [0.25, 0.5, 1.0]
+    # The same command again: rank 0 finds the run, every rank stops, one error line.
+    again = torchrun(*args)
+    assert again.returncode != 0
+    errors = [line for line in again.stderr.splitlines() if line.startswith("usnet: error:")]
+    assert len(errors) == 1 and "already holds a run" in errors[0], again.stderr[-3000:]
