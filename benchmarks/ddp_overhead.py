@@ -4,11 +4,14 @@ The same global batch (default 128 Fashion-MNIST-sized images, us_convnet, n=4 w
 distillation, SGD) is trained for a number of steps:
 
 * 1 process with 1 thread, and 1 process with ``world`` threads (the same cores as the ranks);
+* 1 process with 1 thread on one rank's share (batch / world images): the compute of one rank
+  without any communication;
 * ``world`` processes with 1 thread each, DistributedDataParallel over gloo, batch / world images
   per rank (gradients all-reduced once per step), with plain and with synchronized BatchNorm.
 
 Printed side by side, in one run (interleaved rounds, median): ms per step and the ratio to the
-1-process run on the same cores. Run from the repository root::
+1-process, 1-thread run. DDP's own overhead is the ``world``-process time over the one-share time
+(1.0 would be free communication on idle cores). Run from the repository root::
 
     PYTHONPATH=$PWD .venv/bin/python benchmarks/ddp_overhead.py [--steps 20] [--rounds 3]
 """
@@ -99,6 +102,7 @@ def main() -> None:
     runs = {
         "1 process, 1 thread": lambda: single(args.batch, args.steps, 1),
         f"1 process, {args.world} threads": lambda: single(args.batch, args.steps, args.world),
+        f"1 process, 1 thread, 1/{args.world} batch": lambda: single(args.batch // args.world, args.steps, 1),
         f"{args.world} processes (DDP, gloo)": lambda: parallel(args.batch, args.steps, args.world, False),
         f"{args.world} processes (DDP, gloo, SyncBN)": lambda: parallel(args.batch, args.steps, args.world, True),
     }  # fmt: skip
@@ -106,9 +110,10 @@ def main() -> None:
     for _ in range(args.rounds):
         for name, run in runs.items():
             times[name].append(run())
-    base = statistics.median(times[f"1 process, {args.world} threads"])
+    base = statistics.median(times["1 process, 1 thread"])
     print(f"us_convnet, global batch {args.batch}, n=4, {args.steps} steps x {args.rounds} rounds "
-          f"(median); torch {torch.__version__}, {os.cpu_count()} CPUs")  # fmt: skip
+          f"(median); torch {torch.__version__}, {os.cpu_count()} CPUs, load average "
+          f"{os.getloadavg()[0]:.1f}")  # fmt: skip
     print(f"{'run':<36} {'ms/step':>8} {'images/s':>9} {'ratio':>6}")
     for name, values in times.items():
         t = statistics.median(values)
