@@ -28,7 +28,7 @@ from torch.utils.data import TensorDataset
 
 import usnet
 from usnet import distributed
-from usnet.config import load_config
+from usnet.config import ConfigError, load_config
 from usnet.layers import SlimmableBatchNorm2d
 from usnet.trainer import _NO_BUFFER_SYNC, CHECKPOINT, FINAL, METRICS, Trainer
 from usnet.training import InplaceDistillationLoss, sandwich_step
@@ -38,7 +38,8 @@ REPO = Path(__file__).resolve().parents[1]
 FASHION = REPO / "configs" / "fashion_mnist.yaml"
 TINY = [
     "model_kwargs={channels: [8, 16, 16], strides: [1, 2, 2]}", "channels_last=false",
-    "data.limit_train=128", "data.limit_test=200", "batch_size=32", "epochs=2", "log_every=1", "lr=0.002",
+    "data.limit_train=128", "data.limit_test=200", "batch_size=32", "epochs=2", "lr=0.002",
+    "log_every=1",
     "eval.widths=0.25,0.5,1.0", "eval.epoch_calib_images=96", "calib.num_images=100",
     "calib.batch_size=64", "sync_bn=true",
 ]  # fmt: skip
@@ -122,6 +123,8 @@ def _train_worker(rank: int, tmp: str) -> None:
     if rank != 0:
         _audit_writes([str(root / "straight"), str(root / "resumed")], writes)
     quiet = dict(progress=False, log=lambda s: None)
+    with pytest.raises(ConfigError, match="global batch and must be divisible by the 2 processes"):
+        Trainer(load_config(FASHION, [*TINY, "batch_size=33"]), root / "odd", **quiet)
     config = load_config(FASHION, TINY)
     straight = Trainer(config, root / "straight", **quiet)
     drawn = _record_widths(straight)

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
+from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from .channels import Width, config_key
 from .layers import SlimmableBatchNorm2d
@@ -53,7 +53,9 @@ def sample_images(
         raise ValueError(f"num_images must be a positive integer, got {num_images!r}")
     rank, world = shard
     if not 0 <= rank < world:
-        raise ValueError(f"shard must be (rank, world_size) with 0 <= rank < world_size, got {shard}")
+        raise ValueError(
+            f"shard must be (rank, world_size) with 0 <= rank < world_size, got {shard}"
+        )
     if isinstance(data, DataLoader) and _random_access(data.dataset):
         dataset, bs = data.dataset, batch_size or data.batch_size or DEFAULT_BATCH_SIZE
         loader_kwargs = dict(num_workers=data.num_workers, collate_fn=data.collate_fn,

@@ -223,7 +223,8 @@ def global_batch_stats(input: Tensor, group: Any = None) -> tuple[Tensor, Tensor
         gathered = _AllGather.apply(local, group)  # (world, 1 + 2C)
     else:
         gathered = local[None]
-    counts, means, variances = gathered[:, :1], gathered[:, 1 : 1 + channels], gathered[:, 1 + channels :]
+    counts = gathered[:, :1]
+    means, variances = gathered[:, 1 : 1 + channels], gathered[:, 1 + channels :]
     total = counts.sum()
     weights = counts / total
     global_mean = (weights * means).sum(0)

@@ -270,7 +270,8 @@ class SlimmableBatchNorm2d(nn.BatchNorm2d):
         return _affine_normalize(input, mean, var, weight, bias, self.eps)
 
     @torch.no_grad()
-    def _calibrate_global(self, input: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
+    def _calibrate_global(self, input: Tensor, weight: Tensor | None,
+                          bias: Tensor | None) -> Tensor:  # fmt: skip
         """One calibration batch sharded across ranks: update the cumulative average with the
         global batch's mean and unbiased variance, as ``F.batch_norm`` does for one process."""
         from .distributed import global_batch_stats

@@ -312,8 +312,8 @@ class Trainer:
             if c.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
             try:
-                result = sandwich_step(self.train_model, images, labels, self.optimizer, self.sampler,
-                                       self.criterion, scaler=self.scaler,
+                result = sandwich_step(self.train_model, images, labels, self.optimizer,
+                                       self.sampler, self.criterion, scaler=self.scaler,
                                        autocast_dtype=self.autocast_dtype)  # fmt: skip
             except FloatingPointError as err:
                 raise TrainingError(
@@ -446,7 +446,8 @@ def evaluate(model: nn.Module, loader: DataLoader | Sequence, widths: Sequence[W
         model.train(was_training)
     if distributed:
         summed = dist.all_reduce_sum([total, *correct1, *correct5])
-        total, correct1, correct5 = summed[0], summed[1 : 1 + len(widths)], summed[1 + len(widths) :]
+        total, correct1 = summed[0], summed[1 : 1 + len(widths)]
+        correct5 = summed[1 + len(widths) :]
     if total == 0:
         raise ValueError("evaluation data is empty")
     return [(c1 / total, c5 / total) for c1, c5 in zip(correct1, correct5)]
