@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
+from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from .channels import Width, config_key
 from .layers import SlimmableBatchNorm2d
@@ -30,7 +30,12 @@ DEFAULT_BATCH_SIZE = 128
 
 
 def sample_images(
-    data: Any, num_images: int = 1024, seed: int = 0, batch_size: int | None = None
+    data: Any,
+    num_images: int = 1024,
+    seed: int = 0,
+    batch_size: int | None = None,
+    *,
+    shard: tuple[int, int] = (0, 1),
 ) -> list[Tensor]:
     """Draw ``num_images`` images from ``data`` as a list of batches.
 
@@ -38,36 +43,47 @@ def sample_images(
     replacement, drawn with ``seed``; a DataLoader's workers, collate function and batch size are
     reused), or any iterable of batches (image tensors or ``(images, ...)`` tuples), of which the
     first ``num_images`` images are taken.
+
+    ``shard=(rank, world_size)``: this rank's share of every batch, the images ``rank``,
+    ``rank + world_size``, ... of it (random-access data loads only those), so the shares of all
+    ranks make up exactly the batches one process would draw. Every rank gets the same number of
+    batches; a share can be empty (a ``(0, C, H, W)`` tensor).
     """
     if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images < 1:
         raise ValueError(f"num_images must be a positive integer, got {num_images!r}")
-    loader: Iterable
-    if isinstance(data, DataLoader) and _random_access(data.dataset):
-        dataset = data.dataset
-        indices = _draw(len(dataset), num_images, seed)
-        loader = DataLoader(
-            Subset(dataset, indices),
-            batch_size=batch_size or data.batch_size or DEFAULT_BATCH_SIZE,
-            shuffle=False,
-            num_workers=data.num_workers,
-            collate_fn=data.collate_fn,
-            pin_memory=data.pin_memory,
+    rank, world = shard
+    if not 0 <= rank < world:
+        raise ValueError(
+            f"shard must be (rank, world_size) with 0 <= rank < world_size, got {shard}"
         )
+    if isinstance(data, DataLoader) and _random_access(data.dataset):
+        dataset, bs = data.dataset, batch_size or data.batch_size or DEFAULT_BATCH_SIZE
+        loader_kwargs = dict(num_workers=data.num_workers, collate_fn=data.collate_fn,
+                             pin_memory=data.pin_memory)  # fmt: skip
     elif isinstance(data, Dataset) and _random_access(data):
-        indices = _draw(len(data), num_images, seed)
-        loader = DataLoader(Subset(data, indices), batch_size=batch_size or DEFAULT_BATCH_SIZE)
+        dataset, bs, loader_kwargs = data, batch_size or DEFAULT_BATCH_SIZE, {}
     elif isinstance(data, (Tensor, str, bytes)) or not isinstance(data, Iterable):
         raise TypeError(
             "calibration data must be a DataLoader, a Dataset, or an iterable of batches "
             f"(image tensors or (images, labels) tuples), got {type(data).__name__}"
         )
     else:
-        loader = data
+        return _shares(_first_images(data, num_images, batch_size), rank, world)
+    indices = _draw(len(dataset), num_images, seed)
+    if len(indices) < num_images:
+        warnings.warn(f"calibration data holds only {len(indices)} images (asked for {num_images})")
+    shares = [indices[i : i + bs][rank::world] for i in range(0, len(indices), bs)]
+    loader = DataLoader(dataset, batch_sampler=[s for s in shares if s], **loader_kwargs)
+    loaded = iter([_images_of(batch) for batch in loader])
+    return _fill_empty([next(loaded) if s else None for s in shares])
+
+
+def _first_images(data: Iterable, num_images: int, batch_size: int | None) -> list[Tensor]:
+    """The first ``num_images`` images of an iterable of batches (re-batched if asked)."""
     batches: list[Tensor] = []
     taken = 0
-    for batch in loader:
-        images = _images_of(batch)
-        images = images[: num_images - taken]
+    for batch in data:
+        images = _images_of(batch)[: num_images - taken]
         batches.append(images)
         taken += images.shape[0]
         if taken >= num_images:
@@ -76,9 +92,26 @@ def sample_images(
         raise ValueError("calibration data yielded no images")
     if taken < num_images:
         warnings.warn(f"calibration data holds only {taken} images (asked for {num_images})")
-    if batch_size is not None and loader is data:  # re-batch a plain iterable as asked
+    if batch_size is not None:
         batches = list(torch.cat(batches).split(batch_size))
     return batches
+
+
+def _shares(batches: list[Tensor], rank: int, world: int) -> list[Tensor]:
+    if world == 1:
+        return batches
+    return _fill_empty([b[rank::world] if b.shape[0] > rank else None for b in batches])
+
+
+def _fill_empty(batches: list[Tensor | None]) -> list[Tensor]:
+    """Empty shares as ``(0, C, H, W)`` tensors shaped like this rank's other images."""
+    like = next((b for b in batches if b is not None), None)
+    if like is None:
+        raise ValueError(
+            "distributed calibration: this rank's share of the sample is empty; use at least as "
+            "many calibration images as ranks"
+        )
+    return [like[:0] if b is None else b for b in batches]
 
 
 def calibrate(
@@ -90,11 +123,19 @@ def calibrate(
     *,
     batch_size: int | None = None,
     progress: bool | None = None,
+    distributed: bool = False,
 ) -> list[str]:
     """Calibrate the BatchNorm statistics of ``model`` at each of ``widths``.
 
     Widths that round to the same channel configuration are one network and are calibrated once.
     Returns the configuration keys calibrated. The model's width and train/eval mode are restored.
+
+    ``distributed=True`` (inside a ``torch.distributed`` process group; every rank calls it with
+    the same arguments): each rank loads and runs only its share of every calibration batch
+    (:func:`sample_images` ``shard``), and every BatchNorm layer combines the shares' statistics
+    across ranks (count, mean and variance; :func:`usnet.distributed.global_batch_stats`), so
+    every rank ends with the statistics a single process computes on the whole sample, up to
+    float rounding, for ``1 / world_size`` of the work. Outside a process group it is ignored.
     """
     state = get_state(model)
     if isinstance(widths, (numbers.Real, Mapping)):
@@ -109,8 +150,11 @@ def calibrate(
     bns = [m for m in model.modules() if isinstance(m, SlimmableBatchNorm2d) and m.track_running_stats]
     if not bns:
         return [config_key(c) for c in by_config]
+    from .distributed import rank, world_size
+
     param = next(model.parameters())
-    batches = sample_images(data, num_images, seed, batch_size)
+    shard = (rank(), world_size()) if distributed else (0, 1)
+    batches = sample_images(data, num_images, seed, batch_size, shard=shard)
     total = len(by_config) * len(batches)
     show = progress if progress is not None else (total > 50 and sys.stderr.isatty())
     bar = _progress(total, show)
@@ -121,7 +165,7 @@ def calibrate(
             for config, w in by_config.items():
                 set_width(model, w)
                 for bn in bns:
-                    bn.start_calibration()
+                    bn.start_calibration(distributed=shard[1] > 1)
                 for images in batches:
                     model(images.to(device=param.device, dtype=param.dtype, non_blocking=True))
                     if bar is not None:

@@ -87,6 +87,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from . import checkpoint
     from .config import config_from_dict, load_config
+    from .distributed import destroy, init_from_env
     from .trainer import CHECKPOINT, Trainer
 
     overrides = [item for group in args.set for item in group]
@@ -99,7 +100,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         config = config_from_dict(payload.get("extra", {}).get("config") or {})
     else:
         config = load_config(args.config, overrides)
-    Trainer(config, args.out, resume=args.resume).run()
+    # Under torchrun: join the process group (NCCL on GPUs, gloo on CPUs); else a no-op.
+    init_from_env(config.device)
+    try:
+        Trainer(config, args.out, resume=args.resume).run()
+    finally:
+        destroy()
     return 0
 
 
@@ -454,7 +460,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.func(args)
     except USER_ERRORS as err:
         message = str(err).splitlines()[0] if str(err) else type(err).__name__
-        print(f"usnet: error: {message}", file=sys.stderr)
+        if not getattr(err, "usnet_from_main", False):  # torchrun: rank 0 already said it
+            print(f"usnet: error: {message}", file=sys.stderr)
         return 2
 
 

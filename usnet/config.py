@@ -68,6 +68,9 @@ class TrainConfig:
     distill_warmup_epochs: float = 0.0  # λ falls linearly from 1 to distill_label_weight over these
     label_smoothing: float = 0.0
     epochs: int = 4
+    # The global batch: under torchrun each of N processes trains on batch_size / N images per
+    # step, so a config means the same optimization on any number of GPUs. lr belongs to it:
+    # when changing batch_size, scale lr linearly (Goyal et al. 2017: lr = 0.1 * batch_size / 256).
     batch_size: int = 128
     lr: float = 0.1
     lr_schedule: Literal["linear", "cosine"] = "cosine"
@@ -77,6 +80,7 @@ class TrainConfig:
     weight_decay: float = 5e-5
     amp: Literal["none", "bf16", "fp16"] = "none"
     channels_last: bool = False
+    sync_bn: bool = False  # torchrun: BN statistics over the global batch (small per-GPU batches)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     seed: int = 0
     log_every: int = 50  # steps between metrics.jsonl training records

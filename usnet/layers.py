@@ -153,6 +153,10 @@ class SlimmableBatchNorm2d(nn.BatchNorm2d):
         self.usnet_name = ""
         # Switchable BN (slimmable-network baseline): private affine parameters per configuration.
         self.private_affine: nn.ParameterDict | None = None
+        # SyncBN (usnet.distributed.convert_sync_batchnorm): training-mode batch statistics over
+        # all ranks of process_group (None: the default group) instead of this rank's batch.
+        self.sync_bn = False
+        self.process_group = None
 
     # -- affine parameters -----------------------------------------------------------------------
     def add_private_affine(self) -> None:
@@ -191,18 +195,22 @@ class SlimmableBatchNorm2d(nn.BatchNorm2d):
             return self.running_mean, self.running_var
         return self.width_stats.get(self.stats_key)
 
-    def start_calibration(self) -> None:
-        """Start fresh statistics for the current configuration."""
+    def start_calibration(self, distributed: bool = False) -> None:
+        """Start fresh statistics for the current configuration.
+
+        ``distributed``: every rank calls this and then runs its share of each calibration batch;
+        the statistics of each batch are those of the shares of all ranks together (the default
+        process group), so all ranks end with the statistics a single process computes."""
         c = self.active_features
         ref = self.running_mean if self.running_mean is not None else self.weight
         kw = {"device": ref.device, "dtype": ref.dtype} if ref is not None else {}
-        self._calibration = [torch.zeros(c, **kw), torch.ones(c, **kw), 0]
+        self._calibration = [torch.zeros(c, **kw), torch.ones(c, **kw), 0, bool(distributed)]
 
     def finish_calibration(self) -> None:
         """Store the accumulated statistics for the current configuration."""
         if self._calibration is None:
             raise RuntimeError("finish_calibration() without start_calibration()")
-        mean, var, batches = self._calibration
+        mean, var, batches, _ = self._calibration
         self._calibration = None
         if batches == 0:
             raise RuntimeError(f"BatchNorm {self.usnet_name!r} saw no batch during calibration")
@@ -233,10 +241,15 @@ class SlimmableBatchNorm2d(nn.BatchNorm2d):
         weight, bias = self.active_affine()
         if self._calibration is not None:
             self._calibration[2] += 1
-            mean, var, batches = self._calibration
+            mean, var, batches, distributed = self._calibration
+            if distributed and _sync_world(None) > 1:
+                return self._calibrate_global(input, weight, bias)
             # Cumulative average: momentum 1/t, exactly PyTorch's momentum=None behaviour.
             return F.batch_norm(input, mean, var, weight, bias, True, 1.0 / batches, self.eps)
         if self.training or not self.track_running_stats:
+            group = getattr(self, "process_group", None)
+            if self.training and getattr(self, "sync_bn", False) and _sync_world(group) > 1:
+                return self._normalize_global(input, weight, bias, group)
             return F.batch_norm(input, None, None, weight, bias, True, 0.0, self.eps)
         stats = self.current_stats()
         if stats is None:
@@ -248,6 +261,29 @@ class SlimmableBatchNorm2d(nn.BatchNorm2d):
         mean, var = stats
         return F.batch_norm(input, mean[:c], var[:c], weight, bias, False, 0.0, self.eps)
 
+    def _normalize_global(self, input: Tensor, weight: Tensor | None, bias: Tensor | None,
+                          group) -> Tensor:  # fmt: skip
+        """Training-mode BN with the statistics of the batch of all ranks (differentiable)."""
+        from .distributed import global_batch_stats
+
+        mean, var, _ = global_batch_stats(input, group)
+        return _affine_normalize(input, mean, var, weight, bias, self.eps)
+
+    @torch.no_grad()
+    def _calibrate_global(self, input: Tensor, weight: Tensor | None,
+                          bias: Tensor | None) -> Tensor:  # fmt: skip
+        """One calibration batch sharded across ranks: update the cumulative average with the
+        global batch's mean and unbiased variance, as ``F.batch_norm`` does for one process."""
+        from .distributed import global_batch_stats
+
+        running_mean, running_var, batches, _ = self._calibration  # type: ignore[misc]
+        mean, var, count = global_batch_stats(input)
+        momentum = 1.0 / batches
+        unbiased = var * count / (count - 1).clamp_min(1)
+        running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
+        running_var.mul_(1 - momentum).add_(unbiased.to(running_var.dtype), alpha=momentum)
+        return _affine_normalize(input, mean, var, weight, bias, self.eps)
+
     def _apply(self, fn, recurse=True):
         # Keep the per-width statistics on the module's device/dtype like ordinary buffers.
         result = super()._apply(fn, recurse)
@@ -256,6 +292,30 @@ class SlimmableBatchNorm2d(nn.BatchNorm2d):
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", active={self.active_features}"
+
+
+def _sync_world(group) -> int:
+    """Ranks that synchronized BN statistics would span (1 outside a process group)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return 1
+    return dist.get_world_size(group)
+
+
+def _affine_normalize(input: Tensor, mean: Tensor, var: Tensor, weight: Tensor | None,
+                      bias: Tensor | None, eps: float) -> Tensor:  # fmt: skip
+    """``(x - mean) / sqrt(var + eps) * weight + bias`` per channel of ``(N, C, ...)`` input, in
+    the statistics' precision, returned in the input's dtype; differentiable in every argument
+    (``F.batch_norm`` does not differentiate through given statistics)."""
+    shape = (1, -1) + (1,) * (input.dim() - 2)
+    scale = torch.rsqrt(var + eps)
+    if weight is not None:
+        scale = scale * weight.to(scale.dtype)
+    shift = -mean * scale
+    if bias is not None:
+        shift = shift + bias.to(shift.dtype)
+    return (input.to(scale.dtype) * scale.view(shape) + shift.view(shape)).to(input.dtype)
 
 
 SLIMMABLE_LAYERS: dict[type[nn.Module], type[nn.Module]] = {

@@ -9,11 +9,20 @@ Reproducibility: the widths come from the sampler's own seeded generator, the da
 augmentation of epoch ``e`` from generators seeded with ``(seed, e)``; checkpoints hold the
 optimizer, scheduler and sampler states, so ``--resume`` continues exactly where the last
 checkpoint left off.
+
+Distributed (``torchrun ... -m usnet train``, see :mod:`usnet.distributed`): ``batch_size`` is the
+*global* batch, split evenly over the ranks, and the data order is the single-process one, dealt
+out by ``DistributedSampler``: step ``k`` of every rank together sees exactly the images of the
+single-process step ``k``. Every rank draws the same widths (same seeded sampler), the model is
+wrapped in ``DistributedDataParallel`` (gradients all-reduced once per sandwich step), per-epoch
+validation and the final calibration are sharded over the ranks with all-reduced statistics and
+counts, and only rank 0 writes files. ``--resume`` reads the checkpoint on rank 0 and broadcasts it.
 """
 
 from __future__ import annotations
 
 import csv
+import inspect
 import io
 import json
 import math
@@ -24,9 +33,11 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from . import checkpoint as ckpt
+from . import distributed as dist
 from .calibrate import calibrate
 from .channels import Width, config_id, parse_widths
 from .config import ConfigError, TrainConfig, config_from_dict
@@ -52,6 +63,10 @@ class TrainingError(RuntimeError):
 
 
 def pick_device(name: str) -> torch.device:
+    """The device of ``config.device``; in a process group, ``auto``/``cuda`` mean this rank's
+    GPU (the current CUDA device, which :func:`usnet.distributed.init_from_env` set)."""
+    if dist.is_distributed() and name in ("auto", "cuda") and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
@@ -80,10 +95,18 @@ class Trainer:
                  log: Callable[[str], None] = print, progress: bool | None = None):  # fmt: skip
         self.config = config
         self.out = Path(out_dir)
-        self.log = log
-        self.progress = progress
+        self.rank, self.world_size = dist.rank(), dist.world_size()
+        self.is_main = self.rank == 0
+        self.log = log if self.is_main else _silent
+        self.progress = progress if self.is_main else False
         self.device = pick_device(config.device)
-        saved = self._check_out_dir(resume)
+        if config.batch_size % self.world_size:
+            raise ConfigError(
+                f"batch_size {config.batch_size} is the global batch and must be divisible by the "
+                f"{self.world_size} processes"
+            )
+        self.rank_batch_size = config.batch_size // self.world_size
+        saved = dist.run_on_main(lambda: self._check_out_dir(resume))
 
         self.train_set, self.calib_set, self.test_set, self.info = datasets_for(config)
         torch.manual_seed(config.seed)  # the initial weights are part of the run's identity
@@ -92,6 +115,8 @@ class Trainer:
             enable_switchable_bn(self.model, config.widths)
         if config.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
+        if config.sync_bn:
+            dist.convert_sync_batchnorm(self.model)  # a no-op in a single process
         self.steps_per_epoch = len(self.train_set) // config.batch_size
         if self.steps_per_epoch == 0:
             raise ConfigError(
@@ -119,6 +144,17 @@ class Trainer:
         self.tb = None
         if saved is not None:
             self._restore(saved)
+        # What sandwich_step runs: DDP in a process group (its construction broadcasts rank 0's
+        # weights, so every rank starts equal), else the model itself. Buffers are not
+        # broadcast: BN keeps no running statistics in training (calibrated per width instead).
+        # Switchable BN's private parameters of the other widths are unused in the last
+        # (synchronizing) backward pass of a step.
+        self.train_model: nn.Module = self.model
+        if dist.is_distributed():
+            self.train_model = DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=config.mode == "slimmable", **_NO_BUFFER_SYNC,
+            )  # fmt: skip
 
     # -- setup ---------------------------------------------------------------------------------
     def _check_out_dir(self, resume: bool) -> dict | None:
@@ -178,6 +214,8 @@ class Trainer:
 
     # -- logging -------------------------------------------------------------------------------
     def _metric(self, record: dict[str, Any]) -> None:
+        if not self.is_main:
+            return
         self.out.mkdir(parents=True, exist_ok=True)
         with open(self.out / METRICS, "a") as f:
             f.write(json.dumps(record) + "\n")
@@ -188,7 +226,7 @@ class Trainer:
 
     def _truncate_metrics(self, step: int) -> None:
         path = self.out / METRICS
-        if not path.exists():
+        if not self.is_main or not path.exists():
             return
         keep = []
         for line in path.read_text().splitlines():
@@ -217,10 +255,16 @@ class Trainer:
 
     # -- the run -------------------------------------------------------------------------------
     def train_loader(self, epoch: int) -> DataLoader:
-        generator = torch.Generator().manual_seed(_epoch_seed(self.config.seed, epoch))
-        return DataLoader(self.train_set, batch_size=self.config.batch_size, shuffle=True,
-                          drop_last=True, generator=generator,
-                          num_workers=self.config.data.num_workers,
+        """This rank's batches of ``epoch``: a permutation seeded with ``(seed, epoch)``, dealt
+        out round-robin (``DistributedSampler``), ``batch_size / world_size`` images per step.
+        The ranks' step-``k`` batches together are images ``k*B .. k*B+B-1`` of the permutation,
+        the single-process step ``k``; the remainder of the epoch is dropped."""
+        sampler = DistributedSampler(self.train_set, num_replicas=self.world_size, rank=self.rank,
+                                     shuffle=True, seed=_epoch_seed(self.config.seed, 0),
+                                     drop_last=True)  # fmt: skip
+        sampler.set_epoch(epoch)  # the permutation's seed is seed + epoch
+        return DataLoader(self.train_set, batch_size=self.rank_batch_size, sampler=sampler,
+                          drop_last=True, num_workers=self.config.data.num_workers,
                           pin_memory=self.device.type == "cuda")  # fmt: skip
 
     def run(self, max_epochs: int | None = None) -> list[dict] | None:
@@ -229,18 +273,20 @@ class Trainer:
         from torch.utils.tensorboard import SummaryWriter
 
         c = self.config
-        self.out.mkdir(parents=True, exist_ok=True)
-        if self.step == 0:
-            # A run that died before its first checkpoint left only logs: start them afresh.
-            self._truncate_metrics(-1)
-        self.tb = SummaryWriter(str(self.out / "tensorboard"), purge_step=self.step)
+        if self.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            if self.step == 0:
+                # A run that died before its first checkpoint left only logs: start them afresh.
+                self._truncate_metrics(-1)
+            self.tb = SummaryWriter(str(self.out / "tensorboard"), purge_step=self.step)
         try:
             if self.step == 0:
                 self._metric({"kind": "run", "step": 0, "config": c.to_dict(),
                               "losses": self.describe_losses(), "device": str(self.device)})  # fmt: skip
+            ranks = f" x {self.world_size} processes" if dist.is_distributed() else ""
             self.log(f"training {c.model} ({c.trained_widths_description()}) on {c.data.name}: "
                      f"{len(self.train_set)} images, {c.epochs} epochs x {self.steps_per_epoch} steps, "
-                     f"device {self.device}")  # fmt: skip
+                     f"device {self.device}{ranks}")  # fmt: skip
             self.log(f"losses: {self.describe_losses()}")
             stop = c.epochs if max_epochs is None else min(c.epochs, self.epoch + max_epochs)
             while self.epoch < stop:
@@ -253,12 +299,14 @@ class Trainer:
                 return None
             return self._finish()
         finally:
-            self.tb.close()
-            self.tb = None
+            if self.tb is not None:
+                self.tb.close()
+                self.tb = None
 
     def _train_epoch(self) -> None:
         c = self.config
-        torch.manual_seed(_epoch_seed(c.seed, self.epoch))  # dropout/augmentation in this process
+        # Dropout/augmentation in this process; other ranks see other images, so other draws.
+        torch.manual_seed(_epoch_seed(c.seed, self.epoch) + 1_000_003 * self.rank)
         self.model.train()
         bar = _bar(self.steps_per_epoch, f"epoch {self.epoch + 1}/{c.epochs}", self.progress)
         seen, start = 0, time.perf_counter()
@@ -269,8 +317,8 @@ class Trainer:
                 images = images.contiguous(memory_format=torch.channels_last)
             self.criterion.label_weight = self.distill_label_weight(self.step)
             try:
-                result = sandwich_step(self.model, images, labels, self.optimizer, self.sampler,
-                                       self.criterion, scaler=self.scaler,
+                result = sandwich_step(self.train_model, images, labels, self.optimizer,
+                                       self.sampler, self.criterion, scaler=self.scaler,
                                        autocast_dtype=self.autocast_dtype)  # fmt: skip
             except FloatingPointError as err:
                 raise TrainingError(
@@ -279,12 +327,15 @@ class Trainer:
                 ) from None
             self.scheduler.step()
             self.step += 1
-            seen += images.shape[0]
+            seen += images.shape[0] * self.world_size
             rate = seen / max(time.perf_counter() - start, 1e-9)
             if bar is not None:
                 bar.set_postfix(loss=f"{result.losses[0]:.3f}", img_s=f"{rate:.0f}", refresh=False)
                 bar.update(1)
             if self.step % c.log_every == 0 or self.step == 1:
+                if self.world_size > 1:  # the global batch's losses (mean of equal shards)
+                    totals = dist.all_reduce_sum(result.losses)
+                    result.losses = [v / self.world_size for v in totals]
                 record = {"kind": "train", "step": self.step, "epoch": self.epoch + 1,
                           "lr": self.optimizer.param_groups[0]["lr"], "images_per_s": rate,
                           "loss_widest": result.losses[0], "loss_narrowest": result.losses[-1],
@@ -315,8 +366,9 @@ class Trainer:
         c = self.config
         widths = self._end_widths()
         calibrate(self.model, self.calib_set, widths, num_images=c.eval.epoch_calib_images,
-                  seed=c.seed + self.epoch, batch_size=c.calib.batch_size, progress=False)  # fmt: skip
-        results = evaluate(self.model, self.test_loader(), widths, self.device)
+                  seed=c.seed + self.epoch, batch_size=c.calib.batch_size, progress=False,
+                  distributed=True)  # fmt: skip
+        results = evaluate(self.model, self.test_loader(), widths, self.device, distributed=True)
         record = {"kind": "val", "step": self.step, "epoch": self.epoch}
         for w, (top1, top5) in zip(widths, results):
             record[f"top1@{w:g}"] = top1
@@ -326,7 +378,11 @@ class Trainer:
                  + ", ".join(f"width {w:g} top-1 {100 * r[0]:.2f}%" for w, r in zip(widths, results)))  # fmt: skip
 
     def test_loader(self) -> DataLoader:
-        return DataLoader(self.test_set, batch_size=self.config.eval.batch_size,
+        """This rank's share of the test set (every ``world_size``-th image from ``rank``)."""
+        data = self.test_set
+        if self.world_size > 1:
+            data = Subset(data, range(self.rank, len(data), self.world_size))
+        return DataLoader(data, batch_size=self.config.eval.batch_size,
                           num_workers=self.config.data.num_workers)  # fmt: skip
 
     def trainer_state(self) -> dict:
@@ -340,6 +396,8 @@ class Trainer:
         }
 
     def _save_checkpoint(self) -> None:
+        if not self.is_main:
+            return
         ckpt.save(self.model, self.out / CHECKPOINT,
                   extra={"config": self.config.to_dict(), "trainer": self.trainer_state()})  # fmt: skip
 
@@ -348,13 +406,14 @@ class Trainer:
         widths = self.eval_widths()
         self.log(f"calibrating BN at {len(widths)} widths on {c.calib.num_images} training images")
         calibrate(self.model, self.calib_set, widths, num_images=c.calib.num_images, seed=c.seed,
-                  batch_size=c.calib.batch_size, progress=self.progress)  # fmt: skip
-        results = evaluate(self.model, self.test_loader(), widths, self.device)
+                  batch_size=c.calib.batch_size, progress=self.progress, distributed=True)  # fmt: skip
+        results = evaluate(self.model, self.test_loader(), widths, self.device, distributed=True)
         rows = spectrum_rows(self.model, widths, results, self.info.input_size)
-        write_spectrum(self.out, rows, title=f"{c.model} on {c.data.name}")
         set_width(self.model, get_state(self.model).width_range[1])
-        ckpt.save(self.model, self.out / FINAL,
-                  extra={"config": c.to_dict(), "spectrum": rows, "trainer": self.trainer_state()})  # fmt: skip
+        if self.is_main:
+            write_spectrum(self.out, rows, title=f"{c.model} on {c.data.name}")
+            ckpt.save(self.model, self.out / FINAL,
+                      extra={"config": c.to_dict(), "spectrum": rows, "trainer": self.trainer_state()})  # fmt: skip
         self._metric({"kind": "spectrum", "step": self.step, "rows": rows})
         self.log(format_spectrum(rows))
         self.log(f"wrote {self.out / FINAL}, {self.out / 'spectrum.csv'}, spectrum.json, spectrum.png")
@@ -373,8 +432,12 @@ class Trainer:
 # --- evaluation and reports ---------------------------------------------------------------------
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: DataLoader | Sequence, widths: Sequence[Width],
-             device: torch.device | None = None) -> list[tuple[float, float]]:  # fmt: skip
-    """Top-1 and top-5 accuracy (fractions) at each width; every batch is loaded once for all."""
+             device: torch.device | None = None, *, distributed: bool = False) -> list[tuple[float, float]]:  # fmt: skip
+    """Top-1 and top-5 accuracy (fractions) at each width; every batch is loaded once for all.
+
+    ``distributed=True`` (in a process group, on every rank): ``loader`` holds this rank's share
+    of the data and the hit counts are summed over the ranks (exact integers), so every rank
+    returns the accuracy on the whole data."""
     state = get_state(model)
     previous, was_training = state.width, model.training
     device = device or next(model.parameters()).device
@@ -396,6 +459,10 @@ def evaluate(model: nn.Module, loader: DataLoader | Sequence, widths: Sequence[W
     finally:
         set_width(model, previous)
         model.train(was_training)
+    if distributed:
+        summed = dist.all_reduce_sum([total, *correct1, *correct5])
+        total, correct1 = summed[0], summed[1 : 1 + len(widths)]
+        correct5 = summed[1 + len(widths) :]
     if total == 0:
         raise ValueError("evaluation data is empty")
     return [(c1 / total, c5 / total) for c1, c5 in zip(correct1, correct5)]
@@ -469,6 +536,18 @@ def plot_spectrum(rows: Sequence[dict], title: str = "",
     fig.savefig(buffer, format="png")
     plt.close(fig)
     return buffer.getvalue()
+
+
+# PyTorch 2.14 renamed DDP's broadcast_buffers to forward_sync_buffers (2.11 knows only the former).
+_NO_BUFFER_SYNC = (
+    {"forward_sync_buffers": False}
+    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters
+    else {"broadcast_buffers": False}
+)
+
+
+def _silent(message: str) -> None:
+    """The log of ranks other than 0."""
 
 
 def _epoch_seed(seed: int, epoch: int) -> int:

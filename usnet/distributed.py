@@ -1,0 +1,256 @@
+"""Data-parallel training on PyTorch's own engine: torchrun + DistributedDataParallel.
+
+usnet builds no distribution of its own. ``torchrun`` starts one process per GPU (or CPU worker)
+and sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT``;
+:func:`init_from_env` turns them into a process group (NCCL for CUDA, gloo for CPU) and picks the
+rank's device. The trainer then wraps the model in ``DistributedDataParallel``. What is
+US-Net-specific lives here:
+
+* :func:`convert_sync_batchnorm`: synchronized batch statistics for *slimmable* BatchNorm.
+  ``torch.nn.SyncBatchNorm.convert_sync_batchnorm`` would replace our layers (and lose the
+  per-width statistics), and torch's fused SyncBN kernels exist only for accelerators; instead
+  each :class:`~usnet.layers.SlimmableBatchNorm2d` can compute its batch statistics over all
+  ranks with :func:`global_batch_stats`, differentiably, on its active channels.
+* :func:`global_batch_stats`: per-channel mean and variance of a batch sharded across ranks. Each
+  rank computes its local mean and variance (two-pass, float32), one ``all_gather`` collects
+  ``(count, mean, variance)`` of every rank and Chan's parallel formula combines them, so the
+  result is the statistics of the concatenated batch (empty shards included). Distributed BN
+  calibration uses the same function.
+* :func:`run_on_main`: run a step on rank 0 only (reading the output folder, a checkpoint) and
+  hand its result, or its error, to every rank, so all ranks resume from the same checkpoint and
+  fail together with the same message instead of waiting on each other.
+
+Outside a process group every function here is the single-process identity: ``rank() == 0``,
+``world_size() == 1``, BatchNorm statistics are local.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+__all__ = [
+    "convert_sync_batchnorm",
+    "destroy",
+    "global_batch_stats",
+    "init_from_env",
+    "is_distributed",
+    "is_main_process",
+    "launched_by_torchrun",
+    "rank",
+    "run_on_main",
+    "world_size",
+]
+
+T = TypeVar("T")
+
+DEFAULT_TIMEOUT = datetime.timedelta(minutes=30)  # PyTorch's default for both backends
+
+
+def launched_by_torchrun() -> bool:
+    """Whether the environment describes a rank of a torchrun (or compatible) launch."""
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def init_from_env(device: str = "auto", timeout: datetime.timedelta | None = None) -> torch.device:
+    """Join the process group that torchrun describes and return this rank's device.
+
+    Without torchrun's variables nothing is initialized and the device is ``device`` resolved as
+    for a single process (``auto``: CUDA if available, else CPU). Under torchrun:
+
+    * ``device`` ``auto`` or ``cuda``: ``cuda:LOCAL_RANK`` when CUDA is available (made the
+      current device), else CPU; ``cpu``: CPU. A fixed ``cuda:N`` is refused: each rank's GPU
+      comes from ``LOCAL_RANK``.
+    * The backend is NCCL for CUDA devices and gloo for CPU, initialized from ``env://``
+      (``MASTER_ADDR``/``MASTER_PORT``, which torchrun's rendezvous sets, also across machines).
+
+    A process group that already exists (a user's own launcher) is kept as it is.
+    """
+    from .config import ConfigError
+
+    if device not in ("auto", "cpu", "cuda") and not device.startswith("cuda:"):
+        raise ConfigError(f"device: invalid value {device!r}; valid: auto, cpu, cuda, cuda:N")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device {device!r} requested but CUDA is not available; use device=cpu")
+    if not launched_by_torchrun() and not is_distributed():
+        if device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(device)
+    if device.startswith("cuda:"):
+        raise ConfigError(
+            f"device={device} under torchrun: every rank takes the GPU of its LOCAL_RANK; "
+            "use device=auto or device=cuda"
+        )
+    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    if use_cuda:
+        local = int(os.environ.get("LOCAL_RANK", rank() % max(torch.cuda.device_count(), 1)))
+        if local >= torch.cuda.device_count():
+            raise ConfigError(
+                f"LOCAL_RANK {local} but only {torch.cuda.device_count()} GPUs are visible; "
+                "start at most that many processes per machine (torchrun --nproc_per_node)"
+            )
+        resolved = torch.device("cuda", local)
+        torch.cuda.set_device(resolved)
+    else:
+        resolved = torch.device("cpu")
+    if not is_distributed():
+        dist.init_process_group(
+            backend="nccl" if use_cuda else "gloo",
+            init_method="env://",
+            timeout=timeout or DEFAULT_TIMEOUT,
+        )
+    return resolved
+
+
+def destroy() -> None:
+    """Leave the process group, if any (the end of a torchrun worker)."""
+    if is_distributed():
+        dist.destroy_process_group()
+
+
+def is_distributed() -> bool:
+    """Whether a default process group exists."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def is_main_process() -> bool:
+    """Rank 0, the only rank that writes files (checkpoints, metrics, plots)."""
+    return rank() == 0
+
+
+def run_on_main(fn: Callable[[], T]) -> T:
+    """``fn()`` on rank 0; its result, or the exception it raised, on every rank.
+
+    For steps whose outcome must be the same everywhere: reading the output folder or the
+    checkpoint to resume from (other machines need no shared file system) and checking for an
+    existing run. Ranks other than 0 re-raise rank 0's exception with ``usnet_from_main`` set,
+    so a launcher can report it once.
+    """
+    if world_size() == 1:
+        return fn()
+    box: list[Any] = [None]
+    if is_main_process():
+        try:
+            box[0] = ("ok", fn())
+        except Exception as err:  # handed to every rank, re-raised below
+            box[0] = ("error", err)
+    dist.broadcast_object_list(box, src=0)
+    kind, value = box[0]
+    if kind == "error":
+        if not is_main_process():
+            value.usnet_from_main = True
+        raise value
+    return value
+
+
+def all_reduce_sum(values: list[float] | list[int], device: torch.device | None = None) -> list:
+    """The element-wise sum of ``values`` over all ranks (the values themselves outside one).
+
+    Integers are summed in int64 (exact counts), floats in float64."""
+    if world_size() == 1:
+        return list(values)
+    integral = all(isinstance(v, int) for v in values)
+    if device is None:
+        device = _collective_device()
+    tensor = torch.tensor(values, dtype=torch.int64 if integral else torch.float64, device=device)
+    dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+def _collective_device(group: Any = None) -> torch.device:
+    backend = dist.get_backend(group)
+    if backend == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+# -- synchronized BatchNorm statistics ---------------------------------------------------------
+class _AllGather(torch.autograd.Function):
+    """``all_gather`` as a differentiable op: (world, *shape) out, the summed slice back.
+
+    The backward all-reduces the gradient of the gathered tensor (each rank's copy of it feeds
+    that rank's loss) and keeps this rank's slice; ``all_reduce`` works on gloo and NCCL alike."""
+
+    @staticmethod
+    def forward(ctx, tensor: Tensor, group: Any) -> Tensor:  # type: ignore[override]
+        ctx.group = group
+        tensor = tensor.contiguous()
+        out = [torch.empty_like(tensor) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(out, tensor, group=group)
+        return torch.stack(out)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+        grad = grad.contiguous()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad[dist.get_rank(ctx.group)], None
+
+
+def global_batch_stats(input: Tensor, group: Any = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-channel ``(mean, biased variance, count)`` of ``input`` concatenated over all ranks.
+
+    ``input`` is ``(N, C, ...)``; each rank may hold a different ``N``, also 0. Differentiable:
+    gradients flow back to every rank's share of the batch (one ``all_reduce`` in the backward).
+    Computed in float32 (float64 inputs stay float64); ``count`` (values per channel) is a
+    0-dim tensor, so nothing waits for the device. Every rank of ``group`` must call it with the
+    same ``C``, in the same order.
+    """
+    dtype = torch.float64 if input.dtype == torch.float64 else torch.float32
+    x = input.to(dtype)
+    channels = x.shape[1]
+    dims = [0, *range(2, x.dim())]
+    count = x.numel() // channels if channels else 0
+    if count > 0:
+        var, mean = torch.var_mean(x, dim=dims, correction=0)
+    else:  # an empty shard still joins the collective, with zero weight
+        mean = var = x.new_zeros(channels)
+    local = torch.cat([x.new_full((1,), float(count)), mean, var])
+    if is_distributed() and dist.get_world_size(group) > 1:
+        gathered = _AllGather.apply(local, group)  # (world, 1 + 2C)
+    else:
+        gathered = local[None]
+    counts = gathered[:, :1]
+    means, variances = gathered[:, 1 : 1 + channels], gathered[:, 1 + channels :]
+    total = counts.sum()
+    weights = counts / total
+    global_mean = (weights * means).sum(0)
+    # Chan et al.: within-rank variances plus the spread of the rank means around the global one.
+    global_var = (weights * (variances + (means - global_mean) ** 2)).sum(0)
+    return global_mean, global_var, total
+
+
+def convert_sync_batchnorm(module: nn.Module, process_group: Any = None) -> nn.Module:
+    """Make every :class:`~usnet.layers.SlimmableBatchNorm2d` of ``module`` synchronize its
+    training-mode batch statistics across ``process_group`` (default: all ranks), in place.
+
+    The slimmable counterpart of ``torch.nn.SyncBatchNorm.convert_sync_batchnorm``: the layers,
+    their parameters and per-width statistics stay as they are; in training mode each layer
+    normalizes its active channels with the statistics of the global batch
+    (:func:`global_batch_stats`), so a per-GPU batch of 16 behaves like the global batch. It is
+    a no-op in a single process and in eval mode. Returns ``module``.
+    """
+    from .layers import SlimmableBatchNorm2d
+
+    found = False
+    for m in module.modules():
+        if isinstance(m, SlimmableBatchNorm2d):
+            m.sync_bn = True
+            m.process_group = process_group
+            found = True
+    if not found:
+        raise ValueError("convert_sync_batchnorm: the model has no SlimmableBatchNorm2d layer")
+    return module
