@@ -105,6 +105,8 @@ def train(out: Path, name: str, index: int, seed: int, args: argparse.Namespace)
         command.append("--resume")
     directory.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONUNBUFFERED": "1"}
+    commit = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=ROOT,
+                            capture_output=True, text=True).stdout.strip()  # fmt: skip
     start = time.perf_counter()
     with open(directory / "train.log", "a") as log:
         done = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
@@ -112,7 +114,7 @@ def train(out: Path, name: str, index: int, seed: int, args: argparse.Namespace)
         raise RuntimeError(f"{' '.join(command)} failed (exit {done.returncode}); see {directory / 'train.log'}")
     spectrum = json.loads((directory / "spectrum.json").read_text())
     rows = spectrum["rows"] if isinstance(spectrum, dict) else spectrum
-    result = {"name": name, "index": index, "seed": seed, "overrides": overrides,
+    result = {"name": name, "index": index, "seed": seed, "overrides": overrides, "commit": commit,
               "wall_s": time.perf_counter() - start, "resumed": "--resume" in command,
               "top1": {f"{r['width']:g}": 100 * r["top1"] for r in rows},
               "macs": {f"{r['width']:g}": r["macs"] for r in rows}}  # fmt: skip
