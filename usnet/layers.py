@@ -14,6 +14,8 @@ into their weights.
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -151,6 +153,7 @@ class SlimmableBatchNorm2d(nn.BatchNorm2d):
         self.width_stats: dict[str, tuple[Tensor, Tensor]] = {}
         self._calibration: list | None = None  # [mean, var, batches] while calibrating
         self.usnet_name = ""
+        self._own_stats_cache: tuple | None = None  # see _own_stats_set
         # Switchable BN (slimmable-network baseline): private affine parameters per configuration.
         self.private_affine: nn.ParameterDict | None = None
 
@@ -183,13 +186,38 @@ class SlimmableBatchNorm2d(nn.BatchNorm2d):
         if self.stats_key is None:
             if not self.track_running_stats or self.running_mean is None:
                 return None
-            # Trained or calibrated statistics. Weights saved before PyTorch 0.4 (some published
-            # torchvision ones) load with num_batches_tracked == 0 but non-initial statistics.
-            initial = not self.running_mean.any() and bool((self.running_var == 1).all())
-            if int(self.num_batches_tracked) == 0 and initial:
+            if not self._own_stats_set():
                 return None
             return self.running_mean, self.running_var
         return self.width_stats.get(self.stats_key)
+
+    def _own_stats_set(self) -> bool:
+        """Whether the layer's own running statistics were ever trained, calibrated or loaded.
+
+        Reading the buffers' values costs three device synchronizations per layer and forward
+        pass (on a GPU they stall the whole eval pipeline), so the answer is cached against the
+        buffers' identities and in-place version counters: every way of changing them
+        (``load_state_dict``, calibration, ``.to()``, assignment) replaces a buffer or bumps its
+        counter.
+        """
+        buffers = (self.running_mean, self.running_var, self.num_batches_tracked)
+        if torch.compiler.is_compiling():
+            return self._stats_are_set(*buffers)
+        cached = getattr(self, "_own_stats_cache", None)  # absent in modules pickled before it
+        if cached is not None and all(
+            ref() is b and version == b._version for (ref, version), b in zip(cached[0], buffers)
+        ):
+            return cached[1]
+        answer = self._stats_are_set(*buffers)
+        self._own_stats_cache = ([(weakref.ref(b), b._version) for b in buffers], answer)
+        return answer
+
+    @staticmethod
+    def _stats_are_set(mean: Tensor, var: Tensor, batches: Tensor | None) -> bool:
+        # Weights saved before PyTorch 0.4 (some published torchvision ones) load with
+        # num_batches_tracked == 0 but non-initial statistics.
+        initial = not mean.any() and bool((var == 1).all())
+        return not (initial and (batches is None or int(batches) == 0))
 
     def start_calibration(self) -> None:
         """Start fresh statistics for the current configuration."""
@@ -247,6 +275,12 @@ class SlimmableBatchNorm2d(nn.BatchNorm2d):
             )
         mean, var = stats
         return F.batch_norm(input, mean[:c], var[:c], weight, bias, False, 0.0, self.eps)
+
+    def __getstate__(self) -> dict:
+        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
+        state = dict(state)
+        state["_own_stats_cache"] = None  # weak references: neither picklable nor worth copying
+        return state
 
     def _apply(self, fn, recurse=True):
         # Keep the per-width statistics on the module's device/dtype like ordinary buffers.

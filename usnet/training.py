@@ -61,6 +61,7 @@ __all__ = [
     "param_groups",
     "sandwich_step",
     "soft_cross_entropy",
+    "warm_up_widths",
 ]
 
 LABELS = "labels"
@@ -93,6 +94,12 @@ class WidthSampler:
             ``usnet.channel_plan(model).width_range``.
         num_widths: widths per step, at least 2 (the paper uses 4).
         seed: seed of the sampler's generator.
+        choices: optional finite set of widths in the range; the random widths are then drawn
+            uniformly from it instead of from the whole interval. With
+            ``usnet.channel_plan(model).distinct_widths()`` the sampler draws exactly the networks a
+            continuous one can (one width per distinct channel configuration, uniformly over
+            configurations); a shorter list bounds the shapes training ever sees, e.g. the graphs
+            ``torch.compile`` builds (one per configuration).
 
     Example::
 
@@ -102,8 +109,15 @@ class WidthSampler:
         [1.0, 0.25]
     """
 
-    def __init__(self, width_range: tuple[float, float], num_widths: int = 4, seed: int = 0):
+    def __init__(
+        self,
+        width_range: tuple[float, float],
+        num_widths: int = 4,
+        seed: int = 0,
+        choices: Sequence[float] | None = None,
+    ):
         self.width_range: tuple[float, float] = _check_range(width_range)
+        self.choices: list[float] | None = _check_choices(choices, self.width_range)
         if isinstance(num_widths, bool) or not isinstance(num_widths, numbers.Integral):
             raise TypeError(f"num_widths must be an integer >= 2, got {num_widths!r}")
         if num_widths < 2:
@@ -121,6 +135,9 @@ class WidthSampler:
     def sample(self) -> list[float]:
         """The widths of the next step: ``[max, min]`` and ``num_widths - 2`` uniform draws."""
         lo, hi = self.width_range
+        if self.choices is not None:
+            picks = torch.randint(len(self.choices), (self.num_widths - 2,), generator=self.generator)
+            return [hi, lo] + [self.choices[i] for i in picks.tolist()]
         draws = torch.rand(self.num_widths - 2, generator=self.generator, dtype=torch.float64)
         return [hi, lo] + [min(hi, lo + (hi - lo) * float(u)) for u in draws]
 
@@ -130,6 +147,7 @@ class WidthSampler:
             "width_range": list(self.width_range),
             "num_widths": self.num_widths,
             "seed": self.seed,
+            "choices": None if self.choices is None else list(self.choices),
             "generator": self.generator.get_state(),
         }
 
@@ -150,13 +168,31 @@ class WidthSampler:
             self.num_widths = num_widths
         if "seed" in state_dict:
             self.seed = int(state_dict["seed"])
+        if "choices" in state_dict:
+            self.choices = _check_choices(state_dict["choices"], self.width_range)
         self.generator.set_state(generator_state.cpu())
 
     def __repr__(self) -> str:
         return (
             f"{type(self).__name__}(width_range={self.width_range}, "
-            f"num_widths={self.num_widths}, seed={self.seed})"
+            f"num_widths={self.num_widths}, seed={self.seed}"
+            + ("" if self.choices is None else f", choices={len(self.choices)} widths")
+            + ")"
         )
+
+
+def _check_choices(choices: Sequence[float] | None, width_range: tuple[float, float]) -> list[float] | None:
+    if choices is None:
+        return None
+    lo, hi = width_range
+    values = []
+    for c in choices:
+        if isinstance(c, bool) or not isinstance(c, numbers.Real) or not lo - 1e-9 <= c <= hi + 1e-9:
+            raise ValueError(f"WidthSampler choices must be widths in [{lo}, {hi}], got {c!r}")
+        values.append(min(hi, max(lo, float(c))))
+    if not values:
+        raise ValueError(f"WidthSampler choices must hold at least one width in [{lo}, {hi}]")
+    return values
 
 
 # -- losses --------------------------------------------------------------------------------------
@@ -399,6 +435,53 @@ def sandwich_step(
     finally:
         set_width(inner, widths[0])
     return StepResult(widths=[_plain(w) for w in widths], losses=values, loss_kinds=kinds)
+
+
+def warm_up_widths(
+    model: nn.Module,
+    images: Tensor,
+    widths: Iterable[Width],
+    *,
+    autocast_dtype: torch.dtype | None = None,
+) -> int:
+    """Run one forward and backward pass at each distinct channel configuration of ``widths``.
+
+    Caches keyed by tensor shapes then hold every shape training will meet: with
+    ``torch.backends.cudnn.benchmark`` on, cuDNN autotunes each convolution shape the first time
+    it runs, so a US-Net trained at random widths re-tunes whenever the sampler draws a new
+    configuration (slow early steps); a ``torch.compile`` wrapper builds one graph per
+    configuration. Warming ``usnet.channel_plan(model).distinct_widths()`` (a finite list) once
+    before training moves all of that here. Use the training batch shape, memory format and
+    ``autocast_dtype``.
+
+    Weights, optimizer and BatchNorm statistics are untouched (call it in training mode, where
+    slimmable BatchNorm uses batch statistics); the gradients are set to ``None``; the random
+    state (dropout) and the model's width are restored. Returns the number of configurations run.
+    """
+    inner = _unwrap(model)
+    state = get_state(inner)
+    previous = state.width
+    seen: set[tuple[int, ...]] = set()
+    devices = [images.device] if images.device.type != "cpu" else []
+    try:
+        with torch.random.fork_rng(devices=devices, device_type=images.device.type):
+            for w in widths:
+                config = state.plan.config(w)
+                if config in seen:
+                    continue
+                seen.add(config)
+                set_width(inner, w)
+                ctx = (contextlib.nullcontext() if autocast_dtype is None
+                       else torch.autocast(images.device.type, dtype=autocast_dtype))  # fmt: skip
+                with ctx:
+                    out = model(images)
+                out.float().mean().backward()
+                del out
+    finally:
+        for p in model.parameters():
+            p.grad = None
+        set_width(inner, previous)
+    return len(seen)
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
