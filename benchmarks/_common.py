@@ -22,9 +22,15 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
                              "H100 sizes); default: gpu on a CUDA machine, else cpu")  # fmt: skip
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds (median)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (on a CPU shared with other jobs, 1 avoids "
+                             "OpenMP workers waiting on each other)")  # fmt: skip
 
 
 def resolve_device(args: argparse.Namespace) -> torch.device:
+    """The device the arguments name; also applies ``--threads`` and defaults ``--size``."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
     name = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("benchmark: error: --device cuda asked for, but CUDA is not available")

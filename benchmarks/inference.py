@@ -45,10 +45,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_common_args(parser)
     parser.add_argument("--variants", default=None, help="comma list of fp32, bf16_cl")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
     device = resolve_device(args)
     size = SIZES[args.size]
     rounds = args.rounds or size["rounds"]

@@ -11,8 +11,9 @@ bottom and two widths between for other models) or ``random`` widths (a seeded
 :class:`~usnet.training.WidthSampler`; both sides see the same draws); ``fp32`` eager,
 ``bf16_cl`` (bf16 autocast + channels_last), and on CUDA the same with
 ``torch.backends.cudnn.benchmark`` on (``+bench``). Random widths warm every distinct channel
-configuration first (:func:`usnet.training.warm_up_widths`; the plain networks are warmed too),
-so the steady state is measured; the warm-up time is printed.
+configuration they will draw first (:func:`usnet.training.warm_up_widths`; the plain networks
+are warmed too), so the steady state is measured; the warm-up time is printed. Rounds alternate
+the order (slimmable first, then limit first, ...).
 
 ``--memory``: peak memory of one sandwich step against one step of the widest width alone
 (see ``PeakMemory`` in ``_common.py`` for the method). ``--compile``: the sandwich step on
@@ -71,10 +72,10 @@ class Size:
 
 SIZES = {
     # 2 CPU cores: US-MobileNetV2 on 64 px images (the 224 px layout, 10 classes), batch 32.
-    "cpu": Size("us_mobilenet_v2", {"num_classes": 10, "dropout": 0.0}, 32, 64, 4, 3,
+    "cpu": Size("us_mobilenet_v2", {"num_classes": 10, "dropout": 0.0}, 32, 64, 3, 4,
                 ("fp32", "bf16_cl"), "us_convnet", {}, 64, 28),
     # The issue's H100 size: US-MobileNetV2, 1000 classes, batch 256, 224 px.
-    "gpu": Size("us_mobilenet_v2", {"num_classes": 1000, "dropout": 0.0}, 256, 224, 15, 3,
+    "gpu": Size("us_mobilenet_v2", {"num_classes": 1000, "dropout": 0.0}, 256, 224, 8, 3,
                 ("fp32", "bf16_cl", "fp32+bench", "bf16_cl+bench"), "us_mobilenet_v2",
                 {"num_classes": 1000, "dropout": 0.0}, 256, 224),
 }  # fmt: skip
@@ -193,9 +194,10 @@ def run_pair(size: Size, variant_name: str, mode: str, device, rounds: int, step
         schedule = [sampler.sample() for _ in range(rounds * steps + 2)]
     limit = Limit(model, v.channels_last)
     start = time.perf_counter()
-    if mode == "random":  # steady state: every configuration seen once, both sides
-        warm_up_widths(model, images, plan.distinct_widths(), autocast_dtype=v.autocast)
-        limit.warm_up(images, sorted({w for ws in schedule for w in ws}), v.autocast)
+    if mode == "random":  # steady state: every configuration of the schedule seen once, both sides
+        drawn = sorted({w for ws in schedule for w in ws})
+        warm_up_widths(model, images, drawn, autocast_dtype=v.autocast)
+        limit.warm_up(images, drawn, v.autocast)
     for ws in schedule[:2]:
         sandwich_step(model, images, labels, optimizer, ws, criterion, autocast_dtype=v.autocast)
         limit.step(images, labels, ws, criterion, v.autocast)
@@ -204,18 +206,16 @@ def run_pair(size: Size, variant_name: str, mode: str, device, rounds: int, step
     slim_ms, limit_ms = [], []
     for r in range(rounds):
         part = schedule[2 + r * steps : 2 + (r + 1) * steps]
-        sync(device)
-        t0 = time.perf_counter()
-        for ws in part:
-            sandwich_step(model, images, labels, optimizer, ws, criterion, autocast_dtype=v.autocast)
-        sync(device)
-        t1 = time.perf_counter()
-        for ws in part:
-            limit.step(images, labels, ws, criterion, v.autocast)
-        sync(device)
-        t2 = time.perf_counter()
-        slim_ms.append((t1 - t0) / steps * 1000)
-        limit_ms.append((t2 - t1) / steps * 1000)
+        sides = [(slim_ms, lambda ws: sandwich_step(model, images, labels, optimizer, ws,
+                                                    criterion, autocast_dtype=v.autocast)),
+                 (limit_ms, lambda ws: limit.step(images, labels, ws, criterion, v.autocast))]  # fmt: skip
+        for out, step in sides if r % 2 == 0 else sides[::-1]:  # A B, B A, ...: no order bias
+            sync(device)
+            t0 = time.perf_counter()
+            for ws in part:
+                step(ws)
+            sync(device)
+            out.append((time.perf_counter() - t0) / steps * 1000)
     torch.backends.cudnn.benchmark = False
     slim, lim = statistics.median(slim_ms), statistics.median(limit_ms)
     return {"slim": slim, "limit": lim, "warm_s": warm_s, "configs": len(plan.distinct_configs())}
@@ -246,7 +246,7 @@ def main_steps(args, size: Size, device) -> None:
 # -- peak memory ---------------------------------------------------------------------------------
 def memory_worker(args, size: Size, device) -> None:
     """Print peak bytes of (sandwich step, widest-only slimmable step, widest plain step)."""
-    v = Variant.parse("bf16_cl" if args.variants == "bf16_cl" else "fp32")
+    v = Variant.parse(args.variants or "fp32")
     model = build(size.model, size.model_kwargs, device, v.channels_last)
     images, labels = batch_for(model, size.batch, size.image, device, v.channels_last)
     criterion = InplaceDistillationLoss()
@@ -283,7 +283,8 @@ def memory_worker(args, size: Size, device) -> None:
 def main_memory(args, size: Size, device) -> None:
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
     cmd = [sys.executable, __file__, "--size", size_name(size), "--device", str(device),
-           "--memory-worker"] + (["--variants", args.variants] if args.variants else [])  # fmt: skip
+           "--memory-worker", "--threads", str(torch.get_num_threads())]
+    cmd += ["--variants", args.variants] if args.variants else []
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
     peaks = {}
     for line in out.splitlines():
@@ -377,10 +378,7 @@ def main() -> None:
     parser.add_argument("--compile-choices", type=int, default=0,
                         help="random widths from about this many distinct widths (0: the two "
                              "fixed middle widths)")  # fmt: skip
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
     device = resolve_device(args)
     size = SIZES[args.size]
     if args.memory_worker:

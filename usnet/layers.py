@@ -14,8 +14,6 @@ into their weights.
 
 from __future__ import annotations
 
-import weakref
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -198,26 +196,29 @@ class SlimmableBatchNorm2d(nn.BatchNorm2d):
         pass (on a GPU they stall the whole eval pipeline), so the answer is cached against the
         buffers' identities and in-place version counters: every way of changing them
         (``load_state_dict``, calibration, ``.to()``, assignment) replaces a buffer or bumps its
-        counter.
+        counter. (The cache holds the three small buffers it describes.)
         """
-        buffers = (self.running_mean, self.running_var, self.num_batches_tracked)
+        mean, var, batches = self.running_mean, self.running_var, self.num_batches_tracked
         if torch.compiler.is_compiling():
-            return self._stats_are_set(*buffers)
+            return self._stats_are_set(mean, var, batches)
+        stamp = (mean, var, batches, mean._version, var._version, batches._version)
         cached = getattr(self, "_own_stats_cache", None)  # absent in modules pickled before it
-        if cached is not None and all(
-            ref() is b and version == b._version for (ref, version), b in zip(cached[0], buffers)
-        ):
-            return cached[1]
-        answer = self._stats_are_set(*buffers)
-        self._own_stats_cache = ([(weakref.ref(b), b._version) for b in buffers], answer)
+        if (
+            cached is not None
+            and cached[0] is mean and cached[1] is var and cached[2] is batches
+            and cached[3:6] == stamp[3:6]
+        ):  # fmt: skip
+            return cached[6]
+        answer = self._stats_are_set(mean, var, batches)
+        self._own_stats_cache = (*stamp, answer)
         return answer
 
     @staticmethod
-    def _stats_are_set(mean: Tensor, var: Tensor, batches: Tensor | None) -> bool:
+    def _stats_are_set(mean: Tensor, var: Tensor, batches: Tensor) -> bool:
         # Weights saved before PyTorch 0.4 (some published torchvision ones) load with
         # num_batches_tracked == 0 but non-initial statistics.
         initial = not mean.any() and bool((var == 1).all())
-        return not (initial and (batches is None or int(batches) == 0))
+        return not (initial and int(batches) == 0)
 
     def start_calibration(self) -> None:
         """Start fresh statistics for the current configuration."""
@@ -277,9 +278,10 @@ class SlimmableBatchNorm2d(nn.BatchNorm2d):
         return F.batch_norm(input, mean[:c], var[:c], weight, bias, False, 0.0, self.eps)
 
     def __getstate__(self) -> dict:
-        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
-        state = dict(state)
-        state["_own_stats_cache"] = None  # weak references: neither picklable nor worth copying
+        # Copies and pickles start without the cache: a copy's buffers are new tensors whose
+        # version counters could match the stamp by chance.
+        state = dict(self.__dict__)  # (nn.Module defines no __getstate__ of its own)
+        state["_own_stats_cache"] = None
         return state
 
     def _apply(self, fn, recurse=True):
