@@ -328,7 +328,9 @@ def main_compile(args, size: Size, device) -> None:
     limit = Limit(model, False)
     schedule = [sampler.sample() for _ in range(rounds * steps)]
     counters.clear()
-    with torch._dynamo.config.patch(recompile_limit=max(8, bound)):
+    # torch >= 2.6 calls it recompile_limit (cache_size_limit before; both exist on 2.11)
+    name = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+    with torch._dynamo.config.patch(**{name: max(8, bound)}):
         t = time.perf_counter()
         warm_up_widths(compiled_model, images, [*fixed[:2], *choices])
         for ws in schedule[:2]:
