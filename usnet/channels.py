@@ -130,13 +130,31 @@ class ChannelPlan:
 
     def distinct_configs(self, step: float = 0.001) -> list[tuple[int, ...]]:
         """All distinct uniform-width configurations in the range (scanned at ``step``)."""
+        return list(self._scan(step))
+
+    def distinct_widths(self, step: float = 0.001) -> list[float]:
+        """One uniform width per distinct configuration, in the order of :meth:`distinct_configs`:
+        the smallest width (scanned at ``step``) that reaches it.
+
+        A uniform random width is always one of these networks, so this finite list is the set
+        of shapes a US-Net trains at: warming per-shape caches (cuDNN autotuning, compiled
+        graphs) over it covers every width, and a :class:`~usnet.training.WidthSampler` with
+        ``choices`` set to it draws the same networks as a continuous one.
+        """
+        return list(self._scan(step).values())
+
+    def _scan(self, step: float) -> dict[tuple[int, ...], float]:
         lo, hi = self.width_range
         n = max(1, int(math.floor((hi - lo) / step + 1e-9)))
-        seen: dict[tuple[int, ...], None] = {}
+        seen: dict[tuple[int, ...], float] = {}
         for i in range(n + 1):
-            seen.setdefault(self.config(min(hi, lo + i * step)), None)
-        seen.setdefault(self.config(hi), None)
-        return list(seen)
+            w = min(hi, lo + i * step)
+            config = self.config(w)
+            if config not in seen:
+                tidy = round(w, 9)  # 0.355 rather than 0.35500000000000004, if the same network
+                seen[config] = tidy if self.config(tidy) == config else w
+        seen.setdefault(self.config(hi), hi)
+        return seen
 
     # -- serialization ---------------------------------------------------------------------------
     def to_dict(self) -> dict:

@@ -151,6 +151,7 @@ class SlimmableBatchNorm2d(nn.BatchNorm2d):
         self.width_stats: dict[str, tuple[Tensor, Tensor]] = {}
         self._calibration: list | None = None  # [mean, var, batches] while calibrating
         self.usnet_name = ""
+        self._own_stats_cache: tuple | None = None  # see _own_stats_set
         # Switchable BN (slimmable-network baseline): private affine parameters per configuration.
         self.private_affine: nn.ParameterDict | None = None
         # SyncBN (usnet.distributed.convert_sync_batchnorm): training-mode batch statistics over
@@ -187,13 +188,41 @@ class SlimmableBatchNorm2d(nn.BatchNorm2d):
         if self.stats_key is None:
             if not self.track_running_stats or self.running_mean is None:
                 return None
-            # Trained or calibrated statistics. Weights saved before PyTorch 0.4 (some published
-            # torchvision ones) load with num_batches_tracked == 0 but non-initial statistics.
-            initial = not self.running_mean.any() and bool((self.running_var == 1).all())
-            if int(self.num_batches_tracked) == 0 and initial:
+            if not self._own_stats_set():
                 return None
             return self.running_mean, self.running_var
         return self.width_stats.get(self.stats_key)
+
+    def _own_stats_set(self) -> bool:
+        """Whether the layer's own running statistics were ever trained, calibrated or loaded.
+
+        Reading the buffers' values costs three device synchronizations per layer and forward
+        pass (on a GPU they stall the whole eval pipeline), so the answer is cached against the
+        buffers' identities and in-place version counters: every way of changing them
+        (``load_state_dict``, calibration, ``.to()``, assignment) replaces a buffer or bumps its
+        counter. (The cache holds the three small buffers it describes.)
+        """
+        mean, var, batches = self.running_mean, self.running_var, self.num_batches_tracked
+        if torch.compiler.is_compiling():
+            return self._stats_are_set(mean, var, batches)
+        stamp = (mean, var, batches, mean._version, var._version, batches._version)
+        cached = getattr(self, "_own_stats_cache", None)  # absent in modules pickled before it
+        if (
+            cached is not None
+            and cached[0] is mean and cached[1] is var and cached[2] is batches
+            and cached[3:6] == stamp[3:6]
+        ):  # fmt: skip
+            return cached[6]
+        answer = self._stats_are_set(mean, var, batches)
+        self._own_stats_cache = (*stamp, answer)
+        return answer
+
+    @staticmethod
+    def _stats_are_set(mean: Tensor, var: Tensor, batches: Tensor) -> bool:
+        # Weights saved before PyTorch 0.4 (some published torchvision ones) load with
+        # num_batches_tracked == 0 but non-initial statistics.
+        initial = not mean.any() and bool((var == 1).all())
+        return not (initial and int(batches) == 0)
 
     def start_calibration(self, distributed: bool = False) -> None:
         """Start fresh statistics for the current configuration.
@@ -283,6 +312,13 @@ class SlimmableBatchNorm2d(nn.BatchNorm2d):
         running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
         running_var.mul_(1 - momentum).add_(unbiased.to(running_var.dtype), alpha=momentum)
         return _affine_normalize(input, mean, var, weight, bias, self.eps)
+
+    def __getstate__(self) -> dict:
+        # Copies and pickles start without the cache: a copy's buffers are new tensors whose
+        # version counters could match the stamp by chance.
+        state = dict(self.__dict__)  # (nn.Module defines no __getstate__ of its own)
+        state["_own_stats_cache"] = None
+        return state
 
     def _apply(self, fn, recurse=True):
         # Keep the per-width statistics on the module's device/dtype like ordinary buffers.

@@ -52,6 +52,16 @@ class SlimmableState:
     switchable_widths: list[float] = field(default_factory=list)  # switchable-BN baseline
     width: Width = 1.0
     _applied: tuple[int, ...] | None = field(default=None, repr=False)
+    # Per channel configuration: the bound layers and the attributes set_width gives them. Built
+    # on first use; it holds this model's layer objects, so copies and pickles drop it.
+    _updates: dict[tuple[int, ...], list[tuple[nn.Module, dict[str, Any]]]] = field(
+        default_factory=dict, repr=False, compare=False
+    )
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_updates"] = {}
+        return state
 
     @property
     def width_range(self) -> tuple[float, float]:
@@ -120,32 +130,48 @@ def set_width(model: nn.Module, width: Width) -> nn.Module:
     """
     state = get_state(model)
     width = state.plan.check_width(width)
-    channels = state.plan.channels(width)
-    config = tuple(channels.values())
+    config = state.plan.config(width)
+    updates = state._updates.get(config)
+    if updates is None:
+        updates = state._updates[config] = _layer_updates(model, state, config)
     label = _describe(width, config)
+    for layer, _ in updates:
+        if isinstance(layer, SlimmableBatchNorm2d) and layer.is_calibrating:
+            raise RuntimeError("cannot change the width of a model while it is calibrating")
+    for layer, attrs in updates:
+        # Plain int/str attributes: writing the instance dict skips nn.Module.__setattr__'s
+        # parameter/buffer/module bookkeeping, which made set_width cost ~1.5 ms on MobileNetV2.
+        layer.__dict__.update(attrs)
+        if isinstance(layer, SlimmableBatchNorm2d):
+            layer.__dict__["width_label"] = label
+    state.width = width
+    state._applied = config
+    return model
+
+
+def _layer_updates(
+    model: nn.Module, state: SlimmableState, config: tuple[int, ...]
+) -> list[tuple[nn.Module, dict[str, Any]]]:
+    """The active-channel attributes of every bound layer at one channel configuration."""
+    channels = dict(zip(state.plan.groups, config))
     stats_key = None if config == state.full_config else config_key(config)
+    updates: list[tuple[nn.Module, dict[str, Any]]] = []
     for binding in state.bindings:
         layer = model.get_submodule(binding.layer)
         out_group, out_factor = binding.outputs
         out = channels[out_group] * out_factor
         if isinstance(layer, SlimmableBatchNorm2d):
-            if layer.is_calibrating:
-                raise RuntimeError("cannot change the width of a model while it is calibrating")
-            layer.active_features = out
-            layer.stats_key = stats_key
-            layer.width_label = label
+            updates.append((layer, {"active_features": out, "stats_key": stats_key}))
             continue
         in_group, in_factor = binding.inputs  # type: ignore[misc]
         cin = channels[in_group] * in_factor
         if isinstance(layer, SlimmableConv2d):
-            layer.active_in_channels, layer.active_out_channels = cin, out
+            updates.append((layer, {"active_in_channels": cin, "active_out_channels": out}))
         elif isinstance(layer, SlimmableLinear):
-            layer.active_in_features, layer.active_out_features = cin, out
+            updates.append((layer, {"active_in_features": cin, "active_out_features": out}))
         else:  # pragma: no cover - bindings only ever name slimmable layers
             raise TypeError(f"layer {binding.layer!r} is not slimmable")
-    state.width = width
-    state._applied = config
-    return model
+    return updates
 
 
 @contextlib.contextmanager

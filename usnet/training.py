@@ -61,6 +61,7 @@ __all__ = [
     "param_groups",
     "sandwich_step",
     "soft_cross_entropy",
+    "warm_up_widths",
 ]
 
 LABELS = "labels"
@@ -100,6 +101,12 @@ class WidthSampler:
             ``"max"`` or ``"min"`` (only one end, for the paper's ablation of the rule) or
             ``"none"`` (all widths random). The other widths are random; a step's widths are then
             returned widest first, so the widest of the step is the distillation teacher.
+        choices: optional finite set of widths in the range; the random widths are then drawn
+            uniformly from it instead of from the whole interval. With
+            ``usnet.channel_plan(model).distinct_widths()`` the sampler draws exactly the networks a
+            continuous one can (one width per distinct channel configuration, uniformly over
+            configurations); a shorter list bounds the shapes training ever sees, e.g. the graphs
+            ``torch.compile`` builds (one per configuration).
 
     Example::
 
@@ -109,9 +116,16 @@ class WidthSampler:
         [1.0, 0.25]
     """
 
-    def __init__(self, width_range: tuple[float, float], num_widths: int = 4, seed: int = 0,
-                 ends: str = "both"):  # fmt: skip
+    def __init__(
+        self,
+        width_range: tuple[float, float],
+        num_widths: int = 4,
+        seed: int = 0,
+        choices: Sequence[float] | None = None,
+        ends: str = "both",
+    ):
         self.width_range: tuple[float, float] = _check_range(width_range)
+        self.choices: list[float] | None = _check_choices(choices, self.width_range)
         if ends not in SANDWICH_ENDS:
             raise ValueError(f"ends must be one of {', '.join(map(repr, SANDWICH_ENDS))}, got {ends!r}")
         self.ends = ends
@@ -134,8 +148,13 @@ class WidthSampler:
         (with ``ends`` other than ``"both"``: the fixed ends and uniform draws, widest first)."""
         lo, hi = self.width_range
         fixed = {"both": [hi, lo], "max": [hi], "min": [lo], "none": []}[self.ends]
-        draws = torch.rand(self.num_widths - len(fixed), generator=self.generator, dtype=torch.float64)
-        random = [min(hi, lo + (hi - lo) * float(u)) for u in draws]
+        count = self.num_widths - len(fixed)
+        if self.choices is not None:
+            picks = torch.randint(len(self.choices), (count,), generator=self.generator)
+            random = [self.choices[i] for i in picks.tolist()]
+        else:
+            draws = torch.rand(count, generator=self.generator, dtype=torch.float64)
+            random = [min(hi, lo + (hi - lo) * float(u)) for u in draws]
         if self.ends == "both":
             return fixed + random
         return sorted(fixed + random, reverse=True)
@@ -147,6 +166,7 @@ class WidthSampler:
             "num_widths": self.num_widths,
             "seed": self.seed,
             "ends": self.ends,
+            "choices": None if self.choices is None else list(self.choices),
             "generator": self.generator.get_state(),
         }
 
@@ -170,13 +190,31 @@ class WidthSampler:
         if state_dict.get("ends", "both") not in SANDWICH_ENDS:
             raise ValueError(f"malformed WidthSampler state: ends {state_dict['ends']!r}")
         self.ends = state_dict.get("ends", "both")
+        if "choices" in state_dict:
+            self.choices = _check_choices(state_dict["choices"], self.width_range)
         self.generator.set_state(generator_state.cpu())
 
     def __repr__(self) -> str:
         return (
             f"{type(self).__name__}(width_range={self.width_range}, "
-            f"num_widths={self.num_widths}, seed={self.seed}, ends={self.ends!r})"
+            f"num_widths={self.num_widths}, seed={self.seed}, ends={self.ends!r}"
+            + ("" if self.choices is None else f", choices={len(self.choices)} widths")
+            + ")"
         )
+
+
+def _check_choices(choices: Sequence[float] | None, width_range: tuple[float, float]) -> list[float] | None:
+    if choices is None:
+        return None
+    lo, hi = width_range
+    values = []
+    for c in choices:
+        if isinstance(c, bool) or not isinstance(c, numbers.Real) or not lo - 1e-9 <= c <= hi + 1e-9:
+            raise ValueError(f"WidthSampler choices must be widths in [{lo}, {hi}], got {c!r}")
+        values.append(min(hi, max(lo, float(c))))
+    if not values:
+        raise ValueError(f"WidthSampler choices must hold at least one width in [{lo}, {hi}]")
+    return values
 
 
 # -- losses --------------------------------------------------------------------------------------
@@ -419,6 +457,53 @@ def sandwich_step(
     finally:
         set_width(inner, widths[0])
     return StepResult(widths=[_plain(w) for w in widths], losses=values, loss_kinds=kinds)
+
+
+def warm_up_widths(
+    model: nn.Module,
+    images: Tensor,
+    widths: Iterable[Width],
+    *,
+    autocast_dtype: torch.dtype | None = None,
+) -> int:
+    """Run one forward and backward pass at each distinct channel configuration of ``widths``.
+
+    Caches keyed by tensor shapes then hold every shape training will meet: with
+    ``torch.backends.cudnn.benchmark`` on, cuDNN autotunes each convolution shape the first time
+    it runs, so a US-Net trained at random widths re-tunes whenever the sampler draws a new
+    configuration (slow early steps); a ``torch.compile`` wrapper builds one graph per
+    configuration. Warming ``usnet.channel_plan(model).distinct_widths()`` (a finite list) once
+    before training moves all of that here. Use the training batch shape, memory format and
+    ``autocast_dtype``.
+
+    Weights, optimizer and BatchNorm statistics are untouched (call it in training mode, where
+    slimmable BatchNorm uses batch statistics); the gradients are set to ``None``; the random
+    state (dropout) and the model's width are restored. Returns the number of configurations run.
+    """
+    inner = _unwrap(model)
+    state = get_state(inner)
+    previous = state.width
+    seen: set[tuple[int, ...]] = set()
+    devices = [images.device] if images.device.type != "cpu" else []
+    try:
+        with torch.random.fork_rng(devices=devices, device_type=images.device.type):
+            for w in widths:
+                config = state.plan.config(w)
+                if config in seen:
+                    continue
+                seen.add(config)
+                set_width(inner, w)
+                ctx = (contextlib.nullcontext() if autocast_dtype is None
+                       else torch.autocast(images.device.type, dtype=autocast_dtype))  # fmt: skip
+                with ctx:
+                    out = model(images)
+                out.float().mean().backward()
+                del out
+    finally:
+        for p in model.parameters():
+            p.grad = None
+        set_width(inner, previous)
+    return len(seen)
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
