@@ -262,8 +262,14 @@ def test_sample_shards_make_up_the_single_process_batches():
         assert shares[2][2].shape == (0, 1, 12, 12)
     with pytest.raises(ValueError, match="shard"):
         usnet.sample_images(data, 8, shard=(2, 2))
-    with pytest.raises(ValueError, match="at least as many calibration images as ranks"):
-        usnet.sample_images(data, 2, shard=(2, 3))
+    # Too few images, or batches smaller than the world: EVERY rank refuses (one alone would
+    # leave the others waiting in the BN statistics' collective).
+    for rank in range(3):
+        for count, batch_size in ((2, 32), (66, 2)):
+            with pytest.raises(ValueError, match="needs batches of at least 3 images"):
+                usnet.sample_images(data, count, batch_size=batch_size, shard=(rank, 3))
+            with pytest.raises(ValueError, match="needs batches of at least 3 images"):
+                usnet.sample_images(iterable, count, batch_size=batch_size, shard=(rank, 3))
 
 
 # -- SyncBN and the sandwich step's allreduces -------------------------------------------------
@@ -340,6 +346,32 @@ def test_sync_bn_ddp_step_equals_one_process_and_allreduces_once(tmp_path):
         # Without SyncBN each rank normalizes with its half batch: a different step.
         plain = results["plain_bn"][0]
         assert max((plain[k] - v).abs().max().item() for k, v in reference.items()) > 1e-3
+
+
+def _nan_worker(rank: int, tmp: str) -> None:
+    images, labels = _step_batch()
+    if rank == 1:
+        images = images.clone()
+        images[4, 0, 0, 0] = float("nan")  # in rank 1's shard (images 4-7) only
+    ddp = DistributedDataParallel(_step_model(), **_NO_BUFFER_SYNC)
+    before = {k: v.detach().clone() for k, v in ddp.module.named_parameters()}
+    optimizer = torch.optim.SGD(ddp.parameters(), lr=0.5)
+    try:
+        sandwich_step(ddp, images[4 * rank:4 * rank + 4], labels[4 * rank:4 * rank + 4], optimizer,
+                      WIDTHS, InplaceDistillationLoss())  # fmt: skip
+        outcome = "stepped"
+    except FloatingPointError as err:
+        outcome = str(err)
+    unchanged = all(torch.equal(v, before[k]) for k, v in ddp.module.named_parameters())
+    torch.save((outcome, unchanged), Path(tmp) / f"nan{rank}.pt")
+
+
+def test_a_non_finite_loss_on_one_rank_stops_every_rank_before_the_step(tmp_path):
+    spawn(_nan_worker, str(tmp_path))
+    for rank in (0, 1):
+        outcome, unchanged = torch.load(tmp_path / f"nan{rank}.pt")
+        assert outcome.startswith("non-finite loss") and "did not step" in outcome, (rank, outcome)
+        assert unchanged, rank
 
 
 # -- torchrun -m usnet train -------------------------------------------------------------------

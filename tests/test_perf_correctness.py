@@ -213,3 +213,16 @@ def test_warm_up_widths_leaves_training_unchanged():
         sandwich_step(twin, x, y, opt_b, [1.0, 0.35, 0.6, 0.8], criterion)
     for (name, a), b in zip(model.state_dict().items(), twin.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_full_width_stats_written_through_data_are_seen():
+    """``.data`` writes bump no version counter: a cached "not set" must not outlive them."""
+    from usnet.layers import SlimmableBatchNorm2d, UncalibratedWidthError
+
+    bn = SlimmableBatchNorm2d(4).eval()
+    x = torch.randn(2, 4, 3, 3)
+    with pytest.raises(UncalibratedWidthError):
+        bn(x)
+    bn.running_mean.data.copy_(torch.arange(4.0))
+    expected = (x - torch.arange(4.0).view(1, 4, 1, 1)) / (1 + bn.eps) ** 0.5
+    torch.testing.assert_close(bn(x), expected)

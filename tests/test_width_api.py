@@ -143,3 +143,31 @@ def test_models_have_independent_widths():
     assert a[0].active_out_channels == 8 and b[0].active_out_channels == 32
     with usnet.width(b, 0.5):
         assert a[0].active_out_channels == 8
+
+
+def test_set_width_follows_a_replaced_layer():
+    """A new head (fine-tuning) is bound like the one it replaces, also for cached widths."""
+    from usnet.layers import SlimmableLinear
+
+    model = usnet.models.us_convnet()
+    usnet.set_width(model, 0.25)
+    usnet.set_width(model, 1.0)
+    model.classifier[1] = SlimmableLinear(128, 3)
+    usnet.set_width(model, 0.25)
+    assert model.classifier[1].active_in_features == 32
+    assert model.train()(torch.randn(2, 1, 28, 28)).shape == (2, 3)
+    model.classifier[1] = nn.Linear(128, 3)
+    with pytest.raises(TypeError, match="is a Linear, not a slimmable layer"):
+        usnet.set_width(model, 0.5)
+
+
+def test_state_pickled_before_the_width_cache_still_sets_widths():
+    from usnet.state import SlimmableState
+
+    model = usnet.models.us_convnet()
+    # Unpickling an older checkpoint's state calls __setstate__ with a dict lacking the cache.
+    old = SlimmableState.__new__(SlimmableState)
+    old.__setstate__({k: v for k, v in model.usnet_state.__dict__.items() if k != "_updates"})
+    model.usnet_state = old
+    usnet.set_width(model, 0.5)
+    assert model.features[0][0].active_out_channels == 16

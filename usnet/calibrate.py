@@ -72,6 +72,7 @@ def sample_images(
     indices = _draw(len(dataset), num_images, seed)
     if len(indices) < num_images:
         warnings.warn(f"calibration data holds only {len(indices)} images (asked for {num_images})")
+    _check_shardable(min(len(indices), bs), world)
     shares = [indices[i : i + bs][rank::world] for i in range(0, len(indices), bs)]
     loader = DataLoader(dataset, batch_sampler=[s for s in shares if s], **loader_kwargs)
     loaded = iter([_images_of(batch) for batch in loader])
@@ -100,17 +101,25 @@ def _first_images(data: Iterable, num_images: int, batch_size: int | None) -> li
 def _shares(batches: list[Tensor], rank: int, world: int) -> list[Tensor]:
     if world == 1:
         return batches
+    _check_shardable(max(b.shape[0] for b in batches), world)
     return _fill_empty([b[rank::world] if b.shape[0] > rank else None for b in batches])
 
 
-def _fill_empty(batches: list[Tensor | None]) -> list[Tensor]:
-    """Empty shares as ``(0, C, H, W)`` tensors shaped like this rank's other images."""
-    like = next((b for b in batches if b is not None), None)
-    if like is None:
+def _check_shardable(largest_batch: int, world: int) -> None:
+    # Every rank evaluates this on the same numbers, so all raise together: a rank whose share
+    # were empty in every batch would fail alone and leave the others waiting in a collective.
+    if largest_batch < world:
         raise ValueError(
-            "distributed calibration: this rank's share of the sample is empty; use at least as "
-            "many calibration images as ranks"
+            f"distributed calibration over {world} ranks needs batches of at least {world} images "
+            f"(every rank calibrates on its share of each batch), got at most {largest_batch}; "
+            "raise the calibration batch size and number of images"
         )
+
+
+def _fill_empty(batches: list[Tensor | None]) -> list[Tensor]:
+    """Empty shares as ``(0, C, H, W)`` tensors shaped like this rank's other images (there is
+    one: :func:`_check_shardable` passed)."""
+    like = next(b for b in batches if b is not None)
     return [like[:0] if b is None else b for b in batches]
 
 

@@ -214,7 +214,10 @@ class SlimmableBatchNorm2d(nn.BatchNorm2d):
         ):  # fmt: skip
             return cached[6]
         answer = self._stats_are_set(mean, var, batches)
-        self._own_stats_cache = (*stamp, answer)
+        # Only a yes is cached: writes through ``.data`` and the native running-statistics update
+        # bump no version counter, so a cached no could outlive the statistics being set (and
+        # the no path raises UncalibratedWidthError anyway, it needs no speed).
+        self._own_stats_cache = (*stamp, True) if answer else None
         return answer
 
     @staticmethod
@@ -316,7 +319,7 @@ class SlimmableBatchNorm2d(nn.BatchNorm2d):
     def __getstate__(self) -> dict:
         # Copies and pickles start without the cache: a copy's buffers are new tensors whose
         # version counters could match the stamp by chance.
-        state = dict(self.__dict__)  # (nn.Module defines no __getstate__ of its own)
+        state = super().__getstate__()
         state["_own_stats_cache"] = None
         return state
 

@@ -41,6 +41,9 @@ class Binding:
         return cls(str(d["layer"]), inputs, (str(d["outputs"][0]), int(d["outputs"][1])))
 
 
+_LayerUpdate = tuple[nn.Module, str, nn.Module, dict[str, Any]]  # parent, child name, layer, attrs
+
+
 @dataclass
 class SlimmableState:
     """Everything that makes a plain model slimmable, stored on the model itself."""
@@ -52,9 +55,10 @@ class SlimmableState:
     switchable_widths: list[float] = field(default_factory=list)  # switchable-BN baseline
     width: Width = 1.0
     _applied: tuple[int, ...] | None = field(default=None, repr=False)
-    # Per channel configuration: the bound layers and the attributes set_width gives them. Built
-    # on first use; it holds this model's layer objects, so copies and pickles drop it.
-    _updates: dict[tuple[int, ...], list[tuple[nn.Module, dict[str, Any]]]] = field(
+    # Per channel configuration: (parent module, child name, layer, attributes set_width gives
+    # it) for every bound layer. Built on first use; it holds this model's layer objects, so
+    # copies and pickles drop it, and set_width rebuilds it when a layer was replaced.
+    _updates: dict[tuple[int, ...], list[_LayerUpdate]] = field(
         default_factory=dict, repr=False, compare=False
     )
 
@@ -62,6 +66,10 @@ class SlimmableState:
         state = dict(self.__dict__)
         state["_updates"] = {}
         return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self.__dict__.setdefault("_updates", {})  # states pickled before the cache existed
 
     @property
     def width_range(self) -> tuple[float, float]:
@@ -132,13 +140,13 @@ def set_width(model: nn.Module, width: Width) -> nn.Module:
     width = state.plan.check_width(width)
     config = state.plan.config(width)
     updates = state._updates.get(config)
-    if updates is None:
+    if updates is None or any(parent._modules.get(name) is not layer for parent, name, layer, _ in updates):
         updates = state._updates[config] = _layer_updates(model, state, config)
     label = _describe(width, config)
-    for layer, _ in updates:
+    for _, _, layer, _ in updates:
         if isinstance(layer, SlimmableBatchNorm2d) and layer.is_calibrating:
             raise RuntimeError("cannot change the width of a model while it is calibrating")
-    for layer, attrs in updates:
+    for _, _, layer, attrs in updates:
         # Plain int/str attributes: writing the instance dict skips nn.Module.__setattr__'s
         # parameter/buffer/module bookkeeping, which made set_width cost ~1.5 ms on MobileNetV2.
         layer.__dict__.update(attrs)
@@ -149,28 +157,32 @@ def set_width(model: nn.Module, width: Width) -> nn.Module:
     return model
 
 
-def _layer_updates(
-    model: nn.Module, state: SlimmableState, config: tuple[int, ...]
-) -> list[tuple[nn.Module, dict[str, Any]]]:
+def _layer_updates(model: nn.Module, state: SlimmableState, config: tuple[int, ...]) -> list[_LayerUpdate]:
     """The active-channel attributes of every bound layer at one channel configuration."""
     channels = dict(zip(state.plan.groups, config))
     stats_key = None if config == state.full_config else config_key(config)
-    updates: list[tuple[nn.Module, dict[str, Any]]] = []
+    updates: list[_LayerUpdate] = []
     for binding in state.bindings:
+        parent_name, _, name = binding.layer.rpartition(".")
+        parent = model.get_submodule(parent_name)
         layer = model.get_submodule(binding.layer)
         out_group, out_factor = binding.outputs
         out = channels[out_group] * out_factor
         if isinstance(layer, SlimmableBatchNorm2d):
-            updates.append((layer, {"active_features": out, "stats_key": stats_key}))
-            continue
-        in_group, in_factor = binding.inputs  # type: ignore[misc]
-        cin = channels[in_group] * in_factor
-        if isinstance(layer, SlimmableConv2d):
-            updates.append((layer, {"active_in_channels": cin, "active_out_channels": out}))
-        elif isinstance(layer, SlimmableLinear):
-            updates.append((layer, {"active_in_features": cin, "active_out_features": out}))
-        else:  # pragma: no cover - bindings only ever name slimmable layers
-            raise TypeError(f"layer {binding.layer!r} is not slimmable")
+            attrs: dict[str, Any] = {"active_features": out, "stats_key": stats_key}
+        else:
+            in_group, in_factor = binding.inputs  # type: ignore[misc]
+            cin = channels[in_group] * in_factor
+            if isinstance(layer, SlimmableConv2d):
+                attrs = {"active_in_channels": cin, "active_out_channels": out}
+            elif isinstance(layer, SlimmableLinear):
+                attrs = {"active_in_features": cin, "active_out_features": out}
+            else:
+                raise TypeError(
+                    f"layer {binding.layer!r} is a {type(layer).__name__}, not a slimmable layer: "
+                    "replace a bound layer only by a slimmable one of the same kind"
+                )
+        updates.append((parent, name, layer, attrs))
     return updates
 
 

@@ -333,9 +333,6 @@ class Trainer:
                 bar.set_postfix(loss=f"{result.losses[0]:.3f}", img_s=f"{rate:.0f}", refresh=False)
                 bar.update(1)
             if self.step % c.log_every == 0 or self.step == 1:
-                if self.world_size > 1:  # the global batch's losses (mean of equal shards)
-                    totals = dist.all_reduce_sum(result.losses)
-                    result.losses = [v / self.world_size for v in totals]
                 record = {"kind": "train", "step": self.step, "epoch": self.epoch + 1,
                           "lr": self.optimizer.param_groups[0]["lr"], "images_per_s": rate,
                           "loss_widest": result.losses[0], "loss_narrowest": result.losses[-1],

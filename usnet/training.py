@@ -178,20 +178,20 @@ class WidthSampler:
             raise ValueError("malformed WidthSampler state: no 'generator' entry") from None
         if not isinstance(generator_state, Tensor) or generator_state.dtype != torch.uint8:
             raise ValueError("malformed WidthSampler state: 'generator' must be a uint8 tensor")
-        if "width_range" in state_dict:
-            self.width_range = _check_range(state_dict["width_range"])
-        if "num_widths" in state_dict:
-            num_widths = int(state_dict["num_widths"])
-            if num_widths < 2:
-                raise ValueError(f"malformed WidthSampler state: num_widths {num_widths} < 2")
-            self.num_widths = num_widths
-        if "seed" in state_dict:
-            self.seed = int(state_dict["seed"])
-        if state_dict.get("ends", "both") not in SANDWICH_ENDS:
-            raise ValueError(f"malformed WidthSampler state: ends {state_dict['ends']!r}")
-        self.ends = state_dict.get("ends", "both")
-        if "choices" in state_dict:
-            self.choices = _check_choices(state_dict["choices"], self.width_range)
+        # Validate everything before changing anything: a bad state leaves the sampler as it was.
+        ends = state_dict.get("ends", "both")  # states saved before the option: the sandwich rule
+        if ends not in SANDWICH_ENDS:
+            raise ValueError(
+                f"malformed WidthSampler state: ends {ends!r}, expected one of "
+                f"{', '.join(map(repr, SANDWICH_ENDS))}"
+            )
+        width_range = _check_range(state_dict.get("width_range", self.width_range))
+        num_widths = int(state_dict.get("num_widths", self.num_widths))
+        if num_widths < 2:
+            raise ValueError(f"malformed WidthSampler state: num_widths {num_widths} < 2")
+        choices = _check_choices(state_dict["choices"], width_range) if "choices" in state_dict else self.choices
+        self.ends, self.width_range, self.num_widths, self.choices = ends, width_range, num_widths, choices
+        self.seed = int(state_dict.get("seed", self.seed))
         self.generator.set_state(generator_state.cpu())
 
     def __repr__(self) -> str:
@@ -329,7 +329,7 @@ class StepResult:
 
     Attributes:
         widths: the widths trained.
-        losses: each width's loss value.
+        losses: each width's loss value (under DDP: the mean over ranks).
         loss_kinds: each width's loss kind: :data:`LABELS` or :data:`DISTILL`.
     """
 
@@ -443,7 +443,14 @@ def sandwich_step(
                 (scaler.scale(loss) if scaler is not None else loss).backward()
             losses.append(loss.detach().float())
             del logits, loss
-        values = torch.stack(losses).tolist()  # one device sync per step
+        stacked = torch.stack(losses)
+        if no_sync is not None and torch.distributed.is_available() and torch.distributed.is_initialized():
+            # The mean over ranks: every rank then sees a non-finite loss of any rank, and all
+            # of them refuse the step together (DDP already averaged the gradients, NaNs included).
+            group = getattr(model, "process_group", None)
+            torch.distributed.all_reduce(stacked, group=group)
+            stacked = stacked / torch.distributed.get_world_size(group)
+        values = stacked.tolist()  # one device sync per step
         for w, value in zip(widths, values):
             if not math.isfinite(value):
                 raise FloatingPointError(
