@@ -100,6 +100,23 @@ def test_distillation_warmup_moves_the_label_weight_from_labels_to_the_teacher(t
         quick_config("epochs=2", "distill_warmup_epochs=3")
 
 
+def test_cudnn_benchmark_warm_up_changes_nothing_but_the_log(tmp_path):
+    """The warm-up runs every configuration once and leaves weights, data order and widths as
+    they were: the run ends with the same weights as one without it."""
+    common = ("epochs=1", "data.limit_train=256", "eval.every_epoch=false", "channels_last=false")
+    logs: list[str] = []
+    warm = Trainer(quick_config(*common, "cudnn_benchmark=true"), tmp_path / "warm", progress=False,
+                   log=logs.append)  # fmt: skip
+    warm.run()
+    cold = Trainer(quick_config(*common), tmp_path / "cold", progress=False, log=lambda s: None)
+    cold.run()
+    configs = len(usnet.channel_plan(warm.model).distinct_configs())
+    assert any(f"warmed up {configs} channel configurations" in line for line in logs)
+    for (name, a), b in zip(warm.model.state_dict().items(), cold.model.state_dict().values()):
+        if torch.is_floating_point(a):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=name)
+
+
 def _final_state(out):
     return usnet.checkpoint.read_checkpoint(out / CHECKPOINT)
 

@@ -79,6 +79,9 @@ class TrainConfig:
     nesterov: bool = True
     weight_decay: float = 5e-5
     amp: Literal["none", "bf16", "fp16"] = "none"
+    # CUDA: cuDNN autotuning, with every channel configuration tuned before the first step (a
+    # random width then never re-tunes mid-training). On the CPU only the warm-up runs.
+    cudnn_benchmark: bool = False
     channels_last: bool = False
     sync_bn: bool = False  # torchrun: BN statistics over the global batch (small per-GPU batches)
     device: str = "auto"  # auto | cpu | cuda | cuda:N

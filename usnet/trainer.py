@@ -51,6 +51,7 @@ from .training import (
     make_optimizer,
     make_scheduler,
     sandwich_step,
+    warm_up_widths,
 )
 
 CHECKPOINT = "checkpoint.pt"  # latest epoch, with trainer state: what --resume reads
@@ -289,6 +290,8 @@ class Trainer:
                      f"device {self.device}{ranks}")  # fmt: skip
             self.log(f"losses: {self.describe_losses()}")
             stop = c.epochs if max_epochs is None else min(c.epochs, self.epoch + max_epochs)
+            if c.cudnn_benchmark and self.epoch < stop:
+                self._warm_up()
             while self.epoch < stop:
                 self._train_epoch()
                 self.epoch += 1
@@ -302,6 +305,25 @@ class Trainer:
             if self.tb is not None:
                 self.tb.close()
                 self.tb = None
+
+    def _warm_up(self) -> None:
+        """Turn on cuDNN autotuning and run every channel configuration the run can train once
+        (``warm_up_widths``: weights, optimizer, random state untouched), so all tuning happens
+        here instead of whenever the sampler first draws a configuration."""
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # PyTorch's process-wide switch, by request
+        images, _ = next(iter(self.train_loader(self.epoch)))
+        images = images.to(self.device)
+        if self.config.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        plan = get_state(self.model).plan
+        widths = [self.config.width] if self.config.mode == "individual" else (
+            self.config.widths if self.config.mode == "slimmable" else plan.distinct_widths())  # fmt: skip
+        start = time.perf_counter()
+        self.model.train()
+        count = warm_up_widths(self.train_model, images, widths, autocast_dtype=self.autocast_dtype)
+        self.log(f"warmed up {count} channel configurations in {time.perf_counter() - start:.1f}s"
+                 + (" (cuDNN autotuning on)" if self.device.type == "cuda" else ""))  # fmt: skip
 
     def _train_epoch(self) -> None:
         c = self.config
