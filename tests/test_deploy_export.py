@@ -162,6 +162,8 @@ def test_export_errors(tmp_path):
     assert not list(tmp_path.iterdir())
     with pytest.raises(FileExistsError, match="is a directory"):
         usnet.export_artifact(model, 0.6, tmp_path, "onnx", input_size=size)
+    with pytest.raises(ValueError, match="needs format= for bytes; valid: pt, torchscript, onnx"):
+        usnet.load_artifact(b"")
 
 
 def test_export_widths_index(tmp_path):
@@ -172,13 +174,28 @@ def test_export_widths_index(tmp_path):
                                spectrum=spectrum)  # fmt: skip
     index = json.loads((tmp_path / "out" / "index.json").read_text())
     assert index["models"] == rows and index["format"] == "torchscript" and index["input_size"] == [1, 1, 28, 28]
-    assert [r["file"] for r in rows] == ["w0.250.torchscript.pt"] * 2 + ["w0.600.torchscript.pt"]
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
-        "index.json", "w0.250.torchscript.pt", "w0.600.torchscript.pt"]  # fmt: skip
+    names = [f"w{w:.3f}-{r['config_id']}.torchscript.pt" for w, r in ((0.25, rows[0]), (0.6, rows[2]))]
+    assert [r["file"] for r in rows] == names[:1] * 2 + names[1:]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["index.json", *names]
     assert [r.get("top1") for r in rows] == [None, None, 0.875]
     for r in rows:
         cost = usnet.profile(model, r["width"], size)
         assert (r["params"], r["macs"]) == (cost.params, cost.macs)
+
+
+def test_export_widths_names_never_collide(tmp_path):
+    """0.2776 and 0.2779 both print as 0.278 but are different networks: two files, each its own."""
+    model, size, _ = calibrated("us_convnet")
+    plan = usnet.channel_plan(model)
+    assert f"{0.2776:.3f}" == f"{0.2779:.3f}" and plan.config(0.2776) != plan.config(0.2779)
+    usnet.calibrate(model, [images_for(size, n=8, seed=9)], widths=[0.2779], num_images=8)
+    rows = usnet.export_widths(model, [0.2776, 0.2779], tmp_path, "torchscript", input_size=size)
+    assert len({r["file"] for r in rows}) == 2
+    assert json.loads((tmp_path / "index.json").read_text())["models"] == rows
+    x = images_for(size)
+    for r in rows:
+        logits = usnet.load_artifact(tmp_path / r["file"])(x)
+        assert max_abs_diff(logits, slimmable_logits(model, r["width"], x)) <= 1e-4
 
 
 # --- usnet export -------------------------------------------------------------------------------
@@ -218,8 +235,9 @@ def test_cli_export_widths_directory(checkpoint, tmp_path, capsys):
                            "--out", tmp_path / "dir", "--input-size", "1,1,28,28"], capsys)  # fmt: skip
     assert code == 0 and "index.json" in stdout
     index = json.loads((tmp_path / "dir" / "index.json").read_text())
+    plan = usnet.channel_plan(calibrated("us_convnet")[0])
     assert [(r["width"], r["file"]) for r in index["models"]] == [
-        (0.25, "w0.250.pt2"), (0.6, "w0.600.pt2"), (1.0, "w1.000.pt2")]  # fmt: skip
+        (w, f"w{w:.3f}-{usnet.config_id(plan.config(w))}.pt2") for w in (0.25, 0.6, 1.0)]
     assert [r["top1"] for r in index["models"]] == pytest.approx([0.825, 0.86, 0.9])
 
 

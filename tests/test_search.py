@@ -64,6 +64,35 @@ def test_search_ends_under_budget_with_greedy_steps():
     assert json.loads(json.dumps(result.to_dict()))["width"] == width
 
 
+def bn_stats(model):
+    """Every BatchNorm's per-configuration statistics and its own running buffers (full width)."""
+    return {(name, key): [t.clone() for t in value]
+            for name, m in model.named_modules() if isinstance(m, SlimmableBatchNorm2d)
+            for key, value in [*m.width_stats.items(), (None, (m.running_mean, m.running_var, m.num_batches_tracked))]}  # fmt: skip
+
+
+def test_search_keeps_statistics_the_model_had():
+    """Calibrations made before the search (the full width's own buffers, the uniform answer, any
+    other width) are bit-identical after it, though the search recalibrates them on its sample;
+    only the result's statistics, which the model lacked, are added."""
+    model = liven(zoo_model("us_convnet"))
+    size = (4, 1, 28, 28)  # MACs are per image: the batch of 4 changes nothing
+    budget = int(0.6 * usnet.profile(model, 1.0, SIZE).macs)
+    uniform = usnet.select_width(model, max_macs=budget, input_size=SIZE).width
+    usnet.calibrate(model, [data(32, 7)[0]], widths=[1.0, 0.5, uniform], num_images=32)
+    before = bn_stats(model)
+    result = search_width(model, [data(32, 0)[0]], data(48, 1), max_macs=budget, input_size=size,
+                          step=0.25)  # fmt: skip
+    assert result.uniform.width == uniform
+    assert result.result.macs == usnet.profile(model, result.width, SIZE).macs
+    after = bn_stats(model)
+    key = usnet.config_key(usnet.channel_plan(model).config(result.width))
+    assert {k for k in after if k[1] != key} == set(before)
+    for k, tensors in before.items():
+        assert all(torch.equal(a, b) for a, b in zip(tensors, after[k])), k
+    assert any(k[1] == key for k in after)
+
+
 def test_search_within_budget_from_the_start_and_errors():
     model = zoo_model("us_convnet")
     calib, _ = data(16, 0)

@@ -61,6 +61,10 @@ def test_candidates_are_the_distinct_configurations(model):
     assert candidates[0][1][0] == 0.25 and candidates[-1][1][1] == 1.0
     # representatives are round numbers: 0.5 for the interval holding 0.5
     assert any(w == 0.5 for w, _, _ in candidates)
+    # one scan: the intervals and representatives are ChannelPlan.width_intervals', which
+    # distinct_widths shares (0.5, not the 0.469 where its interval starts)
+    assert [(i.width, (i.lo, i.hi), i.config) for i in plan.width_intervals()] == candidates
+    assert plan.distinct_widths() == [w for w, _, _ in candidates]
     # a restricted sweep keeps the widest of widths with equal channels
     assert [w for w, _, _ in config_candidates(plan, [0.26, 0.25, 0.5, 1.0])] == [0.26, 0.5, 1.0]
 
@@ -81,6 +85,14 @@ def test_exact_macs_of_width_half_is_inclusive(model):
     assert convnet_cost(0.5)[1] == 5_532_544
     assert select_width(model, max_macs=5_532_544, input_size=SIZE).width == 0.5
     assert select_width(model, max_macs=5_532_543, input_size=SIZE).chosen.macs < 5_532_544
+
+
+def test_macs_and_params_are_per_image(model):
+    """The batch size of input_size is for latency only: MACs and params are counted per image."""
+    selection = select_width(model, max_macs=5_532_544, input_size=(8, 1, 28, 28))
+    assert selection.width == 0.5
+    assert (selection.chosen.params, selection.chosen.macs) == convnet_cost(0.5)
+    assert selection.input_size == (8, 1, 28, 28)
 
 
 def test_params_and_combined_budgets(model):

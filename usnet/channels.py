@@ -128,33 +128,47 @@ class ChannelPlan:
         """
         return tuple(self.channels(width).values())
 
+    def width_intervals(self, step: float = 0.001) -> list[WidthInterval]:
+        """Every distinct uniform-width configuration in the range, narrowest first, with the
+        interval of widths that give it and a representative width.
+
+        The range is scanned at ``step`` (and its top); ``lo``/``hi`` are the first and last
+        scanned widths with that configuration, so consecutive intervals tile the scan. The
+        representative is the roundest number in the interval (:func:`roundest`: 0.5 for
+        [0.438, 0.562], 0.25 for [0.25, 0.277]).
+        """
+        lo, hi = self.width_range
+        n = max(0, int(math.floor((hi - lo) / step + 1e-9)))
+        # rounded so that 0.355 is 0.355, not 0.35500000000000004; the config is taken of the
+        # rounded number, so every endpoint is a width that really gives its configuration
+        grid = sorted({round(min(hi, lo + i * step), 9) for i in range(n + 1)} | {hi})
+        spans: list[list] = []
+        for w in grid:
+            config = self.config(w)
+            if spans and spans[-1][0] == config:
+                spans[-1][2] = w
+            else:
+                spans.append([config, w, w])
+        out = []
+        for config, a, b in spans:
+            width = roundest(a, b)
+            out.append(WidthInterval(config, a, b, width if self.config(width) == config else a))
+        return out
+
     def distinct_configs(self, step: float = 0.001) -> list[tuple[int, ...]]:
         """All distinct uniform-width configurations in the range (scanned at ``step``)."""
-        return list(self._scan(step))
+        return [i.config for i in self.width_intervals(step)]
 
     def distinct_widths(self, step: float = 0.001) -> list[float]:
         """One uniform width per distinct configuration, in the order of :meth:`distinct_configs`:
-        the smallest width (scanned at ``step``) that reaches it.
+        the representative of :meth:`width_intervals` (the roundest width giving it).
 
         A uniform random width is always one of these networks, so this finite list is the set
         of shapes a US-Net trains at: warming per-shape caches (cuDNN autotuning, compiled
         graphs) over it covers every width, and a :class:`~usnet.training.WidthSampler` with
         ``choices`` set to it draws the same networks as a continuous one.
         """
-        return list(self._scan(step).values())
-
-    def _scan(self, step: float) -> dict[tuple[int, ...], float]:
-        lo, hi = self.width_range
-        n = max(1, int(math.floor((hi - lo) / step + 1e-9)))
-        seen: dict[tuple[int, ...], float] = {}
-        for i in range(n + 1):
-            w = min(hi, lo + i * step)
-            config = self.config(w)
-            if config not in seen:
-                tidy = round(w, 9)  # 0.355 rather than 0.35500000000000004, if the same network
-                seen[config] = tidy if self.config(tidy) == config else w
-        seen.setdefault(self.config(hi), hi)
-        return seen
+        return [i.width for i in self.width_intervals(step)]
 
     # -- serialization ---------------------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -181,6 +195,28 @@ class ChannelPlan:
             f"ChannelPlan({len(self.groups)} groups, {roots} root, "
             f"width_range={self.width_range})"
         )
+
+
+@dataclass(frozen=True)
+class WidthInterval:
+    """The uniform widths ``lo..hi`` (scanned) that give one channel configuration."""
+
+    config: tuple[int, ...]
+    lo: float
+    hi: float
+    width: float  # the representative: the roundest number in [lo, hi]
+
+
+def roundest(lo: float, hi: float) -> float:
+    """The roundest number in [lo, hi]: the largest multiple of the coarsest of 1, 0.5, 0.1,
+    0.05, ... that has one there (0.25 for [0.25, 0.277], 0.41 for [0.407, 0.416])."""
+    for digits in range(7):
+        for unit in (5, 1):
+            step = unit / 10**digits
+            top = math.floor(hi / step + 1e-6) * step
+            if top >= lo - 1e-9:
+                return round(top, digits + 1)
+    return hi
 
 
 def config_key(config: tuple[int, ...]) -> str:

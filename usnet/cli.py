@@ -407,7 +407,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output file (a directory with --widths)")
     p.add_argument("--fuse-bn", action="store_true", help="fold BatchNorm into the preceding conv")
     p.add_argument("--input-size", type=parse_input_size, default=None,
-                   help="N,C,H,W (default: the run's dataset size, else 1,C,224,224 / 32 px)")
+                   help="N,C,H,W (default: the run's dataset size, else 1,C,224,224 / 32 px); N sets "
+                        "the verification batch, MACs are per image")
     p.add_argument("--tolerance", type=float, default=None,
                    help="max |logits difference| allowed (default 1e-4; 1e-3 with --fuse-bn)")
     p.add_argument("--data", default=None, help="dataset root: calibrate uncalibrated widths first")
@@ -423,7 +424,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-latency-ms", type=float, default=None,
                    help="median latency of the exported model on this machine")
     p.add_argument("--input-size", type=parse_input_size, default=None,
-                   help="N,C,H,W (default: the run's dataset size, else 1,C,224,224 / 32 px)")
+                   help="N,C,H,W (default: the run's dataset size, else 1,C,224,224 / 32 px); MACs and "
+                        "params are per image (N ignored), latency is of a batch of N")
     p.add_argument("--widths", type=widths_arg, default=None,
                    help="sweep only these widths (default: every channel configuration)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (latency)")

@@ -24,6 +24,7 @@ written and :class:`VerificationError` says by how much it missed. Files are wri
 
 from __future__ import annotations
 
+import copy
 import io
 import json
 import os
@@ -43,6 +44,7 @@ from .export import export
 from .profile import _check_input_size, module_cost
 from .state import get_state
 from .state import width as width_context
+from .training import _describe_width
 
 FORMATS: dict[str, str] = {"pt": ".pt2", "torchscript": ".torchscript.pt", "onnx": ".onnx"}
 """Formats and the file suffix :func:`export_widths` gives them."""
@@ -125,7 +127,7 @@ def load_artifact(source: str | os.PathLike | bytes, format: str | None = None) 
     """
     if format is None:
         if isinstance(source, bytes):
-            raise ValueError("load_artifact needs format= for bytes")
+            raise ValueError(f"load_artifact needs format= for bytes; valid: {', '.join(FORMATS)}")
         format = format_of(source)
     check_format(format)
     data = source if isinstance(source, bytes) else Path(source).read_bytes()
@@ -203,7 +205,7 @@ def export_artifact(
     diff = _max_abs_diff(got, expected)
     if not diff <= tolerance:
         raise VerificationError(
-            f"{format} export at {_describe(width)} differs from the slimmable model by {diff:.3g} "
+            f"{format} export at {_describe_width(width)} differs from the slimmable model by {diff:.3g} "
             f"(max |logits difference|, tolerance {tolerance:g}); nothing was written"
         )
     atomic_write_bytes(path, data)
@@ -241,7 +243,9 @@ def export_widths(
     for w in widths:
         cid = config_id(plan.config(w))
         if cid not in written:
-            name = (f"config-{cid}" if isinstance(w, Mapping) else f"w{w:.3f}") + FORMATS[format]
+            # the config id makes names unique: widths 0.3703 and 0.3704 both print as 0.370
+            # but may be different networks
+            name = (f"config-{cid}" if isinstance(w, Mapping) else f"w{w:.3f}-{cid}") + FORMATS[format]
             written[cid] = export_artifact(model, w, out / name, format, **kwargs)
         result = written[cid]
         row = {"width": dict(w) if isinstance(w, Mapping) else w, "file": Path(result.path).name,
@@ -271,6 +275,10 @@ def spectrum_top1(model: nn.Module, spectrum: Sequence[Mapping] | None, width: W
 
 
 def _reference_logits(model: nn.Module, width: Width, images: Tensor) -> Tensor:
+    """The slimmable model's logits on the CPU, where the artifact runs: a model on a GPU is
+    copied to the CPU first (GPU kernels, TF32 convolutions among them, round differently)."""
+    if next(model.parameters()).device.type != "cpu":
+        model = copy.deepcopy(model).cpu()
     param = next(model.parameters())
     was_training = model.training
     model.eval()
@@ -295,5 +303,3 @@ def _check_tolerance(tolerance: float | None, fuse_bn: bool) -> float:
     return float(tolerance)
 
 
-def _describe(width: Width) -> str:
-    return f"width {dict(width)}" if isinstance(width, Mapping) else f"width {width:g}"

@@ -15,8 +15,10 @@ the same way. The held-out
 batch chose the result, so its held-out score is optimistic: judge both on test data
 (``usnet search`` does).
 
-Calibrations of rejected candidates are dropped again; the model keeps the BN statistics of the
-result and of the uniform comparison, and its width is restored.
+Every candidate is calibrated afresh on the search's sample, the full width and configurations the
+model already had statistics for included, so all are scored alike. Afterwards the model's BatchNorm
+statistics are restored exactly as they were; the only ones added are those of the result and of
+the uniform comparison where the model had none (so both run), and its width is restored.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from torch import Tensor, nn
 from .calibrate import calibrate
 from .channels import ChannelPlan, config_id, config_key
 from .layers import SlimmableBatchNorm2d
-from .profile import format_count, profile
+from .profile import _check_input_size, format_count, profile
 from .state import get_state, set_width
 from .state import width as width_context
 
@@ -78,7 +80,8 @@ def search_width(
     step: float = 0.1,
     log: Callable[[str], None] | None = None,
 ) -> SearchResult:
-    """Greedy non-uniform width of ``model`` within ``max_macs`` (counted at ``input_size``).
+    """Greedy non-uniform width of ``model`` within ``max_macs`` (counted per image of
+    ``input_size``: its batch dimension is ignored, as in :func:`usnet.select_width`).
 
     Args:
         calib_images: image batches (or one tensor) for calibrating each candidate's BatchNorm.
@@ -94,6 +97,7 @@ def search_width(
         raise ValueError(f"step must be in (0, {hi - lo:g}] (the width range), got {step!r}")
     batches = [calib_images] if isinstance(calib_images, Tensor) else list(calib_images)
     num_calib = sum(b.shape[0] for b in batches)
+    input_size = (1, *_check_input_size(input_size)[1:])
     images, labels = heldout
     if images.shape[0] == 0 or images.shape[0] != labels.shape[0]:
         raise ValueError("heldout must be (images, labels) with the same positive number of items")
@@ -102,7 +106,7 @@ def search_width(
         raise ValueError(f"no width fits the budget: the narrowest, width {lo:g}, needs "
                          f"{format_count(narrowest)} MACs > {format_count(max_macs)}")  # fmt: skip
     say = log or (lambda message: None)
-    kept = _stats_keys(model)
+    saved = _save_stats(model)
     cache: dict[tuple[int, ...], Scored] = {}
 
     def score(width: float | dict) -> Scored:
@@ -115,7 +119,7 @@ def search_width(
         return replace(cache[config], width=width)  # same channels, same network and score
 
     previous = state.width
-    keep = set(kept)
+    keep: set[tuple[int, ...]] = set()
     try:
         current = {name: hi for name in plan.root_names}
         best = score(dict(current))
@@ -130,8 +134,7 @@ def search_width(
                 trial = score({**current, name: narrower})
                 if trial.macs < best.macs:
                     trials.append((name, narrower, trial))
-            if not trials:  # every group at the bottom of the range (unreachable: lo fits)
-                raise ValueError(f"no narrowing reduces MACs below {format_count(best.macs)}")
+            assert trials, "the narrowest width fits the budget, so some narrowing is left"
             name, narrower, best = max(trials, key=lambda t: (t[2].heldout_top1, -t[2].heldout_loss, -t[2].macs))
             current[name] = narrower
             tried = [{"group": g, "multiplier": m, "macs": t.macs, "heldout_top1": t.heldout_top1,
@@ -145,9 +148,10 @@ def search_width(
 
         uniform_width = select_width(model, max_macs=max_macs, input_size=input_size).width
         uniform = score(uniform_width)
-        keep |= {config_key(plan.config(best.width)), config_key(plan.config(uniform.width))}
+        keep = {plan.config(best.width), plan.config(uniform.width)}
     finally:
-        _drop_stats(model, keep)
+        keys = {None if c == state.full_config else config_key(c) for c in keep}  # None: own buffers
+        _restore_stats(model, saved, keys)
         set_width(model, previous)
     return SearchResult(best, uniform, int(max_macs), steps)
 
@@ -186,13 +190,36 @@ def _bns(model: nn.Module) -> list[SlimmableBatchNorm2d]:
     return [m for m in model.modules() if isinstance(m, SlimmableBatchNorm2d)]
 
 
-def _stats_keys(model: nn.Module) -> set[str]:
-    return {key for bn in _bns(model) for key in bn.width_stats}
+SavedStats = dict[SlimmableBatchNorm2d, tuple[dict, tuple[Tensor, ...] | None]]
 
 
-def _drop_stats(model: nn.Module, keep: set[str]) -> None:
+def _save_stats(model: nn.Module) -> SavedStats:
+    """Every BatchNorm's per-configuration statistics and a copy of its own running buffers (the
+    full width's statistics, which calibration overwrites in place)."""
+    saved: SavedStats = {}
     for bn in _bns(model):
-        bn.width_stats = {k: v for k, v in bn.width_stats.items() if k in keep}
+        own = None
+        if bn.track_running_stats and bn.running_mean is not None:
+            own = tuple(t.clone() for t in _own_buffers(bn))
+        saved[bn] = (dict(bn.width_stats), own)
+    return saved
+
+
+def _restore_stats(model: nn.Module, saved: SavedStats, keep_new: set[str | None]) -> None:
+    """Put back the statistics ``_save_stats`` saved. The configurations in ``keep_new`` (their
+    stats keys; None is the full width) keep what was calibrated since, where they had none."""
+    for bn in _bns(model):
+        width_stats, own = saved[bn]
+        fresh = {k: v for k, v in bn.width_stats.items() if k in keep_new and k not in width_stats}
+        bn.width_stats = {**width_stats, **fresh}
+        if own is not None and (None not in keep_new or SlimmableBatchNorm2d._stats_are_set(*own)):
+            with torch.no_grad():
+                for buffer, value in zip(_own_buffers(bn), own):
+                    buffer.copy_(value)
+
+
+def _own_buffers(bn: SlimmableBatchNorm2d) -> tuple[Tensor, Tensor, Tensor]:
+    return bn.running_mean, bn.running_var, bn.num_batches_tracked
 
 
 def format_search(result: SearchResult, test: Mapping[str, float] | None = None) -> str:

@@ -3,11 +3,13 @@
 Candidates are the model's distinct channel configurations, not widths: every width in the range
 maps to one configuration (torchvision's rounding to multiples of 8 makes a staircase), and widths
 that round to the same channels are one network. The default sweep scans the whole range at
-steps of 0.001 and keeps each configuration with the interval of widths that give it; its
+steps of 0.001 and keeps each configuration with the interval of widths that give it
+(``ChannelPlan.width_intervals``); its
 representative width is the spectrum's width for that configuration when the checkpoint holds one,
 else the number with the fewest decimals in the interval (e.g. 0.5 for [0.438, 0.562]).
 
-MACs and parameters are counted exactly for every candidate (``usnet.profile``). Latency is
+MACs and parameters are counted exactly for every candidate (``usnet.profile``), per image (the
+batch size of ``input_size`` is ignored for them, as ``usnet export`` counts them). Latency is
 *measured*: each candidate is exported (``usnet.export``) and timed on this machine (warm-up runs,
 then ``repeats`` timed runs, median). Nothing assumes cost is monotonic or smooth in width: the
 choice is the widest candidate whose own numbers fit every budget.
@@ -110,28 +112,20 @@ def config_candidates(plan: ChannelPlan, widths: Sequence[float] | None = None,
     """``(width, (lo, hi), config)`` per distinct configuration, narrowest first.
 
     ``widths`` restricts the sweep to those widths (each is its own representative; of several
-    giving one configuration the widest is kept). Otherwise the range is scanned at 0.001 and the
-    representative is the first of ``preferred`` in the interval, else the simplest number in it.
+    giving one configuration the widest is kept). Otherwise the intervals are
+    :meth:`ChannelPlan.width_intervals` (the range scanned at 0.001) and the representative is the
+    first of ``preferred`` in the interval, else the interval's own (its roundest number).
     """
     if widths is not None:
         by_config: dict[tuple[int, ...], float] = {}
         for w in sorted(plan.check_width(float(w)) for w in widths):
             by_config[plan.config(w)] = w
         return [(w, (w, w), c) for c, w in by_config.items()]
-    lo, hi = plan.width_range
-    n = max(0, int(math.floor((hi - lo) / SCAN_STEP + 1e-9)))
-    grid = sorted({round(min(hi, lo + i * SCAN_STEP), 6) for i in range(n + 1)} | {hi})
-    intervals: list[list] = []
-    for w in grid:
-        config = plan.config(w)
-        if intervals and intervals[-1][2] == config:
-            intervals[-1][1] = w
-        else:
-            intervals.append([w, w, config])
     out = []
-    for a, b, config in intervals:
+    for span in plan.width_intervals(SCAN_STEP):
+        a, b, config = span.lo, span.hi, span.config
         inside = [p for p in preferred if a - 1e-9 <= p <= b + 1e-9 and plan.config(p) == config]
-        out.append((inside[0] if inside else _simplest(a, b), (a, b), config))
+        out.append((inside[0] if inside else span.width, (a, b), config))
     return out
 
 
@@ -155,9 +149,11 @@ def select_width(
     """The widest configuration of ``model`` within every given budget.
 
     Args:
-        max_macs, max_params: exact budgets (counted at ``input_size``).
-        max_latency_ms: budget on the median latency of the exported model at ``input_size`` on
-            ``device`` with ``threads`` intra-op threads (CPU; default: torch's current setting).
+        max_macs, max_params: exact budgets, counted per image (at ``input_size`` with batch 1,
+            as :func:`usnet.export_artifact` and :func:`usnet.search_width` count them).
+        max_latency_ms: budget on the median latency of the exported model on a whole batch of
+            ``input_size`` (N, C, H, W) on ``device`` with ``threads`` intra-op threads (CPU;
+            default: torch's current setting).
         widths: sweep only these widths (default: every configuration in the range).
         spectrum: rows with ``width``/``config_id``/``top1`` (``usnet train``'s spectrum): their
             widths become the representatives and their top-1 is reported.
@@ -177,9 +173,10 @@ def select_width(
     size = _check_input_size(input_size)
     plan = get_state(model).plan
     preferred = [float(r["width"]) for r in spectrum or () if isinstance(r.get("width"), (int, float))]
+    per_image = (1, *size[1:])  # MACs and params are per image; the batch only matters for latency
     candidates = []
     for w, interval, config in config_candidates(plan, widths, preferred):
-        cost = profile(model, w, size)
+        cost = profile(model, w, per_image)
         candidates.append(Candidate(w, interval, config_id(config), cost.params, cost.macs,
                                     top1=spectrum_top1(model, spectrum, w), config=config))  # fmt: skip
     max_macs_, max_params_ = budgets.get("max_macs", math.inf), budgets.get("max_params", math.inf)
@@ -388,18 +385,6 @@ def plot_selection(selection: Selection, title: str = "") -> bytes:
     fig.savefig(buffer, format="png")
     plt.close(fig)
     return buffer.getvalue()
-
-
-def _simplest(lo: float, hi: float) -> float:
-    """The roundest number in [lo, hi]: the largest multiple of the coarsest of 1, 0.5, 0.1,
-    0.05, ... that has one there (0.25 for [0.25, 0.277], 0.41 for [0.407, 0.416])."""
-    for digits in range(7):
-        for unit in (5, 1):
-            step = unit / 10**digits
-            top = math.floor(hi / step + 1e-6) * step
-            if top >= lo - 1e-9:
-                return round(top, digits + 1)
-    return hi
 
 
 def _nothing_fits(narrowest: Candidate, budgets: Mapping) -> str:
