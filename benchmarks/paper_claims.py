@@ -198,7 +198,7 @@ def report(out: Path) -> str:
             a = [s[w] for s in us.values() if w in s]
             b = [s[w] for s in alone.values() if w in s]
             if a and b:
-                gaps.append(f"{w}: {statistics.mean(a) - statistics.mean(b):+.2f}")
+                gaps.append(f"{float(w):.2f}: {statistics.mean(a) - statistics.mean(b):+.2f}")
         parts.append("US-Net minus individual (means): " + ", ".join(gaps))
     claim_widths = tuple(f"{w:g}" for w in sorted({0.05, 0.15, 0.35, *WIDTHS}))
     parts += ["## Recipe steps", table(out, GROUPS["recipe"], widths),
