@@ -166,7 +166,7 @@ def calibrate(
     batches = sample_images(data, num_images, seed, batch_size, shard=shard)
     total = len(by_config) * len(batches)
     show = progress if progress is not None else (total > 50 and sys.stderr.isatty())
-    bar = _progress(total, show)
+    bar = progress_bar(total, show)
     previous_width, was_training = state.width, model.training
     model.eval()  # dropout and friends off; the BN layers calibrate regardless of this flag
     try:
@@ -233,9 +233,10 @@ def _images_of(batch: Any) -> Tensor:
     return images
 
 
-def _progress(total: int, show: bool):
-    if not show:
+def progress_bar(total: int, show: bool, desc: str = "calibrating", unit: str = "batch"):
+    """A transient tqdm bar, or None when not shown or there is nothing to do."""
+    if not show or total == 0:
         return None
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc="calibrating", unit="batch", leave=False)
+    return tqdm(total=total, desc=desc, unit=unit, leave=False)

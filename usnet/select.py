@@ -37,6 +37,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .calibrate import progress_bar
 from .channels import ChannelPlan, config_id, config_key
 from .checkpoint import atomic_write_bytes
 from .deploy import spectrum_top1
@@ -237,7 +238,7 @@ def measure_candidates(
         entries = _read_cache(path, key) if use_cache else {}
         plan = get_state(model).plan
         todo = [c for c in candidates if config_key(c.config or plan.config(c.width)) not in entries]
-        bar = _progress(len(todo), progress)
+        bar = progress_bar(len(todo), progress, "measuring latency", "width")
         if todo:  # first runs pay for thread pools and allocator growth: not any width's cost
             first = export(model, todo[-1].width, require_stats=False).to(device)
             measure_latency(first, size, device=device, warmup=warmup, repeats=1)
@@ -424,11 +425,3 @@ def _read_cache(path: Path, key: Mapping) -> dict:
         return {}
     entries = payload.get("latency_ms")
     return dict(entries) if isinstance(entries, dict) else {}
-
-
-def _progress(total: int, show: bool):
-    if not show or total == 0:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc="measuring latency", unit="width", leave=False)
