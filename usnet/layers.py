@@ -276,8 +276,11 @@ class SlimmableBatchNorm2d(nn.BatchNorm2d):
             mean, var, batches, distributed = self._calibration
             if distributed and _sync_world(None) > 1:
                 return self._calibrate_global(input, weight, bias)
-            # Cumulative average: momentum 1/t, exactly PyTorch's momentum=None behaviour.
-            return F.batch_norm(input, mean, var, weight, bias, True, 1.0 / batches, self.eps)
+            stats = _cpu_batch_stats(input)
+            if stats is None:
+                # Cumulative average: momentum 1/t, exactly PyTorch's momentum=None behaviour.
+                return F.batch_norm(input, mean, var, weight, bias, True, 1.0 / batches, self.eps)
+            return self._calibrate_with(input, weight, bias, *stats)
         if self.training or not self.track_running_stats:
             group = getattr(self, "process_group", None)
             if self.training and getattr(self, "sync_bn", False) and _sync_world(group) > 1:
@@ -302,18 +305,31 @@ class SlimmableBatchNorm2d(nn.BatchNorm2d):
         return _affine_normalize(input, mean, var, weight, bias, self.eps)
 
     @torch.no_grad()
+    def _calibrate_with(self, input: Tensor, weight: Tensor | None, bias: Tensor | None,
+                        mean: Tensor, var: Tensor, count: int) -> Tensor:  # fmt: skip
+        """One calibration batch with its statistics given (biased ``var`` over ``count``
+        values per channel): update the cumulative average as ``F.batch_norm`` with momentum 1/t
+        does and normalize with the batch statistics."""
+        self._accumulate(mean, var * (count / (count - 1)))
+        dtype = self._calibration[0].dtype  # type: ignore[index]
+        return F.batch_norm(input, mean.to(dtype), var.to(dtype), weight, bias, False, 0.0, self.eps)
+
+    def _accumulate(self, mean: Tensor, unbiased_var: Tensor) -> None:
+        """Fold one batch's statistics into the cumulative average (momentum 1/t)."""
+        running_mean, running_var, batches, _ = self._calibration  # type: ignore[misc]
+        momentum = 1.0 / batches
+        running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
+        running_var.mul_(1 - momentum).add_(unbiased_var.to(running_var.dtype), alpha=momentum)
+
+    @torch.no_grad()
     def _calibrate_global(self, input: Tensor, weight: Tensor | None,
                           bias: Tensor | None) -> Tensor:  # fmt: skip
         """One calibration batch sharded across ranks: update the cumulative average with the
         global batch's mean and unbiased variance, as ``F.batch_norm`` does for one process."""
         from .distributed import global_batch_stats
 
-        running_mean, running_var, batches, _ = self._calibration  # type: ignore[misc]
         mean, var, count = global_batch_stats(input)
-        momentum = 1.0 / batches
-        unbiased = var * count / (count - 1).clamp_min(1)
-        running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
-        running_var.mul_(1 - momentum).add_(unbiased.to(running_var.dtype), alpha=momentum)
+        self._accumulate(mean, var * count / (count - 1).clamp_min(1))
         return _affine_normalize(input, mean, var, weight, bias, self.eps)
 
     def __getstate__(self) -> dict:
@@ -340,6 +356,42 @@ def _sync_world(group) -> int:
     if not (dist.is_available() and dist.is_initialized()):
         return 1
     return dist.get_world_size(group)
+
+
+# Above this ratio of squared mean to variance, E[x^2] - E[x]^2 from float32 sums loses more than
+# about 1e-5 of the variance to cancellation; such channels take the exact two-pass kernel.
+_MAX_MEAN_SQUARED_TO_VAR = 100.0
+
+
+def _cpu_batch_stats(input: Tensor) -> tuple[Tensor, Tensor, int] | None:
+    """Per-channel (mean, biased variance, count) of a contiguous NCHW float CPU batch, or None
+    where the fast route does not apply (other devices, layouts, dtypes, tiny feature maps).
+
+    Why: PyTorch's training-mode BatchNorm kernel for NCHW CPU input costs 7-10x its eval-mode
+    kernel (one thread; ``docs/benchmarks.md``, calibration). Two plain row reductions (sum and
+    norm over each image's H*W plane in float32, then over the batch in float64) cost about 1x,
+    are as accurate as that kernel (variance within 1e-7 relative of float64), and the eval-mode
+    kernel then normalizes with them. Channels-last input and CUDA keep ``F.batch_norm``, whose
+    training-mode kernels are already within 2x of eval there.
+    """
+    if (
+        input.device.type != "cpu"
+        or input.dim() != 4
+        or input.dtype not in (torch.float32, torch.float64)
+        or not input.is_contiguous()
+        or input.shape[2] * input.shape[3] < 16  # short rows: the native kernel is faster
+        or input.requires_grad
+    ):  # fmt: skip
+        return None
+    n, c, h, w = input.shape
+    count = n * h * w
+    rows = input.view(n, c, h * w)
+    mean = rows.sum(-1).sum(0, dtype=torch.float64) / count
+    squares = torch.linalg.vector_norm(rows, dim=-1).square().sum(0, dtype=torch.float64) / count
+    var = (squares - mean * mean).clamp_min(0)
+    if bool((mean * mean > _MAX_MEAN_SQUARED_TO_VAR * var).any()):
+        return None
+    return mean, var, count
 
 
 def _affine_normalize(input: Tensor, mean: Tensor, var: Tensor, weight: Tensor | None,
