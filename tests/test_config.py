@@ -61,6 +61,7 @@ def test_misspelled_key_is_an_error_naming_valid_keys(tmp_path):
         ("eval.widths=1:0:1", "eval.widths"),
         ("batch_size=0", "batch_size must be positive"),
         ("device=tpu", "device: invalid value 'tpu'"),
+        ("device=cuda:x", "device: invalid value 'cuda:x'; valid: auto, cpu, cuda, cuda:N"),
     ],
 )
 def test_bad_values_name_the_key(override, message):

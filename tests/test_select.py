@@ -158,8 +158,10 @@ def test_select_errors(model):
         select_width(model, max_macs=1_000_000, input_size=SIZE)
     with pytest.raises(ValueError, match="outside the width range"):
         select_width(model, max_macs=1e9, input_size=SIZE, widths=[0.1])
-    with pytest.raises(ValueError, match="latency is measured on cpu or cuda"):
+    with pytest.raises(ValueError, match="device: invalid value 'meta'; valid: auto, cpu, cuda"):
         select_width(model, max_latency_ms=5, input_size=SIZE, device="meta")
+    with pytest.raises(ValueError, match="latency is measured on cpu or cuda, not 'meta'"):
+        select_width(model, max_latency_ms=5, input_size=SIZE, device=torch.device("meta"))
 
 
 # --- usnet select and its latency cache ---------------------------------------------------------
@@ -220,7 +222,7 @@ def test_cli_select_macs_text_and_plot(tmp_path, capsys):
         (["--max-macs", "1M"], "no width fits the budget: the narrowest, width 0.25, needs 1.41M MACs > 1.00M"),
         (["--max-macs", "1G", "--widths", "0.1,0.5"], "width 0.1 is outside the width range [0.25, 1.0]"),
         (["--max-latency-ms", "-3"], "max_latency_ms must be a positive number"),
-        (["--max-latency-ms", "3", "--device", "tpu"], "invalid device 'tpu'; expected cpu or cuda"),
+        (["--max-latency-ms", "3", "--device", "tpu"], "device: invalid value 'tpu'; valid: auto, cpu, cuda, cuda:N"),
     ],
 )
 def test_cli_select_errors_are_one_line(args, message, capsys):

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union
 
+import torch
 import yaml
 
 from .channels import parse_widths
@@ -25,6 +26,24 @@ from .channels import parse_widths
 
 class ConfigError(ValueError):
     """A configuration key or value is invalid; the message names it and the valid choices."""
+
+
+def check_device_name(name: str) -> str:
+    """``name`` if it is a device a configuration may name (auto, cpu, cuda, cuda:N)."""
+    if name in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", name):
+        return name
+    raise ConfigError(f"device: invalid value {name!r}; valid: auto, cpu, cuda, cuda:N")
+
+
+def resolve_device(name: str) -> torch.device:
+    """The device ``name`` means for a single process: ``auto`` is CUDA when available, else the
+    CPU; a CUDA device without CUDA is an error that says what to use instead."""
+    check_device_name(name)
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device {name!r} requested but CUDA is not available; use cpu")
+    return torch.device(name)
 
 
 @dataclass
@@ -281,5 +300,4 @@ def _check_semantics(c: TrainConfig) -> None:
         raise ConfigError(f"eval.widths: {err}") from None
     if any(not (0 < w <= 1) for w in widths):
         raise ConfigError(f"eval.widths: widths must lie in (0, 1], got {c.eval.widths!r}")
-    if c.device not in ("auto", "cpu", "cuda") and not c.device.startswith("cuda:"):
-        raise ConfigError(f"device: invalid value {c.device!r}; valid: auto, cpu, cuda, cuda:N")
+    check_device_name(c.device)

@@ -72,16 +72,11 @@ def init_from_env(device: str = "auto", timeout: datetime.timedelta | None = Non
 
     A process group that already exists (a user's own launcher) is kept as it is.
     """
-    from .config import ConfigError
+    from .config import ConfigError, resolve_device
 
-    if device not in ("auto", "cpu", "cuda") and not device.startswith("cuda:"):
-        raise ConfigError(f"device: invalid value {device!r}; valid: auto, cpu, cuda, cuda:N")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"device {device!r} requested but CUDA is not available; use device=cpu")
+    single = resolve_device(device)  # validates the name and CUDA's presence
     if not launched_by_torchrun() and not is_distributed():
-        if device == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return torch.device(device)
+        return single
     if device.startswith("cuda:"):
         raise ConfigError(
             f"device={device} under torchrun: every rank takes the GPU of its LOCAL_RANK; "

@@ -40,6 +40,7 @@ from torch import nn
 from .calibrate import progress_bar
 from .channels import ChannelPlan, config_id, config_key
 from .checkpoint import atomic_write_bytes
+from .config import resolve_device
 from .deploy import spectrum_top1
 from .export import export
 from .profile import _check_input_size, format_count, profile
@@ -405,15 +406,10 @@ def _budget_text(key: str, value: float) -> str:
 
 
 def _check_device(device: str | torch.device) -> torch.device:
-    try:
-        device = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise ValueError(f"invalid device {device!r}; expected cpu or cuda") from None
-    if device.type not in ("cpu", "cuda"):
+    name = str(device)
+    if isinstance(device, torch.device) and device.type not in ("cpu", "cuda"):
         raise ValueError(f"latency is measured on cpu or cuda, not {device.type!r}")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device cuda requested but CUDA is not available; use --device cpu")
-    return device
+    return resolve_device(name)  # a ConfigError is a ValueError with the valid names
 
 
 def _read_cache(path: Path, key: Mapping) -> dict:

@@ -40,7 +40,7 @@ from . import checkpoint as ckpt
 from . import distributed as dist
 from .calibrate import calibrate
 from .channels import Width, config_id, parse_widths
-from .config import ConfigError, TrainConfig, config_from_dict
+from .config import ConfigError, TrainConfig, config_from_dict, resolve_device
 from .data import DataInfo, build_datasets
 from .models import create_model
 from .profile import format_count, profile
@@ -68,11 +68,7 @@ def pick_device(name: str) -> torch.device:
     GPU (the current CUDA device, which :func:`usnet.distributed.init_from_env` set)."""
     if dist.is_distributed() and name in ("auto", "cuda") and torch.cuda.is_available():
         return torch.device("cuda", torch.cuda.current_device())
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"device {name!r} requested but CUDA is not available; use device=cpu")
-    return torch.device(name)
+    return resolve_device(name)
 
 
 class FixedWidths:
