@@ -26,6 +26,19 @@ def test_profile_of_a_checkpoint(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)[0]["params"] == 278890
 
 
+def test_a_file_named_like_a_zoo_model_wins_in_every_command(tmp_path, monkeypatch, capsys):
+    import usnet
+
+    usnet.save(usnet.models.us_convnet(num_classes=3), tmp_path / "us_convnet")
+    monkeypatch.chdir(tmp_path)
+    assert main(["profile", "us_convnet", "--widths", "1.0", "--input-size", "1,1,28,28", "--json"]) == 0
+    params = json.loads(capsys.readouterr().out)[0]["params"]
+    assert params == 278890 - 7 * (128 + 1)  # the file's 3-class head, not the zoo's 10 classes
+    assert main(["select", "us_convnet", "--max-params", str(params), "--input-size", "1,1,28,28",
+                 "--json"]) == 0  # fmt: skip
+    assert json.loads(capsys.readouterr().out)["params"] == params
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [

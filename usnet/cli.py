@@ -43,9 +43,12 @@ def widths_arg(text: str) -> list[float]:
 
 def load_model_arg(spec: str, num_classes: int | None = None, in_channels: int | None = None,
                    small_input: bool = False) -> nn.Module:  # fmt: skip
-    """A zoo model name, or a checkpoint path written by ``usnet.save``."""
+    """A checkpoint path written by ``usnet.save``, or a zoo model name (an existing file of
+    that name wins, as in every command)."""
     from . import checkpoint, models
 
+    if Path(spec).is_file():
+        return checkpoint.load(spec)
     if spec in models.list_models():
         kwargs = {"small_input": small_input}
         if num_classes is not None:
@@ -53,8 +56,6 @@ def load_model_arg(spec: str, num_classes: int | None = None, in_channels: int |
         if in_channels is not None:
             kwargs["in_channels"] = in_channels
         return models.create_model(spec, **kwargs)
-    if Path(spec).exists():
-        return checkpoint.load(spec)
     raise ValueError(
         f"{spec!r} is neither a zoo model ({', '.join(models.list_models())}) nor a checkpoint file"
     )
@@ -208,10 +209,11 @@ def count_arg(text: str) -> int:
 
 
 def _load_checkpoint(spec: str) -> tuple[nn.Module, dict]:
-    """A checkpoint (with its payload: spectrum, run config) or a zoo model name (empty payload)."""
+    """A checkpoint (with its payload: spectrum, run config) or a zoo model name (empty payload),
+    resolved as :func:`load_model_arg` does."""
     from . import checkpoint
 
-    if Path(spec).exists():
+    if Path(spec).is_file():
         payload = checkpoint.read_checkpoint(spec)
         return checkpoint.model_from_checkpoint(payload, spec), payload
     return load_model_arg(spec), {}

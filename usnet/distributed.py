@@ -118,8 +118,9 @@ def rank() -> int:
     return dist.get_rank() if is_distributed() else 0
 
 
-def world_size() -> int:
-    return dist.get_world_size() if is_distributed() else 1
+def world_size(group=None) -> int:
+    """Processes in ``group`` (None: the default group); 1 outside a process group."""
+    return dist.get_world_size(group) if is_distributed() else 1
 
 
 def is_main_process() -> bool:

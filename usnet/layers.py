@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .distributed import global_batch_stats, world_size
+
 
 class UncalibratedWidthError(RuntimeError):
     """Eval-mode forward at a width whose BatchNorm statistics were never calibrated."""
@@ -274,7 +276,7 @@ class SlimmableBatchNorm2d(nn.BatchNorm2d):
         if self._calibration is not None:
             self._calibration[2] += 1
             mean, var, batches, distributed = self._calibration
-            if distributed and _sync_world(None) > 1:
+            if distributed and world_size() > 1:
                 return self._calibrate_global(input, weight, bias)
             stats = _cpu_batch_stats(input)
             if stats is None:
@@ -283,7 +285,7 @@ class SlimmableBatchNorm2d(nn.BatchNorm2d):
             return self._calibrate_with(input, weight, bias, *stats)
         if self.training or not self.track_running_stats:
             group = getattr(self, "process_group", None)
-            if self.training and getattr(self, "sync_bn", False) and _sync_world(group) > 1:
+            if self.training and getattr(self, "sync_bn", False) and world_size(group) > 1:
                 return self._normalize_global(input, weight, bias, group)
             return F.batch_norm(input, None, None, weight, bias, True, 0.0, self.eps)
         stats = self.current_stats()
@@ -299,8 +301,6 @@ class SlimmableBatchNorm2d(nn.BatchNorm2d):
     def _normalize_global(self, input: Tensor, weight: Tensor | None, bias: Tensor | None,
                           group) -> Tensor:  # fmt: skip
         """Training-mode BN with the statistics of the batch of all ranks (differentiable)."""
-        from .distributed import global_batch_stats
-
         mean, var, _ = global_batch_stats(input, group)
         return _affine_normalize(input, mean, var, weight, bias, self.eps)
 
@@ -326,8 +326,6 @@ class SlimmableBatchNorm2d(nn.BatchNorm2d):
                           bias: Tensor | None) -> Tensor:  # fmt: skip
         """One calibration batch sharded across ranks: update the cumulative average with the
         global batch's mean and unbiased variance, as ``F.batch_norm`` does for one process."""
-        from .distributed import global_batch_stats
-
         mean, var, count = global_batch_stats(input)
         self._accumulate(mean, var * count / (count - 1).clamp_min(1))
         return _affine_normalize(input, mean, var, weight, bias, self.eps)
@@ -347,15 +345,6 @@ class SlimmableBatchNorm2d(nn.BatchNorm2d):
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", active={self.active_features}"
-
-
-def _sync_world(group) -> int:
-    """Ranks that synchronized BN statistics would span (1 outside a process group)."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()):
-        return 1
-    return dist.get_world_size(group)
 
 
 # Above this ratio of squared mean to variance, E[x^2] - E[x]^2 from float32 sums loses more than
