@@ -42,8 +42,7 @@ from .channels import Width, config_id
 from .checkpoint import atomic_write_bytes
 from .export import export
 from .profile import _check_input_size, module_cost
-from .state import get_state
-from .state import width as width_context
+from .state import eval_forward, get_state
 from .training import _describe_width
 
 FORMATS: dict[str, str] = {"pt": ".pt2", "torchscript": ".torchscript.pt", "onnx": ".onnx"}
@@ -279,14 +278,7 @@ def _reference_logits(model: nn.Module, width: Width, images: Tensor) -> Tensor:
     copied to the CPU first (GPU kernels, TF32 convolutions among them, round differently)."""
     if next(model.parameters()).device.type != "cpu":
         model = copy.deepcopy(model).cpu()
-    param = next(model.parameters())
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad(), width_context(model, width):
-            return model(images.to(device=param.device, dtype=param.dtype)).cpu()
-    finally:
-        model.train(was_training)
+    return eval_forward(model, width, images)
 
 
 def _max_abs_diff(got: Tensor, expected: Tensor) -> float:

@@ -35,8 +35,7 @@ from .calibrate import calibrate
 from .channels import ChannelPlan, config_id, config_key
 from .layers import SlimmableBatchNorm2d
 from .profile import _check_input_size, format_count, profile
-from .state import get_state, set_width
-from .state import width as width_context
+from .state import eval_forward, get_state, set_width
 
 
 @dataclass(frozen=True)
@@ -172,14 +171,7 @@ def _narrow(plan: ChannelPlan, current: Mapping[str, float], name: str, step: fl
 
 @torch.no_grad()
 def _evaluate(model: nn.Module, width, images: Tensor, labels: Tensor) -> tuple[float, float]:
-    param = next(model.parameters())
-    was_training = model.training
-    model.eval()
-    try:
-        with width_context(model, width):
-            logits = model(images.to(device=param.device, dtype=param.dtype)).float()
-    finally:
-        model.train(was_training)
+    logits = eval_forward(model, width, images).float()
     labels = labels.to(logits.device)
     top1 = float((logits.argmax(1) == labels).float().mean())
     loss = float(F.cross_entropy(logits, labels))

@@ -13,7 +13,8 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
 from .channels import ChannelPlan, Width, config_key
 from .layers import SlimmableBatchNorm2d, SlimmableConv2d, SlimmableLinear
@@ -195,6 +196,21 @@ def width(model: nn.Module, width: Width) -> Iterator[nn.Module]:
         yield model
     finally:
         set_width(model, previous)
+
+
+def eval_forward(model: nn.Module, width: Width, images: Tensor) -> Tensor:
+    """``model``'s output on ``images`` in eval mode at ``width``, without autograd; the input is
+    moved to the model's device and dtype, and the model's mode and width are restored."""
+    param = next(model.parameters())
+    was_training, previous = model.training, get_width(model)
+    model.eval()
+    set_width(model, width)
+    try:
+        with torch.no_grad():
+            return model(images.to(device=param.device, dtype=param.dtype))
+    finally:
+        set_width(model, previous)
+        model.train(was_training)
 
 
 def current_config(model: nn.Module) -> tuple[int, ...]:
