@@ -64,6 +64,7 @@ ROWS: dict[str, Row] = {
     "n4": Row("US-Net with the paper's n=4", ((N4,),), eval_widths=SPECTRUM),
     "no_distill": _ablation("US-Net without in-place distillation", "inplace_distill=false"),
     "n2": Row("US-Net with only max + min (n=2)", (("num_widths=2",),)),
+    "no_distill_n5": Row("default recipe without in-place distillation", (("inplace_distill=false",),)),
     # the recipe's steps on a short schedule
     "pure_distill": _ablation("pure in-place distillation (λ=0)", "distill_label_weight=0.0"),
     "distill_warmup": _ablation("distillation after a 1-epoch warm-up on labels (λ 1 → 0)",
@@ -88,8 +89,8 @@ ROWS: dict[str, Row] = {
                            "sandwich_ends=none", "inplace_distill=false"),  # fmt: skip
 }
 GROUPS = {
-    "headline": ["us_net", "individual", "n4", "no_distill", "n2"],
-    "recipe": ["us_net", "n4", "no_distill", "pure_distill", "distill_warmup", "warmup_mix",
+    "headline": ["us_net", "individual", "n4", "no_distill_n5", "no_distill", "n2"],
+    "recipe": ["us_net", "no_distill_n5", "n4", "no_distill", "pure_distill", "distill_warmup", "warmup_mix",
                "temperature2"],
     "claims": ["n2", "n3", "n4", "us_net", "n6", "lower0.05", "lower0.15", "n4", "lower0.35",
                "no_distill", "input_averaging", "ends_max", "ends_min", "ends_none"],
