@@ -204,9 +204,11 @@ def report(out: Path) -> str:
     widths = tuple(f"{w:g}" for w in WIDTHS)
     parts = ["## Headline: US-Net against individually trained networks (top-1 %)",
              table(out, GROUPS["headline"], widths)]  # fmt: skip
-    us, alone = collect(out, "us_net"), collect(out, "individual")
-    for name in ("us_net", "n4"):
-        gaps, row = [], collect(out, name)
+    alone = collect(out, "individual")
+    us_nets = {name: collect(out, name) for name in ("us_net", "n4")}  # the default and the paper's n
+    us = us_nets["us_net"]
+    for name, row in us_nets.items():
+        gaps = []
         for w in widths:
             a = [s[w] for s in row.values() if w in s]
             b = [s[w] for s in alone.values() if w in s]
@@ -217,7 +219,7 @@ def report(out: Path) -> str:
     claim_widths = tuple(f"{w:g}" for w in sorted({0.05, 0.15, 0.35, *WIDTHS}))
     parts += ["## Recipe steps", table(out, GROUPS["recipe"], widths),
               "## The seed paper's other claims", table(out, GROUPS["claims"], claim_widths)]
-    for name, seed, spectrum in [(n, k, s) for n in ("us_net", "n4") for k, s in sorted(collect(out, n).items())]:
+    for name, seed, spectrum in [(n, k, s) for n, row in us_nets.items() for k, s in sorted(row.items())]:
         points = sorted((float(w), t) for w, t in spectrum.items())
         dips = [(b[0], a[1] - b[1]) for a, b in zip(points, points[1:]) if b[1] < a[1]]
         worst = max(dips, key=lambda d: d[1], default=(None, 0.0))
@@ -236,7 +238,7 @@ def report(out: Path) -> str:
 
         seed = min(us)
         others = {"trained alone at one width": points("individual", seed)}
-        if collect(out, "n4"):
+        if us_nets["n4"]:
             others["US-Net with n=4 (the paper's)"] = points("n4", seed)
         png = plot_spectrum(points("us_net", seed), f"us_convnet on Fashion-MNIST, seed {seed}", others)
         atomic_write_bytes(out / "spectrum_vs_individual.png", png)

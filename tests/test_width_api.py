@@ -171,3 +171,13 @@ def test_state_pickled_before_the_width_cache_still_sets_widths():
     model.usnet_state = old
     usnet.set_width(model, 0.5)
     assert model.features[0][0].active_out_channels == 16
+
+
+def test_eval_forward_restores_mode_and_width_even_on_a_bad_width():
+    from usnet.state import eval_forward
+
+    model = usnet.models.us_convnet().train()
+    usnet.set_width(model, 0.5)
+    with pytest.raises(ValueError, match="outside the width range"):
+        eval_forward(model, 0.1, torch.randn(2, 1, 28, 28))
+    assert model.training and usnet.get_width(model) == 0.5

@@ -198,18 +198,19 @@ def width(model: nn.Module, width: Width) -> Iterator[nn.Module]:
         set_width(model, previous)
 
 
+_width_scope = width  # for functions whose argument is called ``width``
+
+
 def eval_forward(model: nn.Module, width: Width, images: Tensor) -> Tensor:
     """``model``'s output on ``images`` in eval mode at ``width``, without autograd; the input is
     moved to the model's device and dtype, and the model's mode and width are restored."""
     param = next(model.parameters())
-    was_training, previous = model.training, get_width(model)
+    was_training = model.training
     model.eval()
-    set_width(model, width)
     try:
-        with torch.no_grad():
+        with torch.no_grad(), _width_scope(model, width):
             return model(images.to(device=param.device, dtype=param.dtype))
     finally:
-        set_width(model, previous)
         model.train(was_training)
 
 
