@@ -30,7 +30,7 @@ import usnet
 from usnet import distributed
 from usnet.config import ConfigError, load_config
 from usnet.layers import SlimmableBatchNorm2d
-from usnet.trainer import _NO_BUFFER_SYNC, CHECKPOINT, FINAL, METRICS, Trainer
+from usnet.trainer import _NO_BUFFER_SYNC, CHECKPOINT, FINAL, METRICS, Trainer, saved_run_config
 from usnet.training import InplaceDistillationLoss, sandwich_step
 from usnet_testing import liven, tiny_slimmable
 
@@ -198,6 +198,21 @@ def test_two_processes_train_resume_and_validate_like_one(tmp_path):
     assert _records(resumed, "spectrum") == _records(two, "spectrum")
     train = lambda out: [(r["step"], r["widths"], r["loss_widest"]) for r in _records(out, "train")]  # noqa: E731
     assert train(resumed) == train(two)
+
+
+def _saved_config_worker(rank: int, tmp: str) -> None:
+    # Only rank 0 is given the run's folder: the others must get its config from rank 0.
+    out = Path(tmp) / ("run" if rank == 0 else f"not-on-rank{rank}")
+    torch.save(saved_run_config(out).to_dict(), Path(tmp) / f"config{rank}.pt")
+
+
+def test_resume_without_config_reads_the_saved_config_on_rank_0_only(tmp_path):
+    """``usnet train --resume`` without CONFIG: other machines need no shared file system."""
+    config = load_config(FASHION, [*TINY, "sync_bn=false", "eval.every_epoch=false", "seed=7"])
+    Trainer(config, tmp_path / "run", progress=False, log=lambda s: None).run(max_epochs=1)
+    spawn(_saved_config_worker, str(tmp_path))
+    for r in (0, 1):
+        assert torch.load(tmp_path / f"config{r}.pt") == config.to_dict()
 
 
 # -- distributed calibration -------------------------------------------------------------------

@@ -86,10 +86,11 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from . import checkpoint
-    from .config import config_from_dict, load_config
-    from .distributed import destroy, init_from_env
-    from .trainer import CHECKPOINT, Trainer
+    import torch.distributed
+
+    from .config import ConfigError, load_config
+    from .distributed import destroy, init_from_env, is_distributed
+    from .trainer import Trainer, saved_run_config
 
     overrides = [item for group in args.set for item in group]
     if args.config is None:
@@ -97,13 +98,22 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise ValueError("usnet train needs a CONFIG file (e.g. configs/fashion_mnist.yaml)")
         if overrides:
             raise ValueError("--set needs the CONFIG file it modifies; --resume alone reuses the saved config")
-        payload = checkpoint.read_checkpoint(Path(args.out) / CHECKPOINT)
-        config = config_from_dict(payload.get("extra", {}).get("config") or {})
-    else:
-        config = load_config(args.config, overrides)
-    # Under torchrun: join the process group (NCCL on GPUs, gloo on CPUs); else a no-op.
-    init_from_env(config.device)
     try:
+        if args.config is None:
+            # The saved config is read on rank 0 and broadcast, so the group comes first, with
+            # the backend of device=auto (NCCL where CUDA is available, else gloo).
+            init_from_env("auto")
+            config = saved_run_config(args.out)
+            if is_distributed() and config.device == "cpu" and torch.distributed.get_backend() == "nccl":
+                raise ConfigError(
+                    "the saved run trains with device=cpu, but under torchrun on this GPU machine "
+                    "the group uses NCCL; resume with the CONFIG file: usnet train CONFIG --resume"
+                )
+        else:
+            config = load_config(args.config, overrides)
+        # Under torchrun: join the process group (NCCL on GPUs, gloo on CPUs); else a no-op. An
+        # existing group is kept; this resolves the rank's device.
+        init_from_env(config.device)
         Trainer(config, args.out, resume=args.resume).run()
     finally:
         destroy()

@@ -163,12 +163,8 @@ class Trainer:
                     "another --out (nothing was overwritten)"
                 )
             return None
-        if not path.exists():
-            raise FileNotFoundError(f"--resume: no {CHECKPOINT} in {str(self.out)!r}")
-        payload = ckpt.read_checkpoint(path)
-        saved_config = payload.get("extra", {}).get("config")
-        if saved_config is None or "trainer" not in payload.get("extra", {}):
-            raise ValueError(f"{str(path)!r} holds no trainer state to resume from")
+        payload = _resumable_checkpoint(self.out)
+        saved_config = payload["extra"]["config"]
         current = self.config.to_dict()
         changed = sorted(_diff(saved_config, current))
         if changed:
@@ -587,6 +583,25 @@ def _bar(total: int, desc: str, show: bool | None):
 
     tty = sys.stderr.isatty()
     return tqdm(total=total, desc=desc, unit="step", leave=tty is False, mininterval=1 if tty else 30)
+
+
+def _resumable_checkpoint(out_dir: Path) -> dict:
+    """The checkpoint ``--resume`` continues from in ``out_dir``, with its config and trainer state."""
+    path = out_dir / CHECKPOINT
+    if not path.exists():
+        raise FileNotFoundError(f"--resume: no {CHECKPOINT} in {str(out_dir)!r}")
+    payload = ckpt.read_checkpoint(path)
+    extra = payload.get("extra", {})
+    if extra.get("config") is None or "trainer" not in extra:
+        raise ValueError(f"{str(path)!r} holds no trainer state to resume from")
+    return payload
+
+
+def saved_run_config(out_dir: str | Path) -> TrainConfig:
+    """The config of the run in ``out_dir`` that ``--resume`` continues (``usnet train --resume``
+    without a CONFIG file). Read on rank 0 only and handed to the other ranks, like the checkpoint
+    itself, so other machines need no shared file system; call it inside the process group."""
+    return dist.run_on_main(lambda: config_from_dict(_resumable_checkpoint(Path(out_dir))["extra"]["config"]))
 
 
 def load_run_config(payload: dict) -> TrainConfig | None:
