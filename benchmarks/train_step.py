@@ -178,6 +178,16 @@ def _autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device.type, dtype=dtype)
 
 
+def ms_per_step(step, widths_per_step: Sequence[Sequence[float]], device) -> float:
+    """Milliseconds per call of ``step(widths)``, timed over all the given steps."""
+    sync(device)
+    start = time.perf_counter()
+    for widths in widths_per_step:
+        step(widths)
+    sync(device)
+    return (time.perf_counter() - start) / len(widths_per_step) * 1000
+
+
 def run_pair(size: Size, variant_name: str, mode: str, device, rounds: int, steps: int) -> dict:
     """Median ms/step of the slimmable step and of the limit, interleaved per round."""
     v = Variant.parse(variant_name)
@@ -210,12 +220,7 @@ def run_pair(size: Size, variant_name: str, mode: str, device, rounds: int, step
                                                     criterion, autocast_dtype=v.autocast)),
                  (limit_ms, lambda ws: limit.step(images, labels, ws, criterion, v.autocast))]  # fmt: skip
         for out, step in sides if r % 2 == 0 else sides[::-1]:  # A B, B A, ...: no order bias
-            sync(device)
-            t0 = time.perf_counter()
-            for ws in part:
-                step(ws)
-            sync(device)
-            out.append((time.perf_counter() - t0) / steps * 1000)
+            out.append(ms_per_step(step, part, device))
     torch.backends.cudnn.benchmark = False
     slim, lim = statistics.median(slim_ms), statistics.median(limit_ms)
     return {"slim": slim, "limit": lim, "warm_s": warm_s, "configs": len(plan.distinct_configs())}
@@ -347,12 +352,7 @@ def main_compile(args, size: Size, device) -> None:
                             (lambda ws: sandwich_step(model, images, labels, optimizer, ws,
                                                       criterion), eager_ms),
                             (lambda ws: limit.step(images, labels, ws, criterion, None), limit_ms)):  # fmt: skip
-                sync(device)
-                t0 = time.perf_counter()
-                for ws in part:
-                    fn(ws)
-                sync(device)
-                out.append((time.perf_counter() - t0) / steps * 1000)
+                out.append(ms_per_step(fn, part, device))
         graphs = counters["stats"]["unique_graphs"]
     lim = statistics.median(limit_ms)
     print(header(f"torch.compile sandwich step: {sz.model}, batch {sz.batch}, {sz.image} px, "
