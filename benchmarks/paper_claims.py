@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from usnet.checkpoint import atomic_write_bytes
+from usnet.config import load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "configs" / "fashion_mnist.yaml"
@@ -108,10 +109,11 @@ def train(out: Path, name: str, index: int, seed: int, args: argparse.Namespace)
     """One `usnet train` run (reused when finished, resumed when interrupted); its results."""
     row, directory = ROWS[name], run_dir(out, name, index, seed)
     result_file = directory / "benchmark.json"
-    if result_file.exists():
-        return json.loads(result_file.read_text())
     overrides = [*row.runs[index], f"seed={seed}", f"epochs={args.epochs}",
                  f"eval.widths={row.eval_widths}", *(QUICK if args.quick else ())]  # fmt: skip
+    if result_file.exists():
+        check_trained_as(directory, load_config(CONFIG, overrides).to_dict(), name)
+        return json.loads(result_file.read_text())
     command = [sys.executable, "-m", "usnet", "train", str(CONFIG), "--out", str(directory),
                "--set", *overrides]  # fmt: skip
     if (directory / "checkpoint.pt").exists():
@@ -135,12 +137,36 @@ def train(out: Path, name: str, index: int, seed: int, args: argparse.Namespace)
     return result
 
 
+# Settings of the sandwich step: an individual network (one width per step) does not use them.
+SANDWICH_ONLY = ("num_widths", "sandwich_ends", "inplace_distill", "distill_temperature",
+                 "distill_label_weight", "distill_warmup_epochs")  # fmt: skip
+
+
+def check_trained_as(directory: Path, expected: dict, name: str) -> None:
+    """Refuse a finished run trained otherwise than its row now says (a row or the shipped config
+    changed since), going by the config saved in the run's own checkpoint. What is evaluated
+    (``eval``) and logged may differ, as may the sandwich settings of an individual network:
+    they do not change the trained network."""
+    from usnet.checkpoint import read_checkpoint
+    from usnet.config import config_diff, config_from_saved
+    from usnet.trainer import FINAL
+
+    trained = config_from_saved(read_checkpoint(directory / FINAL)["extra"]["config"]).to_dict()
+    ignored = ("eval", "log_every", *(SANDWICH_ONLY if expected["mode"] == "individual" else ()))
+    changed = config_diff({k: v for k, v in trained.items() if k not in ignored},
+                    {k: v for k, v in expected.items() if k not in ignored})  # fmt: skip
+    if changed:
+        raise RuntimeError(
+            f"{directory} was trained with other settings than row {name!r} now has "
+            f"({', '.join(changed)}); move it away to train the row again, or use another --out"
+        )
+
+
 def calibration_claim(out: Path, args: argparse.Namespace) -> list[dict]:
     """Claim (d): top-1 of a seed-0 US-Net recalibrated from samples of 128 to 8192 images."""
     import torch
 
     import usnet
-    from usnet.config import load_config
     from usnet.data import build_datasets
     from usnet.trainer import evaluate
 
@@ -272,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--report", action="store_true", help="only print the tables of finished runs")
     args = parser.parse_args(argv)
     args.threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
-    out = args.out or ROOT / "runs" / f"paper_claims{'-quick' if args.quick else ''}-E{args.epochs}"
+    out = (args.out or ROOT / "runs" / f"paper_claims{'-quick' if args.quick else ''}-E{args.epochs}").resolve()
     if not args.report:
         names: list[str] = []
         for item in args.rows.split(","):
@@ -293,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
         def run(job: tuple[str, int, int]) -> None:
             try:
                 result = train(out, *job, args)
-            except RuntimeError as err:  # report it, keep the other runs going
+            except Exception as err:  # report it, keep the other runs going
                 failed.append(job)
                 print(f"FAILED: {err}", flush=True)
                 return

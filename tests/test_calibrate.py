@@ -75,6 +75,29 @@ def test_matches_hand_computed_reference(model):
     assert not usnet.is_calibrated(model, 0.25)
 
 
+def test_empty_batches_count_for_nothing(model):
+    """An empty batch in the user's data adds no statistics and no weight to the average, on the
+    fast CPU path (8x8 maps) and the native one (2x2 maps) alike; a direct forward of one leaves
+    a calibrating layer as it was."""
+    for size in (8, 2):
+        data = list((torch.randn(40, 3, size, size, generator=torch.Generator().manual_seed(1)) * 2 + 0.5).split(16))
+        with_empty = [data[0], data[0][:0], data[1], data[2][:0], data[2]]
+        mean, var = reference_stats(model, data, 16)
+        usnet.calibrate(model, with_empty, widths=[0.5], num_images=40)
+        key = usnet.config_key(usnet.channel_plan(model).config(0.5))
+        assert_close(model[1].width_stats[key][0], mean)
+        assert_close(model[1].width_stats[key][1], var)
+    bn = model[1]
+    usnet.set_width(model, 1.0)
+    bn.start_calibration()
+    with torch.no_grad():
+        assert bn(torch.empty(0, CH, 8, 8)).shape == (0, CH, 8, 8)
+        bn(torch.randn(8, CH, 8, 8))
+        bn(torch.empty(0, CH, 8, 8))
+    assert bn._calibration[2] == 1 and torch.isfinite(bn._calibration[1]).all()
+    bn.cancel_calibration()
+
+
 def test_uses_only_num_images(model):
     data = list(images(40).split(16))
     usnet.calibrate(model, data, widths=[0.25], num_images=20)

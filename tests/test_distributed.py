@@ -422,3 +422,9 @@ def test_torchrun_cli_trains_and_reports_errors_once(tmp_path):
     assert again.returncode != 0
     errors = [line for line in again.stderr.splitlines() if line.startswith("usnet: error:")]
     assert len(errors) == 1 and "already holds a run" in errors[0], again.stderr[-3000:]
+    # --resume without CONFIG: rank 0 reads the saved config; the finished run is evaluated again.
+    first_spectrum = _records(out, "spectrum")
+    resumed = torchrun("train", "--out", str(out), "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert resumed.stdout.count("resumed from") == 1 and "x 2 processes" in resumed.stdout
+    assert _records(out, "spectrum")[-1] == first_spectrum[0]

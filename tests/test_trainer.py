@@ -153,6 +153,28 @@ def test_resume_with_changed_config_is_refused(tmp_path):
         Trainer(config, tmp_path / "empty", resume=True, **quiet)
 
 
+def test_resume_of_a_checkpoint_from_before_newer_config_fields(tmp_path):
+    """A checkpoint written before a field existed lacks its key: the field takes the value of
+    the behaviour before it existed (distill_label_weight: pure distillation, 0.0, not today's
+    default 0.5), so that old run resumes as it was and a different value is still refused."""
+    base = ("epochs=2", "data.limit_train=256", "eval.every_epoch=false")
+    old_run = quick_config(*base, "distill_label_weight=0.0")
+    Trainer(old_run, tmp_path / "r", progress=False, log=lambda s: None).run(max_epochs=1)
+    path = tmp_path / "r" / CHECKPOINT
+    payload = torch.load(path, weights_only=False)
+    for key in ("distill_label_weight", "cudnn_benchmark", "sync_bn"):  # added after the first release
+        del payload["extra"]["config"][key]
+    torch.save(payload, path)
+    logged = []
+    resumed = Trainer(old_run, tmp_path / "r", resume=True, progress=False, log=logged.append)
+    assert resumed.epoch == 1
+    assert any("predates config fields cudnn_benchmark, distill_label_weight, sync_bn" in line for line in logged)
+    with pytest.raises(ConfigError, match=r"changed config \(distill_label_weight\)"):
+        Trainer(quick_config(*base), tmp_path / "r", resume=True, progress=False, log=lambda s: None)
+    # Without CONFIG (usnet train --resume) the same completed config comes back.
+    assert usnet.trainer.saved_run_config(tmp_path / "r") == old_run
+
+
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     quiet = dict(progress=False, log=lambda s: None)
     config = quick_config("epochs=2", "data.limit_train=256", "eval.every_epoch=false")

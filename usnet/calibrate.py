@@ -85,6 +85,8 @@ def _first_images(data: Iterable, num_images: int, batch_size: int | None) -> li
     taken = 0
     for batch in data:
         images = _images_of(batch)[: num_images - taken]
+        if images.shape[0] == 0:
+            continue  # an empty batch of the user's iterable
         batches.append(images)
         taken += images.shape[0]
         if taken >= num_images:

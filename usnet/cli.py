@@ -86,10 +86,8 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    import torch.distributed
-
-    from .config import ConfigError, load_config
-    from .distributed import destroy, init_from_env, is_distributed
+    from .config import load_config
+    from .distributed import destroy, init_from_env, join_group_for_any_device
     from .trainer import Trainer, saved_run_config
 
     overrides = [item for group in args.set for item in group]
@@ -100,19 +98,13 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise ValueError("--set needs the CONFIG file it modifies; --resume alone reuses the saved config")
     try:
         if args.config is None:
-            # The saved config is read on rank 0 and broadcast, so the group comes first, with
-            # the backend of device=auto (NCCL where CUDA is available, else gloo).
-            init_from_env("auto")
+            # Rank 0 reads the saved config and broadcasts it, so the group comes first.
+            join_group_for_any_device()
             config = saved_run_config(args.out)
-            if is_distributed() and config.device == "cpu" and torch.distributed.get_backend() == "nccl":
-                raise ConfigError(
-                    "the saved run trains with device=cpu, but under torchrun on this GPU machine "
-                    "the group uses NCCL; resume with the CONFIG file: usnet train CONFIG --resume"
-                )
         else:
             config = load_config(args.config, overrides)
-        # Under torchrun: join the process group (NCCL on GPUs, gloo on CPUs); else a no-op. An
-        # existing group is kept; this resolves the rank's device.
+        # Under torchrun: join the process group (NCCL on GPUs, gloo on CPUs) or keep the one
+        # joined above, and pick this rank's device; else a no-op.
         init_from_env(config.device)
         Trainer(config, args.out, resume=args.resume).run()
     finally:

@@ -178,6 +178,33 @@ def config_from_dict(raw: Mapping[str, Any]) -> TrainConfig:
     return config
 
 
+def config_diff(a: Mapping[str, Any], b: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """The dotted keys (``lr``, ``data.limit_train``) whose values differ between two config
+    dicts (``TrainConfig.to_dict()`` or saved ones), a key missing on one side included."""
+    out = []
+    for key in sorted(set(a) | set(b)):
+        x, y = a.get(key), b.get(key)
+        if isinstance(x, Mapping) and isinstance(y, Mapping):
+            out += config_diff(x, y, f"{prefix}{key}.")
+        elif x != y:
+            out.append(prefix + key)
+    return out
+
+
+# A checkpoint written before a field existed lacks its key. Such fields take their default,
+# except where the default changed after the field was added: then the value that reproduces
+# the behaviour from before the field existed.
+_VALUE_BEFORE_FIELD: dict[str, Any] = {"distill_label_weight": 0.0}
+
+
+def config_from_saved(raw: Mapping[str, Any]) -> TrainConfig:
+    """The config a checkpoint was trained with (``extra.config``), also one written by an
+    earlier usnet with fewer fields."""
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"saved config must be a mapping, got {raw!r}")
+    return config_from_dict({**{k: v for k, v in _VALUE_BEFORE_FIELD.items() if k not in raw}, **raw})
+
+
 def _build(cls: type, raw: Mapping[str, Any], prefix: str):
     if not isinstance(raw, Mapping):
         raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {raw!r}")

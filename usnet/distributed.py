@@ -42,6 +42,7 @@ __all__ = [
     "init_from_env",
     "is_distributed",
     "is_main_process",
+    "join_group_for_any_device",
     "launched_by_torchrun",
     "rank",
     "run_on_main",
@@ -101,6 +102,21 @@ def init_from_env(device: str = "auto", timeout: datetime.timedelta | None = Non
             timeout=timeout or DEFAULT_TIMEOUT,
         )
     return resolved
+
+
+def join_group_for_any_device(timeout: datetime.timedelta | None = None) -> None:
+    """Under torchrun, join the process group before the device is known (``usnet train
+    --resume`` without CONFIG learns it from the config that rank 0 reads): gloo, plus NCCL for
+    CUDA tensors where CUDA is available, so the group serves a CPU or a GPU run alike and no
+    GPU is claimed yet. :func:`init_from_env` then keeps it and picks the rank's device.
+    Outside torchrun, or with a group already there, nothing happens."""
+    if not launched_by_torchrun() or is_distributed():
+        return
+    dist.init_process_group(
+        backend="cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo",
+        init_method="env://",
+        timeout=timeout or DEFAULT_TIMEOUT,
+    )
 
 
 def destroy() -> None:

@@ -274,9 +274,12 @@ class SlimmableBatchNorm2d(nn.BatchNorm2d):
             )
         weight, bias = self.active_affine()
         if self._calibration is not None:
+            distributed = self._calibration[3] and world_size() > 1
+            if input.shape[0] == 0 and not distributed:
+                return input  # no statistics in it; counting it would skew the average
             self._calibration[2] += 1
-            mean, var, batches, distributed = self._calibration
-            if distributed and world_size() > 1:
+            mean, var, batches, _ = self._calibration
+            if distributed:
                 return self._calibrate_global(input, weight, bias)
             stats = _cpu_batch_stats(input)
             if stats is None:

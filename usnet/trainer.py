@@ -40,7 +40,7 @@ from . import checkpoint as ckpt
 from . import distributed as dist
 from .calibrate import calibrate
 from .channels import Width, config_id, parse_widths
-from .config import ConfigError, TrainConfig, config_from_dict, resolve_device
+from .config import ConfigError, TrainConfig, config_diff, config_from_saved, resolve_device
 from .data import DataInfo, build_datasets
 from .models import create_model
 from .profile import format_count, profile
@@ -164,14 +164,17 @@ class Trainer:
                 )
             return None
         payload = _resumable_checkpoint(self.out)
-        saved_config = payload["extra"]["config"]
-        current = self.config.to_dict()
-        changed = sorted(_diff(saved_config, current))
+        saved = payload["extra"]["config"]
+        completed = config_from_saved(saved).to_dict()  # fields added since: as before they existed
+        changed = sorted(config_diff(completed, self.config.to_dict()))
         if changed:
             raise ConfigError(
                 f"--resume with a changed config ({', '.join(changed)}); resume with the saved "
                 "config or start a new run in another --out"
             )
+        added = sorted(config_diff(saved, completed))
+        if added:
+            self.log(f"the checkpoint predates config fields {', '.join(added)}: resuming as before they existed")
         return payload
 
     def _build_model(self, info: DataInfo) -> nn.Module:
@@ -565,15 +568,6 @@ def _epoch_seed(seed: int, epoch: int) -> int:
     return seed * 100_003 + epoch
 
 
-def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
-    if isinstance(a, dict) and isinstance(b, dict):
-        out = []
-        for key in sorted(set(a) | set(b)):
-            out += _diff(a.get(key), b.get(key), f"{prefix}{key}.")
-        return out
-    return [] if a == b else [prefix.rstrip(".")]
-
-
 def _bar(total: int, desc: str, show: bool | None):
     import sys
 
@@ -601,13 +595,13 @@ def saved_run_config(out_dir: str | Path) -> TrainConfig:
     """The config of the run in ``out_dir`` that ``--resume`` continues (``usnet train --resume``
     without a CONFIG file). Read on rank 0 only and handed to the other ranks, like the checkpoint
     itself, so other machines need no shared file system; call it inside the process group."""
-    return dist.run_on_main(lambda: config_from_dict(_resumable_checkpoint(Path(out_dir))["extra"]["config"]))
+    return dist.run_on_main(lambda: config_from_saved(_resumable_checkpoint(Path(out_dir))["extra"]["config"]))
 
 
 def load_run_config(payload: dict) -> TrainConfig | None:
     """The training config stored in a checkpoint, if any."""
     raw = payload.get("extra", {}).get("config")
-    return None if raw is None else config_from_dict(raw)
+    return None if raw is None else config_from_saved(raw)
 
 
 def datasets_for(config: TrainConfig) -> tuple[Dataset, Dataset, Dataset, DataInfo]:
