@@ -226,7 +226,7 @@ def table(out: Path, names: list[str], widths: tuple[str, ...]) -> str:
     return "\n".join(lines)
 
 
-def report(out: Path) -> str:
+def report(out: Path, epochs: int) -> str:
     widths = tuple(f"{w:g}" for w in WIDTHS)
     parts = ["## Headline: US-Net against individually trained networks (top-1 %)",
              table(out, GROUPS["headline"], widths)]  # fmt: skip
@@ -266,7 +266,8 @@ def report(out: Path) -> str:
         others = {"trained alone at one width": points("individual", seed)}
         if us_nets["n4"]:
             others["US-Net with n=4 (the paper's)"] = points("n4", seed)
-        png = plot_spectrum(points("us_net", seed), f"us_convnet on Fashion-MNIST, seed {seed}", others)
+        title = f"us_convnet on Fashion-MNIST, {epochs} epochs, seed {seed}"
+        png = plot_spectrum(points("us_net", seed), title, others)
         atomic_write_bytes(out / "spectrum_vs_individual.png", png)
         parts.append(f"Plot: {out / 'spectrum_vs_individual.png'}")
     calib = out / "calibration.json"
@@ -332,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.calibration:
             calibration_claim(out, args)
         print(f"wall time {time.perf_counter() - start:.0f} s for {len(jobs)} runs", flush=True)
-    text = report(out)
+    text = report(out, args.epochs)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(out / "report.md", (text + "\n").encode())
     print(text)
