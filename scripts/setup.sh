@@ -11,6 +11,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PYTHON=${PYTHON:-python3}
+source scripts/build_venv.sh
 FMNIST_DIR=/usr/share/datasets/fashion-mnist
 
 if [ ! -f "$FMNIST_DIR/train-images-idx3-ubyte.gz" ]; then
@@ -27,20 +28,14 @@ key=$( (cat requirements/lock.txt pyproject.toml; "$PYTHON" -c 'import sys; prin
   | sha256sum | cut -c1-16)
 cache=${USNET_VENV_CACHE:-$HOME/.cache/usnet/venvs}
 venv="$cache/$key"
+install_locked() {  # the pinned dependencies (usnet's own, read from pyproject, then removed)
+  "$1/bin/python" -m pip install -q --disable-pip-version-check \
+    -c requirements/lock.txt -e ".[dev]" 2> >(grep -v "is ignored: it is neither" >&2)
+  "$1/bin/python" -m pip uninstall -q -y usnet
+}
 if [ ! -x "$venv/bin/python" ]; then
   echo "setup: building virtual environment $venv (first time: a few minutes)"
-  mkdir -p "$cache"
-  # Build beside the final path and rename at the end: an interrupted build is never reused.
-  partial="$venv.partial-$$"
-  trap 'rm -rf "$partial"' EXIT
-  "$PYTHON" -m venv "$partial"
-  "$partial/bin/python" -m pip install -q --disable-pip-version-check \
-    -c requirements/lock.txt -e ".[dev]" 2> >(grep -v "is ignored: it is neither" >&2)
-  "$partial/bin/python" -m pip uninstall -q -y usnet
-  mv "$partial" "$venv"
-  trap - EXIT
-  # Scripts in bin/ name the build path; point them at the final one.
-  grep -rlI -- "$partial" "$venv/bin" | xargs -r sed -i "s|$partial|$venv|g"
+  build_venv "$venv" install_locked
 fi
 # The checkout's own environment: seconds to build, rebuilt when the dependencies change.
 site_of() { "$1" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])'; }
