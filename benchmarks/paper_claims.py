@@ -153,8 +153,8 @@ def check_trained_as(directory: Path, expected: dict, name: str) -> None:
 
     trained = config_from_saved(read_checkpoint(directory / FINAL)["extra"]["config"]).to_dict()
     ignored = ("eval", "log_every", *(SANDWICH_ONLY if expected["mode"] == "individual" else ()))
-    changed = config_diff({k: v for k, v in trained.items() if k not in ignored},
-                    {k: v for k, v in expected.items() if k not in ignored})  # fmt: skip
+    kept = lambda config: {k: v for k, v in config.items() if k not in ignored}  # noqa: E731
+    changed = config_diff(kept(trained), kept(expected))
     if changed:
         raise RuntimeError(
             f"{directory} was trained with other settings than row {name!r} now has "
@@ -299,7 +299,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--report", action="store_true", help="only print the tables of finished runs")
     args = parser.parse_args(argv)
     args.threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
-    out = (args.out or ROOT / "runs" / f"paper_claims{'-quick' if args.quick else ''}-E{args.epochs}").resolve()
+    default_out = ROOT / "runs" / f"paper_claims{'-quick' if args.quick else ''}-E{args.epochs}"
+    out = (args.out or default_out).resolve()
     if not args.report:
         names: list[str] = []
         for item in args.rows.split(","):
