@@ -148,10 +148,10 @@ def check_trained_as(directory: Path, expected: dict, name: str) -> None:
     (``eval``) and logged may differ, as may the sandwich settings of an individual network:
     they do not change the trained network."""
     from usnet.checkpoint import read_checkpoint
-    from usnet.config import config_diff, config_from_saved
-    from usnet.trainer import FINAL
+    from usnet.config import config_diff
+    from usnet.trainer import FINAL, load_run_config
 
-    trained = config_from_saved(read_checkpoint(directory / FINAL)["extra"]["config"]).to_dict()
+    trained = load_run_config(read_checkpoint(directory / FINAL)).to_dict()
     ignored = ("eval", "log_every", *(SANDWICH_ONLY if expected["mode"] == "individual" else ()))
     kept = lambda config: {k: v for k, v in config.items() if k not in ignored}  # noqa: E731
     changed = config_diff(kept(trained), kept(expected))

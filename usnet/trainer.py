@@ -174,7 +174,8 @@ class Trainer:
             )
         added = sorted(config_diff(saved, completed))
         if added:
-            self.log(f"the checkpoint predates config fields {', '.join(added)}: resuming as before they existed")
+            self.log(f"the checkpoint predates config fields {', '.join(added)}: "
+                     "resuming as before they existed")  # fmt: skip
         return payload
 
     def _build_model(self, info: DataInfo) -> nn.Module:
@@ -580,7 +581,7 @@ def _bar(total: int, desc: str, show: bool | None):
 
 
 def _resumable_checkpoint(out_dir: Path) -> dict:
-    """The checkpoint ``--resume`` continues from in ``out_dir``, with its config and trainer state."""
+    """The checkpoint that ``--resume`` continues in ``out_dir`` (with config and trainer state)."""
     path = out_dir / CHECKPOINT
     if not path.exists():
         raise FileNotFoundError(f"--resume: no {CHECKPOINT} in {str(out_dir)!r}")
@@ -595,7 +596,7 @@ def saved_run_config(out_dir: str | Path) -> TrainConfig:
     """The config of the run in ``out_dir`` that ``--resume`` continues (``usnet train --resume``
     without a CONFIG file). Read on rank 0 only and handed to the other ranks, like the checkpoint
     itself, so other machines need no shared file system; call it inside the process group."""
-    return dist.run_on_main(lambda: config_from_saved(_resumable_checkpoint(Path(out_dir))["extra"]["config"]))
+    return dist.run_on_main(lambda: load_run_config(_resumable_checkpoint(Path(out_dir))))
 
 
 def load_run_config(payload: dict) -> TrainConfig | None:
