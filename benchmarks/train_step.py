@@ -3,8 +3,11 @@
 *slimmable*: :func:`usnet.training.sandwich_step` on a zoo model (n=4 widths, in-place distillation,
 one SGD step). *limit*: the same widths as separate plain networks of exactly those shapes
 (``usnet.export`` at each width, BatchNorm on batch statistics like the slimmable one), the same
-batch, the same loss (the widest width's detached softmax teaches the others), each network with
-its own SGD optimizer stepped once. The ratio slimmable / limit is what slimmability costs.
+batch, the same loss (the widest width's detached softmax teaches the others), and **one** SGD
+optimizer over all of them, stepped once (two parameter groups, decay and no decay, like the
+slimmable model's: the same number of optimizer kernels on both sides; separate optimizers per
+network would charge the limit one extra optimizer launch sequence per width). The ratio
+slimmable / limit is what slimmability costs.
 
 Variants: ``fixed`` widths (the issue's 1.0, 0.35, 0.6, 0.8 for US-MobileNetV2; the range's top,
 bottom and two widths between for other models) or ``random`` widths (a seeded
@@ -18,7 +21,8 @@ the order (slimmable first, then limit first, ...).
 ``--memory``: peak memory of one sandwich step against one step of the widest width alone
 (see ``PeakMemory`` in ``_common.py`` for the method). ``--compile``: the sandwich step on
 ``torch.compile(model)`` (one graph per channel configuration, bounded by the number of distinct
-configurations the widths can take; the count is printed) against the eager limit.
+configurations the widths can take; the count is printed) against the compiled limit (each plain
+network compiled) and the eager limit.
 
 Usage::
 
@@ -124,15 +128,19 @@ def batch_for(model: nn.Module, batch: int, image: int, device, channels_last: b
 
 
 class Limit:
-    """The same widths as separate plain networks: one exported model and optimizer per config."""
+    """The same widths as separate plain networks: one exported model per channel configuration,
+    all stepped by one optimizer (parameters of networks not in a step have no gradient and are
+    skipped, as the slimmable model's inactive channels get zero gradient)."""
 
-    def __init__(self, model: nn.Module, channels_last: bool):
+    def __init__(self, model: nn.Module, channels_last: bool, compile: bool = False):
         self.model = model
         self.channels_last = channels_last
+        self.compile = compile
         self.plan = usnet.channel_plan(model)
-        self.nets: dict[tuple[int, ...], tuple[nn.Module, torch.optim.Optimizer]] = {}
+        self.nets: dict[tuple[int, ...], nn.Module] = {}
+        self.optimizer: torch.optim.Optimizer | None = None
 
-    def net(self, width: float) -> tuple[nn.Module, torch.optim.Optimizer]:
+    def net(self, width: float) -> nn.Module:
         config = self.plan.config(width)
         if config not in self.nets:
             plain = usnet.export(self.model, width, require_stats=False).train()
@@ -141,16 +149,29 @@ class Limit:
                     m.track_running_stats = False
             if self.channels_last:
                 plain = plain.to(memory_format=torch.channels_last)
-            self.nets[config] = (plain, make_optimizer(plain, lr=0.1))
+            self._add_to_optimizer(plain)
+            self.nets[config] = torch.compile(plain) if self.compile else plain
         return self.nets[config]
+
+    def _add_to_optimizer(self, plain: nn.Module) -> None:
+        """Rebuild the one optimizer with ``plain``'s parameters added to its two groups (decay,
+        no decay), keeping the momentum buffers of the networks already in it."""
+        new = make_optimizer(plain, lr=0.1)
+        if self.optimizer is not None:
+            old = self.optimizer
+            for group, old_group in zip(new.param_groups, old.param_groups):
+                group["params"] = old_group["params"] + group["params"]
+            new = torch.optim.SGD(new.param_groups, lr=0.1, momentum=0.9, nesterov=True)
+            for p, state in old.state.items():
+                new.state[p] = state
+        self.optimizer = new
 
     def step(self, images, labels, widths: Sequence[float], criterion, autocast_dtype) -> None:
         nets = [self.net(w) for w in widths]
-        for _, opt in nets:
-            opt.zero_grad(set_to_none=True)
+        self.optimizer.zero_grad(set_to_none=True)
         teacher = None
         losses = []
-        for i, (net, _) in enumerate(nets):
+        for i, net in enumerate(nets):
             with _autocast(images.device, autocast_dtype):
                 logits = net(images)
                 loss = criterion(logits, labels, teacher)
@@ -159,17 +180,20 @@ class Limit:
             loss.backward()
             losses.append(loss.detach().float())
         torch.stack(losses).tolist()  # the one device sync per step sandwich_step also does
-        for _, opt in nets:
-            opt.step()
+        self.optimizer.step()
+
+    def zero_grad(self) -> None:
+        if self.optimizer is not None:
+            self.optimizer.zero_grad(set_to_none=True)
 
     def warm_up(self, images, widths: Sequence[float], autocast_dtype) -> None:
         """One forward/backward per plain network (cuDNN autotuning of its shapes)."""
         for w in widths:
-            net, opt = self.net(w)
+            net = self.net(w)
             with _autocast(images.device, autocast_dtype):
                 out = net(images)
             out.float().mean().backward()
-            opt.zero_grad(set_to_none=True)
+            self.zero_grad()
 
 
 def _autocast(device: torch.device, dtype: torch.dtype | None):
@@ -276,8 +300,7 @@ def memory_worker(args, size: Size, device) -> None:
     for _ in range(3):
         for name, fn in cases.items():
             optimizer.zero_grad(set_to_none=True)
-            for net, opt in limit.nets.values():
-                opt.zero_grad(set_to_none=True)
+            limit.zero_grad()
             with PeakMemory(device) as pm:
                 fn()
             peaks[name].append(pm.peak)
@@ -331,6 +354,7 @@ def main_compile(args, size: Size, device) -> None:
     compiled_model = torch.compile(model)
     optimizer = make_optimizer(model, lr=0.1)
     limit = Limit(model, False)
+    compiled_limit = Limit(model, False, compile=True)
     schedule = [sampler.sample() for _ in range(rounds * steps)]
     counters.clear()
     # torch >= 2.6 calls it recompile_limit (cache_size_limit before; both exist on 2.11)
@@ -343,28 +367,39 @@ def main_compile(args, size: Size, device) -> None:
         sync(device)
         compile_s = time.perf_counter() - t
         graphs_after_warm = counters["stats"]["unique_graphs"]
-        limit.warm_up(images, sorted({w for ws in schedule for w in ws}), None)
-        slim_ms, eager_ms, limit_ms = [], [], []
+        drawn = sorted({w for ws in schedule for w in ws})
+        limit.warm_up(images, drawn, None)
+        t = time.perf_counter()
+        compiled_limit.warm_up(images, drawn, None)
+        for ws in schedule[:2]:
+            compiled_limit.step(images, labels, ws, criterion, None)
+        sync(device)
+        limit_compile_s = time.perf_counter() - t
+        slim_ms, eager_ms, limit_ms, climit_ms = [], [], [], []
         for r in range(rounds):
             part = schedule[r * steps : (r + 1) * steps]
             for fn, out in ((lambda ws: sandwich_step(compiled_model, images, labels, optimizer,
                                                       ws, criterion), slim_ms),
                             (lambda ws: sandwich_step(model, images, labels, optimizer, ws,
                                                       criterion), eager_ms),
+                            (lambda ws: compiled_limit.step(images, labels, ws, criterion, None), climit_ms),
                             (lambda ws: limit.step(images, labels, ws, criterion, None), limit_ms)):  # fmt: skip
                 out.append(ms_per_step(fn, part, device))
         graphs = counters["stats"]["unique_graphs"]
-    lim = statistics.median(limit_ms)
+    lim, clim = statistics.median(limit_ms), statistics.median(climit_ms)
     print(header(f"torch.compile sandwich step: {sz.model}, batch {sz.batch}, {sz.image} px, "
                  f"fp32, random widths from {len(choices)} choices + top/bottom; median of "
                  f"{rounds} interleaved rounds x {steps} steps", device))  # fmt: skip
     print(f"  distinct channel configurations the sampler can draw (the recompile bound): {bound}; "
-          f"graphs compiled: {graphs_after_warm} after warm-up ({compile_s:.0f} s), {graphs} at the end")
+          f"graphs compiled: {graphs_after_warm} after warm-up ({compile_s:.0f} s), {graphs} at the "
+          f"end (both sides; the compiled limit's warm-up took {limit_compile_s:.0f} s)")
     rows = [[name, f"{statistics.median(v):.1f}", f"{sz.batch / statistics.median(v) * 1000:.0f}",
-             f"**{statistics.median(v) / lim:.3f}**"]
-            for name, v in (("compiled slimmable", slim_ms), ("eager slimmable", eager_ms),
-                            ("eager limit", limit_ms))]  # fmt: skip
-    print(table(rows, ["step", "ms", "img/s", "ratio to eager limit"]))
+             f"**{statistics.median(v) / clim:.3f}**", f"{statistics.median(v) / lim:.3f}",
+             f"{min(v):.1f}-{max(v):.1f}"]
+            for name, v in (("compiled slimmable", slim_ms), ("compiled limit", climit_ms),
+                            ("eager slimmable", eager_ms), ("eager limit", limit_ms))]  # fmt: skip
+    print(table(rows, ["step", "ms", "img/s", "ratio to compiled limit", "ratio to eager limit",
+                       "range of rounds (ms)"]))  # fmt: skip
 
 
 def main() -> None:

@@ -41,7 +41,7 @@ from . import distributed as dist
 from .calibrate import calibrate
 from .channels import Width, config_id, parse_widths
 from .config import ConfigError, TrainConfig, config_diff, config_from_saved, resolve_device
-from .data import DataInfo, build_datasets
+from .data import DataInfo, TensorBatches, as_tensors, build_datasets
 from .models import create_model
 from .profile import format_count, profile
 from .state import enable_switchable_bn, get_state, set_width
@@ -106,6 +106,7 @@ class Trainer:
         saved = dist.run_on_main(lambda: self._check_out_dir(resume))
 
         self.train_set, self.calib_set, self.test_set, self.info = datasets_for(config)
+        self._train_tensors: tuple[Tensor, Tensor] | bool | None = None  # see train_loader
         torch.manual_seed(config.seed)  # the initial weights are part of the run's identity
         self.model = self._build_model(self.info).to(self.device)
         if config.mode == "slimmable":  # the earlier scheme: switchable BN at fixed widths
@@ -251,15 +252,22 @@ class Trainer:
                 f"in-place distillation from the widest's detached softmax (T={c.distill_temperature}){mix}")  # fmt: skip
 
     # -- the run -------------------------------------------------------------------------------
-    def train_loader(self, epoch: int) -> DataLoader:
+    def train_loader(self, epoch: int) -> DataLoader | TensorBatches:
         """This rank's batches of ``epoch``: a permutation seeded with ``(seed, epoch)``, dealt
         out round-robin (``DistributedSampler``), ``batch_size / world_size`` images per step.
         The ranks' step-``k`` batches together are images ``k*B .. k*B+B-1`` of the permutation,
-        the single-process step ``k``; the remainder of the epoch is dropped."""
+        the single-process step ``k``; the remainder of the epoch is dropped. A dataset held in
+        memory without augmentation (Fashion-MNIST) is moved to the device once and batches are
+        sliced from it (:class:`~usnet.data.TensorBatches`, the same batches)."""
         sampler = DistributedSampler(self.train_set, num_replicas=self.world_size, rank=self.rank,
                                      shuffle=True, seed=_epoch_seed(self.config.seed, 0),
                                      drop_last=True)  # fmt: skip
         sampler.set_epoch(epoch)  # the permutation's seed is seed + epoch
+        if self._train_tensors is None:
+            tensors = as_tensors(self.train_set)
+            self._train_tensors = False if tensors is None else tuple(t.to(self.device) for t in tensors)
+        if self._train_tensors:  # in memory, no augmentation: batches sliced on the device
+            return TensorBatches(*self._train_tensors, list(sampler), self.rank_batch_size)
         return DataLoader(self.train_set, batch_size=self.rank_batch_size, sampler=sampler,
                           drop_last=True, num_workers=self.config.data.num_workers,
                           pin_memory=self.device.type == "cuda")  # fmt: skip
