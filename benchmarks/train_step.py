@@ -212,7 +212,8 @@ def ms_per_step(step, widths_per_step: Sequence[Sequence[float]], device) -> flo
     return (time.perf_counter() - start) / len(widths_per_step) * 1000
 
 
-def run_pair(size: Size, variant_name: str, mode: str, device, rounds: int, steps: int) -> dict:
+def run_pair(size: Size, variant_name: str, mode: str, device, rounds: int, steps: int,
+             random_choices: int = 0) -> dict:
     """Median ms/step of the slimmable step and of the limit, interleaved per round."""
     v = Variant.parse(variant_name)
     torch.backends.cudnn.benchmark = v.cudnn_benchmark
@@ -224,7 +225,11 @@ def run_pair(size: Size, variant_name: str, mode: str, device, rounds: int, step
     if mode == "fixed":
         schedule = [fixed_widths(model)] * (rounds * steps + 2)
     else:
-        sampler = WidthSampler(plan.width_range, num_widths=4, seed=0)
+        choices = None
+        if random_choices:  # a finite set: bounds the one-off warm-up, not the steady state
+            distinct = plan.distinct_widths()
+            choices = distinct[:: max(1, len(distinct) // random_choices)][:random_choices]
+        sampler = WidthSampler(plan.width_range, num_widths=4, seed=0, choices=choices)
         schedule = [sampler.sample() for _ in range(rounds * steps + 2)]
     limit = Limit(model, v.channels_last)
     start = time.perf_counter()
@@ -259,7 +264,7 @@ def main_steps(args, size: Size, device) -> None:
     rows = []
     for mode in args.widths.split(","):
         for name in variants:
-            r = run_pair(size, name, mode, device, rounds, steps)
+            r = run_pair(size, name, mode, device, rounds, steps, args.random_choices)
             rows.append([mode, name, f"{r['slim']:.1f}", f"{r['limit']:.1f}",
                          f"{size.batch / r['slim'] * 1000:.0f}",
                          f"{size.batch / r['limit'] * 1000:.0f}",
@@ -409,6 +414,10 @@ def main() -> None:
     parser.add_argument("--widths", default="fixed,random", help="fixed, random or both")
     parser.add_argument("--variants", default=None,
                         help="comma list of fp32, bf16_cl, fp32+bench, bf16_cl+bench")
+    parser.add_argument("--random-choices", type=int, default=0,
+                        help="random widths drawn from about this many distinct widths (0: any "
+                             "width; a finite set bounds the one-off warm-up on a GPU, where each "
+                             "new shape costs seconds of cuDNN kernel compilation)")  # fmt: skip
     parser.add_argument("--memory", action="store_true", help="peak memory instead of speed")
     parser.add_argument("--memory-worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--compile", action="store_true", help="torch.compile instead of eager")
