@@ -19,6 +19,8 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Union
 
+from .errors import UsnetTypeError, UsnetValueError
+
 Width = Union[float, Mapping[str, float]]
 """A uniform width multiplier, or a mapping from root group name to multiplier."""
 
@@ -72,13 +74,13 @@ class ChannelPlan:
         self.groups: dict[str, ChannelGroup] = {}
         for group in groups:
             if group.name in self.groups:
-                raise ValueError(f"duplicate channel group name {group.name!r}")
+                raise UsnetValueError(f"duplicate channel group name {group.name!r}")
             if group.parent is not None and group.parent not in self.groups:
-                raise ValueError(
+                raise UsnetValueError(
                     f"derived group {group.name!r} must come after its parent {group.parent!r}"
                 )
             if group.size < 1 or group.divisor < 1:
-                raise ValueError(f"group {group.name!r}: size and divisor must be positive")
+                raise UsnetValueError(f"group {group.name!r}: size and divisor must be positive")
             self.groups[group.name] = group
 
     # -- queries ---------------------------------------------------------------------------------
@@ -95,7 +97,7 @@ class ChannelPlan:
             out = {}
             for name, value in width.items():
                 if name not in roots:
-                    raise ValueError(
+                    raise UsnetValueError(
                         f"unknown channel group {name!r}; valid groups: {', '.join(self.root_names)}"
                     )
                 out[name] = _check_value(value, lo, hi, f"width of group {name!r}")
@@ -184,7 +186,7 @@ class ChannelPlan:
             groups = [ChannelGroup(**g) for g in data["groups"]]
             width_range = tuple(data["width_range"])
         except (KeyError, TypeError) as err:
-            raise ValueError(f"malformed channel plan: {err}") from None
+            raise UsnetValueError(f"malformed channel plan: {err}") from None
         return cls(groups, width_range)  # type: ignore[arg-type]
 
     def __eq__(self, other: object) -> bool:
@@ -249,7 +251,7 @@ def parse_widths(spec: str) -> list[float]:
             raise ValueError
         return values
     except ValueError:
-        raise ValueError(
+        raise UsnetValueError(
             f"invalid widths {spec!r}; expected start:stop:step (e.g. 0.25:1.0:0.25) "
             "or a comma-separated list (e.g. 0.25,0.5,1.0)"
         ) from None
@@ -257,10 +259,10 @@ def parse_widths(spec: str) -> list[float]:
 
 def _check_value(value: object, lo: float, hi: float, what: str) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{what} must be a number in [{lo}, {hi}], got {value!r}")
+        raise UsnetTypeError(f"{what} must be a number in [{lo}, {hi}], got {value!r}")
     value = float(value)
     if not math.isfinite(value) or not (lo - 1e-9 <= value <= hi + 1e-9):
-        raise ValueError(f"{what} {value} is outside the width range [{lo}, {hi}]")
+        raise UsnetValueError(f"{what} {value} is outside the width range [{lo}, {hi}]")
     return min(max(value, lo), hi)
 
 
@@ -268,8 +270,8 @@ def _check_range(width_range: object) -> tuple[float, float]:
     try:
         lo, hi = (float(v) for v in width_range)  # type: ignore[union-attr]
     except (TypeError, ValueError):
-        raise TypeError(f"width_range must be a pair (lo, hi), got {width_range!r}") from None
+        raise UsnetTypeError(f"width_range must be a pair (lo, hi), got {width_range!r}") from None
     if not (0.0 < lo <= hi <= 1.0):
         # 1.0 is the network as built: its weights hold no channels beyond it.
-        raise ValueError(f"width_range must satisfy 0 < lo <= hi <= 1.0, got ({lo}, {hi})")
+        raise UsnetValueError(f"width_range must satisfy 0 < lo <= hi <= 1.0, got ({lo}, {hi})")
     return lo, hi

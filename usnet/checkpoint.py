@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .errors import UsnetValueError
 from .layers import SlimmableBatchNorm2d
 from .state import SlimmableState, enable_switchable_bn, get_state, set_width
 
@@ -97,16 +98,16 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         try:  # checkpoints of converted custom models hold the pickled module
             payload = torch.load(path, map_location="cpu", weights_only=False)
         except Exception as err:
-            raise ValueError(f"{str(path)!r} is not a readable checkpoint ({type(err).__name__}: {err})") from None
+            raise UsnetValueError(f"{str(path)!r} is not a readable checkpoint ({type(err).__name__}: {err})") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise ValueError(f"{str(path)!r} is not a usnet checkpoint (written by usnet.save)")
+        raise UsnetValueError(f"{str(path)!r} is not a usnet checkpoint (written by usnet.save)")
     if payload.get("version") != VERSION:
-        raise ValueError(
+        raise UsnetValueError(
             f"{str(path)!r} has checkpoint version {payload.get('version')!r}; this usnet reads {VERSION}"
         )
     missing = [k for k in ("usnet", "state_dict", "bn_stats") if k not in payload]
     if missing:
-        raise ValueError(f"{str(path)!r} is a damaged usnet checkpoint: missing {', '.join(missing)}")
+        raise UsnetValueError(f"{str(path)!r} is a damaged usnet checkpoint: missing {', '.join(missing)}")
     return payload
 
 
@@ -128,7 +129,7 @@ def model_from_checkpoint(payload: Mapping[str, Any], source: str = "checkpoint"
         if saved.switchable_widths:
             enable_switchable_bn(model, saved.switchable_widths)
     else:
-        raise ValueError(f"{source}: checkpoint records neither a zoo builder nor a module")
+        raise UsnetValueError(f"{source}: checkpoint records neither a zoo builder nor a module")
     load_into(model, payload, source)
     model.to(map_location)
     return model
@@ -139,17 +140,17 @@ def load_into(model: nn.Module, payload: Mapping[str, Any], source: str = "check
     state = get_state(model)
     saved = SlimmableState.from_dict(payload["usnet"])
     if state.plan != saved.plan:
-        raise ValueError(f"{source}: the model's channel plan differs from the saved one")
+        raise UsnetValueError(f"{source}: the model's channel plan differs from the saved one")
     try:
         model.load_state_dict(payload["state_dict"], strict=True)
     except RuntimeError as err:
         first = str(err).splitlines()[0]
-        raise ValueError(f"{source}: weights do not match the model ({first})") from None
+        raise UsnetValueError(f"{source}: weights do not match the model ({first})") from None
     modules = dict(model.named_modules())
     device = next(model.parameters()).device
     for name, entries in payload["bn_stats"].items():
         layer = modules.get(name)
         if not isinstance(layer, SlimmableBatchNorm2d):
-            raise ValueError(f"{source}: BN statistics for unknown layer {name!r}")
+            raise UsnetValueError(f"{source}: BN statistics for unknown layer {name!r}")
         layer.width_stats = {key: (mean.to(device), var.to(device)) for key, (mean, var) in entries.items()}
     set_width(model, payload.get("width", state.width_range[1]))

@@ -1,12 +1,17 @@
 """The ``usnet`` command line: ``train``, ``eval``, ``calibrate``, ``profile``, ``export``,
 ``select``, ``search``.
 
-Every command reports bad input as one line, ``usnet: error: ...``, and exits with status 2.
+Every command reports bad input as one line, ``usnet: error: ...``, and exits with status 2:
+usnet's own errors (:class:`~usnet.errors.UsnetError`), ``OSError`` (a missing or unwritable
+file, a full disk) and argument errors. Anything else is a real failure (a bug, CUDA out of
+memory, a lost process group): it keeps its traceback and exits with status 1. Ctrl-C exits with
+status 130 (``train`` says how to continue).
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import sys
 from collections.abc import Sequence
@@ -15,11 +20,10 @@ from pathlib import Path
 from torch import nn
 
 from .channels import parse_widths
-from .convert import ConversionError
-from .layers import UncalibratedWidthError
+from .errors import UsnetError, UsnetValueError
 
-USER_ERRORS = (ValueError, TypeError, FileNotFoundError, FileExistsError, ConversionError,
-               UncalibratedWidthError, RuntimeError)
+USER_ERRORS = (UsnetError, OSError, argparse.ArgumentError, argparse.ArgumentTypeError)
+"""What the command line reports as one line (exit 2); every other exception is a failure."""
 
 
 def parse_input_size(text: str) -> tuple[int, ...]:
@@ -56,7 +60,7 @@ def load_model_arg(spec: str, num_classes: int | None = None, in_channels: int |
         if in_channels is not None:
             kwargs["in_channels"] = in_channels
         return models.create_model(spec, **kwargs)
-    raise ValueError(
+    raise UsnetValueError(
         f"{spec!r} is neither a zoo model ({', '.join(models.list_models())}) nor a checkpoint file"
     )
 
@@ -93,9 +97,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     overrides = [item for group in args.set for item in group]
     if args.config is None:
         if not args.resume:
-            raise ValueError("usnet train needs a CONFIG file (e.g. configs/fashion_mnist.yaml)")
+            raise UsnetValueError("usnet train needs a CONFIG file (e.g. configs/fashion_mnist.yaml)")
         if overrides:
-            raise ValueError("--set needs the CONFIG file it modifies; --resume alone reuses the saved config")
+            raise UsnetValueError("--set needs the CONFIG file it modifies; --resume alone reuses the saved config")
     try:
         if args.config is None:
             # Rank 0 reads the saved config and broadcasts it, so the group comes first.
@@ -119,7 +123,7 @@ def _data_for(model_path: str, payload: dict, data_root: str | None, dataset: st
     config = load_run_config(payload)
     if config is None:
         if dataset is None:
-            raise ValueError(f"{model_path!r} records no training config: pass --dataset and --data")
+            raise UsnetValueError(f"{model_path!r} records no training config: pass --dataset and --data")
         config = TrainConfig()
     if dataset is not None:
         config.data.name = dataset
@@ -242,7 +246,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     check_format(args.format)
     if (args.width is None) == (args.widths is None):
-        raise ValueError("give one of --width W (one file) or --widths SPEC (a directory with index.json)")
+        raise UsnetValueError("give one of --width W (one file) or --widths SPEC (a directory with index.json)")
     model, payload = _load_checkpoint(args.checkpoint)
     plan = get_state(model).plan
     widths = [args.width] if args.width is not None else args.widths
@@ -251,7 +255,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     if missing:
         if args.data is None and args.dataset is None:
             w = missing[0]
-            raise ValueError(f"width {w if isinstance(w, dict) else f'{w:g}'} is not calibrated in "
+            raise UsnetValueError(f"width {w if isinstance(w, dict) else f'{w:g}'} is not calibrated in "
                              f"{args.checkpoint}; pass --data ROOT to calibrate it first (or run usnet calibrate)")  # fmt: skip
         config, (_, calib_set, _, _) = _data_for(args.checkpoint, payload, args.data, args.dataset)
         print(f"calibrating {len(missing)} widths on {args.calib_images} training images")
@@ -324,10 +328,10 @@ def cmd_search(args: argparse.Namespace) -> int:
     config, (_, calib_set, test_set, info) = _data_for(args.checkpoint, payload, args.data, args.dataset)
     for name in ("calib_images", "heldout_images", "test_images"):
         if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be a positive number of images")
+            raise UsnetValueError(f"--{name.replace('_', '-')} must be a positive number of images")
     need = args.calib_images + args.heldout_images
     if need > len(calib_set):
-        raise ValueError(f"--calib-images + --heldout-images ({need}) exceed the {len(calib_set)} training images")
+        raise UsnetValueError(f"--calib-images + --heldout-images ({need}) exceed the {len(calib_set)} training images")
     # One seeded draw of training images: the first part calibrates BN, the rest is held out.
     order = torch.randperm(len(calib_set), generator=torch.Generator().manual_seed(args.seed))[:need].tolist()
     images, labels = zip(*(calib_set[i] for i in order))
@@ -465,10 +469,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.func(args)
     except USER_ERRORS as err:
-        message = str(err).splitlines()[0] if str(err) else type(err).__name__
         if not getattr(err, "usnet_from_main", False):  # torchrun: rank 0 already said it
-            print(f"usnet: error: {message}", file=sys.stderr)
+            print(f"usnet: error: {error_message(err)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        hint = f"; continue with: usnet train --resume --out {args.out}" if args.command == "train" else ""
+        print(f"usnet: interrupted{hint}", file=sys.stderr)
+        return 130
+
+
+def error_message(err: BaseException) -> str:
+    """One line naming the problem; for an ``OSError`` its cause and file, not errno text."""
+    if isinstance(err, OSError) and not isinstance(err, UsnetError) and err.strerror:
+        # str(err) of the built-in errors is "[Errno 28] No space left on device: 'path'".
+        where = f" ({err.filename})" if err.filename is not None else ""
+        hint = {errno.ENOSPC: "; free some space: no existing file was changed",
+                errno.EACCES: "; choose a location you can write to",
+                errno.EROFS: "; choose a location you can write to"}.get(err.errno, "")  # fmt: skip
+        return f"{err.strerror.lower()}{where}{hint}"
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
 
 
 if __name__ == "__main__":  # pragma: no cover

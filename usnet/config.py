@@ -22,9 +22,10 @@ import torch
 import yaml
 
 from .channels import parse_widths
+from .errors import UsnetValueError
 
 
-class ConfigError(ValueError):
+class ConfigError(UsnetValueError):
     """A configuration key or value is invalid; the message names it and the valid choices."""
 
 

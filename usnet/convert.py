@@ -42,11 +42,12 @@ from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from .channels import ChannelGroup, ChannelPlan
+from .errors import UsnetValueError
 from .layers import SLIMMABLE_LAYERS, SlimmableBatchNorm2d, make_slimmable_
 from .state import STATE_ATTR, Binding, Dim, SlimmableState, is_slimmable, set_width
 
 
-class ConversionError(ValueError):
+class ConversionError(UsnetValueError):
     """The model cannot be converted; the message names the module and the operation."""
 
 

@@ -17,6 +17,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset, Subset
 
+from .errors import UsnetValueError
+
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_MEAN, FASHION_MNIST_STD = 0.2860, 0.3530
 FASHION_MNIST_CLASSES = (
@@ -33,12 +35,12 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     with opener(path, "rb") as f:
         data = f.read()
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _IDX_DTYPES:
-        raise ValueError(f"{str(path)!r} is not an IDX file")
+        raise UsnetValueError(f"{str(path)!r} is not an IDX file")
     ndim = data[3]
     dims = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
     array = np.frombuffer(data, dtype=_IDX_DTYPES[data[2]], offset=4 + 4 * ndim)
     if array.size != int(np.prod(dims)):
-        raise ValueError(f"{str(path)!r} is truncated: expected {dims}, found {array.size} values")
+        raise UsnetValueError(f"{str(path)!r} is truncated: expected {dims}, found {array.size} values")
     return array.reshape(dims)
 
 
@@ -69,10 +71,10 @@ class FashionMNIST(Dataset):
         images = read_idx(images_path)
         labels = read_idx(labels_path)
         if images.ndim != 3 or labels.shape != (images.shape[0],):
-            raise ValueError(f"unexpected Fashion-MNIST shapes {images.shape} / {labels.shape}")
+            raise UsnetValueError(f"unexpected Fashion-MNIST shapes {images.shape} / {labels.shape}")
         if limit is not None:
             if limit < 1:
-                raise ValueError(f"limit must be a positive number of images, got {limit}")
+                raise UsnetValueError(f"limit must be a positive number of images, got {limit}")
             images, labels = images[:limit], labels[:limit]
         self.images = torch.from_numpy(images.copy())
         self.targets = torch.from_numpy(labels.astype(np.int64))
@@ -139,7 +141,7 @@ def dataset_input_size(name: str, image_size: int = 224) -> tuple[int, int, int,
         return (1, 3, 32, 32)
     if name == "imagefolder":
         return (1, 3, image_size, image_size)
-    raise ValueError(f"unknown dataset {name!r}; valid: fashion_mnist, imagefolder, cifar10, cifar100")
+    raise UsnetValueError(f"unknown dataset {name!r}; valid: fashion_mnist, imagefolder, cifar10, cifar100")
 
 
 def build_datasets(name: str, root: str | None = None, *, limit_train: int | None = None,
@@ -176,7 +178,7 @@ def build_datasets(name: str, root: str | None = None, *, limit_train: int | Non
         from torchvision import datasets
 
         if root is None:
-            raise ValueError("imagefolder needs a root directory holding train/ and val/")
+            raise UsnetValueError("imagefolder needs a root directory holding train/ and val/")
         for split in ("train", "val"):
             if not (Path(root) / split).is_dir():
                 raise FileNotFoundError(f"imagefolder root {root!r} has no {split}/ directory")
@@ -187,11 +189,11 @@ def build_datasets(name: str, root: str | None = None, *, limit_train: int | Non
         calib = datasets.ImageFolder(str(Path(root) / "train"), transform=T.Compose(resize + norm))
         test = datasets.ImageFolder(str(Path(root) / "val"), transform=T.Compose(resize + norm))
         if train.classes != test.classes:
-            raise ValueError(f"imagefolder {root!r}: train/ and val/ hold different classes")
+            raise UsnetValueError(f"imagefolder {root!r}: train/ and val/ hold different classes")
         train, calib, test = (_limit(d, n) for d, n in ((train, limit_train), (calib, limit_train), (test, limit_test)))
         return train, calib, test, DataInfo(len(test.dataset.classes if isinstance(test, Subset) else test.classes),
                                             3, False, dataset_input_size(name, image_size))  # fmt: skip
-    raise ValueError(f"unknown dataset {name!r}; valid: fashion_mnist, imagefolder, cifar10, cifar100")
+    raise UsnetValueError(f"unknown dataset {name!r}; valid: fashion_mnist, imagefolder, cifar10, cifar100")
 
 
 def _limit(dataset: Dataset, limit: int | None) -> Dataset:

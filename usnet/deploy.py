@@ -40,6 +40,7 @@ from torch import Tensor, nn
 
 from .channels import Width, config_id
 from .checkpoint import atomic_write_bytes
+from .errors import UsnetError, UsnetValueError
 from .export import export
 from .profile import _check_input_size, module_cost
 from .state import eval_forward, get_state
@@ -54,7 +55,7 @@ ONNX_OPSET = 17
 INDEX = "index.json"
 
 
-class VerificationError(RuntimeError):
+class VerificationError(UsnetError, RuntimeError):
     """An artifact's outputs differ from the slimmable model's by more than the tolerance."""
 
 
@@ -81,7 +82,7 @@ class ExportResult:
 
 def check_format(format: str) -> str:
     if format not in FORMATS:
-        raise ValueError(f"unknown export format {format!r}; valid: {', '.join(FORMATS)}")
+        raise UsnetValueError(f"unknown export format {format!r}; valid: {', '.join(FORMATS)}")
     return format
 
 
@@ -126,7 +127,7 @@ def load_artifact(source: str | os.PathLike | bytes, format: str | None = None) 
     """
     if format is None:
         if isinstance(source, bytes):
-            raise ValueError(f"load_artifact needs format= for bytes; valid: {', '.join(FORMATS)}")
+            raise UsnetValueError(f"load_artifact needs format= for bytes; valid: {', '.join(FORMATS)}")
         format = format_of(source)
     check_format(format)
     data = source if isinstance(source, bytes) else Path(source).read_bytes()
@@ -164,7 +165,7 @@ def format_of(path: str | os.PathLike) -> str:
             return format
     if name.endswith(".ts"):
         return "torchscript"
-    raise ValueError(f"cannot tell the format of {name!r} from its suffix; pass format= ({', '.join(FORMATS)})")
+    raise UsnetValueError(f"cannot tell the format of {name!r} from its suffix; pass format= ({', '.join(FORMATS)})")
 
 
 def export_artifact(
@@ -233,7 +234,7 @@ def export_widths(
     plan = get_state(model).plan
     widths = [plan.check_width(w) for w in widths]  # all valid before anything is written
     if not widths:
-        raise ValueError("export_widths needs at least one width")
+        raise UsnetValueError("export_widths needs at least one width")
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"{str(out)!r} exists and is not a directory")
@@ -291,7 +292,7 @@ def _check_tolerance(tolerance: float | None, fuse_bn: bool) -> float:
     if tolerance is None:
         return FUSED_BN_TOLERANCE if fuse_bn else DEFAULT_TOLERANCE
     if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not tolerance > 0:
-        raise ValueError(f"tolerance must be a positive number, got {tolerance!r}")
+        raise UsnetValueError(f"tolerance must be a positive number, got {tolerance!r}")
     return float(tolerance)
 
 

@@ -35,6 +35,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from .errors import UsnetValueError
+
 __all__ = [
     "convert_sync_batchnorm",
     "destroy",
@@ -264,5 +266,5 @@ def convert_sync_batchnorm(module: nn.Module, process_group: Any = None) -> nn.M
             m.process_group = process_group
             found = True
     if not found:
-        raise ValueError("convert_sync_batchnorm: the model has no SlimmableBatchNorm2d layer")
+        raise UsnetValueError("convert_sync_batchnorm: the model has no SlimmableBatchNorm2d layer")
     return module

@@ -16,6 +16,7 @@ import torch.fx as fx
 from torch import nn
 
 from .channels import Width
+from .errors import UsnetTypeError
 from .layers import SlimmableBatchNorm2d, SlimmableConv2d, SlimmableLinear, UncalibratedWidthError
 from .state import STATE_ATTR, get_state, set_width
 
@@ -78,7 +79,7 @@ def _plain_layer(layer: nn.Module, require_stats: bool) -> nn.Module:
     elif isinstance(layer, SlimmableBatchNorm2d):
         return _plain_bn(layer, require_stats)
     else:  # pragma: no cover - bindings only ever name slimmable layers
-        raise TypeError(f"cannot export {type(layer).__name__}")
+        raise UsnetTypeError(f"cannot export {type(layer).__name__}")
     with torch.no_grad():
         new.weight.copy_(weight)
         if bias is not None:

@@ -19,9 +19,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .distributed import global_batch_stats, world_size
+from .errors import UsnetError
 
 
-class UncalibratedWidthError(RuntimeError):
+class UncalibratedWidthError(UsnetError, RuntimeError):
     """Eval-mode forward at a width whose BatchNorm statistics were never calibrated."""
 
 

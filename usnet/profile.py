@@ -16,6 +16,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from .channels import Width, config_id
+from .errors import UsnetValueError
 from .export import export
 from .state import get_state
 
@@ -88,7 +89,7 @@ def _check_input_size(input_size: Sequence[int]) -> tuple[int, ...]:
     try:
         size = tuple(int(s) for s in input_size)
     except (TypeError, ValueError):
-        raise ValueError(f"input_size must be a sequence of ints like (1, 3, 224, 224), got {input_size!r}") from None
+        raise UsnetValueError(f"input_size must be a sequence of ints like (1, 3, 224, 224), got {input_size!r}") from None
     if len(size) != 4 or min(size) < 1:
-        raise ValueError(f"input_size must be (N, C, H, W) with positive sizes, got {size}")
+        raise UsnetValueError(f"input_size must be (N, C, H, W) with positive sizes, got {size}")
     return size

@@ -33,6 +33,7 @@ from torch import Tensor, nn
 
 from .calibrate import calibrate
 from .channels import ChannelPlan, config_id, config_key
+from .errors import UsnetValueError
 from .layers import SlimmableBatchNorm2d
 from .profile import _check_input_size, format_count, profile
 from .state import eval_forward, get_state, set_width
@@ -91,18 +92,18 @@ def search_width(
     plan = state.plan
     lo, hi = plan.width_range
     if isinstance(max_macs, bool) or not isinstance(max_macs, (int, float)) or not max_macs > 0:
-        raise ValueError(f"max_macs must be a positive number, got {max_macs!r}")
+        raise UsnetValueError(f"max_macs must be a positive number, got {max_macs!r}")
     if not 0 < step <= hi - lo:
-        raise ValueError(f"step must be in (0, {hi - lo:g}] (the width range), got {step!r}")
+        raise UsnetValueError(f"step must be in (0, {hi - lo:g}] (the width range), got {step!r}")
     batches = [calib_images] if isinstance(calib_images, Tensor) else list(calib_images)
     num_calib = sum(b.shape[0] for b in batches)
     input_size = (1, *_check_input_size(input_size)[1:])
     images, labels = heldout
     if images.shape[0] == 0 or images.shape[0] != labels.shape[0]:
-        raise ValueError("heldout must be (images, labels) with the same positive number of items")
+        raise UsnetValueError("heldout must be (images, labels) with the same positive number of items")
     narrowest = profile(model, lo, input_size).macs
     if narrowest > max_macs:
-        raise ValueError(f"no width fits the budget: the narrowest, width {lo:g}, needs "
+        raise UsnetValueError(f"no width fits the budget: the narrowest, width {lo:g}, needs "
                          f"{format_count(narrowest)} MACs > {format_count(max_macs)}")  # fmt: skip
     say = log or (lambda message: None)
     saved = _save_stats(model)

@@ -42,6 +42,7 @@ from .channels import ChannelPlan, config_id, config_key
 from .checkpoint import atomic_write_bytes
 from .config import resolve_device
 from .deploy import spectrum_top1
+from .errors import UsnetValueError
 from .export import export
 from .profile import _check_input_size, format_count, profile
 from .state import get_state
@@ -102,7 +103,7 @@ def parse_count(text: str | int | float) -> int:
     except ValueError:
         value = math.nan
     if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"invalid count {text!r}; expected a positive number like 150M, 2.5M, 800K or 1e9")
+        raise UsnetValueError(f"invalid count {text!r}; expected a positive number like 150M, 2.5M, 800K or 1e9")
     return int(round(value))
 
 
@@ -167,11 +168,11 @@ def select_width(
     budgets = {k: v for k, v in (("max_macs", max_macs), ("max_params", max_params),
                                  ("max_latency_ms", max_latency_ms)) if v is not None}  # fmt: skip
     if not budgets:
-        raise ValueError("a budget is needed: max_macs, max_params or max_latency_ms (--max-macs, "
+        raise UsnetValueError("a budget is needed: max_macs, max_params or max_latency_ms (--max-macs, "
                          "--max-params or --max-latency-ms on the command line)")
     for name, value in budgets.items():
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-            raise ValueError(f"{name} must be a positive number, got {value!r}")
+            raise UsnetValueError(f"{name} must be a positive number, got {value!r}")
     size = _check_input_size(input_size)
     plan = get_state(model).plan
     preferred = [float(r["width"]) for r in spectrum or () if isinstance(r.get("width"), (int, float))]
@@ -194,7 +195,7 @@ def select_width(
         static = timed
     fitting = [c for c in static if c.latency_ms is None or c.latency_ms <= max_latency_ms]
     if not fitting:
-        raise ValueError(_nothing_fits(candidates[0], budgets))
+        raise UsnetValueError(_nothing_fits(candidates[0], budgets))
     chosen = max(fitting, key=lambda c: c.width_interval[1])
     return Selection(chosen, budgets, size, candidates, latency_info)
 
@@ -215,10 +216,10 @@ def measure_candidates(
     """The candidates with ``latency_ms`` filled in, from the cache or measured (then cached)."""
     device = _check_device(device)
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
-        raise ValueError(f"threads must be a positive integer, got {threads!r}")
+        raise UsnetValueError(f"threads must be a positive integer, got {threads!r}")
     for name, value, least in (("warmup", warmup, 0), ("repeats", repeats, 1)):
         if isinstance(value, bool) or not isinstance(value, int) or value < least:
-            raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
+            raise UsnetValueError(f"{name} must be an integer >= {least}, got {value!r}")
     size = _check_input_size(input_size)
     dtype = next(model.parameters()).dtype
     previous_threads = torch.get_num_threads()
@@ -408,7 +409,7 @@ def _budget_text(key: str, value: float) -> str:
 def _check_device(device: str | torch.device) -> torch.device:
     name = str(device)
     if isinstance(device, torch.device) and device.type not in ("cpu", "cuda"):
-        raise ValueError(f"latency is measured on cpu or cuda, not {device.type!r}")
+        raise UsnetValueError(f"latency is measured on cpu or cuda, not {device.type!r}")
     return resolve_device(name)  # a ConfigError is a ValueError with the valid names
 
 

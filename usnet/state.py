@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from .channels import ChannelPlan, Width, config_key
+from .errors import UsnetTypeError
 from .layers import SlimmableBatchNorm2d, SlimmableConv2d, SlimmableLinear
 
 Dim = tuple[str, int]
@@ -104,7 +105,7 @@ def get_state(model: nn.Module) -> SlimmableState:
     """The model's slimmable state; a clear error for a model that is not slimmable."""
     state = getattr(model, STATE_ATTR, None)
     if not isinstance(state, SlimmableState):
-        raise TypeError(
+        raise UsnetTypeError(
             f"{type(model).__name__} is not a slimmable model: build one with usnet.models.* or "
             "convert it with usnet.slimmable(model)"
         )
@@ -179,7 +180,7 @@ def _layer_updates(model: nn.Module, state: SlimmableState, config: tuple[int, .
             elif isinstance(layer, SlimmableLinear):
                 attrs = {"active_in_features": cin, "active_out_features": out}
             else:
-                raise TypeError(
+                raise UsnetTypeError(
                     f"layer {binding.layer!r} is a {type(layer).__name__}, not a slimmable layer: "
                     "replace a bound layer only by a slimmable one of the same kind"
                 )

@@ -42,6 +42,7 @@ from .calibrate import calibrate
 from .channels import Width, config_id, parse_widths
 from .config import ConfigError, TrainConfig, config_diff, config_from_saved, resolve_device
 from .data import DataInfo, build_datasets
+from .errors import TrainingError, UsnetValueError
 from .models import create_model
 from .profile import format_count, profile
 from .state import enable_switchable_bn, get_state, set_width
@@ -57,10 +58,6 @@ from .training import (
 CHECKPOINT = "checkpoint.pt"  # latest epoch, with trainer state: what --resume reads
 FINAL = "model.pt"  # calibrated final model
 METRICS = "metrics.jsonl"
-
-
-class TrainingError(RuntimeError):
-    """Training cannot go on (non-finite loss, ...); the message says where and what is kept."""
 
 
 def pick_device(name: str) -> torch.device:
@@ -479,7 +476,7 @@ def evaluate(model: nn.Module, loader: DataLoader | Sequence, widths: Sequence[W
         total, correct1 = summed[0], summed[1 : 1 + len(widths)]
         correct5 = summed[1 + len(widths) :]
     if total == 0:
-        raise ValueError("evaluation data is empty")
+        raise UsnetValueError("evaluation data is empty")
     return [(c1 / total, c5 / total) for c1, c5 in zip(correct1, correct5)]
 
 
@@ -588,7 +585,7 @@ def _resumable_checkpoint(out_dir: Path) -> dict:
     payload = ckpt.read_checkpoint(path)
     extra = payload.get("extra", {})
     if extra.get("config") is None or "trainer" not in extra:
-        raise ValueError(f"{str(path)!r} holds no trainer state to resume from")
+        raise UsnetValueError(f"{str(path)!r} holds no trainer state to resume from")
     return payload
 
 

@@ -14,6 +14,7 @@ import torchvision
 from torch import nn
 
 from ..convert import slimmable
+from ..errors import UsnetValueError
 from .convnet import DEFAULT_CHANNELS, DEFAULT_STRIDES, ConvNet
 from .mobilenet_v1 import MobileNetV1
 
@@ -38,7 +39,7 @@ def list_models() -> list[str]:
 def create_model(name: str, **kwargs: Any) -> nn.Module:
     """Build a zoo model by name (e.g. ``create_model("us_mobilenet_v2", num_classes=10)``)."""
     if name not in _BUILDERS:
-        raise ValueError(f"unknown model {name!r}; available: {', '.join(list_models())}")
+        raise UsnetValueError(f"unknown model {name!r}; available: {', '.join(list_models())}")
     return _BUILDERS[name](**kwargs)
 
 
