@@ -232,16 +232,27 @@ def config_id(config: tuple[int, ...]) -> str:
     return hashlib.sha1(config_key(config).encode()).hexdigest()[:10]
 
 
+MAX_WIDTHS = 100_000
+"""The most widths a spec may list: a model has far fewer distinct channel configurations (a
+step of 1e-7 would list millions of widths, most of them the same network)."""
+
+
 def parse_widths(spec: str) -> list[float]:
     """Parse ``"0.25:1.0:0.25"`` (start:stop:step, inclusive) or ``"0.25,0.5,1.0"``."""
     text = str(spec).strip()
     try:
         if ":" in text:
             parts = [float(p) for p in text.split(":")]
-            if len(parts) != 3 or parts[2] <= 0 or parts[1] < parts[0]:
+            if len(parts) != 3 or not all(map(math.isfinite, parts)) or parts[2] <= 0 or parts[1] < parts[0]:
                 raise ValueError
             start, stop, step = parts
             count = int(math.floor((stop - start) / step + 1e-9))
+            if count >= MAX_WIDTHS:
+                raise UsnetValueError(
+                    f"widths {spec!r} list {count + 1} widths, more than {MAX_WIDTHS}; use a "
+                    f"larger step such as {(stop - start) / 1000:.2g} (widths closer than a channel "
+                    "apart are the same network)"
+                )
             values = [round(start + i * step, 10) for i in range(count + 1)]
             if stop - values[-1] > 1e-9:
                 values.append(stop)
@@ -250,11 +261,26 @@ def parse_widths(spec: str) -> list[float]:
         if not values:
             raise ValueError
         return values
+    except UsnetValueError:
+        raise
     except ValueError:
         raise UsnetValueError(
             f"invalid widths {spec!r}; expected start:stop:step (e.g. 0.25:1.0:0.25) "
             "or a comma-separated list (e.g. 0.25,0.5,1.0)"
         ) from None
+
+
+def distinct_widths(plan: ChannelPlan, widths: list[Width]) -> list[Width]:
+    """``widths`` without those that give the same channel configuration as an earlier one
+    (the same network: evaluating or profiling it again gives the same numbers)."""
+    seen: set[tuple[int, ...]] = set()
+    out = []
+    for w in widths:
+        config = plan.config(w)
+        if config not in seen:
+            seen.add(config)
+            out.append(w)
+    return out
 
 
 def _check_value(value: object, lo: float, hi: float, what: str) -> float:
@@ -275,3 +301,19 @@ def _check_range(width_range: object) -> tuple[float, float]:
         # 1.0 is the network as built: its weights hold no channels beyond it.
         raise UsnetValueError(f"width_range must satisfy 0 < lo <= hi <= 1.0, got ({lo}, {hi})")
     return lo, hi
+
+
+def width_value(width: Width) -> float | dict[str, float]:
+    """``width`` as plain data (a float, or a dict for a per-group width): what checkpoints,
+    reports and JSON hold."""
+    if isinstance(width, Mapping):
+        return {str(k): float(v) for k, v in width.items()}
+    return float(width)
+
+
+def format_width(width: Width, spec: str = "g") -> str:
+    """``width`` for a message or a table: ``0.5`` (``spec`` formats a uniform width), or
+    ``{'layer1': 0.5, ...}`` for a per-group width."""
+    if isinstance(width, Mapping):
+        return str(width_value(width))
+    return format(float(width), spec)

@@ -9,9 +9,7 @@ from the pickled module stored with them (loading those runs pickle: load only f
 
 from __future__ import annotations
 
-import io
 import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -20,41 +18,12 @@ import torch
 from torch import nn
 
 from .errors import UsnetValueError
+from .files import atomic_torch_save, atomic_write_bytes  # noqa: F401 (re-exported)
 from .layers import SlimmableBatchNorm2d
 from .state import SlimmableState, enable_switchable_bn, get_state, set_width
 
 FORMAT = "usnet-checkpoint"
 VERSION = 1
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see the old file or the new one, never a part."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        # mkstemp makes 0600 files: keep the replaced file's mode, else honour the umask.
-        try:
-            mode = path.stat().st_mode & 0o777
-        except FileNotFoundError:
-            umask = os.umask(0)
-            os.umask(umask)
-            mode = 0o666 & ~umask
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    atomic_write_bytes(path, buffer.getvalue())
 
 
 def checkpoint_dict(model: nn.Module, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:

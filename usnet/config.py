@@ -22,11 +22,7 @@ import torch
 import yaml
 
 from .channels import parse_widths
-from .errors import UsnetValueError
-
-
-class ConfigError(UsnetValueError):
-    """A configuration key or value is invalid; the message names it and the valid choices."""
+from .errors import ConfigError
 
 
 def check_device_name(name: str) -> str:
@@ -130,6 +126,9 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -
     raw: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
+        if path.is_dir():
+            raise ConfigError(f"config {str(path)!r} is a directory; give a YAML file such as "
+                              "configs/fashion_mnist.yaml")  # fmt: skip
         if not path.is_file():
             raise ConfigError(f"config file {str(path)!r} does not exist")
         try:
@@ -305,6 +304,11 @@ def _check_semantics(c: TrainConfig) -> None:
     if len(c.width_range) != 2 or not (0 < c.width_range[0] <= c.width_range[1] <= 1.0):
         raise ConfigError(f"width_range must be [lo, hi] with 0 < lo <= hi <= 1, got {c.width_range}")
     lo, hi = c.width_range
+    if c.mode == "universal" and lo == hi:
+        raise ConfigError(
+            f"width_range [{lo}, {hi}] leaves nothing to slim in mode=universal; use a range with "
+            f"lo < hi, or mode=individual width={hi} to train one width"
+        )
     if c.mode == "individual":
         if c.width is None or not (lo <= c.width <= hi):
             raise ConfigError(f"mode=individual needs width= in the width range [{lo}, {hi}]")

@@ -39,9 +39,9 @@ import torch.fx as fx
 from torch import Tensor, nn
 
 from .channels import Width, config_id
-from .checkpoint import atomic_write_bytes
 from .errors import UsnetError, UsnetValueError
 from .export import export
+from .files import atomic_write_bytes
 from .profile import _check_input_size, module_cost
 from .state import eval_forward, get_state
 from .training import _describe_width
@@ -229,7 +229,11 @@ def export_widths(
     """One verified artifact per channel configuration of ``widths`` in ``out_dir``, and
     ``out_dir/index.json`` listing each width's file, params, MACs, verification and, when a
     spectrum (rows with ``config_id`` and ``top1``, as ``usnet train`` records) is given, its
-    top-1. Widths that round to the same channels share one file. Returns the index rows."""
+    top-1. Widths that round to the same channels share one file. Returns the rows of ``widths``.
+
+    A directory that already holds an export with the same settings (format, input size, BN
+    folding, tolerance) keeps it: ``index.json`` then lists the earlier widths and the new ones
+    (a width exported again is replaced). Other settings are refused before anything is written."""
     check_format(format)
     plan = get_state(model).plan
     widths = [plan.check_width(w) for w in widths]  # all valid before anything is written
@@ -238,6 +242,7 @@ def export_widths(
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"{str(out)!r} exists and is not a directory")
+    earlier = earlier_export_rows(out, format, kwargs)
     written: dict[str, ExportResult] = {}
     rows = []
     for w in widths:
@@ -256,10 +261,47 @@ def export_widths(
             row["top1"] = top1
         rows.append(row)
     first = next(iter(written.values()))
+    listed = rows
+    if earlier:
+        again = {json.dumps(r["width"], sort_keys=True) for r in rows}
+        kept = [r for r in earlier if json.dumps(r.get("width"), sort_keys=True) not in again]
+        listed = sorted(kept + rows, key=lambda r: (r.get("macs", 0), json.dumps(r.get("width"))))
     index = {"format": format, "input_size": list(first.input_size), "fused_bn": first.fused_bn,
-             "tolerance": first.tolerance, "models": rows}  # fmt: skip
+             "tolerance": first.tolerance, "models": listed}  # fmt: skip
     atomic_write_bytes(out / INDEX, (json.dumps(index, indent=2) + "\n").encode())
     return rows
+
+
+def earlier_export_rows(out: Path, format: str, options: Mapping) -> list[dict]:
+    """The rows of an earlier export in ``out`` whose files are still there, if its settings
+    equal these (``export_artifact``'s keyword ``options``); else a clear refusal."""
+    path = out / INDEX
+    if not path.exists():
+        return []
+    try:
+        index = json.loads(path.read_text())
+        models = index["models"]
+        if not isinstance(models, list) or not all(isinstance(r, dict) for r in models):
+            raise TypeError
+    except (OSError, ValueError, KeyError, TypeError):
+        raise UsnetValueError(f"{str(path)!r} is not an index written by usnet export; export into "
+                              "another directory (nothing was written)") from None  # fmt: skip
+    defaults = export_artifact.__kwdefaults__
+    fuse_bn = bool(options.get("fuse_bn", defaults["fuse_bn"]))
+    now = {
+        "format": format,
+        "input_size": list(_check_input_size(options.get("input_size", defaults["input_size"]))),
+        "fused_bn": fuse_bn,
+        "tolerance": _check_tolerance(options.get("tolerance", defaults["tolerance"]), fuse_bn),
+    }
+    differ = [f"{key} {index.get(key)!r} there, {value!r} now" for key, value in now.items()
+              if index.get(key) != value]  # fmt: skip
+    if differ:
+        raise UsnetValueError(
+            f"{str(out)!r} already holds an export with other settings ({'; '.join(differ)}); "
+            "export into another directory (nothing was written)"
+        )
+    return [r for r in models if (out / str(r.get("file", ""))).is_file()]
 
 
 def spectrum_top1(model: nn.Module, spectrum: Sequence[Mapping] | None, width: Width) -> float | None:

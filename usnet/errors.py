@@ -8,6 +8,7 @@ failure, keep its traceback.
 from __future__ import annotations
 
 __all__ = [
+    "ConfigError",
     "DataError",
     "RunDirectoryError",
     "TrainingError",
@@ -39,3 +40,7 @@ class RunDirectoryError(UsnetError, RuntimeError):
 
 class TrainingError(UsnetError, RuntimeError):
     """Training cannot go on (non-finite loss, ...); the message says where and what is kept."""
+
+
+class ConfigError(UsnetValueError):
+    """A configuration key or value is invalid; the message names it and the valid choices."""

@@ -39,11 +39,11 @@ from torch import nn
 
 from .calibrate import progress_bar
 from .channels import ChannelPlan, config_id, config_key
-from .checkpoint import atomic_write_bytes
 from .config import resolve_device
 from .deploy import spectrum_top1
 from .errors import UsnetValueError
 from .export import export
+from .files import atomic_write_bytes
 from .profile import _check_input_size, format_count, profile
 from .state import get_state
 
@@ -221,6 +221,8 @@ def measure_candidates(
         if isinstance(value, bool) or not isinstance(value, int) or value < least:
             raise UsnetValueError(f"{name} must be an integer >= {least}, got {value!r}")
     size = _check_input_size(input_size)
+    if use_cache:
+        check_cache_dir(cache_dir)
     dtype = next(model.parameters()).dtype
     previous_threads = torch.get_num_threads()
     if threads is not None:
@@ -303,6 +305,19 @@ def default_cache_dir() -> Path:
         return Path(os.environ["USNET_CACHE_DIR"])
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "usnet"
+
+
+def check_cache_dir(cache_dir: str | os.PathLike | None = None) -> Path:
+    """The latency cache directory, refused early if a file stands where it or its ``latency/``
+    subdirectory should be."""
+    root = Path(cache_dir or default_cache_dir())
+    for path in (root, root / "latency"):
+        if path.exists() and not path.is_dir():
+            raise UsnetValueError(
+                f"latency cache {str(root)!r}: {str(path)!r} is a file, not a directory; pass "
+                "--latency-cache DIR (cache_dir=) naming a directory"
+            )
+    return root
 
 
 def latency_cache_path(key: Mapping, cache_dir: str | os.PathLike | None = None) -> Path:

@@ -38,13 +38,15 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from . import checkpoint as ckpt
 from . import distributed as dist
-from .calibrate import calibrate
+from .calibrate import calibrate, progress_bar
 from .channels import Width, config_id, parse_widths
 from .config import ConfigError, TrainConfig, config_diff, config_from_saved, resolve_device
 from .data import DataInfo, build_datasets
-from .errors import TrainingError, UsnetValueError
+from .errors import DataError, TrainingError, UsnetValueError
+from .files import check_writable
 from .models import create_model
 from .profile import format_count, profile
+from .rundir import CHECKPOINT, FINAL, METRICS, RunLock, append_metric, holds_run, resumable_checkpoint, truncate_metrics
 from .state import enable_switchable_bn, get_state, set_width
 from .training import (
     InplaceDistillationLoss,
@@ -55,9 +57,6 @@ from .training import (
     warm_up_widths,
 )
 
-CHECKPOINT = "checkpoint.pt"  # latest epoch, with trainer state: what --resume reads
-FINAL = "model.pt"  # calibrated final model
-METRICS = "metrics.jsonl"
 
 
 def pick_device(name: str) -> torch.device:
@@ -100,9 +99,26 @@ class Trainer:
                 f"{self.world_size} processes"
             )
         self.rank_batch_size = config.batch_size // self.world_size
+        self.lock = RunLock(self.out)  # held by rank 0 from here to the end of run()
         saved = dist.run_on_main(lambda: self._check_out_dir(resume))
+        try:
+            self._setup(config, saved)
+        except BaseException:
+            self.lock.release()
+            raise
 
+    def _setup(self, config: TrainConfig, saved: dict | None) -> None:
+        if config.amp == "fp16" and self.device.type == "cpu":
+            raise ConfigError(
+                "amp=fp16 on the CPU runs about 150x slower than fp32 (no fast float16 CPU "
+                "kernels); use amp=bf16 (or none) on the CPU, fp16 on CUDA"
+            )
         self.train_set, self.calib_set, self.test_set, self.info = datasets_for(config)
+        if self.info.num_classes < 2:
+            raise DataError(
+                f"{config.data.name} data holds {self.info.num_classes} class; a classifier needs "
+                "at least 2 (an image folder: one subdirectory per class)"
+            )
         torch.manual_seed(config.seed)  # the initial weights are part of the run's identity
         self.model = self._build_model(self.info).to(self.device)
         if config.mode == "slimmable":  # the earlier scheme: switchable BN at fixed widths
@@ -111,6 +127,7 @@ class Trainer:
             self.model = self.model.to(memory_format=torch.channels_last)
         if config.sync_bn:
             dist.convert_sync_batchnorm(self.model)  # a no-op in a single process
+        self.evaluated_widths = self.eval_widths()  # a bad eval.widths fails now, not after training
         self.steps_per_epoch = len(self.train_set) // config.batch_size
         if self.steps_per_epoch == 0:
             raise ConfigError(
@@ -152,15 +169,25 @@ class Trainer:
 
     # -- setup ---------------------------------------------------------------------------------
     def _check_out_dir(self, resume: bool) -> dict | None:
-        path = self.out / CHECKPOINT
+        """On rank 0: take the run directory's lock, then check what it holds."""
+        check_writable(self.out / METRICS, "--out")
+        for note in self.lock.acquire():
+            self.log(note)
+        try:
+            return self._check_run(resume)
+        except BaseException:
+            self.lock.release()
+            raise
+
+    def _check_run(self, resume: bool) -> dict | None:
         if not resume:
-            if path.exists() or (self.out / FINAL).exists():
+            if holds_run(self.out):
                 raise FileExistsError(
                     f"{str(self.out)!r} already holds a run; pass --resume to continue it or choose "
                     "another --out (nothing was overwritten)"
                 )
             return None
-        payload = _resumable_checkpoint(self.out)
+        payload = resumable_checkpoint(self.out)
         saved = payload["extra"]["config"]
         completed = config_from_saved(saved).to_dict()  # fields added since: as before they existed
         changed = sorted(config_diff(completed, self.config.to_dict()))
@@ -210,27 +237,15 @@ class Trainer:
     def _metric(self, record: dict[str, Any]) -> None:
         if not self.is_main:
             return
-        self.out.mkdir(parents=True, exist_ok=True)
-        with open(self.out / METRICS, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        append_metric(self.out, record)
         if self.tb is not None:
             for key, value in record.items():
                 if isinstance(value, (int, float)) and key not in ("step", "epoch"):
                     self.tb.add_scalar(f"{record['kind']}/{key}", value, record.get("step", self.step))
 
     def _truncate_metrics(self, step: int) -> None:
-        path = self.out / METRICS
-        if not self.is_main or not path.exists():
-            return
-        keep = []
-        for line in path.read_text().splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line cut off by the interruption
-            if isinstance(record, dict) and record.get("step", 0) <= step:
-                keep.append(line)
-        ckpt.atomic_write_bytes(path, ("\n".join(keep) + "\n" if keep else "").encode())
+        if self.is_main:
+            truncate_metrics(self.out, step)
 
     def describe_losses(self) -> str:
         c = self.config
@@ -298,6 +313,7 @@ class Trainer:
             if self.tb is not None:
                 self.tb.close()
                 self.tb = None
+            self.lock.release()
 
     def _warm_up(self) -> None:
         """Turn on cuDNN autotuning and run every channel configuration the run can train once
@@ -435,16 +451,23 @@ class Trainer:
         lo, hi = get_state(self.model).width_range
         if lo == hi:
             return [lo]
-        widths = [w for w in parse_widths(self.config.eval.widths) if lo - 1e-9 <= w <= hi + 1e-9]
+        given = parse_widths(self.config.eval.widths)
+        widths = [w for w in given if lo - 1e-9 <= w <= hi + 1e-9]
         if not widths:
             raise ConfigError(f"eval.widths {self.config.eval.widths!r} has no width in [{lo}, {hi}]")
+        outside = [w for w in given if w not in widths]
+        if outside and not hasattr(self, "evaluated_widths"):  # said once, before training
+            listed = ", ".join(f"{w:g}" for w in outside[:4]) + (", ..." if len(outside) > 4 else "")
+            self.log(f"eval.widths: evaluating the {len(widths)} widths inside the width range "
+                     f"[{lo}, {hi}]; {len(outside)} outside it are skipped ({listed})")  # fmt: skip
         return widths
 
 
 # --- evaluation and reports ---------------------------------------------------------------------
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: DataLoader | Sequence, widths: Sequence[Width],
-             device: torch.device | None = None, *, distributed: bool = False) -> list[tuple[float, float]]:  # fmt: skip
+             device: torch.device | None = None, *, distributed: bool = False,
+             progress: bool = False) -> list[tuple[float, float]]:  # fmt: skip
     """Top-1 and top-5 accuracy (fractions) at each width; every batch is loaded once for all.
 
     ``distributed=True`` (in a process group, on every rank): ``loader`` holds this rank's share
@@ -457,6 +480,7 @@ def evaluate(model: nn.Module, loader: DataLoader | Sequence, widths: Sequence[W
     correct5 = [0] * len(widths)
     total = 0
     model.eval()
+    bar = progress_bar(len(loader) if hasattr(loader, "__len__") else 0, progress, "evaluating")
     try:
         for images, labels in loader:
             images, labels = images.to(device), labels.to(device)
@@ -468,7 +492,11 @@ def evaluate(model: nn.Module, loader: DataLoader | Sequence, widths: Sequence[W
                 hits = top == labels[:, None]
                 correct1[i] += int(hits[:, 0].sum())
                 correct5[i] += int(hits.any(dim=1).sum())
+            if bar is not None:
+                bar.update(1)
     finally:
+        if bar is not None:
+            bar.close()
         set_width(model, previous)
         model.train(was_training)
     if distributed:
@@ -577,23 +605,11 @@ def _bar(total: int, desc: str, show: bool | None):
     return tqdm(total=total, desc=desc, unit="step", leave=tty is False, mininterval=1 if tty else 30)
 
 
-def _resumable_checkpoint(out_dir: Path) -> dict:
-    """The checkpoint that ``--resume`` continues in ``out_dir`` (with config and trainer state)."""
-    path = out_dir / CHECKPOINT
-    if not path.exists():
-        raise FileNotFoundError(f"--resume: no {CHECKPOINT} in {str(out_dir)!r}")
-    payload = ckpt.read_checkpoint(path)
-    extra = payload.get("extra", {})
-    if extra.get("config") is None or "trainer" not in extra:
-        raise UsnetValueError(f"{str(path)!r} holds no trainer state to resume from")
-    return payload
-
-
 def saved_run_config(out_dir: str | Path) -> TrainConfig:
     """The config of the run in ``out_dir`` that ``--resume`` continues (``usnet train --resume``
     without a CONFIG file). Read on rank 0 only and handed to the other ranks, like the checkpoint
     itself, so other machines need no shared file system; call it inside the process group."""
-    return dist.run_on_main(lambda: load_run_config(_resumable_checkpoint(Path(out_dir))))
+    return dist.run_on_main(lambda: load_run_config(resumable_checkpoint(out_dir)))
 
 
 def load_run_config(payload: dict) -> TrainConfig | None:
