@@ -2,7 +2,6 @@
 work), and nothing a user has is lost or half-written."""
 
 import errno
-import gzip
 import json
 import os
 import socket

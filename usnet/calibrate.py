@@ -24,7 +24,8 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 from .channels import Width, config_key
 from .errors import UsnetTypeError, UsnetValueError
 from .layers import SlimmableBatchNorm2d
-from .state import get_state, set_width
+from .reports import progress_bar
+from .state import get_state, keep_width_and_mode, set_width
 from .state import width as width_context
 
 DEFAULT_BATCH_SIZE = 128
@@ -170,27 +171,25 @@ def calibrate(
     total = len(by_config) * len(batches)
     show = progress if progress is not None else (total > 50 and sys.stderr.isatty())
     bar = progress_bar(total, show)
-    previous_width, was_training = state.width, model.training
-    model.eval()  # dropout and friends off; the BN layers calibrate regardless of this flag
-    try:
-        with torch.no_grad():
-            for config, w in by_config.items():
-                set_width(model, w)
-                for bn in bns:
-                    bn.start_calibration(distributed=shard[1] > 1)
-                for images in batches:
-                    model(images.to(device=param.device, dtype=param.dtype, non_blocking=True))
-                    if bar is not None:
-                        bar.update(1)
-                for bn in bns:
-                    bn.finish_calibration()
-    finally:
-        for bn in bns:
-            bn.cancel_calibration()
-        if bar is not None:
-            bar.close()
-        set_width(model, previous_width)
-        model.train(was_training)
+    # Eval mode: dropout and friends off; the BN layers calibrate regardless of this flag.
+    with keep_width_and_mode(model, training=False):
+        try:
+            with torch.no_grad():
+                for config, w in by_config.items():
+                    set_width(model, w)
+                    for bn in bns:
+                        bn.start_calibration(distributed=shard[1] > 1)
+                    for images in batches:
+                        model(images.to(device=param.device, dtype=param.dtype, non_blocking=True))
+                        if bar is not None:
+                            bar.update(1)
+                    for bn in bns:
+                        bn.finish_calibration()
+        finally:
+            for bn in bns:  # before the width is restored: no width changes while calibrating
+                bn.cancel_calibration()
+            if bar is not None:
+                bar.close()
     return [config_key(c) for c in by_config]
 
 
@@ -234,12 +233,3 @@ def _images_of(batch: Any) -> Tensor:
     if images.dim() != 4:
         raise UsnetValueError(f"calibration images must be (N, C, H, W), got shape {tuple(images.shape)}")
     return images
-
-
-def progress_bar(total: int, show: bool, desc: str = "calibrating", unit: str = "batch"):
-    """A transient tqdm bar, or None when not shown or there is nothing to do."""
-    if not show or total == 0:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, unit=unit, leave=False)

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .channels import width_value
 from .errors import UsnetValueError
 from .files import atomic_torch_save, atomic_write_bytes  # noqa: F401 (re-exported)
 from .layers import SlimmableBatchNorm2d
@@ -39,7 +40,7 @@ def checkpoint_dict(model: nn.Module, extra: Mapping[str, Any] | None = None) ->
         "format": FORMAT,
         "version": VERSION,
         "usnet": state.to_dict(),
-        "width": dict(width) if isinstance(width, Mapping) else float(width),
+        "width": width_value(width),
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "bn_stats": bn_stats,
         "extra": dict(extra or {}),

@@ -19,8 +19,7 @@ from pathlib import Path
 
 from torch import nn
 
-from .calibrate import progress_bar
-from .channels import parse_widths
+from .channels import format_width, parse_widths
 from .errors import UsnetError, UsnetValueError
 from .files import check_output, check_writable
 
@@ -86,6 +85,8 @@ def cmd_profile(args: argparse.Namespace) -> int:
     else:
         model = load_model_arg(args.model, args.num_classes, args.in_channels, args.small_input)
         input_size = args.input_size or default_input_size(model)
+    from .reports import progress_bar
+
     widths = _distinct_widths(model, args.widths, "profiling")
     bar = progress_bar(len(widths), len(widths) > 20 and sys.stderr.isatty(), "profiling", "width")
     rows = []
@@ -206,7 +207,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     from . import checkpoint
     from .calibrate import calibrate, is_calibrated
-    from .trainer import evaluate, format_spectrum, spectrum_rows
+    from .evaluation import evaluate
+    from .reports import format_spectrum, spectrum_rows
 
     payload = checkpoint.read_checkpoint(args.checkpoint)
     model = checkpoint.model_from_checkpoint(payload, args.checkpoint)
@@ -365,7 +367,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     if missing:
         if args.data is None and args.dataset is None:
             w = missing[0]
-            raise UsnetValueError(f"width {w if isinstance(w, dict) else f'{w:g}'} is not calibrated in "
+            raise UsnetValueError(f"width {format_width(w)} is not calibrated in "
                              f"{args.checkpoint}; pass --data ROOT to calibrate it first (or run usnet calibrate)")  # fmt: skip
         config, (_, calib_set, _, info) = _data_for(args.checkpoint, payload, args.data, args.dataset)
         check_data_fits(model, info, args.checkpoint, config.data.name)
@@ -393,7 +395,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     print(f"{'width':>7} {'params':>9} {'MACs':>9} {'top-1':>7} {'max diff':>9}  file")
     for r in rows:
         top1 = f"{100 * r['top1']:.2f}%" if "top1" in r else "-"
-        width = r["width"] if isinstance(r["width"], dict) else f"{r['width']:.3f}"
+        width = format_width(r["width"], ".3f")
         print(f"{width!s:>7} {format_count(r['params']):>9} {format_count(r['macs']):>9} {top1:>7} "
               f"{r['max_abs_diff']:>9.2g}  {r['file']}")  # fmt: skip
     print(f"wrote {len({r['file'] for r in rows})} {args.format} files and {Path(args.out) / 'index.json'}; "
@@ -422,7 +424,8 @@ def _export_in(format: str):
 
 def cmd_select(args: argparse.Namespace) -> int:
     from .files import atomic_write_bytes
-    from .select import check_cache_dir, format_selection, plot_selection, select_width
+    from .reports import plot_selection
+    from .select import check_cache_dir, format_selection, select_width
 
     if args.plot:
         check_writable(args.plot, "--plot")
@@ -448,13 +451,12 @@ def cmd_select(args: argparse.Namespace) -> int:
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-    import torch
     from torch.utils.data import DataLoader, Subset
 
     from . import checkpoint
+    from .evaluation import evaluate
     from .files import atomic_write_bytes
-    from .search import format_search, search_width
-    from .trainer import evaluate
+    from .search import format_search, search_data, search_width
 
     payload = checkpoint.read_checkpoint(args.checkpoint)
     replacing = {}  # checked before the search, which may take long
@@ -466,18 +468,10 @@ def cmd_search(args: argparse.Namespace) -> int:
     model = checkpoint.model_from_checkpoint(payload, args.checkpoint)
     config, (_, calib_set, test_set, info) = _data_for(args.checkpoint, payload, args.data, args.dataset)
     check_data_fits(model, info, args.checkpoint, config.data.name)
-    for name in ("calib_images", "heldout_images", "test_images"):
-        if getattr(args, name) < 1:
-            raise UsnetValueError(f"--{name.replace('_', '-')} must be a positive number of images")
-    need = args.calib_images + args.heldout_images
-    if need > len(calib_set):
-        raise UsnetValueError(f"--calib-images + --heldout-images ({need}) exceed the {len(calib_set)} training images")
-    # One seeded draw of training images: the first part calibrates BN, the rest is held out.
-    order = torch.randperm(len(calib_set), generator=torch.Generator().manual_seed(args.seed))[:need].tolist()
-    images, labels = zip(*(calib_set[i] for i in order))
-    images, labels = torch.stack(images), torch.as_tensor(labels)
-    calib = list(images[: args.calib_images].split(config.calib.batch_size))
-    heldout = (images[args.calib_images :], labels[args.calib_images :])
+    if args.test_images < 1:
+        raise UsnetValueError("--test-images must be a positive number of images")
+    calib, heldout = search_data(calib_set, args.calib_images, args.heldout_images, args.seed,
+                                 config.calib.batch_size)  # fmt: skip
     log = (lambda message: None) if args.json else print
     result = search_width(model, calib, heldout, max_macs=args.max_macs, input_size=info.input_size,
                           step=args.step, log=log)  # fmt: skip

@@ -18,29 +18,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union
 
-import torch
 import yaml
 
 from .channels import parse_widths
+from .device import check_device_name, resolve_device  # noqa: F401 (resolve_device: re-exported)
 from .errors import ConfigError
-
-
-def check_device_name(name: str) -> str:
-    """``name`` if it is a device a configuration may name (auto, cpu, cuda, cuda:N)."""
-    if name in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", name):
-        return name
-    raise ConfigError(f"device: invalid value {name!r}; valid: auto, cpu, cuda, cuda:N")
-
-
-def resolve_device(name: str) -> torch.device:
-    """The device ``name`` means for a single process: ``auto`` is CUDA when available, else the
-    CPU; a CUDA device without CUDA is an error that says what to use instead."""
-    check_device_name(name)
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"device {name!r} requested but CUDA is not available; use cpu")
-    return torch.device(name)
 
 
 @dataclass

@@ -38,13 +38,13 @@ import torch
 import torch.fx as fx
 from torch import Tensor, nn
 
-from .channels import Width, config_id
+from .channels import Width, config_id, format_width, width_value
 from .errors import UsnetError, UsnetValueError
+from .evaluation import eval_forward
 from .export import export
 from .files import atomic_write_bytes
 from .profile import _check_input_size, module_cost
-from .state import eval_forward, get_state
-from .training import _describe_width
+from .state import get_state
 
 FORMATS: dict[str, str] = {"pt": ".pt2", "torchscript": ".torchscript.pt", "onnx": ".onnx"}
 """Formats and the file suffix :func:`export_widths` gives them."""
@@ -205,13 +205,13 @@ def export_artifact(
     diff = _max_abs_diff(got, expected)
     if not diff <= tolerance:
         raise VerificationError(
-            f"{format} export at {_describe_width(width)} differs from the slimmable model by {diff:.3g} "
+            f"{format} export at width {format_width(width)} differs from the slimmable model by {diff:.3g} "
             f"(max |logits difference|, tolerance {tolerance:g}); nothing was written"
         )
     atomic_write_bytes(path, data)
     params, flops = module_cost(module, (1, *size[1:]))
     return ExportResult(
-        path=str(path), format=format, width=dict(width) if isinstance(width, Mapping) else width,
+        path=str(path), format=format, width=width_value(width),
         config_id=config_id(state.plan.config(width)), input_size=size, fused_bn=fuse_bn,
         params=params, macs=flops // 2, max_abs_diff=diff, tolerance=tolerance,
     )  # fmt: skip
@@ -253,7 +253,7 @@ def export_widths(
             name = (f"config-{cid}" if isinstance(w, Mapping) else f"w{w:.3f}-{cid}") + FORMATS[format]
             written[cid] = export_artifact(model, w, out / name, format, **kwargs)
         result = written[cid]
-        row = {"width": dict(w) if isinstance(w, Mapping) else w, "file": Path(result.path).name,
+        row = {"width": width_value(w), "file": Path(result.path).name,
                "config_id": cid, "params": result.params, "macs": result.macs,
                "max_abs_diff": result.max_abs_diff}  # fmt: skip
         top1 = spectrum_top1(model, spectrum, w)

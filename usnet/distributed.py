@@ -35,7 +35,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from .errors import UsnetValueError
+from .device import resolve_device
+from .errors import ConfigError, UsnetValueError
 
 __all__ = [
     "convert_sync_batchnorm",
@@ -75,8 +76,6 @@ def init_from_env(device: str = "auto", timeout: datetime.timedelta | None = Non
 
     A process group that already exists (a user's own launcher) is kept as it is.
     """
-    from .config import ConfigError, resolve_device
-
     single = resolve_device(device)  # validates the name and CUDA's presence
     if not launched_by_torchrun() and not is_distributed():
         return single

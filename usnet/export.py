@@ -18,7 +18,7 @@ from torch import nn
 from .channels import Width
 from .errors import UsnetTypeError
 from .layers import SlimmableBatchNorm2d, SlimmableConv2d, SlimmableLinear, UncalibratedWidthError
-from .state import STATE_ATTR, get_state, set_width
+from .state import STATE_ATTR, get_state, keep_width_and_mode
 
 
 def export(
@@ -33,13 +33,8 @@ def export(
             class of the original model's code is needed to run or unpickle it).
     """
     state = get_state(model)
-    previous = state.width
-    target = previous if width is None else width
-    set_width(model, target)
-    try:
+    with keep_width_and_mode(model, width=width):
         plain = copy.deepcopy(model)
-    finally:
-        set_width(model, previous)
     delattr(plain, STATE_ATTR)
     for binding in state.bindings:
         layer = plain.get_submodule(binding.layer)

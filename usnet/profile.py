@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from .channels import Width, config_id
+from .channels import Width, config_id, format_width, width_value
 from .errors import UsnetValueError
 from .export import export
 from .state import get_state
@@ -42,7 +42,7 @@ def profile(model: nn.Module, width: Width | None = None,
     plain = export(model, width, require_stats=False)
     params, flops = module_cost(plain, size)
     return Profile(
-        width=dict(width) if isinstance(width, dict) else width,
+        width=width_value(width),
         config_id=config_id(state.plan.config(width)),
         params=params,
         macs=flops // 2,
@@ -77,7 +77,7 @@ def format_count(value: float) -> str:
 def format_profiles(rows: Iterable[Profile]) -> str:
     lines = [f"{'width':>8} {'params':>10} {'MACs':>10} {'FLOPs':>10}  config"]
     for r in rows:
-        w = r.width if isinstance(r.width, dict) else f"{r.width:.3f}"
+        w = format_width(r.width, ".3f")
         lines.append(
             f"{w!s:>8} {format_count(r.params):>10} {format_count(r.macs):>10} "
             f"{format_count(r.flops):>10}  {r.config_id}"

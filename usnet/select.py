@@ -27,7 +27,6 @@ import hashlib
 import json
 import math
 import os
-import platform
 import statistics
 import time
 from collections.abc import Mapping, Sequence
@@ -37,14 +36,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .calibrate import progress_bar
 from .channels import ChannelPlan, config_id, config_key
-from .config import resolve_device
+from .device import device_name, resolve_device
 from .deploy import spectrum_top1
 from .errors import UsnetValueError
 from .export import export
 from .files import atomic_write_bytes
 from .profile import _check_input_size, format_count, profile
+from .reports import plot_selection, progress_bar  # noqa: F401 (plot_selection: re-exported)
 from .state import get_state
 
 SCAN_STEP = 0.001
@@ -325,21 +324,6 @@ def latency_cache_path(key: Mapping, cache_dir: str | os.PathLike | None = None)
     return Path(cache_dir or default_cache_dir()) / "latency" / f"{digest}.json"
 
 
-def device_name(device: torch.device) -> str:
-    """``cuda:<GPU name>`` or ``cpu:<processor model>``: timings belong to the hardware."""
-    if device.type == "cuda":
-        return f"cuda:{torch.cuda.get_device_name(device)}"
-    model = ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"cpu:{model or platform.processor() or platform.machine()}"
-
-
 def format_selection(selection: Selection) -> str:
     c = selection.chosen
     lo, hi = c.width_interval
@@ -356,53 +340,6 @@ def format_selection(selection: Selection) -> str:
         lines.append(f"latency on {info['device']}, {info['threads']} threads: {info['measured']} "
                      f"configurations measured, {info['cached']} from cache {info['cache'] or '(off)'}")  # fmt: skip
     return "\n".join(lines)
-
-
-def plot_selection(selection: Selection, title: str = "") -> bytes:
-    """PNG: the budgeted cost (latency if measured, else MACs or params) against width with the
-    budget line and the chosen width, and top-1 where known."""
-    import io
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    budgets = selection.budgets
-    if "max_latency_ms" in budgets:
-        key, label, budget = "latency_ms", "latency (ms, median)", budgets["max_latency_ms"]
-    elif "max_macs" in budgets:
-        key, label, budget = "macs", "MACs", budgets["max_macs"]
-    else:
-        key, label, budget = "params", "parameters", budgets["max_params"]
-    rows = [c for c in selection.candidates if getattr(c, key) is not None]
-    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=120)
-    # Each configuration is a step of the staircase: a flat segment over the widths giving it.
-    ax.hlines([getattr(c, key) for c in rows], [c.width_interval[0] for c in rows],
-              [c.width_interval[1] for c in rows], color="C0", lw=2)  # fmt: skip
-    ax.plot([c.width for c in rows], [getattr(c, key) for c in rows], "o", ms=3, color="C0", label=label)
-    ax.axhline(budget, color="C3", ls="--", lw=1, label=f"budget {_budget_text('max_' + key, budget)}")
-    ax.axvline(selection.width, color="C2", ls=":", lw=1, label=f"chosen width {selection.width:g}")
-    ax.set_xlabel("width")
-    ax.set_ylabel(label)
-    handles, labels = ax.get_legend_handles_labels()
-    accurate = [c for c in selection.candidates if c.top1 is not None]
-    if accurate:
-        ax2 = ax.twinx()
-        ax2.plot([c.width for c in accurate], [100 * c.top1 for c in accurate], "s-", ms=3, color="C1",
-                 label="top-1 (%)")  # fmt: skip
-        ax2.set_ylabel("top-1 (%)")
-        h2, l2 = ax2.get_legend_handles_labels()
-        handles, labels = handles + h2, labels + l2
-    ax.legend(handles, labels, loc="upper left", fontsize=8)
-    ax.grid(alpha=0.3)
-    if title:
-        ax.set_title(title)
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    plt.close(fig)
-    return buffer.getvalue()
 
 
 def _nothing_fits(narrowest: Candidate, budgets: Mapping) -> str:

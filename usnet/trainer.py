@@ -21,34 +21,33 @@ counts, and only rank 0 writes files. ``--resume`` reads the checkpoint on rank 
 
 from __future__ import annotations
 
-import csv
 import inspect
-import io
-import json
-import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from . import checkpoint as ckpt
 from . import distributed as dist
-from .calibrate import calibrate, progress_bar
-from .channels import Width, config_id, parse_widths
-from .config import ConfigError, TrainConfig, config_diff, config_from_saved, resolve_device
+from .calibrate import calibrate
+from .channels import parse_widths
+from .config import ConfigError, TrainConfig, config_diff, config_from_saved
 from .data import DataInfo, build_datasets
-from .errors import DataError, TrainingError, UsnetValueError
+from .device import rank_device
+from .errors import DataError, TrainingError
+from .evaluation import evaluate
 from .files import check_writable
 from .models import create_model
-from .profile import format_count, profile
+from .reports import format_spectrum, spectrum_rows, step_bar, write_spectrum
 from .rundir import CHECKPOINT, FINAL, METRICS, RunLock, append_metric, holds_run, resumable_checkpoint, truncate_metrics
 from .state import enable_switchable_bn, get_state, set_width
 from .training import (
+    FixedWidths,
     InplaceDistillationLoss,
     WidthSampler,
     make_optimizer,
@@ -57,30 +56,6 @@ from .training import (
     warm_up_widths,
 )
 
-
-
-def pick_device(name: str) -> torch.device:
-    """The device of ``config.device``; in a process group, ``auto``/``cuda`` mean this rank's
-    GPU (the current CUDA device, which :func:`usnet.distributed.init_from_env` set)."""
-    if dist.is_distributed() and name in ("auto", "cuda") and torch.cuda.is_available():
-        return torch.device("cuda", torch.cuda.current_device())
-    return resolve_device(name)
-
-
-class FixedWidths:
-    """A sampler that always returns the same widths (individual and slimmable baselines)."""
-
-    def __init__(self, widths: Sequence[float]):
-        self.widths = sorted(widths, reverse=True)
-
-    def sample(self) -> list[float]:
-        return list(self.widths)
-
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        pass
 
 
 class Trainer:
@@ -92,7 +67,7 @@ class Trainer:
         self.is_main = self.rank == 0
         self.log = log if self.is_main else _silent
         self.progress = progress if self.is_main else False
-        self.device = pick_device(config.device)
+        self.device = rank_device(config.device)
         if config.batch_size % self.world_size:
             raise ConfigError(
                 f"batch_size {config.batch_size} is the global batch and must be divisible by the "
@@ -339,7 +314,7 @@ class Trainer:
         # Dropout/augmentation in this process; other ranks see other images, so other draws.
         torch.manual_seed(_epoch_seed(c.seed, self.epoch) + 1_000_003 * self.rank)
         self.model.train()
-        bar = _bar(self.steps_per_epoch, f"epoch {self.epoch + 1}/{c.epochs}", self.progress)
+        bar = step_bar(self.steps_per_epoch, f"epoch {self.epoch + 1}/{c.epochs}", self.progress)
         seen, start = 0, time.perf_counter()
         for images, labels in self.train_loader(self.epoch):
             images = images.to(self.device, non_blocking=True)
@@ -463,121 +438,6 @@ class Trainer:
         return widths
 
 
-# --- evaluation and reports ---------------------------------------------------------------------
-@torch.no_grad()
-def evaluate(model: nn.Module, loader: DataLoader | Sequence, widths: Sequence[Width],
-             device: torch.device | None = None, *, distributed: bool = False,
-             progress: bool = False) -> list[tuple[float, float]]:  # fmt: skip
-    """Top-1 and top-5 accuracy (fractions) at each width; every batch is loaded once for all.
-
-    ``distributed=True`` (in a process group, on every rank): ``loader`` holds this rank's share
-    of the data and the hit counts are summed over the ranks (exact integers), so every rank
-    returns the accuracy on the whole data."""
-    state = get_state(model)
-    previous, was_training = state.width, model.training
-    device = device or next(model.parameters()).device
-    correct1 = [0] * len(widths)
-    correct5 = [0] * len(widths)
-    total = 0
-    model.eval()
-    bar = progress_bar(len(loader) if hasattr(loader, "__len__") else 0, progress, "evaluating")
-    try:
-        for images, labels in loader:
-            images, labels = images.to(device), labels.to(device)
-            total += labels.shape[0]
-            for i, w in enumerate(widths):
-                set_width(model, w)
-                logits = model(images)
-                top = logits.topk(min(5, logits.shape[1]), dim=1).indices
-                hits = top == labels[:, None]
-                correct1[i] += int(hits[:, 0].sum())
-                correct5[i] += int(hits.any(dim=1).sum())
-            if bar is not None:
-                bar.update(1)
-    finally:
-        if bar is not None:
-            bar.close()
-        set_width(model, previous)
-        model.train(was_training)
-    if distributed:
-        summed = dist.all_reduce_sum([total, *correct1, *correct5])
-        total, correct1 = summed[0], summed[1 : 1 + len(widths)]
-        correct5 = summed[1 + len(widths) :]
-    if total == 0:
-        raise UsnetValueError("evaluation data is empty")
-    return [(c1 / total, c5 / total) for c1, c5 in zip(correct1, correct5)]
-
-
-SPECTRUM_FIELDS = ("width", "config_id", "params", "macs", "top1", "top5")
-
-
-def spectrum_rows(model: nn.Module, widths: Sequence[float], accuracies: Sequence[tuple[float, float]],
-                  input_size: Sequence[int]) -> list[dict]:  # fmt: skip
-    """One spectrum row per width: its configuration id, cost, and (top-1, top-5) accuracy."""
-    plan = get_state(model).plan
-    rows = []
-    for w, (top1, top5) in zip(widths, accuracies):
-        cost = profile(model, w, input_size)
-        rows.append({"width": w, "config_id": config_id(plan.config(w)), "params": cost.params,
-                     "macs": cost.macs, "top1": top1, "top5": top5})  # fmt: skip
-    return rows
-
-
-def format_spectrum(rows: Sequence[dict]) -> str:
-    lines = [f"{'width':>7} {'params':>9} {'MACs':>9} {'top-1':>7} {'top-5':>7}"]
-    for r in rows:
-        lines.append(f"{r['width']:>7.3f} {format_count(r['params']):>9} {format_count(r['macs']):>9} "
-                     f"{100 * r['top1']:>6.2f}% {100 * r['top5']:>6.2f}%")  # fmt: skip
-    return "\n".join(lines)
-
-
-def write_spectrum(out: Path, rows: Sequence[dict], title: str = "") -> None:
-    """spectrum.csv, spectrum.json and spectrum.png (top-1 against MACs), each written atomically."""
-    text = io.StringIO()
-    writer = csv.DictWriter(text, fieldnames=SPECTRUM_FIELDS)
-    writer.writeheader()
-    for r in rows:
-        writer.writerow({k: r[k] for k in SPECTRUM_FIELDS})
-    ckpt.atomic_write_bytes(out / "spectrum.csv", text.getvalue().encode())
-    ckpt.atomic_write_bytes(out / "spectrum.json",
-                            json.dumps([{k: r[k] for k in SPECTRUM_FIELDS} for r in rows], indent=1).encode())  # fmt: skip
-    ckpt.atomic_write_bytes(out / "spectrum.png", plot_spectrum(rows, title))
-
-
-def plot_spectrum(rows: Sequence[dict], title: str = "",
-                  others: Mapping[str, Sequence[dict]] | None = None) -> bytes:  # fmt: skip
-    """PNG of top-1 against MACs along the width range; ``others`` adds labelled series of
-    points (e.g. networks trained alone at single widths) for comparison."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
-    macs = [r["macs"] / 1e6 for r in rows]
-    top1 = [100 * r["top1"] for r in rows]
-    ax.plot(macs, top1, "o-", ms=3, label="one US-Net, every width")
-    for (label, points), marker in zip((others or {}).items(), "s^Dv*"):
-        ax.plot([r["macs"] / 1e6 for r in points], [100 * r["top1"] for r in points], marker,
-                ls="--", ms=6, label=label)  # fmt: skip
-    if others:
-        ax.legend(loc="lower right", fontsize=8)
-    stride = max(1, math.ceil(len(rows) / 12))
-    for i, r in enumerate(rows):
-        if i % stride == 0 or i == len(rows) - 1:
-            ax.annotate(f"{r['width']:g}", (macs[i], top1[i]), textcoords="offset points",
-                        xytext=(0, 6), ha="center", fontsize=7)  # fmt: skip
-    ax.set_xlabel("MACs (M) per image")
-    ax.set_ylabel("top-1 accuracy (%)")
-    ax.set_title(title or "accuracy across the width range")
-    ax.grid(alpha=0.3)
-    buffer = io.BytesIO()
-    fig.tight_layout()
-    fig.savefig(buffer, format="png")
-    plt.close(fig)
-    return buffer.getvalue()
-
-
 # PyTorch 2.14 renamed DDP's broadcast_buffers to forward_sync_buffers (2.11 knows only the former).
 _NO_BUFFER_SYNC = (
     {"forward_sync_buffers": False}
@@ -592,17 +452,6 @@ def _silent(message: str) -> None:
 
 def _epoch_seed(seed: int, epoch: int) -> int:
     return seed * 100_003 + epoch
-
-
-def _bar(total: int, desc: str, show: bool | None):
-    import sys
-
-    if show is False:
-        return None
-    from tqdm.auto import tqdm
-
-    tty = sys.stderr.isatty()
-    return tqdm(total=total, desc=desc, unit="step", leave=tty is False, mininterval=1 if tty else 30)
 
 
 def saved_run_config(out_dir: str | Path) -> TrainConfig:

@@ -45,9 +45,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.optim.lr_scheduler import LambdaLR
 
-from .channels import Width, _check_range
+from .channels import Width, _check_range, format_width, width_value
 from .errors import UsnetTypeError, UsnetValueError
-from .state import get_state, is_slimmable, set_width
+from .state import get_state, is_slimmable, keep_width_and_mode, set_width
 
 __all__ = [
     "DISTILL",
@@ -77,6 +77,23 @@ SCHEDULES = ("linear", "cosine")
 
 # -- width sampling ------------------------------------------------------------------------------
 SANDWICH_ENDS = ("both", "max", "min", "none")
+
+
+class FixedWidths:
+    """A sampler that always returns the same widths, widest first (the individual and
+    slimmable-network baselines)."""
+
+    def __init__(self, widths: Sequence[float]):
+        self.widths = sorted(widths, reverse=True)
+
+    def sample(self) -> list[float]:
+        return list(self.widths)
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
 
 
 class WidthSampler:
@@ -455,7 +472,7 @@ def sandwich_step(
         for w, value in zip(widths, values):
             if not math.isfinite(value):
                 raise FloatingPointError(
-                    f"non-finite loss ({value}) at {_describe_width(w)}; the optimizer did not step"
+                    f"non-finite loss ({value}) at width {format_width(w)}; the optimizer did not step"
                 )
         if scaler is not None:
             scaler.step(optimizer)
@@ -464,7 +481,7 @@ def sandwich_step(
             optimizer.step()
     finally:
         set_width(inner, widths[0])
-    return StepResult(widths=[_plain(w) for w in widths], losses=values, loss_kinds=kinds)
+    return StepResult(widths=[width_value(w) for w in widths], losses=values, loss_kinds=kinds)
 
 
 def warm_up_widths(
@@ -490,11 +507,10 @@ def warm_up_widths(
     """
     inner = _unwrap(model)
     state = get_state(inner)
-    previous = state.width
     seen: set[tuple[int, ...]] = set()
     devices = [images.device] if images.device.type != "cpu" else []
     try:
-        with torch.random.fork_rng(devices=devices, device_type=images.device.type):
+        with keep_width_and_mode(inner), torch.random.fork_rng(devices=devices, device_type=images.device.type):
             for w in widths:
                 config = state.plan.config(w)
                 if config in seen:
@@ -510,7 +526,6 @@ def warm_up_widths(
     finally:
         for p in model.parameters():
             p.grad = None
-        set_width(inner, previous)
     return len(seen)
 
 
@@ -529,14 +544,6 @@ def _unwrap(model: nn.Module) -> nn.Module:
             break
     get_state(model)  # raises the standard "not a slimmable model" error
     return model  # pragma: no cover
-
-
-def _plain(width: Width) -> Any:
-    return dict(width) if isinstance(width, Mapping) else float(width)
-
-
-def _describe_width(width: Width) -> str:
-    return f"width {dict(width)}" if isinstance(width, Mapping) else f"width {float(width):g}"
 
 
 # -- optimizer -----------------------------------------------------------------------------------
