@@ -80,8 +80,12 @@ class LayerStats:
 ModelStats = dict[nn.Module, LayerStats]
 
 
+def _is_slimmable_bn(module: nn.Module) -> bool:
+    return isinstance(module, nn.BatchNorm2d) and hasattr(module, "width_stats")
+
+
 def _bns(model: nn.Module) -> list[nn.Module]:
-    return [m for m in model.modules() if isinstance(getattr(m, "width_stats", None), WidthStats)]
+    return [m for m in model.modules() if _is_slimmable_bn(m)]
 
 
 def _own_buffers(bn: nn.Module) -> tuple[Tensor, Tensor, Tensor]:
@@ -128,7 +132,7 @@ def serialize(model: nn.Module) -> dict[str, dict[str, list[Tensor]]]:
     return {
         name: {key: [mean.detach().cpu(), var.detach().cpu()] for key, (mean, var) in m.width_stats.items()}
         for name, m in model.named_modules()
-        if isinstance(getattr(m, "width_stats", None), WidthStats) and m.width_stats
+        if _is_slimmable_bn(m) and m.width_stats
     }
 
 
@@ -140,7 +144,7 @@ def load_serialized(model: nn.Module, entries: Mapping[str, Mapping[str, Any]], 
     device = next(model.parameters()).device
     for name, layer_entries in entries.items():
         layer = modules.get(name)
-        if not isinstance(getattr(layer, "width_stats", None), WidthStats):
+        if layer is None or not _is_slimmable_bn(layer):
             raise UsnetValueError(f"{source}: BN statistics for unknown layer {name!r}")
         layer.width_stats = WidthStats(
             {key: (mean.to(device), var.to(device)) for key, (mean, var) in layer_entries.items()}

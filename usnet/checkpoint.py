@@ -17,10 +17,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from .bn_stats import load_serialized as load_bn_stats
+from .bn_stats import serialize as serialize_bn_stats
 from .channels import width_value
 from .errors import UsnetValueError
 from .files import atomic_torch_save, atomic_write_bytes  # noqa: F401 (re-exported)
-from .layers import SlimmableBatchNorm2d
 from .state import SlimmableState, enable_switchable_bn, get_state, set_width
 
 FORMAT = "usnet-checkpoint"
@@ -30,11 +31,7 @@ VERSION = 1
 def checkpoint_dict(model: nn.Module, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The checkpoint of ``model`` as a dict (what :func:`save` writes)."""
     state = get_state(model)
-    bn_stats = {
-        name: {key: [mean.detach().cpu(), var.detach().cpu()] for key, (mean, var) in m.width_stats.items()}
-        for name, m in model.named_modules()
-        if isinstance(m, SlimmableBatchNorm2d) and m.width_stats
-    }
+    bn_stats = serialize_bn_stats(model)
     width = state.width
     payload: dict[str, Any] = {
         "format": FORMAT,
@@ -116,11 +113,5 @@ def load_into(model: nn.Module, payload: Mapping[str, Any], source: str = "check
     except RuntimeError as err:
         first = str(err).splitlines()[0]
         raise UsnetValueError(f"{source}: weights do not match the model ({first})") from None
-    modules = dict(model.named_modules())
-    device = next(model.parameters()).device
-    for name, entries in payload["bn_stats"].items():
-        layer = modules.get(name)
-        if not isinstance(layer, SlimmableBatchNorm2d):
-            raise UsnetValueError(f"{source}: BN statistics for unknown layer {name!r}")
-        layer.width_stats = {key: (mean.to(device), var.to(device)) for key, (mean, var) in entries.items()}
+    load_bn_stats(model, payload["bn_stats"], source)
     set_width(model, payload.get("width", state.width_range[1]))

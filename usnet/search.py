@@ -30,11 +30,11 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
+from . import bn_stats
 from .calibrate import calibrate
 from .channels import ChannelPlan, config_id, config_key
 from .errors import UsnetValueError
 from .evaluation import evaluate
-from .layers import SlimmableBatchNorm2d
 from .profile import _check_input_size, format_count, profile
 from .state import get_state, keep_width_and_mode
 
@@ -106,7 +106,7 @@ def search_width(
         raise UsnetValueError(f"no width fits the budget: the narrowest, width {lo:g}, needs "
                          f"{format_count(narrowest)} MACs > {format_count(max_macs)}")  # fmt: skip
     say = log or (lambda message: None)
-    saved = _save_stats(model)
+    saved = bn_stats.snapshot(model)
     cache: dict[tuple[int, ...], Scored] = {}
 
     def score(width: float | dict) -> Scored:
@@ -151,7 +151,7 @@ def search_width(
             keep = {plan.config(best.width), plan.config(uniform.width)}
         finally:
             keys = {None if c == state.full_config else config_key(c) for c in keep}  # None: own buffers
-            _restore_stats(model, saved, keys)
+            bn_stats.restore(model, saved, keys)
     return SearchResult(best, uniform, int(max_macs), steps)
 
 
@@ -185,42 +185,6 @@ def _narrow(plan: ChannelPlan, current: Mapping[str, float], name: str, step: fl
         if candidate <= lo:
             return None
         candidate = max(lo, round(candidate - 0.001, 6))
-
-
-def _bns(model: nn.Module) -> list[SlimmableBatchNorm2d]:
-    return [m for m in model.modules() if isinstance(m, SlimmableBatchNorm2d)]
-
-
-SavedStats = dict[SlimmableBatchNorm2d, tuple[dict, tuple[Tensor, ...] | None]]
-
-
-def _save_stats(model: nn.Module) -> SavedStats:
-    """Every BatchNorm's per-configuration statistics and a copy of its own running buffers (the
-    full width's statistics, which calibration overwrites in place)."""
-    saved: SavedStats = {}
-    for bn in _bns(model):
-        own = None
-        if bn.track_running_stats and bn.running_mean is not None:
-            own = tuple(t.clone() for t in _own_buffers(bn))
-        saved[bn] = (dict(bn.width_stats), own)
-    return saved
-
-
-def _restore_stats(model: nn.Module, saved: SavedStats, keep_new: set[str | None]) -> None:
-    """Put back the statistics ``_save_stats`` saved. The configurations in ``keep_new`` (their
-    stats keys; None is the full width) keep what was calibrated since, where they had none."""
-    for bn in _bns(model):
-        width_stats, own = saved[bn]
-        fresh = {k: v for k, v in bn.width_stats.items() if k in keep_new and k not in width_stats}
-        bn.width_stats = {**width_stats, **fresh}
-        if own is not None and (None not in keep_new or SlimmableBatchNorm2d._stats_are_set(*own)):
-            with torch.no_grad():
-                for buffer, value in zip(_own_buffers(bn), own):
-                    buffer.copy_(value)
-
-
-def _own_buffers(bn: SlimmableBatchNorm2d) -> tuple[Tensor, Tensor, Tensor]:
-    return bn.running_mean, bn.running_var, bn.num_batches_tracked
 
 
 def format_search(result: SearchResult, test: Mapping[str, float] | None = None) -> str:
