@@ -78,7 +78,7 @@ def test_a_failure_exits_with_a_traceback_and_status_1():
     code = (
         "import sys, usnet.models.zoo as zoo\n"
         "def broken(**kw): raise RuntimeError('internal bug')\n"
-        "zoo._BUILDERS['us_convnet'] = broken\n"
+        "zoo._BUILDERS['us_convnet'] = broken  # the registry itself refuses a second us_convnet\n"
         "from usnet.cli import main\n"
         "sys.exit(main(['profile', 'us_convnet']))\n"
     )

@@ -67,13 +67,10 @@ def load_model_arg(spec: str, num_classes: int | None = None, in_channels: int |
 
 
 def default_input_size(model: nn.Module) -> tuple[int, int, int, int]:
-    from .state import get_state
+    """The input the model was built for (its zoo architecture record)."""
+    from .models import model_input_size
 
-    state = get_state(model)
-    kwargs = (state.arch or {}).get("kwargs", {})
-    channels = next(g.size for g in state.plan.groups.values() if g.name.startswith("input:"))
-    side = 32 if kwargs.get("small_input") else 224
-    return (1, channels, side, side)
+    return model_input_size(model)
 
 
 def cmd_profile(args: argparse.Namespace) -> int:
@@ -137,19 +134,17 @@ def check_data_fits(model: nn.Module, info, source: str, dataset: str) -> None:
 
 
 def model_io(model: nn.Module, input_size) -> tuple[int, int]:
-    """(input channels, classes) of a slimmable classifier: from its architecture record, else
-    from its channel plan and one forward pass of its plain export on a zero image."""
+    """(input channels, classes) of a slimmable classifier: from its zoo architecture record and
+    build arguments, else from one forward pass of its plain export on a zero image."""
     import torch
 
     from .export import export
+    from .models import model_input_size
     from .state import get_state
 
     state = get_state(model)
-    kwargs = (state.arch or {}).get("kwargs", {})
-    channels = kwargs.get("in_channels")
-    if channels is None:
-        channels = next(g.size for g in state.plan.groups.values() if g.name.startswith("input:"))
-    classes = kwargs.get("num_classes")
+    channels = model_input_size(model)[1]
+    classes = (state.arch or {}).get("kwargs", {}).get("num_classes")
     if classes is None:
         plain = export(model, state.width_range[1], require_stats=False)
         ref = next(plain.parameters())
