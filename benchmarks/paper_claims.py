@@ -168,7 +168,7 @@ def calibration_claim(out: Path, args: argparse.Namespace) -> list[dict]:
 
     import usnet
     from usnet.data import build_datasets
-    from usnet.trainer import evaluate
+    from usnet.evaluation import evaluate
 
     result_file = out / "calibration.json"
     if result_file.exists():
@@ -254,7 +254,7 @@ def report(out: Path, epochs: int) -> str:
                      f"largest dip between neighbours {worst[1]:.2f} points"
                      + (f" (at {worst[0]:g})" if worst[0] is not None else ""))  # fmt: skip
     if us and alone:
-        from usnet.trainer import plot_spectrum
+        from usnet.reports import plot_spectrum
 
         def points(name: str, seed: int) -> list[dict]:
             results = [json.loads(p.read_text()) for p in out.glob(f"{name}*/seed{seed}/benchmark.json")]

@@ -94,7 +94,7 @@ def test_empty_batches_count_for_nothing(model):
         assert bn(torch.empty(0, CH, 8, 8)).shape == (0, CH, 8, 8)
         bn(torch.randn(8, CH, 8, 8))
         bn(torch.empty(0, CH, 8, 8))
-    assert bn._calibration[2] == 1 and torch.isfinite(bn._calibration[1]).all()
+    assert bn._calibration.batches == 1 and torch.isfinite(bn._calibration.var).all()
     bn.cancel_calibration()
 
 

@@ -174,7 +174,7 @@ def test_state_pickled_before_the_width_cache_still_sets_widths():
 
 
 def test_eval_forward_restores_mode_and_width_even_on_a_bad_width():
-    from usnet.state import eval_forward
+    from usnet.evaluation import eval_forward
 
     model = usnet.models.us_convnet().train()
     usnet.set_width(model, 0.5)

@@ -22,6 +22,7 @@ from .channels import (
 from .checkpoint import load, save
 from .convert import ConversionError, analyze, slimmable
 from .deploy import VerificationError, export_artifact, export_widths, load_artifact
+from .errors import UsnetError
 from .export import export
 from .layers import (
     SlimmableBatchNorm2d,
@@ -45,6 +46,7 @@ __all__ = [
     "SlimmableConv2d",
     "SlimmableLinear",
     "UncalibratedWidthError",
+    "UsnetError",
     "VerificationError",
     "analyze",
     "calibrate",

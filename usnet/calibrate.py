@@ -22,8 +22,10 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from .channels import Width, config_key
+from .errors import UsnetTypeError, UsnetValueError
 from .layers import SlimmableBatchNorm2d
-from .state import get_state, set_width
+from .reports import progress_bar
+from .state import get_state, keep_width_and_mode, set_width
 from .state import width as width_context
 
 DEFAULT_BATCH_SIZE = 128
@@ -50,10 +52,10 @@ def sample_images(
     batches; a share can be empty (a ``(0, C, H, W)`` tensor).
     """
     if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images < 1:
-        raise ValueError(f"num_images must be a positive integer, got {num_images!r}")
+        raise UsnetValueError(f"num_images must be a positive integer, got {num_images!r}")
     rank, world = shard
     if not 0 <= rank < world:
-        raise ValueError(
+        raise UsnetValueError(
             f"shard must be (rank, world_size) with 0 <= rank < world_size, got {shard}"
         )
     if isinstance(data, DataLoader) and _random_access(data.dataset):
@@ -63,7 +65,7 @@ def sample_images(
     elif isinstance(data, Dataset) and _random_access(data):
         dataset, bs, loader_kwargs = data, batch_size or DEFAULT_BATCH_SIZE, {}
     elif isinstance(data, (Tensor, str, bytes)) or not isinstance(data, Iterable):
-        raise TypeError(
+        raise UsnetTypeError(
             "calibration data must be a DataLoader, a Dataset, or an iterable of batches "
             f"(image tensors or (images, labels) tuples), got {type(data).__name__}"
         )
@@ -92,7 +94,7 @@ def _first_images(data: Iterable, num_images: int, batch_size: int | None) -> li
         if taken >= num_images:
             break
     if taken == 0:
-        raise ValueError("calibration data yielded no images")
+        raise UsnetValueError("calibration data yielded no images")
     if taken < num_images:
         warnings.warn(f"calibration data holds only {taken} images (asked for {num_images})")
     if batch_size is not None:
@@ -111,7 +113,7 @@ def _check_shardable(largest_batch: int, world: int) -> None:
     # Every rank evaluates this on the same numbers, so all raise together: a rank whose share
     # were empty in every batch would fail alone and leave the others waiting in a collective.
     if largest_batch < world:
-        raise ValueError(
+        raise UsnetValueError(
             f"distributed calibration over {world} ranks needs batches of at least {world} images "
             f"(every rank calibrates on its share of each batch), got at most {largest_batch}; "
             "raise the calibration batch size and number of images"
@@ -153,7 +155,7 @@ def calibrate(
         widths = [widths]  # type: ignore[list-item]
     widths = [state.plan.check_width(w) for w in widths]  # validate all before changing anything
     if not widths:
-        raise ValueError("calibrate needs at least one width")
+        raise UsnetValueError("calibrate needs at least one width")
     by_config: dict[tuple[int, ...], Width] = {}
     for w in widths:
         by_config.setdefault(state.plan.config(w), w)
@@ -169,27 +171,25 @@ def calibrate(
     total = len(by_config) * len(batches)
     show = progress if progress is not None else (total > 50 and sys.stderr.isatty())
     bar = progress_bar(total, show)
-    previous_width, was_training = state.width, model.training
-    model.eval()  # dropout and friends off; the BN layers calibrate regardless of this flag
-    try:
-        with torch.no_grad():
-            for config, w in by_config.items():
-                set_width(model, w)
-                for bn in bns:
-                    bn.start_calibration(distributed=shard[1] > 1)
-                for images in batches:
-                    model(images.to(device=param.device, dtype=param.dtype, non_blocking=True))
-                    if bar is not None:
-                        bar.update(1)
-                for bn in bns:
-                    bn.finish_calibration()
-    finally:
-        for bn in bns:
-            bn.cancel_calibration()
-        if bar is not None:
-            bar.close()
-        set_width(model, previous_width)
-        model.train(was_training)
+    # Eval mode: dropout and friends off; the BN layers calibrate regardless of this flag.
+    with keep_width_and_mode(model, training=False):
+        try:
+            with torch.no_grad():
+                for config, w in by_config.items():
+                    set_width(model, w)
+                    for bn in bns:
+                        bn.start_calibration(distributed=shard[1] > 1)
+                    for images in batches:
+                        model(images.to(device=param.device, dtype=param.dtype, non_blocking=True))
+                        if bar is not None:
+                            bar.update(1)
+                    for bn in bns:
+                        bn.finish_calibration()
+        finally:
+            for bn in bns:  # before the width is restored: no width changes while calibrating
+                bn.cancel_calibration()
+            if bar is not None:
+                bar.close()
     return [config_key(c) for c in by_config]
 
 
@@ -213,7 +213,7 @@ def _random_access(dataset: Any) -> bool:
 
 def _draw(length: int, num_images: int, seed: int) -> list[int]:
     if length == 0:
-        raise ValueError("calibration dataset is empty")
+        raise UsnetValueError("calibration dataset is empty")
     generator = torch.Generator().manual_seed(seed)
     return torch.randperm(length, generator=generator)[:num_images].tolist()
 
@@ -226,19 +226,10 @@ def _images_of(batch: Any) -> Tensor:
     elif isinstance(batch, dict) and isinstance(batch.get("image"), Tensor):
         images = batch["image"]
     else:
-        raise TypeError(
+        raise UsnetTypeError(
             "calibration batches must be image tensors, (images, labels) tuples or "
             f"{{'image': tensor}} dicts, got {type(batch).__name__}"
         )
     if images.dim() != 4:
-        raise ValueError(f"calibration images must be (N, C, H, W), got shape {tuple(images.shape)}")
+        raise UsnetValueError(f"calibration images must be (N, C, H, W), got shape {tuple(images.shape)}")
     return images
-
-
-def progress_bar(total: int, show: bool, desc: str = "calibrating", unit: str = "batch"):
-    """A transient tqdm bar, or None when not shown or there is nothing to do."""
-    if not show or total == 0:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, unit=unit, leave=False)

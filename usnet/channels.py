@@ -19,6 +19,8 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Union
 
+from .errors import UsnetTypeError, UsnetValueError
+
 Width = Union[float, Mapping[str, float]]
 """A uniform width multiplier, or a mapping from root group name to multiplier."""
 
@@ -72,13 +74,13 @@ class ChannelPlan:
         self.groups: dict[str, ChannelGroup] = {}
         for group in groups:
             if group.name in self.groups:
-                raise ValueError(f"duplicate channel group name {group.name!r}")
+                raise UsnetValueError(f"duplicate channel group name {group.name!r}")
             if group.parent is not None and group.parent not in self.groups:
-                raise ValueError(
+                raise UsnetValueError(
                     f"derived group {group.name!r} must come after its parent {group.parent!r}"
                 )
             if group.size < 1 or group.divisor < 1:
-                raise ValueError(f"group {group.name!r}: size and divisor must be positive")
+                raise UsnetValueError(f"group {group.name!r}: size and divisor must be positive")
             self.groups[group.name] = group
 
     # -- queries ---------------------------------------------------------------------------------
@@ -95,7 +97,7 @@ class ChannelPlan:
             out = {}
             for name, value in width.items():
                 if name not in roots:
-                    raise ValueError(
+                    raise UsnetValueError(
                         f"unknown channel group {name!r}; valid groups: {', '.join(self.root_names)}"
                     )
                 out[name] = _check_value(value, lo, hi, f"width of group {name!r}")
@@ -184,7 +186,7 @@ class ChannelPlan:
             groups = [ChannelGroup(**g) for g in data["groups"]]
             width_range = tuple(data["width_range"])
         except (KeyError, TypeError) as err:
-            raise ValueError(f"malformed channel plan: {err}") from None
+            raise UsnetValueError(f"malformed channel plan: {err}") from None
         return cls(groups, width_range)  # type: ignore[arg-type]
 
     def __eq__(self, other: object) -> bool:
@@ -230,16 +232,27 @@ def config_id(config: tuple[int, ...]) -> str:
     return hashlib.sha1(config_key(config).encode()).hexdigest()[:10]
 
 
+MAX_WIDTHS = 100_000
+"""The most widths a spec may list: a model has far fewer distinct channel configurations (a
+step of 1e-7 would list millions of widths, most of them the same network)."""
+
+
 def parse_widths(spec: str) -> list[float]:
     """Parse ``"0.25:1.0:0.25"`` (start:stop:step, inclusive) or ``"0.25,0.5,1.0"``."""
     text = str(spec).strip()
     try:
         if ":" in text:
             parts = [float(p) for p in text.split(":")]
-            if len(parts) != 3 or parts[2] <= 0 or parts[1] < parts[0]:
+            if len(parts) != 3 or not all(map(math.isfinite, parts)) or parts[2] <= 0 or parts[1] < parts[0]:
                 raise ValueError
             start, stop, step = parts
             count = int(math.floor((stop - start) / step + 1e-9))
+            if count >= MAX_WIDTHS:
+                raise UsnetValueError(
+                    f"widths {spec!r} list {count + 1} widths, more than {MAX_WIDTHS}; use a "
+                    f"larger step such as {(stop - start) / 1000:.2g} (widths closer than a channel "
+                    "apart are the same network)"
+                )
             values = [round(start + i * step, 10) for i in range(count + 1)]
             if stop - values[-1] > 1e-9:
                 values.append(stop)
@@ -248,19 +261,34 @@ def parse_widths(spec: str) -> list[float]:
         if not values:
             raise ValueError
         return values
+    except UsnetValueError:
+        raise
     except ValueError:
-        raise ValueError(
+        raise UsnetValueError(
             f"invalid widths {spec!r}; expected start:stop:step (e.g. 0.25:1.0:0.25) "
             "or a comma-separated list (e.g. 0.25,0.5,1.0)"
         ) from None
 
 
+def distinct_widths(plan: ChannelPlan, widths: list[Width]) -> list[Width]:
+    """``widths`` without those that give the same channel configuration as an earlier one
+    (the same network: evaluating or profiling it again gives the same numbers)."""
+    seen: set[tuple[int, ...]] = set()
+    out = []
+    for w in widths:
+        config = plan.config(w)
+        if config not in seen:
+            seen.add(config)
+            out.append(w)
+    return out
+
+
 def _check_value(value: object, lo: float, hi: float, what: str) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{what} must be a number in [{lo}, {hi}], got {value!r}")
+        raise UsnetTypeError(f"{what} must be a number in [{lo}, {hi}], got {value!r}")
     value = float(value)
     if not math.isfinite(value) or not (lo - 1e-9 <= value <= hi + 1e-9):
-        raise ValueError(f"{what} {value} is outside the width range [{lo}, {hi}]")
+        raise UsnetValueError(f"{what} {value} is outside the width range [{lo}, {hi}]")
     return min(max(value, lo), hi)
 
 
@@ -268,8 +296,24 @@ def _check_range(width_range: object) -> tuple[float, float]:
     try:
         lo, hi = (float(v) for v in width_range)  # type: ignore[union-attr]
     except (TypeError, ValueError):
-        raise TypeError(f"width_range must be a pair (lo, hi), got {width_range!r}") from None
+        raise UsnetTypeError(f"width_range must be a pair (lo, hi), got {width_range!r}") from None
     if not (0.0 < lo <= hi <= 1.0):
         # 1.0 is the network as built: its weights hold no channels beyond it.
-        raise ValueError(f"width_range must satisfy 0 < lo <= hi <= 1.0, got ({lo}, {hi})")
+        raise UsnetValueError(f"width_range must satisfy 0 < lo <= hi <= 1.0, got ({lo}, {hi})")
     return lo, hi
+
+
+def width_value(width: Width) -> float | dict[str, float]:
+    """``width`` as plain data (a float, or a dict for a per-group width): what checkpoints,
+    reports and JSON hold."""
+    if isinstance(width, Mapping):
+        return {str(k): float(v) for k, v in width.items()}
+    return float(width)
+
+
+def format_width(width: Width, spec: str = "g") -> str:
+    """``width`` for a message or a table: ``0.5`` (``spec`` formats a uniform width), or
+    ``{'layer1': 0.5, ...}`` for a per-group width."""
+    if isinstance(width, Mapping):
+        return str(width_value(width))
+    return format(float(width), spec)

@@ -9,9 +9,7 @@ from the pickled module stored with them (loading those runs pickle: load only f
 
 from __future__ import annotations
 
-import io
 import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -19,57 +17,27 @@ from typing import Any
 import torch
 from torch import nn
 
-from .layers import SlimmableBatchNorm2d
+from .bn_stats import load_serialized as load_bn_stats
+from .bn_stats import serialize as serialize_bn_stats
+from .channels import width_value
+from .errors import UsnetValueError
+from .files import atomic_torch_save, atomic_write_bytes  # noqa: F401 (re-exported)
 from .state import SlimmableState, enable_switchable_bn, get_state, set_width
 
 FORMAT = "usnet-checkpoint"
 VERSION = 1
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see the old file or the new one, never a part."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        # mkstemp makes 0600 files: keep the replaced file's mode, else honour the umask.
-        try:
-            mode = path.stat().st_mode & 0o777
-        except FileNotFoundError:
-            umask = os.umask(0)
-            os.umask(umask)
-            mode = 0o666 & ~umask
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    atomic_write_bytes(path, buffer.getvalue())
-
-
 def checkpoint_dict(model: nn.Module, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The checkpoint of ``model`` as a dict (what :func:`save` writes)."""
     state = get_state(model)
-    bn_stats = {
-        name: {key: [mean.detach().cpu(), var.detach().cpu()] for key, (mean, var) in m.width_stats.items()}
-        for name, m in model.named_modules()
-        if isinstance(m, SlimmableBatchNorm2d) and m.width_stats
-    }
+    bn_stats = serialize_bn_stats(model)
     width = state.width
     payload: dict[str, Any] = {
         "format": FORMAT,
         "version": VERSION,
         "usnet": state.to_dict(),
-        "width": dict(width) if isinstance(width, Mapping) else float(width),
+        "width": width_value(width),
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "bn_stats": bn_stats,
         "extra": dict(extra or {}),
@@ -97,16 +65,16 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         try:  # checkpoints of converted custom models hold the pickled module
             payload = torch.load(path, map_location="cpu", weights_only=False)
         except Exception as err:
-            raise ValueError(f"{str(path)!r} is not a readable checkpoint ({type(err).__name__}: {err})") from None
+            raise UsnetValueError(f"{str(path)!r} is not a readable checkpoint ({type(err).__name__}: {err})") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise ValueError(f"{str(path)!r} is not a usnet checkpoint (written by usnet.save)")
+        raise UsnetValueError(f"{str(path)!r} is not a usnet checkpoint (written by usnet.save)")
     if payload.get("version") != VERSION:
-        raise ValueError(
+        raise UsnetValueError(
             f"{str(path)!r} has checkpoint version {payload.get('version')!r}; this usnet reads {VERSION}"
         )
     missing = [k for k in ("usnet", "state_dict", "bn_stats") if k not in payload]
     if missing:
-        raise ValueError(f"{str(path)!r} is a damaged usnet checkpoint: missing {', '.join(missing)}")
+        raise UsnetValueError(f"{str(path)!r} is a damaged usnet checkpoint: missing {', '.join(missing)}")
     return payload
 
 
@@ -128,7 +96,7 @@ def model_from_checkpoint(payload: Mapping[str, Any], source: str = "checkpoint"
         if saved.switchable_widths:
             enable_switchable_bn(model, saved.switchable_widths)
     else:
-        raise ValueError(f"{source}: checkpoint records neither a zoo builder nor a module")
+        raise UsnetValueError(f"{source}: checkpoint records neither a zoo builder nor a module")
     load_into(model, payload, source)
     model.to(map_location)
     return model
@@ -139,17 +107,11 @@ def load_into(model: nn.Module, payload: Mapping[str, Any], source: str = "check
     state = get_state(model)
     saved = SlimmableState.from_dict(payload["usnet"])
     if state.plan != saved.plan:
-        raise ValueError(f"{source}: the model's channel plan differs from the saved one")
+        raise UsnetValueError(f"{source}: the model's channel plan differs from the saved one")
     try:
         model.load_state_dict(payload["state_dict"], strict=True)
     except RuntimeError as err:
         first = str(err).splitlines()[0]
-        raise ValueError(f"{source}: weights do not match the model ({first})") from None
-    modules = dict(model.named_modules())
-    device = next(model.parameters()).device
-    for name, entries in payload["bn_stats"].items():
-        layer = modules.get(name)
-        if not isinstance(layer, SlimmableBatchNorm2d):
-            raise ValueError(f"{source}: BN statistics for unknown layer {name!r}")
-        layer.width_stats = {key: (mean.to(device), var.to(device)) for key, (mean, var) in entries.items()}
+        raise UsnetValueError(f"{source}: weights do not match the model ({first})") from None
+    load_bn_stats(model, payload["bn_stats"], source)
     set_width(model, payload.get("width", state.width_range[1]))

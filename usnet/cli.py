@@ -1,12 +1,17 @@
 """The ``usnet`` command line: ``train``, ``eval``, ``calibrate``, ``profile``, ``export``,
 ``select``, ``search``.
 
-Every command reports bad input as one line, ``usnet: error: ...``, and exits with status 2.
+Every command reports bad input as one line, ``usnet: error: ...``, and exits with status 2:
+usnet's own errors (:class:`~usnet.errors.UsnetError`), ``OSError`` (a missing or unwritable
+file, a full disk) and argument errors. Anything else is a real failure (a bug, CUDA out of
+memory, a lost process group): it keeps its traceback and exits with status 1. Ctrl-C exits with
+status 130 (``train`` says how to continue).
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import sys
 from collections.abc import Sequence
@@ -14,12 +19,12 @@ from pathlib import Path
 
 from torch import nn
 
-from .channels import parse_widths
-from .convert import ConversionError
-from .layers import UncalibratedWidthError
+from .channels import format_width, parse_widths
+from .errors import UsnetError, UsnetValueError
+from .files import check_output, check_writable
 
-USER_ERRORS = (ValueError, TypeError, FileNotFoundError, FileExistsError, ConversionError,
-               UncalibratedWidthError, RuntimeError)
+USER_ERRORS = (UsnetError, OSError, argparse.ArgumentError, argparse.ArgumentTypeError)
+"""What the command line reports as one line (exit 2); every other exception is a failure."""
 
 
 def parse_input_size(text: str) -> tuple[int, ...]:
@@ -56,33 +61,97 @@ def load_model_arg(spec: str, num_classes: int | None = None, in_channels: int |
         if in_channels is not None:
             kwargs["in_channels"] = in_channels
         return models.create_model(spec, **kwargs)
-    raise ValueError(
+    raise UsnetValueError(
         f"{spec!r} is neither a zoo model ({', '.join(models.list_models())}) nor a checkpoint file"
     )
 
 
 def default_input_size(model: nn.Module) -> tuple[int, int, int, int]:
-    from .state import get_state
+    """The input the model was built for (its zoo architecture record)."""
+    from .models import model_input_size
 
-    state = get_state(model)
-    kwargs = (state.arch or {}).get("kwargs", {})
-    channels = next(g.size for g in state.plan.groups.values() if g.name.startswith("input:"))
-    side = 32 if kwargs.get("small_input") else 224
-    return (1, channels, side, side)
+    return model_input_size(model)
 
 
 def cmd_profile(args: argparse.Namespace) -> int:
     from .profile import format_profiles, profile
 
-    model = load_model_arg(args.model, args.num_classes, args.in_channels, args.small_input)
-    input_size = args.input_size or default_input_size(model)
-    rows = [profile(model, w, input_size) for w in args.widths]
+    if Path(args.model).is_file():  # the run's input size, as eval, select and export use
+        model, payload = _load_checkpoint(args.model)
+        input_size = args.input_size or _input_size_of(model, payload)
+    else:
+        model = load_model_arg(args.model, args.num_classes, args.in_channels, args.small_input)
+        input_size = args.input_size or default_input_size(model)
+    from .reports import progress_bar
+
+    widths = _distinct_widths(model, args.widths, "profiling")
+    bar = progress_bar(len(widths), len(widths) > 20 and sys.stderr.isatty(), "profiling", "width")
+    rows = []
+    for w in widths:
+        rows.append(profile(model, w, input_size))
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
     if args.json:
         print(json.dumps([r.to_dict() for r in rows]))
     else:
         print(f"{args.model} at input {'x'.join(map(str, input_size))}")
         print(format_profiles(rows))
     return 0
+
+
+def _distinct_widths(model: nn.Module, widths: list, doing: str) -> list:
+    """One width per distinct channel configuration (the others are the same network), saying
+    so when that drops any."""
+    from .channels import distinct_widths
+    from .state import get_state
+
+    plan = get_state(model).plan
+    distinct = distinct_widths(plan, [plan.check_width(w) for w in widths])
+    if len(distinct) < len(widths):
+        print(f"{len(widths)} widths give {len(distinct)} distinct channel configurations; "
+              f"{doing} each once", file=sys.stderr)  # fmt: skip
+    return distinct
+
+
+def check_data_fits(model: nn.Module, info, source: str, dataset: str) -> None:
+    """Refuse data whose image channels or classes differ from the model's, naming both (else
+    torch fails mid-run with a shape error, or accuracy is computed against the wrong labels)."""
+    from .errors import DataError
+
+    channels, classes = model_io(model, info.input_size)
+    if channels != info.in_channels:
+        raise DataError(
+            f"{source} takes {channels}-channel images but the {dataset} data has "
+            f"{info.in_channels}-channel images; use the dataset it was trained on (--dataset, --data)"
+        )
+    if classes != info.num_classes:
+        raise DataError(
+            f"{source} has {classes} classes but the {dataset} data has {info.num_classes}; use "
+            "the dataset it was trained on (--dataset, --data)"
+        )
+
+
+def model_io(model: nn.Module, input_size) -> tuple[int, int]:
+    """(input channels, classes) of a slimmable classifier: from its zoo architecture record and
+    build arguments, else from one forward pass of its plain export on a zero image."""
+    import torch
+
+    from .export import export
+    from .models import model_input_size
+    from .state import get_state
+
+    state = get_state(model)
+    channels = model_input_size(model)[1]
+    classes = (state.arch or {}).get("kwargs", {}).get("num_classes")
+    if classes is None:
+        plain = export(model, state.width_range[1], require_stats=False)
+        ref = next(plain.parameters())
+        with torch.no_grad():
+            out = plain.eval()(torch.zeros((1, channels, *input_size[2:]), dtype=ref.dtype, device=ref.device))
+        classes = out.shape[-1]
+    return int(channels), int(classes)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -93,9 +162,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     overrides = [item for group in args.set for item in group]
     if args.config is None:
         if not args.resume:
-            raise ValueError("usnet train needs a CONFIG file (e.g. configs/fashion_mnist.yaml)")
+            raise UsnetValueError("usnet train needs a CONFIG file (e.g. configs/fashion_mnist.yaml)")
         if overrides:
-            raise ValueError("--set needs the CONFIG file it modifies; --resume alone reuses the saved config")
+            raise UsnetValueError("--set needs the CONFIG file it modifies; --resume alone reuses the saved config")
     try:
         if args.config is None:
             # Rank 0 reads the saved config and broadcasts it, so the group comes first.
@@ -119,7 +188,7 @@ def _data_for(model_path: str, payload: dict, data_root: str | None, dataset: st
     config = load_run_config(payload)
     if config is None:
         if dataset is None:
-            raise ValueError(f"{model_path!r} records no training config: pass --dataset and --data")
+            raise UsnetValueError(f"{model_path!r} records no training config: pass --dataset and --data")
         config = TrainConfig()
     if dataset is not None:
         config.data.name = dataset
@@ -133,18 +202,21 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     from . import checkpoint
     from .calibrate import calibrate, is_calibrated
-    from .trainer import evaluate, format_spectrum, spectrum_rows
+    from .evaluation import evaluate
+    from .reports import format_spectrum, spectrum_rows
 
     payload = checkpoint.read_checkpoint(args.checkpoint)
     model = checkpoint.model_from_checkpoint(payload, args.checkpoint)
     config, (_, calib_set, test_set, info) = _data_for(args.checkpoint, payload, args.data, args.dataset)
-    widths = args.widths or _spectrum_widths(payload, model)
+    check_data_fits(model, info, args.checkpoint, config.data.name)
+    widths = _distinct_widths(model, args.widths or _spectrum_widths(payload, model), "evaluating")
     missing = [w for w in widths if not is_calibrated(model, w)]
     if missing:
         print(f"calibrating {len(missing)} uncalibrated widths on {config.calib.num_images} training images")
         calibrate(model, calib_set, missing, num_images=config.calib.num_images, seed=config.seed,
                   batch_size=config.calib.batch_size)  # fmt: skip
-    results = evaluate(model, DataLoader(test_set, batch_size=config.eval.batch_size), widths)
+    results = evaluate(model, DataLoader(test_set, batch_size=config.eval.batch_size), widths,
+                       progress=sys.stderr.isatty() and not args.json)  # fmt: skip
     rows = spectrum_rows(model, widths, results, info.input_size)
     print(json.dumps(rows) if args.json else format_spectrum(rows))
     return 0
@@ -165,16 +237,48 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     from .calibrate import calibrate
 
     payload = checkpoint.read_checkpoint(args.checkpoint)
+    out = args.out or args.checkpoint
+    replacing = None
+    if args.out is not None and not _same_file(args.out, args.checkpoint):
+        replacing = check_output(args.out, force=args.force, own=_calibration_of(payload))
     model = checkpoint.model_from_checkpoint(payload, args.checkpoint)
-    config, (_, calib_set, _, _) = _data_for(args.checkpoint, payload, args.data, args.dataset)
+    config, (_, calib_set, _, info) = _data_for(args.checkpoint, payload, args.data, args.dataset)
+    check_data_fits(model, info, args.checkpoint, config.data.name)
     keys = calibrate(model, calib_set, args.widths, num_images=args.images, seed=args.seed,
                      batch_size=config.calib.batch_size)  # fmt: skip
-    out = args.out or args.checkpoint
     checkpoint.save(model, out, extra=payload.get("extra"))
     used = min(args.images, len(calib_set))
     print(f"calibrated {len(keys)} channel configurations ({len(args.widths)} widths) on "
-          f"{used} images; wrote {out}")  # fmt: skip
+          f"{used} images; wrote {out}{f' (replacing {replacing})' if replacing else ''}")  # fmt: skip
     return 0
+
+
+def _same_file(a: str, b: str) -> bool:
+    try:
+        return Path(a).exists() and Path(a).samefile(b)
+    except OSError:
+        return False
+
+
+def _calibration_of(payload: dict):
+    """Recognizes a checkpoint holding exactly ``payload``'s weights (an earlier calibration or
+    search of the same model: only its BN statistics differ)."""
+
+    def own(path: Path) -> str | None:
+        import torch
+
+        from . import checkpoint
+
+        try:
+            other = checkpoint.read_checkpoint(path)
+        except (UsnetError, OSError):
+            return None
+        mine, theirs = payload["state_dict"], other["state_dict"]
+        if mine.keys() != theirs.keys() or not all(torch.equal(mine[k], theirs[k]) for k in mine):
+            return None
+        return "an earlier checkpoint of the same weights"
+
+    return own
 
 
 # --- deployment: export, select, search -------------------------------------------------------
@@ -236,29 +340,35 @@ def _input_size_of(model: nn.Module, payload: dict) -> tuple[int, ...]:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from .calibrate import calibrate, is_calibrated
-    from .deploy import check_format, export_artifact, export_widths
+    from .deploy import check_format, earlier_export_rows, export_artifact, export_widths
     from .profile import format_count
     from .state import get_state
 
     check_format(args.format)
     if (args.width is None) == (args.widths is None):
-        raise ValueError("give one of --width W (one file) or --widths SPEC (a directory with index.json)")
+        raise UsnetValueError("give one of --width W (one file) or --widths SPEC (a directory with index.json)")
+    replacing = None
+    if args.width is not None:
+        replacing = check_output(args.out, force=args.force, own=_export_in(args.format))
     model, payload = _load_checkpoint(args.checkpoint)
     plan = get_state(model).plan
     widths = [args.width] if args.width is not None else args.widths
     widths = [plan.check_width(w) for w in widths]
+    input_size = args.input_size or _input_size_of(model, payload)
+    options = {"fuse_bn": args.fuse_bn, "input_size": input_size, "tolerance": args.tolerance}
+    if args.widths is not None:  # an earlier export there: its settings must match (merged)
+        earlier_export_rows(Path(args.out), args.format, options)
     missing = [w for w in widths if not is_calibrated(model, w)]
     if missing:
         if args.data is None and args.dataset is None:
             w = missing[0]
-            raise ValueError(f"width {w if isinstance(w, dict) else f'{w:g}'} is not calibrated in "
+            raise UsnetValueError(f"width {format_width(w)} is not calibrated in "
                              f"{args.checkpoint}; pass --data ROOT to calibrate it first (or run usnet calibrate)")  # fmt: skip
-        config, (_, calib_set, _, _) = _data_for(args.checkpoint, payload, args.data, args.dataset)
+        config, (_, calib_set, _, info) = _data_for(args.checkpoint, payload, args.data, args.dataset)
+        check_data_fits(model, info, args.checkpoint, config.data.name)
         print(f"calibrating {len(missing)} widths on {args.calib_images} training images")
         calibrate(model, calib_set, missing, num_images=args.calib_images, seed=config.seed,
                   batch_size=config.calib.batch_size)  # fmt: skip
-    input_size = args.input_size or _input_size_of(model, payload)
-    options = {"fuse_bn": args.fuse_bn, "input_size": input_size, "tolerance": args.tolerance}
     runtime = {"pt": "torch.export.load", "torchscript": "torch.jit.load", "onnx": "onnxruntime"}[args.format]
     if args.width is not None:
         result = export_artifact(model, widths[0], args.out, args.format, **options)
@@ -267,7 +377,8 @@ def cmd_export(args: argparse.Namespace) -> int:
             return 0
         print(f"wrote {result.path}: {args.format}, width {result.width}, params "
               f"{format_count(result.params)}, MACs {format_count(result.macs)} at input "
-              f"{'x'.join(map(str, result.input_size))}{', BN folded into conv' if args.fuse_bn else ''}")  # fmt: skip
+              f"{'x'.join(map(str, result.input_size))}{', BN folded into conv' if args.fuse_bn else ''}"
+              f"{f' (replacing {replacing})' if replacing else ''}")  # fmt: skip
         print(f"verified with {runtime}: max |logits difference| {result.max_abs_diff:.3g} "
               f"<= tolerance {result.tolerance:g}")  # fmt: skip
         return 0
@@ -279,7 +390,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     print(f"{'width':>7} {'params':>9} {'MACs':>9} {'top-1':>7} {'max diff':>9}  file")
     for r in rows:
         top1 = f"{100 * r['top1']:.2f}%" if "top1" in r else "-"
-        width = r["width"] if isinstance(r["width"], dict) else f"{r['width']:.3f}"
+        width = format_width(r["width"], ".3f")
         print(f"{width!s:>7} {format_count(r['params']):>9} {format_count(r['macs']):>9} {top1:>7} "
               f"{r['max_abs_diff']:>9.2g}  {r['file']}")  # fmt: skip
     print(f"wrote {len({r['file'] for r in rows})} {args.format} files and {Path(args.out) / 'index.json'}; "
@@ -287,10 +398,34 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_select(args: argparse.Namespace) -> int:
-    from .checkpoint import atomic_write_bytes
-    from .select import format_selection, plot_selection, select_width
+def _export_in(format: str):
+    """Recognizes an artifact of ``format`` (an earlier ``usnet export``): its runtime loads it."""
 
+    def own(path: Path) -> str | None:
+        import zipfile
+
+        from .deploy import load_artifact
+
+        if format in ("pt", "torchscript") and not zipfile.is_zipfile(path):
+            return None  # both are zip archives (and torch logs a warning loading anything else)
+        try:
+            load_artifact(path, format)
+        except Exception:  # noqa: BLE001 (any failure to load: not such an artifact)
+            return None
+        return f"an earlier {format} export"
+
+    return own
+
+
+def cmd_select(args: argparse.Namespace) -> int:
+    from .files import atomic_write_bytes
+    from .reports import plot_selection
+    from .select import check_cache_dir, format_selection, select_width
+
+    if args.plot:
+        check_writable(args.plot, "--plot")
+    if args.latency_cache and args.max_latency_ms is not None:
+        check_cache_dir(args.latency_cache)
     model, payload = _load_checkpoint(args.checkpoint)
     selection = select_width(
         model, max_macs=args.max_macs, max_params=args.max_params, max_latency_ms=args.max_latency_ms,
@@ -311,29 +446,27 @@ def cmd_select(args: argparse.Namespace) -> int:
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-    import torch
     from torch.utils.data import DataLoader, Subset
 
     from . import checkpoint
-    from .checkpoint import atomic_write_bytes
-    from .search import format_search, search_width
-    from .trainer import evaluate
+    from .evaluation import evaluate
+    from .files import atomic_write_bytes
+    from .search import format_search, search_data, search_width
 
     payload = checkpoint.read_checkpoint(args.checkpoint)
+    replacing = {}  # checked before the search, which may take long
+    if args.out:
+        replacing[args.out] = check_output(args.out, force=args.force, own=_search_result)
+    if args.save:
+        replacing[args.save] = check_output(args.save, force=args.force, option="--save",
+                                            own=_calibration_of(payload))  # fmt: skip
     model = checkpoint.model_from_checkpoint(payload, args.checkpoint)
     config, (_, calib_set, test_set, info) = _data_for(args.checkpoint, payload, args.data, args.dataset)
-    for name in ("calib_images", "heldout_images", "test_images"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be a positive number of images")
-    need = args.calib_images + args.heldout_images
-    if need > len(calib_set):
-        raise ValueError(f"--calib-images + --heldout-images ({need}) exceed the {len(calib_set)} training images")
-    # One seeded draw of training images: the first part calibrates BN, the rest is held out.
-    order = torch.randperm(len(calib_set), generator=torch.Generator().manual_seed(args.seed))[:need].tolist()
-    images, labels = zip(*(calib_set[i] for i in order))
-    images, labels = torch.stack(images), torch.as_tensor(labels)
-    calib = list(images[: args.calib_images].split(config.calib.batch_size))
-    heldout = (images[args.calib_images :], labels[args.calib_images :])
+    check_data_fits(model, info, args.checkpoint, config.data.name)
+    if args.test_images < 1:
+        raise UsnetValueError("--test-images must be a positive number of images")
+    calib, heldout = search_data(calib_set, args.calib_images, args.heldout_images, args.seed,
+                                 config.calib.batch_size)  # fmt: skip
     log = (lambda message: None) if args.json else print
     result = search_width(model, calib, heldout, max_macs=args.max_macs, input_size=info.input_size,
                           step=args.step, log=log)  # fmt: skip
@@ -353,8 +486,19 @@ def cmd_search(args: argparse.Namespace) -> int:
     print(f"test top-1 on {len(test)} images; searched width: {json.dumps(result.width)}")
     for path, what in ((args.out, "result"), (args.save, "checkpoint with its BN statistics")):
         if path:
-            print(f"wrote {what} to {path}")
+            print(f"wrote {what} to {path}" + (f" (replacing {replacing[path]})" if replacing.get(path) else ""))
     return 0
+
+
+def _search_result(path: Path) -> str | None:
+    """Recognizes a result file of ``usnet search --out``."""
+    try:
+        report = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if isinstance(report, dict) and "width" in report and "test_top1" in report:
+        return "an earlier usnet search result"
+    return None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -399,6 +543,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--images", type=int, default=1024, help="calibration images")
             p.add_argument("--seed", type=int, default=0)
             p.add_argument("--out", default=None, help="write here instead of in place")
+            p.add_argument("--force", action="store_true",
+                           help="overwrite an existing --out that is not a checkpoint of the same weights")
             p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("export", help="write one width (or several) as a verified pt/torchscript/onnx file")
@@ -409,6 +555,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="several widths (start:stop:step or a list); --out is then a directory")
     p.add_argument("--format", required=True, help="pt (torch.export), torchscript or onnx")
     p.add_argument("--out", required=True, help="output file (a directory with --widths)")
+    p.add_argument("--force", action="store_true",
+                   help="overwrite an existing --out file that is not an earlier export")
     p.add_argument("--fuse-bn", action="store_true", help="fold BatchNorm into the preceding conv")
     p.add_argument("--input-size", type=parse_input_size, default=None,
                    help="N,C,H,W (default: the run's dataset size, else 1,C,224,224 / 32 px); N sets "
@@ -454,6 +602,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="write the result (JSON; usnet export --width takes it)")
     p.add_argument("--save", default=None, help="write a checkpoint holding the result's BN statistics")
+    p.add_argument("--force", action="store_true",
+                   help="overwrite existing --out/--save files that are not earlier search outputs")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_search)
     return parser
@@ -465,10 +615,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.func(args)
     except USER_ERRORS as err:
-        message = str(err).splitlines()[0] if str(err) else type(err).__name__
         if not getattr(err, "usnet_from_main", False):  # torchrun: rank 0 already said it
-            print(f"usnet: error: {message}", file=sys.stderr)
+            print(f"usnet: error: {error_message(err)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        hint = f"; continue with: usnet train --resume --out {args.out}" if args.command == "train" else ""
+        print(f"usnet: interrupted{hint}", file=sys.stderr)
+        return 130
+
+
+def error_message(err: BaseException) -> str:
+    """One line naming the problem; for an ``OSError`` its cause and file, not errno text."""
+    if isinstance(err, OSError) and not isinstance(err, UsnetError) and err.strerror:
+        # str(err) of the built-in errors is "[Errno 28] No space left on device: 'path'".
+        where = f" ({err.filename})" if err.filename is not None else ""
+        hint = {errno.ENOSPC: "; free some space: no existing file was changed",
+                errno.EACCES: "; choose a location you can write to",
+                errno.EROFS: "; choose a location you can write to"}.get(err.errno, "")  # fmt: skip
+        return f"{err.strerror.lower()}{where}{hint}"
+    text = str(err).strip()
+    if "Original Traceback" in text:  # re-raised from a DataLoader worker: its own message
+        last = text.splitlines()[-1]
+        return last.split(": ", 1)[1] if ": " in last else last
+    return text.splitlines()[0] if text else type(err).__name__
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -18,32 +18,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union
 
-import torch
 import yaml
 
 from .channels import parse_widths
-
-
-class ConfigError(ValueError):
-    """A configuration key or value is invalid; the message names it and the valid choices."""
-
-
-def check_device_name(name: str) -> str:
-    """``name`` if it is a device a configuration may name (auto, cpu, cuda, cuda:N)."""
-    if name in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", name):
-        return name
-    raise ConfigError(f"device: invalid value {name!r}; valid: auto, cpu, cuda, cuda:N")
-
-
-def resolve_device(name: str) -> torch.device:
-    """The device ``name`` means for a single process: ``auto`` is CUDA when available, else the
-    CPU; a CUDA device without CUDA is an error that says what to use instead."""
-    check_device_name(name)
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"device {name!r} requested but CUDA is not available; use cpu")
-    return torch.device(name)
+from .device import check_device_name, resolve_device  # noqa: F401 (resolve_device: re-exported)
+from .errors import ConfigError
 
 
 @dataclass
@@ -129,6 +108,9 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -
     raw: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
+        if path.is_dir():
+            raise ConfigError(f"config {str(path)!r} is a directory; give a YAML file such as "
+                              "configs/fashion_mnist.yaml")  # fmt: skip
         if not path.is_file():
             raise ConfigError(f"config file {str(path)!r} does not exist")
         try:
@@ -304,6 +286,11 @@ def _check_semantics(c: TrainConfig) -> None:
     if len(c.width_range) != 2 or not (0 < c.width_range[0] <= c.width_range[1] <= 1.0):
         raise ConfigError(f"width_range must be [lo, hi] with 0 < lo <= hi <= 1, got {c.width_range}")
     lo, hi = c.width_range
+    if c.mode == "universal" and lo == hi:
+        raise ConfigError(
+            f"width_range [{lo}, {hi}] leaves nothing to slim in mode=universal; use a range with "
+            f"lo < hi, or mode=individual width={hi} to train one width"
+        )
     if c.mode == "individual":
         if c.width is None or not (lo <= c.width <= hi):
             raise ConfigError(f"mode=individual needs width= in the width range [{lo}, {hi}]")

@@ -42,11 +42,12 @@ from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from .channels import ChannelGroup, ChannelPlan
+from .errors import UsnetValueError
 from .layers import SLIMMABLE_LAYERS, SlimmableBatchNorm2d, make_slimmable_
 from .state import STATE_ATTR, Binding, Dim, SlimmableState, is_slimmable, set_width
 
 
-class ConversionError(ValueError):
+class ConversionError(UsnetValueError):
     """The model cannot be converted; the message names the module and the operation."""
 
 
@@ -500,7 +501,8 @@ def analyze(
             "data-dependent control flow is unsupported"
         ) from err
     gm = fx.GraphModule(model, graph)
-    if example_input is None:
+    guessed = example_input is None
+    if guessed:
         example_input = default_example_input(model)
     modes = {m: m.training for m in model.modules()}
     gm.eval()  # shape propagation only; eval avoids touching BN running statistics
@@ -508,9 +510,12 @@ def analyze(
         with torch.no_grad():
             ShapeProp(gm).propagate(example_input)
     except Exception as err:
+        guess = (" (guessed from its first registered Conv2d, which need not be the first to run)"
+                 if guessed else "")  # fmt: skip
         raise ConversionError(
-            f"cannot run {type(model).__name__} on an input of shape {tuple(example_input.shape)} "
-            f"({type(err).__name__}: {err}); pass input_size=(1, C, H, W) that the model accepts"
+            f"cannot run {type(model).__name__} on an input of shape {tuple(example_input.shape)}"
+            f"{guess} ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
+            "pass input_size=(1, C, H, W) that the model accepts"
         ) from err
     finally:
         for module, training in modes.items():  # restore each module's own mode

@@ -10,12 +10,15 @@ from __future__ import annotations
 import gzip
 import os
 import typing
+import zlib
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset, Subset
+
+from .errors import DataError, UsnetValueError
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_MEAN, FASHION_MNIST_STD = 0.2860, 0.3530
@@ -30,15 +33,21 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     """Read an IDX file (optionally gzipped) into a numpy array."""
     path = Path(path)
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        data = f.read()
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except (EOFError, gzip.BadGzipFile, zlib.error) as err:
+        # gzip says "Compressed file ended before the end-of-stream marker was reached" and
+        # names no file; a download cut short or a damaged copy are the usual causes.
+        raise DataError(f"{str(path)!r} is a truncated or corrupt gzip file ({err}); "
+                        "download or copy it again") from None  # fmt: skip
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _IDX_DTYPES:
-        raise ValueError(f"{str(path)!r} is not an IDX file")
+        raise DataError(f"{str(path)!r} is not an IDX file")
     ndim = data[3]
     dims = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
     array = np.frombuffer(data, dtype=_IDX_DTYPES[data[2]], offset=4 + 4 * ndim)
     if array.size != int(np.prod(dims)):
-        raise ValueError(f"{str(path)!r} is truncated: expected {dims}, found {array.size} values")
+        raise DataError(f"{str(path)!r} is truncated: expected {dims}, found {array.size} values")
     return array.reshape(dims)
 
 
@@ -69,10 +78,10 @@ class FashionMNIST(Dataset):
         images = read_idx(images_path)
         labels = read_idx(labels_path)
         if images.ndim != 3 or labels.shape != (images.shape[0],):
-            raise ValueError(f"unexpected Fashion-MNIST shapes {images.shape} / {labels.shape}")
+            raise UsnetValueError(f"unexpected Fashion-MNIST shapes {images.shape} / {labels.shape}")
         if limit is not None:
             if limit < 1:
-                raise ValueError(f"limit must be a positive number of images, got {limit}")
+                raise UsnetValueError(f"limit must be a positive number of images, got {limit}")
             images, labels = images[:limit], labels[:limit]
         self.images = torch.from_numpy(images.copy())
         self.targets = torch.from_numpy(labels.astype(np.int64))
@@ -171,7 +180,7 @@ def dataset_input_size(name: str, image_size: int = 224) -> tuple[int, int, int,
         return (1, 3, 32, 32)
     if name == "imagefolder":
         return (1, 3, image_size, image_size)
-    raise ValueError(f"unknown dataset {name!r}; valid: fashion_mnist, imagefolder, cifar10, cifar100")
+    raise UsnetValueError(f"unknown dataset {name!r}; valid: fashion_mnist, imagefolder, cifar10, cifar100")
 
 
 def build_datasets(name: str, root: str | None = None, *, limit_train: int | None = None,
@@ -208,22 +217,60 @@ def build_datasets(name: str, root: str | None = None, *, limit_train: int | Non
         from torchvision import datasets
 
         if root is None:
-            raise ValueError("imagefolder needs a root directory holding train/ and val/")
+            raise UsnetValueError("imagefolder needs a root directory holding train/ and val/")
         for split in ("train", "val"):
             if not (Path(root) / split).is_dir():
                 raise FileNotFoundError(f"imagefolder root {root!r} has no {split}/ directory")
         norm = [T.ToImage(), T.ToDtype(torch.float32, scale=True), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
         resize = [T.Resize(int(round(image_size / 0.875))), T.CenterCrop(image_size)]
         train_tf = T.Compose([T.RandomResizedCrop(image_size), T.RandomHorizontalFlip(), *norm])
-        train = datasets.ImageFolder(str(Path(root) / "train"), transform=train_tf)
-        calib = datasets.ImageFolder(str(Path(root) / "train"), transform=T.Compose(resize + norm))
-        test = datasets.ImageFolder(str(Path(root) / "val"), transform=T.Compose(resize + norm))
+        folders = {split: _image_folder(Path(root) / split) for split in ("train", "val")}
+        train = datasets.ImageFolder(folders["train"], transform=train_tf, loader=load_image)
+        calib = datasets.ImageFolder(folders["train"], transform=T.Compose(resize + norm), loader=load_image)
+        test = datasets.ImageFolder(folders["val"], transform=T.Compose(resize + norm), loader=load_image)
         if train.classes != test.classes:
-            raise ValueError(f"imagefolder {root!r}: train/ and val/ hold different classes")
+            raise DataError(
+                f"imagefolder {root!r}: train/ holds classes {_names(train.classes)} but val/ holds "
+                f"{_names(test.classes)}; both need the same class subdirectories"
+            )
         train, calib, test = (_limit(d, n) for d, n in ((train, limit_train), (calib, limit_train), (test, limit_test)))
         return train, calib, test, DataInfo(len(test.dataset.classes if isinstance(test, Subset) else test.classes),
                                             3, False, dataset_input_size(name, image_size))  # fmt: skip
-    raise ValueError(f"unknown dataset {name!r}; valid: fashion_mnist, imagefolder, cifar10, cifar100")
+    raise UsnetValueError(f"unknown dataset {name!r}; valid: fashion_mnist, imagefolder, cifar10, cifar100")
+
+
+def _image_folder(directory: Path) -> str:
+    """``directory`` if it holds at least two class subdirectories with images (torchvision's
+    own error for an empty class names no fix; one class would train to a meaningless 100%)."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+
+    classes = sorted(d.name for d in directory.iterdir() if d.is_dir())
+    empty = [c for c in classes if not any(f.name.lower().endswith(IMG_EXTENSIONS)
+                                           for f in (directory / c).rglob("*") if f.is_file())]  # fmt: skip
+    if empty:
+        raise DataError(f"{str(directory / empty[0])!r} holds no image files ({', '.join(IMG_EXTENSIONS)})")
+    if len(classes) < 2:
+        raise DataError(
+            f"{str(directory)!r} holds {len(classes)} class subdirectories {_names(classes)}; "
+            "a classifier needs at least 2 (one subdirectory of images per class)"
+        )
+    return str(directory)
+
+
+def _names(classes: list[str]) -> str:
+    return "[" + ", ".join(classes[:5]) + (", ...]" if len(classes) > 5 else "]")
+
+
+def load_image(path: str):
+    """torchvision's image loader, naming the file that cannot be read. Unreadable images are not
+    skipped: that would silently change the dataset (and every run's data order)."""
+    from torchvision.datasets.folder import default_loader
+
+    try:
+        return default_loader(path)
+    except (OSError, SyntaxError, ValueError) as err:  # PIL: UnidentifiedImageError, truncated data
+        raise DataError(f"image {path!r} cannot be read ({type(err).__name__}: {err}); remove or "
+                        "replace it (usnet does not skip images: that would change the dataset)") from None  # fmt: skip
 
 
 def _limit(dataset: Dataset, limit: int | None) -> Dataset:

@@ -38,12 +38,13 @@ import torch
 import torch.fx as fx
 from torch import Tensor, nn
 
-from .channels import Width, config_id
-from .checkpoint import atomic_write_bytes
+from .channels import Width, config_id, format_width, width_value
+from .errors import UsnetError, UsnetValueError
+from .evaluation import eval_forward
 from .export import export
+from .files import atomic_write_bytes
 from .profile import _check_input_size, module_cost
-from .state import eval_forward, get_state
-from .training import _describe_width
+from .state import get_state
 
 FORMATS: dict[str, str] = {"pt": ".pt2", "torchscript": ".torchscript.pt", "onnx": ".onnx"}
 """Formats and the file suffix :func:`export_widths` gives them."""
@@ -54,7 +55,7 @@ ONNX_OPSET = 17
 INDEX = "index.json"
 
 
-class VerificationError(RuntimeError):
+class VerificationError(UsnetError, RuntimeError):
     """An artifact's outputs differ from the slimmable model's by more than the tolerance."""
 
 
@@ -81,7 +82,7 @@ class ExportResult:
 
 def check_format(format: str) -> str:
     if format not in FORMATS:
-        raise ValueError(f"unknown export format {format!r}; valid: {', '.join(FORMATS)}")
+        raise UsnetValueError(f"unknown export format {format!r}; valid: {', '.join(FORMATS)}")
     return format
 
 
@@ -126,7 +127,7 @@ def load_artifact(source: str | os.PathLike | bytes, format: str | None = None) 
     """
     if format is None:
         if isinstance(source, bytes):
-            raise ValueError(f"load_artifact needs format= for bytes; valid: {', '.join(FORMATS)}")
+            raise UsnetValueError(f"load_artifact needs format= for bytes; valid: {', '.join(FORMATS)}")
         format = format_of(source)
     check_format(format)
     data = source if isinstance(source, bytes) else Path(source).read_bytes()
@@ -164,7 +165,7 @@ def format_of(path: str | os.PathLike) -> str:
             return format
     if name.endswith(".ts"):
         return "torchscript"
-    raise ValueError(f"cannot tell the format of {name!r} from its suffix; pass format= ({', '.join(FORMATS)})")
+    raise UsnetValueError(f"cannot tell the format of {name!r} from its suffix; pass format= ({', '.join(FORMATS)})")
 
 
 def export_artifact(
@@ -204,13 +205,13 @@ def export_artifact(
     diff = _max_abs_diff(got, expected)
     if not diff <= tolerance:
         raise VerificationError(
-            f"{format} export at {_describe_width(width)} differs from the slimmable model by {diff:.3g} "
+            f"{format} export at width {format_width(width)} differs from the slimmable model by {diff:.3g} "
             f"(max |logits difference|, tolerance {tolerance:g}); nothing was written"
         )
     atomic_write_bytes(path, data)
     params, flops = module_cost(module, (1, *size[1:]))
     return ExportResult(
-        path=str(path), format=format, width=dict(width) if isinstance(width, Mapping) else width,
+        path=str(path), format=format, width=width_value(width),
         config_id=config_id(state.plan.config(width)), input_size=size, fused_bn=fuse_bn,
         params=params, macs=flops // 2, max_abs_diff=diff, tolerance=tolerance,
     )  # fmt: skip
@@ -228,15 +229,20 @@ def export_widths(
     """One verified artifact per channel configuration of ``widths`` in ``out_dir``, and
     ``out_dir/index.json`` listing each width's file, params, MACs, verification and, when a
     spectrum (rows with ``config_id`` and ``top1``, as ``usnet train`` records) is given, its
-    top-1. Widths that round to the same channels share one file. Returns the index rows."""
+    top-1. Widths that round to the same channels share one file. Returns the rows of ``widths``.
+
+    A directory that already holds an export with the same settings (format, input size, BN
+    folding, tolerance) keeps it: ``index.json`` then lists the earlier widths and the new ones
+    (a width exported again is replaced). Other settings are refused before anything is written."""
     check_format(format)
     plan = get_state(model).plan
     widths = [plan.check_width(w) for w in widths]  # all valid before anything is written
     if not widths:
-        raise ValueError("export_widths needs at least one width")
+        raise UsnetValueError("export_widths needs at least one width")
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"{str(out)!r} exists and is not a directory")
+    earlier = earlier_export_rows(out, format, kwargs)
     written: dict[str, ExportResult] = {}
     rows = []
     for w in widths:
@@ -247,7 +253,7 @@ def export_widths(
             name = (f"config-{cid}" if isinstance(w, Mapping) else f"w{w:.3f}-{cid}") + FORMATS[format]
             written[cid] = export_artifact(model, w, out / name, format, **kwargs)
         result = written[cid]
-        row = {"width": dict(w) if isinstance(w, Mapping) else w, "file": Path(result.path).name,
+        row = {"width": width_value(w), "file": Path(result.path).name,
                "config_id": cid, "params": result.params, "macs": result.macs,
                "max_abs_diff": result.max_abs_diff}  # fmt: skip
         top1 = spectrum_top1(model, spectrum, w)
@@ -255,10 +261,47 @@ def export_widths(
             row["top1"] = top1
         rows.append(row)
     first = next(iter(written.values()))
+    listed = rows
+    if earlier:
+        again = {json.dumps(r["width"], sort_keys=True) for r in rows}
+        kept = [r for r in earlier if json.dumps(r.get("width"), sort_keys=True) not in again]
+        listed = sorted(kept + rows, key=lambda r: (r.get("macs", 0), json.dumps(r.get("width"))))
     index = {"format": format, "input_size": list(first.input_size), "fused_bn": first.fused_bn,
-             "tolerance": first.tolerance, "models": rows}  # fmt: skip
+             "tolerance": first.tolerance, "models": listed}  # fmt: skip
     atomic_write_bytes(out / INDEX, (json.dumps(index, indent=2) + "\n").encode())
     return rows
+
+
+def earlier_export_rows(out: Path, format: str, options: Mapping) -> list[dict]:
+    """The rows of an earlier export in ``out`` whose files are still there, if its settings
+    equal these (``export_artifact``'s keyword ``options``); else a clear refusal."""
+    path = out / INDEX
+    if not path.exists():
+        return []
+    try:
+        index = json.loads(path.read_text())
+        models = index["models"]
+        if not isinstance(models, list) or not all(isinstance(r, dict) for r in models):
+            raise TypeError
+    except (OSError, ValueError, KeyError, TypeError):
+        raise UsnetValueError(f"{str(path)!r} is not an index written by usnet export; export into "
+                              "another directory (nothing was written)") from None  # fmt: skip
+    defaults = export_artifact.__kwdefaults__
+    fuse_bn = bool(options.get("fuse_bn", defaults["fuse_bn"]))
+    now = {
+        "format": format,
+        "input_size": list(_check_input_size(options.get("input_size", defaults["input_size"]))),
+        "fused_bn": fuse_bn,
+        "tolerance": _check_tolerance(options.get("tolerance", defaults["tolerance"]), fuse_bn),
+    }
+    differ = [f"{key} {index.get(key)!r} there, {value!r} now" for key, value in now.items()
+              if index.get(key) != value]  # fmt: skip
+    if differ:
+        raise UsnetValueError(
+            f"{str(out)!r} already holds an export with other settings ({'; '.join(differ)}); "
+            "export into another directory (nothing was written)"
+        )
+    return [r for r in models if (out / str(r.get("file", ""))).is_file()]
 
 
 def spectrum_top1(model: nn.Module, spectrum: Sequence[Mapping] | None, width: Width) -> float | None:
@@ -291,7 +334,7 @@ def _check_tolerance(tolerance: float | None, fuse_bn: bool) -> float:
     if tolerance is None:
         return FUSED_BN_TOLERANCE if fuse_bn else DEFAULT_TOLERANCE
     if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not tolerance > 0:
-        raise ValueError(f"tolerance must be a positive number, got {tolerance!r}")
+        raise UsnetValueError(f"tolerance must be a positive number, got {tolerance!r}")
     return float(tolerance)
 
 

@@ -33,7 +33,11 @@ from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
-from torch import Tensor, nn
+from torch import nn
+
+from .bn_stats import global_batch_stats  # noqa: F401 (public here: usnet.distributed.global_batch_stats)
+from .device import resolve_device
+from .errors import ConfigError, UsnetValueError
 
 __all__ = [
     "convert_sync_batchnorm",
@@ -73,8 +77,6 @@ def init_from_env(device: str = "auto", timeout: datetime.timedelta | None = Non
 
     A process group that already exists (a user's own launcher) is kept as it is.
     """
-    from .config import ConfigError, resolve_device
-
     single = resolve_device(device)  # validates the name and CUDA's presence
     if not launched_by_torchrun() and not is_distributed():
         return single
@@ -190,61 +192,6 @@ def _collective_device(group: Any = None) -> torch.device:
     return torch.device("cpu")
 
 
-# -- synchronized BatchNorm statistics ---------------------------------------------------------
-class _AllGather(torch.autograd.Function):
-    """``all_gather`` as a differentiable op: (world, *shape) out, the summed slice back.
-
-    The backward all-reduces the gradient of the gathered tensor (each rank's copy of it feeds
-    that rank's loss) and keeps this rank's slice; ``all_reduce`` works on gloo and NCCL alike."""
-
-    @staticmethod
-    def forward(ctx, tensor: Tensor, group: Any) -> Tensor:  # type: ignore[override]
-        ctx.group = group
-        tensor = tensor.contiguous()
-        out = [torch.empty_like(tensor) for _ in range(dist.get_world_size(group))]
-        dist.all_gather(out, tensor, group=group)
-        return torch.stack(out)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
-        grad = grad.contiguous()
-        dist.all_reduce(grad, group=ctx.group)
-        return grad[dist.get_rank(ctx.group)], None
-
-
-def global_batch_stats(input: Tensor, group: Any = None) -> tuple[Tensor, Tensor, Tensor]:
-    """Per-channel ``(mean, biased variance, count)`` of ``input`` concatenated over all ranks.
-
-    ``input`` is ``(N, C, ...)``; each rank may hold a different ``N``, also 0. Differentiable:
-    gradients flow back to every rank's share of the batch (one ``all_reduce`` in the backward).
-    Computed in float32 (float64 inputs stay float64); ``count`` (values per channel) is a
-    0-dim tensor, so nothing waits for the device. Every rank of ``group`` must call it with the
-    same ``C``, in the same order.
-    """
-    dtype = torch.float64 if input.dtype == torch.float64 else torch.float32
-    x = input.to(dtype)
-    channels = x.shape[1]
-    dims = [0, *range(2, x.dim())]
-    count = x.numel() // channels if channels else 0
-    if count > 0:
-        var, mean = torch.var_mean(x, dim=dims, correction=0)
-    else:  # an empty shard still joins the collective, with zero weight
-        mean = var = x.new_zeros(channels)
-    local = torch.cat([x.new_full((1,), float(count)), mean, var])
-    if is_distributed() and dist.get_world_size(group) > 1:
-        gathered = _AllGather.apply(local, group)  # (world, 1 + 2C)
-    else:
-        gathered = local[None]
-    counts = gathered[:, :1]
-    means, variances = gathered[:, 1 : 1 + channels], gathered[:, 1 + channels :]
-    total = counts.sum()
-    weights = counts / total
-    global_mean = (weights * means).sum(0)
-    # Chan et al.: within-rank variances plus the spread of the rank means around the global one.
-    global_var = (weights * (variances + (means - global_mean) ** 2)).sum(0)
-    return global_mean, global_var, total
-
-
 def convert_sync_batchnorm(module: nn.Module, process_group: Any = None) -> nn.Module:
     """Make every :class:`~usnet.layers.SlimmableBatchNorm2d` of ``module`` synchronize its
     training-mode batch statistics across ``process_group`` (default: all ranks), in place.
@@ -264,5 +211,5 @@ def convert_sync_batchnorm(module: nn.Module, process_group: Any = None) -> nn.M
             m.process_group = process_group
             found = True
     if not found:
-        raise ValueError("convert_sync_batchnorm: the model has no SlimmableBatchNorm2d layer")
+        raise UsnetValueError("convert_sync_batchnorm: the model has no SlimmableBatchNorm2d layer")
     return module

@@ -16,8 +16,9 @@ import torch.fx as fx
 from torch import nn
 
 from .channels import Width
+from .errors import UsnetTypeError
 from .layers import SlimmableBatchNorm2d, SlimmableConv2d, SlimmableLinear, UncalibratedWidthError
-from .state import STATE_ATTR, get_state, set_width
+from .state import STATE_ATTR, get_state, keep_width_and_mode
 
 
 def export(
@@ -32,13 +33,8 @@ def export(
             class of the original model's code is needed to run or unpickle it).
     """
     state = get_state(model)
-    previous = state.width
-    target = previous if width is None else width
-    set_width(model, target)
-    try:
+    with keep_width_and_mode(model, width=width):
         plain = copy.deepcopy(model)
-    finally:
-        set_width(model, previous)
     delattr(plain, STATE_ATTR)
     for binding in state.bindings:
         layer = plain.get_submodule(binding.layer)
@@ -78,7 +74,7 @@ def _plain_layer(layer: nn.Module, require_stats: bool) -> nn.Module:
     elif isinstance(layer, SlimmableBatchNorm2d):
         return _plain_bn(layer, require_stats)
     else:  # pragma: no cover - bindings only ever name slimmable layers
-        raise TypeError(f"cannot export {type(layer).__name__}")
+        raise UsnetTypeError(f"cannot export {type(layer).__name__}")
     with torch.no_grad():
         new.weight.copy_(weight)
         if bias is not None:

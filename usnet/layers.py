@@ -18,10 +18,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .distributed import global_batch_stats, world_size
+from .bn_stats import (
+    Calibration,
+    WidthStats,
+    affine_normalize,
+    global_batch_stats,
+    stats_are_set,
+    world_size,
+)
+from .bn_stats import cpu_batch_stats as _cpu_batch_stats  # a module global: tests swap it
+from .errors import UsnetError
 
 
-class UncalibratedWidthError(RuntimeError):
+class UncalibratedWidthError(UsnetError, RuntimeError):
     """Eval-mode forward at a width whose BatchNorm statistics were never calibrated."""
 
 
@@ -150,8 +159,8 @@ class SlimmableBatchNorm2d(nn.BatchNorm2d):
         self.active_features = self.num_features
         self.stats_key: str | None = None  # None: the full-width configuration (own buffers)
         self.width_label = "full width"
-        self.width_stats: dict[str, tuple[Tensor, Tensor]] = {}
-        self._calibration: list | None = None  # [mean, var, batches] while calibrating
+        self.width_stats = WidthStats()
+        self._calibration: Calibration | None = None  # while calibrating
         self.usnet_name = ""
         self._own_stats_cache: tuple | None = None  # see _own_stats_set
         # Switchable BN (slimmable-network baseline): private affine parameters per configuration.
@@ -222,12 +231,7 @@ class SlimmableBatchNorm2d(nn.BatchNorm2d):
         self._own_stats_cache = (*stamp, True) if answer else None
         return answer
 
-    @staticmethod
-    def _stats_are_set(mean: Tensor, var: Tensor, batches: Tensor) -> bool:
-        # Weights saved before PyTorch 0.4 (some published torchvision ones) load with
-        # num_batches_tracked == 0 but non-initial statistics.
-        initial = not mean.any() and bool((var == 1).all())
-        return not (initial and int(batches) == 0)
+    _stats_are_set = staticmethod(stats_are_set)
 
     def start_calibration(self, distributed: bool = False) -> None:
         """Start fresh statistics for the current configuration.
@@ -235,17 +239,15 @@ class SlimmableBatchNorm2d(nn.BatchNorm2d):
         ``distributed``: every rank calls this and then runs its share of each calibration batch;
         the statistics of each batch are those of the shares of all ranks together (the default
         process group), so all ranks end with the statistics a single process computes."""
-        c = self.active_features
         ref = self.running_mean if self.running_mean is not None else self.weight
-        kw = {"device": ref.device, "dtype": ref.dtype} if ref is not None else {}
-        self._calibration = [torch.zeros(c, **kw), torch.ones(c, **kw), 0, bool(distributed)]
+        self._calibration = Calibration.fresh(self.active_features, ref, distributed)
 
     def finish_calibration(self) -> None:
         """Store the accumulated statistics for the current configuration."""
         if self._calibration is None:
             raise RuntimeError("finish_calibration() without start_calibration()")
-        mean, var, batches, _ = self._calibration
-        self._calibration = None
+        calibration, self._calibration = self._calibration, None
+        mean, var, batches = calibration.mean, calibration.var, calibration.batches
         if batches == 0:
             raise RuntimeError(f"BatchNorm {self.usnet_name!r} saw no batch during calibration")
         if self.stats_key is None:
@@ -273,18 +275,19 @@ class SlimmableBatchNorm2d(nn.BatchNorm2d):
                 f"got input of shape {tuple(input.shape)}"
             )
         weight, bias = self.active_affine()
-        if self._calibration is not None:
-            distributed = self._calibration[3] and world_size() > 1
+        calibration = self._calibration
+        if calibration is not None:
+            distributed = calibration.distributed and world_size() > 1
             if input.shape[0] == 0 and not distributed:
                 return input  # no statistics in it; counting it would skew the average
-            self._calibration[2] += 1
-            mean, var, batches, _ = self._calibration
+            calibration.batches += 1
             if distributed:
                 return self._calibrate_global(input, weight, bias)
             stats = _cpu_batch_stats(input)
             if stats is None:
                 # Cumulative average: momentum 1/t, exactly PyTorch's momentum=None behaviour.
-                return F.batch_norm(input, mean, var, weight, bias, True, 1.0 / batches, self.eps)
+                return F.batch_norm(input, calibration.mean, calibration.var, weight, bias, True,
+                                    1.0 / calibration.batches, self.eps)  # fmt: skip
             return self._calibrate_with(input, weight, bias, *stats)
         if self.training or not self.track_running_stats:
             group = getattr(self, "process_group", None)
@@ -305,7 +308,7 @@ class SlimmableBatchNorm2d(nn.BatchNorm2d):
                           group) -> Tensor:  # fmt: skip
         """Training-mode BN with the statistics of the batch of all ranks (differentiable)."""
         mean, var, _ = global_batch_stats(input, group)
-        return _affine_normalize(input, mean, var, weight, bias, self.eps)
+        return affine_normalize(input, mean, var, weight, bias, self.eps)
 
     @torch.no_grad()
     def _calibrate_with(self, input: Tensor, weight: Tensor | None, bias: Tensor | None,
@@ -313,16 +316,9 @@ class SlimmableBatchNorm2d(nn.BatchNorm2d):
         """One calibration batch with its statistics given (biased ``var`` over ``count``
         values per channel): update the cumulative average as ``F.batch_norm`` with momentum 1/t
         does and normalize with the batch statistics."""
-        self._accumulate(mean, var * (count / (count - 1)))
-        dtype = self._calibration[0].dtype  # type: ignore[index]
+        self._calibration.accumulate(mean, var * (count / (count - 1)))  # type: ignore[union-attr]
+        dtype = self._calibration.mean.dtype  # type: ignore[union-attr]
         return F.batch_norm(input, mean.to(dtype), var.to(dtype), weight, bias, False, 0.0, self.eps)
-
-    def _accumulate(self, mean: Tensor, unbiased_var: Tensor) -> None:
-        """Fold one batch's statistics into the cumulative average (momentum 1/t)."""
-        running_mean, running_var, batches, _ = self._calibration  # type: ignore[misc]
-        momentum = 1.0 / batches
-        running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
-        running_var.mul_(1 - momentum).add_(unbiased_var.to(running_var.dtype), alpha=momentum)
 
     @torch.no_grad()
     def _calibrate_global(self, input: Tensor, weight: Tensor | None,
@@ -330,8 +326,8 @@ class SlimmableBatchNorm2d(nn.BatchNorm2d):
         """One calibration batch sharded across ranks: update the cumulative average with the
         global batch's mean and unbiased variance, as ``F.batch_norm`` does for one process."""
         mean, var, count = global_batch_stats(input)
-        self._accumulate(mean, var * count / (count - 1).clamp_min(1))
-        return _affine_normalize(input, mean, var, weight, bias, self.eps)
+        self._calibration.accumulate(mean, var * count / (count - 1).clamp_min(1))  # type: ignore[union-attr]
+        return affine_normalize(input, mean, var, weight, bias, self.eps)
 
     def __getstate__(self) -> dict:
         # Copies and pickles start without the cache: a copy's buffers are new tensors whose
@@ -340,65 +336,24 @@ class SlimmableBatchNorm2d(nn.BatchNorm2d):
         state["_own_stats_cache"] = None
         return state
 
+    def __setstate__(self, state: dict) -> None:
+        # Layers pickled by earlier versions (converted custom models keep the pickled module):
+        # the calibration was a list [mean, var, batches(, distributed)], the store a plain dict.
+        super().__setstate__(state)
+        calibration = self.__dict__.get("_calibration")
+        if isinstance(calibration, list):
+            self._calibration = Calibration(*calibration)
+        if not isinstance(self.__dict__.get("width_stats"), WidthStats):
+            self.width_stats = WidthStats(self.__dict__.get("width_stats") or {})
+
     def _apply(self, fn, recurse=True):
         # Keep the per-width statistics on the module's device/dtype like ordinary buffers.
         result = super()._apply(fn, recurse)
-        self.width_stats = {k: (fn(m), fn(v)) for k, (m, v) in self.width_stats.items()}
+        self.width_stats = WidthStats(self.width_stats).to(fn)
         return result
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", active={self.active_features}"
-
-
-# Above this ratio of squared mean to variance, E[x^2] - E[x]^2 from float32 sums loses more than
-# about 1e-5 of the variance to cancellation; such channels take the exact two-pass kernel.
-_MAX_MEAN_SQUARED_TO_VAR = 100.0
-
-
-def _cpu_batch_stats(input: Tensor) -> tuple[Tensor, Tensor, int] | None:
-    """Per-channel (mean, biased variance, count) of a contiguous NCHW float CPU batch, or None
-    where the fast route does not apply (other devices, layouts, dtypes, tiny feature maps).
-
-    Why: PyTorch's training-mode BatchNorm kernel for NCHW CPU input costs 7-10x its eval-mode
-    kernel (one thread; ``docs/benchmarks.md``, calibration). Two plain row reductions (sum and
-    norm over each image's H*W plane in float32, then over the batch in float64) cost about 1x,
-    are as accurate as that kernel (variance within 1e-7 relative of float64), and the eval-mode
-    kernel then normalizes with them. Channels-last input and CUDA keep ``F.batch_norm``, whose
-    training-mode kernels are already within 2x of eval there.
-    """
-    if (
-        input.device.type != "cpu"
-        or input.dim() != 4
-        or input.dtype not in (torch.float32, torch.float64)
-        or not input.is_contiguous()
-        or input.shape[2] * input.shape[3] < 16  # short rows: the native kernel is faster
-        or input.requires_grad
-    ):  # fmt: skip
-        return None
-    n, c, h, w = input.shape
-    count = n * h * w
-    rows = input.view(n, c, h * w)
-    mean = rows.sum(-1).sum(0, dtype=torch.float64) / count
-    squares = torch.linalg.vector_norm(rows, dim=-1).square().sum(0, dtype=torch.float64) / count
-    var = (squares - mean * mean).clamp_min(0)
-    if bool((mean * mean > _MAX_MEAN_SQUARED_TO_VAR * var).any()):
-        return None
-    return mean, var, count
-
-
-def _affine_normalize(input: Tensor, mean: Tensor, var: Tensor, weight: Tensor | None,
-                      bias: Tensor | None, eps: float) -> Tensor:  # fmt: skip
-    """``(x - mean) / sqrt(var + eps) * weight + bias`` per channel of ``(N, C, ...)`` input, in
-    the statistics' precision, returned in the input's dtype; differentiable in every argument
-    (``F.batch_norm`` does not differentiate through given statistics)."""
-    shape = (1, -1) + (1,) * (input.dim() - 2)
-    scale = torch.rsqrt(var + eps)
-    if weight is not None:
-        scale = scale * weight.to(scale.dtype)
-    shift = -mean * scale
-    if bias is not None:
-        shift = shift + bias.to(shift.dtype)
-    return (input.to(scale.dtype) * scale.view(shape) + shift.view(shape)).to(input.dtype)
 
 
 SLIMMABLE_LAYERS: dict[type[nn.Module], type[nn.Module]] = {

@@ -15,7 +15,8 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from .channels import Width, config_id
+from .channels import Width, config_id, format_width, width_value
+from .errors import UsnetValueError
 from .export import export
 from .state import get_state
 
@@ -41,7 +42,7 @@ def profile(model: nn.Module, width: Width | None = None,
     plain = export(model, width, require_stats=False)
     params, flops = module_cost(plain, size)
     return Profile(
-        width=dict(width) if isinstance(width, dict) else width,
+        width=width_value(width),
         config_id=config_id(state.plan.config(width)),
         params=params,
         macs=flops // 2,
@@ -76,7 +77,7 @@ def format_count(value: float) -> str:
 def format_profiles(rows: Iterable[Profile]) -> str:
     lines = [f"{'width':>8} {'params':>10} {'MACs':>10} {'FLOPs':>10}  config"]
     for r in rows:
-        w = r.width if isinstance(r.width, dict) else f"{r.width:.3f}"
+        w = format_width(r.width, ".3f")
         lines.append(
             f"{w!s:>8} {format_count(r.params):>10} {format_count(r.macs):>10} "
             f"{format_count(r.flops):>10}  {r.config_id}"
@@ -88,7 +89,7 @@ def _check_input_size(input_size: Sequence[int]) -> tuple[int, ...]:
     try:
         size = tuple(int(s) for s in input_size)
     except (TypeError, ValueError):
-        raise ValueError(f"input_size must be a sequence of ints like (1, 3, 224, 224), got {input_size!r}") from None
+        raise UsnetValueError(f"input_size must be a sequence of ints like (1, 3, 224, 224), got {input_size!r}") from None
     if len(size) != 4 or min(size) < 1:
-        raise ValueError(f"input_size must be (N, C, H, W) with positive sizes, got {size}")
+        raise UsnetValueError(f"input_size must be (N, C, H, W) with positive sizes, got {size}")
     return size

@@ -23,19 +23,20 @@ the uniform comparison where the model had none (so both run), and its width is 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.data import Dataset
 
+from . import bn_stats
 from .calibrate import calibrate
 from .channels import ChannelPlan, config_id, config_key
-from .layers import SlimmableBatchNorm2d
+from .errors import UsnetValueError
+from .evaluation import evaluate
 from .profile import _check_input_size, format_count, profile
-from .state import eval_forward, get_state, set_width
+from .state import get_state, keep_width_and_mode
 
 
 @dataclass(frozen=True)
@@ -91,68 +92,85 @@ def search_width(
     plan = state.plan
     lo, hi = plan.width_range
     if isinstance(max_macs, bool) or not isinstance(max_macs, (int, float)) or not max_macs > 0:
-        raise ValueError(f"max_macs must be a positive number, got {max_macs!r}")
+        raise UsnetValueError(f"max_macs must be a positive number, got {max_macs!r}")
     if not 0 < step <= hi - lo:
-        raise ValueError(f"step must be in (0, {hi - lo:g}] (the width range), got {step!r}")
+        raise UsnetValueError(f"step must be in (0, {hi - lo:g}] (the width range), got {step!r}")
     batches = [calib_images] if isinstance(calib_images, Tensor) else list(calib_images)
     num_calib = sum(b.shape[0] for b in batches)
     input_size = (1, *_check_input_size(input_size)[1:])
     images, labels = heldout
     if images.shape[0] == 0 or images.shape[0] != labels.shape[0]:
-        raise ValueError("heldout must be (images, labels) with the same positive number of items")
+        raise UsnetValueError("heldout must be (images, labels) with the same positive number of items")
     narrowest = profile(model, lo, input_size).macs
     if narrowest > max_macs:
-        raise ValueError(f"no width fits the budget: the narrowest, width {lo:g}, needs "
+        raise UsnetValueError(f"no width fits the budget: the narrowest, width {lo:g}, needs "
                          f"{format_count(narrowest)} MACs > {format_count(max_macs)}")  # fmt: skip
     say = log or (lambda message: None)
-    saved = _save_stats(model)
+    saved = bn_stats.snapshot(model)
     cache: dict[tuple[int, ...], Scored] = {}
 
     def score(width: float | dict) -> Scored:
         config = plan.config(width)
         if config not in cache:
             calibrate(model, batches, [width], num_images=num_calib, progress=False)
-            top1, loss = _evaluate(model, width, images, labels)
+            ((top1, _, loss),) = evaluate(model, [(images, labels)], [width], loss=True)
             cost = profile(model, width, input_size)
             cache[config] = Scored(width, config_id(config), cost.params, cost.macs, top1, loss)
         return replace(cache[config], width=width)  # same channels, same network and score
 
-    previous = state.width
     keep: set[tuple[int, ...]] = set()
-    try:
-        current = {name: hi for name in plan.root_names}
-        best = score(dict(current))
-        steps: list[dict] = []
-        say(f"start: MACs {format_count(best.macs)}, held-out top-1 {100 * best.heldout_top1:.2f}%")
-        while best.macs > max_macs:
-            trials = []
-            for name in plan.root_names:
-                narrower = _narrow(plan, current, name, step)
-                if narrower is None:
-                    continue
-                trial = score({**current, name: narrower})
-                if trial.macs < best.macs:
-                    trials.append((name, narrower, trial))
-            assert trials, "the narrowest width fits the budget, so some narrowing is left"
-            name, narrower, best = max(trials, key=lambda t: (t[2].heldout_top1, -t[2].heldout_loss, -t[2].macs))
-            current[name] = narrower
-            tried = [{"group": g, "multiplier": m, "macs": t.macs, "heldout_top1": t.heldout_top1,
-                      "heldout_loss": t.heldout_loss} for g, m, t in trials]  # fmt: skip
-            steps.append({"group": name, "multiplier": narrower, "macs": best.macs,
-                          "heldout_top1": best.heldout_top1, "heldout_loss": best.heldout_loss,
-                          "tried": tried})  # fmt: skip
-            say(f"step {len(steps)}: {name} -> {narrower:g}, MACs {format_count(best.macs)}, "
-                f"held-out top-1 {100 * best.heldout_top1:.2f}%")  # fmt: skip
-        from .select import select_width  # the uniform width the same budget allows, exactly
+    with keep_width_and_mode(model):  # the width, whatever happens
+        try:
+            current = {name: hi for name in plan.root_names}
+            best = score(dict(current))
+            steps: list[dict] = []
+            say(f"start: MACs {format_count(best.macs)}, held-out top-1 {100 * best.heldout_top1:.2f}%")
+            while best.macs > max_macs:
+                trials = []
+                for name in plan.root_names:
+                    narrower = _narrow(plan, current, name, step)
+                    if narrower is None:
+                        continue
+                    trial = score({**current, name: narrower})
+                    if trial.macs < best.macs:
+                        trials.append((name, narrower, trial))
+                assert trials, "the narrowest width fits the budget, so some narrowing is left"
+                name, narrower, best = max(trials, key=lambda t: (t[2].heldout_top1, -t[2].heldout_loss, -t[2].macs))
+                current[name] = narrower
+                tried = [{"group": g, "multiplier": m, "macs": t.macs, "heldout_top1": t.heldout_top1,
+                          "heldout_loss": t.heldout_loss} for g, m, t in trials]  # fmt: skip
+                steps.append({"group": name, "multiplier": narrower, "macs": best.macs,
+                              "heldout_top1": best.heldout_top1, "heldout_loss": best.heldout_loss,
+                              "tried": tried})  # fmt: skip
+                say(f"step {len(steps)}: {name} -> {narrower:g}, MACs {format_count(best.macs)}, "
+                    f"held-out top-1 {100 * best.heldout_top1:.2f}%")  # fmt: skip
+            from .select import select_width  # the uniform width the same budget allows, exactly
 
-        uniform_width = select_width(model, max_macs=max_macs, input_size=input_size).width
-        uniform = score(uniform_width)
-        keep = {plan.config(best.width), plan.config(uniform.width)}
-    finally:
-        keys = {None if c == state.full_config else config_key(c) for c in keep}  # None: own buffers
-        _restore_stats(model, saved, keys)
-        set_width(model, previous)
+            uniform_width = select_width(model, max_macs=max_macs, input_size=input_size).width
+            uniform = score(uniform_width)
+            keep = {plan.config(best.width), plan.config(uniform.width)}
+        finally:
+            keys = {None if c == state.full_config else config_key(c) for c in keep}  # None: own buffers
+            bn_stats.restore(model, saved, keys)
     return SearchResult(best, uniform, int(max_macs), steps)
+
+
+def search_data(dataset: Dataset, calib_images: int, heldout_images: int, seed: int = 0,
+                batch_size: int = 128) -> tuple[list[Tensor], tuple[Tensor, Tensor]]:  # fmt: skip
+    """One seeded draw of ``calib_images + heldout_images`` training images: the first part,
+    in batches, calibrates BatchNorm; the rest (images, labels) scores the candidates."""
+    for name, value in (("calib_images", calib_images), ("heldout_images", heldout_images)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise UsnetValueError(f"--{name.replace('_', '-')} must be a positive number of images")
+    need = calib_images + heldout_images
+    if need > len(dataset):
+        raise UsnetValueError(f"--calib-images + --heldout-images ({need}) exceed the {len(dataset)} "
+                              "training images")  # fmt: skip
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:need].tolist()
+    images, labels = zip(*(dataset[i] for i in order))
+    images, labels = torch.stack(images), torch.as_tensor(labels)
+    calib = list(images[:calib_images].split(batch_size))
+    return calib, (images[calib_images:], labels[calib_images:])
 
 
 def _narrow(plan: ChannelPlan, current: Mapping[str, float], name: str, step: float) -> float | None:
@@ -167,51 +185,6 @@ def _narrow(plan: ChannelPlan, current: Mapping[str, float], name: str, step: fl
         if candidate <= lo:
             return None
         candidate = max(lo, round(candidate - 0.001, 6))
-
-
-@torch.no_grad()
-def _evaluate(model: nn.Module, width, images: Tensor, labels: Tensor) -> tuple[float, float]:
-    logits = eval_forward(model, width, images).float()
-    labels = labels.to(logits.device)
-    top1 = float((logits.argmax(1) == labels).float().mean())
-    loss = float(F.cross_entropy(logits, labels))
-    return top1, loss if math.isfinite(loss) else math.inf
-
-
-def _bns(model: nn.Module) -> list[SlimmableBatchNorm2d]:
-    return [m for m in model.modules() if isinstance(m, SlimmableBatchNorm2d)]
-
-
-SavedStats = dict[SlimmableBatchNorm2d, tuple[dict, tuple[Tensor, ...] | None]]
-
-
-def _save_stats(model: nn.Module) -> SavedStats:
-    """Every BatchNorm's per-configuration statistics and a copy of its own running buffers (the
-    full width's statistics, which calibration overwrites in place)."""
-    saved: SavedStats = {}
-    for bn in _bns(model):
-        own = None
-        if bn.track_running_stats and bn.running_mean is not None:
-            own = tuple(t.clone() for t in _own_buffers(bn))
-        saved[bn] = (dict(bn.width_stats), own)
-    return saved
-
-
-def _restore_stats(model: nn.Module, saved: SavedStats, keep_new: set[str | None]) -> None:
-    """Put back the statistics ``_save_stats`` saved. The configurations in ``keep_new`` (their
-    stats keys; None is the full width) keep what was calibrated since, where they had none."""
-    for bn in _bns(model):
-        width_stats, own = saved[bn]
-        fresh = {k: v for k, v in bn.width_stats.items() if k in keep_new and k not in width_stats}
-        bn.width_stats = {**width_stats, **fresh}
-        if own is not None and (None not in keep_new or SlimmableBatchNorm2d._stats_are_set(*own)):
-            with torch.no_grad():
-                for buffer, value in zip(_own_buffers(bn), own):
-                    buffer.copy_(value)
-
-
-def _own_buffers(bn: SlimmableBatchNorm2d) -> tuple[Tensor, Tensor, Tensor]:
-    return bn.running_mean, bn.running_var, bn.num_batches_tracked
 
 
 def format_search(result: SearchResult, test: Mapping[str, float] | None = None) -> str:

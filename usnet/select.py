@@ -27,7 +27,6 @@ import hashlib
 import json
 import math
 import os
-import platform
 import statistics
 import time
 from collections.abc import Mapping, Sequence
@@ -37,13 +36,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .calibrate import progress_bar
 from .channels import ChannelPlan, config_id, config_key
-from .checkpoint import atomic_write_bytes
-from .config import resolve_device
+from .device import device_name, resolve_device
 from .deploy import spectrum_top1
+from .errors import UsnetValueError
 from .export import export
+from .files import atomic_write_bytes
 from .profile import _check_input_size, format_count, profile
+from .reports import plot_selection, progress_bar  # noqa: F401 (plot_selection: re-exported)
 from .state import get_state
 
 SCAN_STEP = 0.001
@@ -102,7 +102,7 @@ def parse_count(text: str | int | float) -> int:
     except ValueError:
         value = math.nan
     if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"invalid count {text!r}; expected a positive number like 150M, 2.5M, 800K or 1e9")
+        raise UsnetValueError(f"invalid count {text!r}; expected a positive number like 150M, 2.5M, 800K or 1e9")
     return int(round(value))
 
 
@@ -167,11 +167,11 @@ def select_width(
     budgets = {k: v for k, v in (("max_macs", max_macs), ("max_params", max_params),
                                  ("max_latency_ms", max_latency_ms)) if v is not None}  # fmt: skip
     if not budgets:
-        raise ValueError("a budget is needed: max_macs, max_params or max_latency_ms (--max-macs, "
+        raise UsnetValueError("a budget is needed: max_macs, max_params or max_latency_ms (--max-macs, "
                          "--max-params or --max-latency-ms on the command line)")
     for name, value in budgets.items():
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-            raise ValueError(f"{name} must be a positive number, got {value!r}")
+            raise UsnetValueError(f"{name} must be a positive number, got {value!r}")
     size = _check_input_size(input_size)
     plan = get_state(model).plan
     preferred = [float(r["width"]) for r in spectrum or () if isinstance(r.get("width"), (int, float))]
@@ -194,7 +194,7 @@ def select_width(
         static = timed
     fitting = [c for c in static if c.latency_ms is None or c.latency_ms <= max_latency_ms]
     if not fitting:
-        raise ValueError(_nothing_fits(candidates[0], budgets))
+        raise UsnetValueError(_nothing_fits(candidates[0], budgets))
     chosen = max(fitting, key=lambda c: c.width_interval[1])
     return Selection(chosen, budgets, size, candidates, latency_info)
 
@@ -215,11 +215,13 @@ def measure_candidates(
     """The candidates with ``latency_ms`` filled in, from the cache or measured (then cached)."""
     device = _check_device(device)
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
-        raise ValueError(f"threads must be a positive integer, got {threads!r}")
+        raise UsnetValueError(f"threads must be a positive integer, got {threads!r}")
     for name, value, least in (("warmup", warmup, 0), ("repeats", repeats, 1)):
         if isinstance(value, bool) or not isinstance(value, int) or value < least:
-            raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
+            raise UsnetValueError(f"{name} must be an integer >= {least}, got {value!r}")
     size = _check_input_size(input_size)
+    if use_cache:
+        check_cache_dir(cache_dir)
     dtype = next(model.parameters()).dtype
     previous_threads = torch.get_num_threads()
     if threads is not None:
@@ -304,24 +306,22 @@ def default_cache_dir() -> Path:
     return Path(base) / "usnet"
 
 
+def check_cache_dir(cache_dir: str | os.PathLike | None = None) -> Path:
+    """The latency cache directory, refused early if a file stands where it or its ``latency/``
+    subdirectory should be."""
+    root = Path(cache_dir or default_cache_dir())
+    for path in (root, root / "latency"):
+        if path.exists() and not path.is_dir():
+            raise UsnetValueError(
+                f"latency cache {str(root)!r}: {str(path)!r} is a file, not a directory; pass "
+                "--latency-cache DIR (cache_dir=) naming a directory"
+            )
+    return root
+
+
 def latency_cache_path(key: Mapping, cache_dir: str | os.PathLike | None = None) -> Path:
     digest = hashlib.sha256(json.dumps(dict(key), sort_keys=True).encode()).hexdigest()[:20]
     return Path(cache_dir or default_cache_dir()) / "latency" / f"{digest}.json"
-
-
-def device_name(device: torch.device) -> str:
-    """``cuda:<GPU name>`` or ``cpu:<processor model>``: timings belong to the hardware."""
-    if device.type == "cuda":
-        return f"cuda:{torch.cuda.get_device_name(device)}"
-    model = ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"cpu:{model or platform.processor() or platform.machine()}"
 
 
 def format_selection(selection: Selection) -> str:
@@ -340,53 +340,6 @@ def format_selection(selection: Selection) -> str:
         lines.append(f"latency on {info['device']}, {info['threads']} threads: {info['measured']} "
                      f"configurations measured, {info['cached']} from cache {info['cache'] or '(off)'}")  # fmt: skip
     return "\n".join(lines)
-
-
-def plot_selection(selection: Selection, title: str = "") -> bytes:
-    """PNG: the budgeted cost (latency if measured, else MACs or params) against width with the
-    budget line and the chosen width, and top-1 where known."""
-    import io
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    budgets = selection.budgets
-    if "max_latency_ms" in budgets:
-        key, label, budget = "latency_ms", "latency (ms, median)", budgets["max_latency_ms"]
-    elif "max_macs" in budgets:
-        key, label, budget = "macs", "MACs", budgets["max_macs"]
-    else:
-        key, label, budget = "params", "parameters", budgets["max_params"]
-    rows = [c for c in selection.candidates if getattr(c, key) is not None]
-    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=120)
-    # Each configuration is a step of the staircase: a flat segment over the widths giving it.
-    ax.hlines([getattr(c, key) for c in rows], [c.width_interval[0] for c in rows],
-              [c.width_interval[1] for c in rows], color="C0", lw=2)  # fmt: skip
-    ax.plot([c.width for c in rows], [getattr(c, key) for c in rows], "o", ms=3, color="C0", label=label)
-    ax.axhline(budget, color="C3", ls="--", lw=1, label=f"budget {_budget_text('max_' + key, budget)}")
-    ax.axvline(selection.width, color="C2", ls=":", lw=1, label=f"chosen width {selection.width:g}")
-    ax.set_xlabel("width")
-    ax.set_ylabel(label)
-    handles, labels = ax.get_legend_handles_labels()
-    accurate = [c for c in selection.candidates if c.top1 is not None]
-    if accurate:
-        ax2 = ax.twinx()
-        ax2.plot([c.width for c in accurate], [100 * c.top1 for c in accurate], "s-", ms=3, color="C1",
-                 label="top-1 (%)")  # fmt: skip
-        ax2.set_ylabel("top-1 (%)")
-        h2, l2 = ax2.get_legend_handles_labels()
-        handles, labels = handles + h2, labels + l2
-    ax.legend(handles, labels, loc="upper left", fontsize=8)
-    ax.grid(alpha=0.3)
-    if title:
-        ax.set_title(title)
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    plt.close(fig)
-    return buffer.getvalue()
 
 
 def _nothing_fits(narrowest: Candidate, budgets: Mapping) -> str:
@@ -408,7 +361,7 @@ def _budget_text(key: str, value: float) -> str:
 def _check_device(device: str | torch.device) -> torch.device:
     name = str(device)
     if isinstance(device, torch.device) and device.type not in ("cpu", "cuda"):
-        raise ValueError(f"latency is measured on cpu or cuda, not {device.type!r}")
+        raise UsnetValueError(f"latency is measured on cpu or cuda, not {device.type!r}")
     return resolve_device(name)  # a ConfigError is a ValueError with the valid names
 
 

@@ -13,10 +13,10 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-from torch import Tensor, nn
+from torch import nn
 
-from .channels import ChannelPlan, Width, config_key
+from .channels import ChannelPlan, Width, config_key, format_width
+from .errors import UsnetTypeError
 from .layers import SlimmableBatchNorm2d, SlimmableConv2d, SlimmableLinear
 
 Dim = tuple[str, int]
@@ -104,7 +104,7 @@ def get_state(model: nn.Module) -> SlimmableState:
     """The model's slimmable state; a clear error for a model that is not slimmable."""
     state = getattr(model, STATE_ATTR, None)
     if not isinstance(state, SlimmableState):
-        raise TypeError(
+        raise UsnetTypeError(
             f"{type(model).__name__} is not a slimmable model: build one with usnet.models.* or "
             "convert it with usnet.slimmable(model)"
         )
@@ -179,7 +179,7 @@ def _layer_updates(model: nn.Module, state: SlimmableState, config: tuple[int, .
             elif isinstance(layer, SlimmableLinear):
                 attrs = {"active_in_features": cin, "active_out_features": out}
             else:
-                raise TypeError(
+                raise UsnetTypeError(
                     f"layer {binding.layer!r} is a {type(layer).__name__}, not a slimmable layer: "
                     "replace a bound layer only by a slimmable one of the same kind"
                 )
@@ -198,37 +198,26 @@ def width(model: nn.Module, width: Width) -> Iterator[nn.Module]:
         set_width(model, previous)
 
 
-_width_scope = width  # for functions whose argument is called ``width``
-
-
-def eval_forward(model: nn.Module, width: Width, images: Tensor) -> Tensor:
-    """``model``'s output on ``images`` in eval mode at ``width``, without autograd; the input is
-    moved to the model's device and dtype, and the model's mode and width are restored."""
-    param = next(model.parameters())
-    was_training = model.training
-    model.eval()
+@contextlib.contextmanager
+def keep_width_and_mode(model: nn.Module, *, width: Width | None = None,
+                        training: bool | None = None) -> Iterator[nn.Module]:  # fmt: skip
+    """Inside the block the model may change width and train/eval mode freely (``width`` and
+    ``training`` set them on entry); on exit, normally or by an exception, both are restored."""
+    state = get_state(model)
+    previous, was_training = state.width, model.training
     try:
-        with torch.no_grad(), _width_scope(model, width):
-            return model(images.to(device=param.device, dtype=param.dtype))
+        if training is not None:
+            model.train(training)
+        if width is not None:
+            set_width(model, width)
+        yield model
     finally:
+        set_width(model, previous)
         model.train(was_training)
 
 
-def current_config(model: nn.Module) -> tuple[int, ...]:
-    state = get_state(model)
-    return state.plan.config(state.width)
-
-
 def _describe(width: Width, config: tuple[int, ...]) -> str:
-    if isinstance(width, Mapping):
-        return f"width {dict(width)} (config {config_key(config)})"
-    return f"width {width:g} (config {config_key(config)})"
-
-
-def slimmable_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
-    """The bound slimmable layers of a model, by name."""
-    for binding in get_state(model).bindings:
-        yield binding.layer, model.get_submodule(binding.layer)
+    return f"width {format_width(width)} (config {config_key(config)})"
 
 
 def enable_switchable_bn(model: nn.Module, widths: list[float]) -> nn.Module:
@@ -236,14 +225,11 @@ def enable_switchable_bn(model: nn.Module, widths: list[float]) -> nn.Module:
     slimmable networks, Yu et al. 2019), for the slimmable-network baseline. Call before creating
     the optimizer; :func:`usnet.save`/:func:`usnet.load` keep them."""
     state = get_state(model)
-    previous = state.width
-    try:
+    with keep_width_and_mode(model):
         for w in widths:
             set_width(model, w)
             for module in model.modules():
                 if isinstance(module, SlimmableBatchNorm2d):
                     module.add_private_affine()
-    finally:
-        set_width(model, previous)
     state.switchable_widths = sorted({*state.switchable_widths, *map(float, widths)})
     return model

@@ -21,31 +21,33 @@ counts, and only rank 0 writes files. ``--resume`` reads the checkpoint on rank 
 
 from __future__ import annotations
 
-import csv
 import inspect
-import io
-import json
-import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from . import checkpoint as ckpt
 from . import distributed as dist
 from .calibrate import calibrate
-from .channels import Width, config_id, parse_widths
-from .config import ConfigError, TrainConfig, config_diff, config_from_saved, resolve_device
+from .channels import parse_widths
+from .config import ConfigError, TrainConfig, config_diff, config_from_saved
 from .data import DataInfo, TensorBatches, as_tensors, build_datasets
+from .device import rank_device
+from .errors import DataError, TrainingError
+from .evaluation import evaluate
+from .files import check_writable
 from .models import create_model
-from .profile import format_count, profile
+from .reports import format_spectrum, spectrum_rows, step_bar, write_spectrum
+from .rundir import CHECKPOINT, FINAL, METRICS, RunLock, append_metric, holds_run, resumable_checkpoint, truncate_metrics
 from .state import enable_switchable_bn, get_state, set_width
 from .training import (
+    FixedWidths,
     InplaceDistillationLoss,
     WidthSampler,
     make_optimizer,
@@ -54,37 +56,6 @@ from .training import (
     warm_up_widths,
 )
 
-CHECKPOINT = "checkpoint.pt"  # latest epoch, with trainer state: what --resume reads
-FINAL = "model.pt"  # calibrated final model
-METRICS = "metrics.jsonl"
-
-
-class TrainingError(RuntimeError):
-    """Training cannot go on (non-finite loss, ...); the message says where and what is kept."""
-
-
-def pick_device(name: str) -> torch.device:
-    """The device of ``config.device``; in a process group, ``auto``/``cuda`` mean this rank's
-    GPU (the current CUDA device, which :func:`usnet.distributed.init_from_env` set)."""
-    if dist.is_distributed() and name in ("auto", "cuda") and torch.cuda.is_available():
-        return torch.device("cuda", torch.cuda.current_device())
-    return resolve_device(name)
-
-
-class FixedWidths:
-    """A sampler that always returns the same widths (individual and slimmable baselines)."""
-
-    def __init__(self, widths: Sequence[float]):
-        self.widths = sorted(widths, reverse=True)
-
-    def sample(self) -> list[float]:
-        return list(self.widths)
-
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        pass
 
 
 class Trainer:
@@ -96,17 +67,34 @@ class Trainer:
         self.is_main = self.rank == 0
         self.log = log if self.is_main else _silent
         self.progress = progress if self.is_main else False
-        self.device = pick_device(config.device)
+        self.device = rank_device(config.device)
         if config.batch_size % self.world_size:
             raise ConfigError(
                 f"batch_size {config.batch_size} is the global batch and must be divisible by the "
                 f"{self.world_size} processes"
             )
         self.rank_batch_size = config.batch_size // self.world_size
+        self.lock = RunLock(self.out)  # held by rank 0 from here to the end of run()
         saved = dist.run_on_main(lambda: self._check_out_dir(resume))
+        try:
+            self._setup(config, saved)
+        except BaseException:
+            self.lock.release()
+            raise
 
+    def _setup(self, config: TrainConfig, saved: dict | None) -> None:
+        if config.amp == "fp16" and self.device.type == "cpu":
+            raise ConfigError(
+                "amp=fp16 on the CPU runs about 150x slower than fp32 (no fast float16 CPU "
+                "kernels); use amp=bf16 (or none) on the CPU, fp16 on CUDA"
+            )
         self.train_set, self.calib_set, self.test_set, self.info = datasets_for(config)
         self._train_tensors: tuple[Tensor, Tensor] | bool | None = None  # see train_loader
+        if self.info.num_classes < 2:
+            raise DataError(
+                f"{config.data.name} data holds {self.info.num_classes} class; a classifier needs "
+                "at least 2 (an image folder: one subdirectory per class)"
+            )
         torch.manual_seed(config.seed)  # the initial weights are part of the run's identity
         self.model = self._build_model(self.info).to(self.device)
         if config.mode == "slimmable":  # the earlier scheme: switchable BN at fixed widths
@@ -115,6 +103,7 @@ class Trainer:
             self.model = self.model.to(memory_format=torch.channels_last)
         if config.sync_bn:
             dist.convert_sync_batchnorm(self.model)  # a no-op in a single process
+        self.evaluated_widths = self.eval_widths()  # a bad eval.widths fails now, not after training
         self.steps_per_epoch = len(self.train_set) // config.batch_size
         if self.steps_per_epoch == 0:
             raise ConfigError(
@@ -156,15 +145,25 @@ class Trainer:
 
     # -- setup ---------------------------------------------------------------------------------
     def _check_out_dir(self, resume: bool) -> dict | None:
-        path = self.out / CHECKPOINT
+        """On rank 0: take the run directory's lock, then check what it holds."""
+        check_writable(self.out / METRICS, "--out")
+        for note in self.lock.acquire():
+            self.log(note)
+        try:
+            return self._check_run(resume)
+        except BaseException:
+            self.lock.release()
+            raise
+
+    def _check_run(self, resume: bool) -> dict | None:
         if not resume:
-            if path.exists() or (self.out / FINAL).exists():
+            if holds_run(self.out):
                 raise FileExistsError(
                     f"{str(self.out)!r} already holds a run; pass --resume to continue it or choose "
                     "another --out (nothing was overwritten)"
                 )
             return None
-        payload = _resumable_checkpoint(self.out)
+        payload = resumable_checkpoint(self.out)
         saved = payload["extra"]["config"]
         completed = config_from_saved(saved).to_dict()  # fields added since: as before they existed
         changed = sorted(config_diff(completed, self.config.to_dict()))
@@ -214,27 +213,15 @@ class Trainer:
     def _metric(self, record: dict[str, Any]) -> None:
         if not self.is_main:
             return
-        self.out.mkdir(parents=True, exist_ok=True)
-        with open(self.out / METRICS, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        append_metric(self.out, record)
         if self.tb is not None:
             for key, value in record.items():
                 if isinstance(value, (int, float)) and key not in ("step", "epoch"):
                     self.tb.add_scalar(f"{record['kind']}/{key}", value, record.get("step", self.step))
 
     def _truncate_metrics(self, step: int) -> None:
-        path = self.out / METRICS
-        if not self.is_main or not path.exists():
-            return
-        keep = []
-        for line in path.read_text().splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line cut off by the interruption
-            if isinstance(record, dict) and record.get("step", 0) <= step:
-                keep.append(line)
-        ckpt.atomic_write_bytes(path, ("\n".join(keep) + "\n" if keep else "").encode())
+        if self.is_main:
+            truncate_metrics(self.out, step)
 
     def describe_losses(self) -> str:
         c = self.config
@@ -309,6 +296,7 @@ class Trainer:
             if self.tb is not None:
                 self.tb.close()
                 self.tb = None
+            self.lock.release()
 
     def _warm_up(self) -> None:
         """Turn on cuDNN autotuning and run every channel configuration the run can train once
@@ -334,7 +322,7 @@ class Trainer:
         # Dropout/augmentation in this process; other ranks see other images, so other draws.
         torch.manual_seed(_epoch_seed(c.seed, self.epoch) + 1_000_003 * self.rank)
         self.model.train()
-        bar = _bar(self.steps_per_epoch, f"epoch {self.epoch + 1}/{c.epochs}", self.progress)
+        bar = step_bar(self.steps_per_epoch, f"epoch {self.epoch + 1}/{c.epochs}", self.progress)
         seen, start = 0, time.perf_counter()
         for images, labels in self.train_loader(self.epoch):
             images = images.to(self.device, non_blocking=True)
@@ -446,119 +434,16 @@ class Trainer:
         lo, hi = get_state(self.model).width_range
         if lo == hi:
             return [lo]
-        widths = [w for w in parse_widths(self.config.eval.widths) if lo - 1e-9 <= w <= hi + 1e-9]
+        given = parse_widths(self.config.eval.widths)
+        widths = [w for w in given if lo - 1e-9 <= w <= hi + 1e-9]
         if not widths:
             raise ConfigError(f"eval.widths {self.config.eval.widths!r} has no width in [{lo}, {hi}]")
+        outside = [w for w in given if w not in widths]
+        if outside and not hasattr(self, "evaluated_widths"):  # said once, before training
+            listed = ", ".join(f"{w:g}" for w in outside[:4]) + (", ..." if len(outside) > 4 else "")
+            self.log(f"eval.widths: evaluating the {len(widths)} widths inside the width range "
+                     f"[{lo}, {hi}]; {len(outside)} outside it are skipped ({listed})")  # fmt: skip
         return widths
-
-
-# --- evaluation and reports ---------------------------------------------------------------------
-@torch.no_grad()
-def evaluate(model: nn.Module, loader: DataLoader | Sequence, widths: Sequence[Width],
-             device: torch.device | None = None, *, distributed: bool = False) -> list[tuple[float, float]]:  # fmt: skip
-    """Top-1 and top-5 accuracy (fractions) at each width; every batch is loaded once for all.
-
-    ``distributed=True`` (in a process group, on every rank): ``loader`` holds this rank's share
-    of the data and the hit counts are summed over the ranks (exact integers), so every rank
-    returns the accuracy on the whole data."""
-    state = get_state(model)
-    previous, was_training = state.width, model.training
-    device = device or next(model.parameters()).device
-    correct1 = [0] * len(widths)
-    correct5 = [0] * len(widths)
-    total = 0
-    model.eval()
-    try:
-        for images, labels in loader:
-            images, labels = images.to(device), labels.to(device)
-            total += labels.shape[0]
-            for i, w in enumerate(widths):
-                set_width(model, w)
-                logits = model(images)
-                top = logits.topk(min(5, logits.shape[1]), dim=1).indices
-                hits = top == labels[:, None]
-                correct1[i] += int(hits[:, 0].sum())
-                correct5[i] += int(hits.any(dim=1).sum())
-    finally:
-        set_width(model, previous)
-        model.train(was_training)
-    if distributed:
-        summed = dist.all_reduce_sum([total, *correct1, *correct5])
-        total, correct1 = summed[0], summed[1 : 1 + len(widths)]
-        correct5 = summed[1 + len(widths) :]
-    if total == 0:
-        raise ValueError("evaluation data is empty")
-    return [(c1 / total, c5 / total) for c1, c5 in zip(correct1, correct5)]
-
-
-SPECTRUM_FIELDS = ("width", "config_id", "params", "macs", "top1", "top5")
-
-
-def spectrum_rows(model: nn.Module, widths: Sequence[float], accuracies: Sequence[tuple[float, float]],
-                  input_size: Sequence[int]) -> list[dict]:  # fmt: skip
-    """One spectrum row per width: its configuration id, cost, and (top-1, top-5) accuracy."""
-    plan = get_state(model).plan
-    rows = []
-    for w, (top1, top5) in zip(widths, accuracies):
-        cost = profile(model, w, input_size)
-        rows.append({"width": w, "config_id": config_id(plan.config(w)), "params": cost.params,
-                     "macs": cost.macs, "top1": top1, "top5": top5})  # fmt: skip
-    return rows
-
-
-def format_spectrum(rows: Sequence[dict]) -> str:
-    lines = [f"{'width':>7} {'params':>9} {'MACs':>9} {'top-1':>7} {'top-5':>7}"]
-    for r in rows:
-        lines.append(f"{r['width']:>7.3f} {format_count(r['params']):>9} {format_count(r['macs']):>9} "
-                     f"{100 * r['top1']:>6.2f}% {100 * r['top5']:>6.2f}%")  # fmt: skip
-    return "\n".join(lines)
-
-
-def write_spectrum(out: Path, rows: Sequence[dict], title: str = "") -> None:
-    """spectrum.csv, spectrum.json and spectrum.png (top-1 against MACs), each written atomically."""
-    text = io.StringIO()
-    writer = csv.DictWriter(text, fieldnames=SPECTRUM_FIELDS)
-    writer.writeheader()
-    for r in rows:
-        writer.writerow({k: r[k] for k in SPECTRUM_FIELDS})
-    ckpt.atomic_write_bytes(out / "spectrum.csv", text.getvalue().encode())
-    ckpt.atomic_write_bytes(out / "spectrum.json",
-                            json.dumps([{k: r[k] for k in SPECTRUM_FIELDS} for r in rows], indent=1).encode())  # fmt: skip
-    ckpt.atomic_write_bytes(out / "spectrum.png", plot_spectrum(rows, title))
-
-
-def plot_spectrum(rows: Sequence[dict], title: str = "",
-                  others: Mapping[str, Sequence[dict]] | None = None) -> bytes:  # fmt: skip
-    """PNG of top-1 against MACs along the width range; ``others`` adds labelled series of
-    points (e.g. networks trained alone at single widths) for comparison."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
-    macs = [r["macs"] / 1e6 for r in rows]
-    top1 = [100 * r["top1"] for r in rows]
-    ax.plot(macs, top1, "o-", ms=3, label="one US-Net, every width")
-    for (label, points), marker in zip((others or {}).items(), "s^Dv*"):
-        ax.plot([r["macs"] / 1e6 for r in points], [100 * r["top1"] for r in points], marker,
-                ls="--", ms=6, label=label)  # fmt: skip
-    if others:
-        ax.legend(loc="lower right", fontsize=8)
-    stride = max(1, math.ceil(len(rows) / 12))
-    for i, r in enumerate(rows):
-        if i % stride == 0 or i == len(rows) - 1:
-            ax.annotate(f"{r['width']:g}", (macs[i], top1[i]), textcoords="offset points",
-                        xytext=(0, 6), ha="center", fontsize=7)  # fmt: skip
-    ax.set_xlabel("MACs (M) per image")
-    ax.set_ylabel("top-1 accuracy (%)")
-    ax.set_title(title or "accuracy across the width range")
-    ax.grid(alpha=0.3)
-    buffer = io.BytesIO()
-    fig.tight_layout()
-    fig.savefig(buffer, format="png")
-    plt.close(fig)
-    return buffer.getvalue()
 
 
 # PyTorch 2.14 renamed DDP's broadcast_buffers to forward_sync_buffers (2.11 knows only the former).
@@ -577,34 +462,11 @@ def _epoch_seed(seed: int, epoch: int) -> int:
     return seed * 100_003 + epoch
 
 
-def _bar(total: int, desc: str, show: bool | None):
-    import sys
-
-    if show is False:
-        return None
-    from tqdm.auto import tqdm
-
-    tty = sys.stderr.isatty()
-    return tqdm(total=total, desc=desc, unit="step", leave=tty is False, mininterval=1 if tty else 30)
-
-
-def _resumable_checkpoint(out_dir: Path) -> dict:
-    """The checkpoint that ``--resume`` continues in ``out_dir`` (with config and trainer state)."""
-    path = out_dir / CHECKPOINT
-    if not path.exists():
-        raise FileNotFoundError(f"--resume: no {CHECKPOINT} in {str(out_dir)!r}")
-    payload = ckpt.read_checkpoint(path)
-    extra = payload.get("extra", {})
-    if extra.get("config") is None or "trainer" not in extra:
-        raise ValueError(f"{str(path)!r} holds no trainer state to resume from")
-    return payload
-
-
 def saved_run_config(out_dir: str | Path) -> TrainConfig:
     """The config of the run in ``out_dir`` that ``--resume`` continues (``usnet train --resume``
     without a CONFIG file). Read on rank 0 only and handed to the other ranks, like the checkpoint
     itself, so other machines need no shared file system; call it inside the process group."""
-    return dist.run_on_main(lambda: load_run_config(_resumable_checkpoint(Path(out_dir))))
+    return dist.run_on_main(lambda: load_run_config(resumable_checkpoint(out_dir)))
 
 
 def load_run_config(payload: dict) -> TrainConfig | None:

@@ -45,8 +45,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.optim.lr_scheduler import LambdaLR
 
-from .channels import Width, _check_range
-from .state import get_state, is_slimmable, set_width
+from .channels import Width, _check_range, format_width, width_value
+from .errors import UsnetTypeError, UsnetValueError
+from .state import get_state, is_slimmable, keep_width_and_mode, set_width
 
 __all__ = [
     "DISTILL",
@@ -76,6 +77,23 @@ SCHEDULES = ("linear", "cosine")
 
 # -- width sampling ------------------------------------------------------------------------------
 SANDWICH_ENDS = ("both", "max", "min", "none")
+
+
+class FixedWidths:
+    """A sampler that always returns the same widths, widest first (the individual and
+    slimmable-network baselines)."""
+
+    def __init__(self, widths: Sequence[float]):
+        self.widths = sorted(widths, reverse=True)
+
+    def sample(self) -> list[float]:
+        return list(self.widths)
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
 
 
 class WidthSampler:
@@ -127,17 +145,17 @@ class WidthSampler:
         self.width_range: tuple[float, float] = _check_range(width_range)
         self.choices: list[float] | None = _check_choices(choices, self.width_range)
         if ends not in SANDWICH_ENDS:
-            raise ValueError(f"ends must be one of {', '.join(map(repr, SANDWICH_ENDS))}, got {ends!r}")
+            raise UsnetValueError(f"ends must be one of {', '.join(map(repr, SANDWICH_ENDS))}, got {ends!r}")
         self.ends = ends
         if isinstance(num_widths, bool) or not isinstance(num_widths, numbers.Integral):
-            raise TypeError(f"num_widths must be an integer >= 2, got {num_widths!r}")
+            raise UsnetTypeError(f"num_widths must be an integer >= 2, got {num_widths!r}")
         if num_widths < 2:
-            raise ValueError(
+            raise UsnetValueError(
                 f"num_widths must be an integer >= 2 (the widest and the narrowest width, plus "
                 f"any number of random ones; the paper uses 4), got {num_widths}"
             )
         if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
-            raise TypeError(f"seed must be an integer, got {seed!r}")
+            raise UsnetTypeError(f"seed must be an integer, got {seed!r}")
         self.num_widths = int(num_widths)
         self.seed = int(seed)
         self.generator = torch.Generator(device="cpu")
@@ -175,20 +193,20 @@ class WidthSampler:
         try:
             generator_state = state_dict["generator"]
         except (KeyError, TypeError):
-            raise ValueError("malformed WidthSampler state: no 'generator' entry") from None
+            raise UsnetValueError("malformed WidthSampler state: no 'generator' entry") from None
         if not isinstance(generator_state, Tensor) or generator_state.dtype != torch.uint8:
-            raise ValueError("malformed WidthSampler state: 'generator' must be a uint8 tensor")
+            raise UsnetValueError("malformed WidthSampler state: 'generator' must be a uint8 tensor")
         # Validate everything before changing anything: a bad state leaves the sampler as it was.
         ends = state_dict.get("ends", "both")  # states saved before the option: the sandwich rule
         if ends not in SANDWICH_ENDS:
-            raise ValueError(
+            raise UsnetValueError(
                 f"malformed WidthSampler state: ends {ends!r}, expected one of "
                 f"{', '.join(map(repr, SANDWICH_ENDS))}"
             )
         width_range = _check_range(state_dict.get("width_range", self.width_range))
         num_widths = int(state_dict.get("num_widths", self.num_widths))
         if num_widths < 2:
-            raise ValueError(f"malformed WidthSampler state: num_widths {num_widths} < 2")
+            raise UsnetValueError(f"malformed WidthSampler state: num_widths {num_widths} < 2")
         choices = _check_choices(state_dict["choices"], width_range) if "choices" in state_dict else self.choices
         self.ends, self.width_range, self.num_widths, self.choices = ends, width_range, num_widths, choices
         self.seed = int(state_dict.get("seed", self.seed))
@@ -210,10 +228,10 @@ def _check_choices(choices: Sequence[float] | None, width_range: tuple[float, fl
     values = []
     for c in choices:
         if isinstance(c, bool) or not isinstance(c, numbers.Real) or not lo - 1e-9 <= c <= hi + 1e-9:
-            raise ValueError(f"WidthSampler choices must be widths in [{lo}, {hi}], got {c!r}")
+            raise UsnetValueError(f"WidthSampler choices must be widths in [{lo}, {hi}], got {c!r}")
         values.append(min(hi, max(lo, float(c))))
     if not values:
-        raise ValueError(f"WidthSampler choices must hold at least one width in [{lo}, {hi}]")
+        raise UsnetValueError(f"WidthSampler choices must hold at least one width in [{lo}, {hi}]")
     return values
 
 
@@ -237,9 +255,9 @@ def soft_cross_entropy(logits: Tensor, soft_targets: Tensor, temperature: float 
         temperature: softmax temperature ``T > 0``.
     """
     if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
+        raise UsnetValueError(f"temperature must be > 0, got {temperature}")
     if logits.shape != soft_targets.shape:
-        raise ValueError(
+        raise UsnetValueError(
             f"logits {tuple(logits.shape)} and soft_targets {tuple(soft_targets.shape)} must have "
             "the same shape"
         )
@@ -280,12 +298,12 @@ class InplaceDistillationLoss(nn.Module):
     ) -> None:
         super().__init__()
         if not 0.0 <= label_smoothing < 1.0:
-            raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+            raise UsnetValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
         if not 0.0 <= label_weight <= 1.0:
-            raise ValueError(f"label_weight must be in [0, 1], got {label_weight}")
+            raise UsnetValueError(f"label_weight must be in [0, 1], got {label_weight}")
         self.label_weight = float(label_weight)
         if not temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
+            raise UsnetValueError(f"temperature must be > 0, got {temperature}")
         self.label_smoothing = float(label_smoothing)
         self.temperature = float(temperature)
         self.enabled = bool(enabled)
@@ -405,10 +423,10 @@ def sandwich_step(
     draw = getattr(sampler, "sample", None)
     widths = list(draw() if callable(draw) else sampler)  # type: ignore[arg-type]
     if not widths:
-        raise ValueError("the sampler gave no widths")
+        raise UsnetValueError("the sampler gave no widths")
     uniform = [w for w in widths if not isinstance(w, Mapping)]
     if len(uniform) == len(widths) and widths[0] < max(uniform):  # type: ignore[operator]
-        raise ValueError(
+        raise UsnetValueError(
             f"the first width must be the widest (the teacher of the others), got {widths}"
         )
     distill = isinstance(criterion, InplaceDistillationLoss)
@@ -454,7 +472,7 @@ def sandwich_step(
         for w, value in zip(widths, values):
             if not math.isfinite(value):
                 raise FloatingPointError(
-                    f"non-finite loss ({value}) at {_describe_width(w)}; the optimizer did not step"
+                    f"non-finite loss ({value}) at width {format_width(w)}; the optimizer did not step"
                 )
         if scaler is not None:
             scaler.step(optimizer)
@@ -463,7 +481,7 @@ def sandwich_step(
             optimizer.step()
     finally:
         set_width(inner, widths[0])
-    return StepResult(widths=[_plain(w) for w in widths], losses=values, loss_kinds=kinds)
+    return StepResult(widths=[width_value(w) for w in widths], losses=values, loss_kinds=kinds)
 
 
 def warm_up_widths(
@@ -489,11 +507,10 @@ def warm_up_widths(
     """
     inner = _unwrap(model)
     state = get_state(inner)
-    previous = state.width
     seen: set[tuple[int, ...]] = set()
     devices = [images.device] if images.device.type != "cpu" else []
     try:
-        with torch.random.fork_rng(devices=devices, device_type=images.device.type):
+        with keep_width_and_mode(inner), torch.random.fork_rng(devices=devices, device_type=images.device.type):
             for w in widths:
                 config = state.plan.config(w)
                 if config in seen:
@@ -509,7 +526,6 @@ def warm_up_widths(
     finally:
         for p in model.parameters():
             p.grad = None
-        set_width(inner, previous)
     return len(seen)
 
 
@@ -530,14 +546,6 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return model  # pragma: no cover
 
 
-def _plain(width: Width) -> Any:
-    return dict(width) if isinstance(width, Mapping) else float(width)
-
-
-def _describe_width(width: Width) -> str:
-    return f"width {dict(width)}" if isinstance(width, Mapping) else f"width {float(width):g}"
-
-
 # -- optimizer -----------------------------------------------------------------------------------
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """Split the parameters into a weight-decayed and a non-decayed group (the paper's recipe).
@@ -552,7 +560,7 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
         {"params": not_decayed, "weight_decay": 0.0}]``, ready for ``torch.optim.SGD``.
     """
     if not weight_decay >= 0:
-        raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+        raise UsnetValueError(f"weight_decay must be >= 0, got {weight_decay}")
     decayed_ids: set[int] = set()
     for module in model.modules():
         weight = getattr(module, "weight", None)
@@ -583,7 +591,7 @@ def make_optimizer(
 ) -> torch.optim.SGD:
     """SGD over :func:`param_groups` (the paper: momentum 0.9, Nesterov, weight decay 1e-4)."""
     if nesterov and momentum <= 0:
-        raise ValueError(f"nesterov momentum needs momentum > 0, got {momentum}")
+        raise UsnetValueError(f"nesterov momentum needs momentum > 0, got {momentum}")
     return torch.optim.SGD(
         param_groups(model, weight_decay), lr=lr, momentum=momentum, nesterov=nesterov
     )
@@ -629,10 +637,10 @@ def make_scheduler(
 
 def _check_schedule(total_steps: int, warmup_steps: int, schedule: str) -> None:
     if schedule not in SCHEDULES:
-        raise ValueError(f"unknown schedule {schedule!r}; valid schedules: {', '.join(SCHEDULES)}")
+        raise UsnetValueError(f"unknown schedule {schedule!r}; valid schedules: {', '.join(SCHEDULES)}")
     if total_steps < 1:
-        raise ValueError(f"total_steps must be >= 1, got {total_steps}")
+        raise UsnetValueError(f"total_steps must be >= 1, got {total_steps}")
     if not 0 <= warmup_steps <= total_steps:
-        raise ValueError(
+        raise UsnetValueError(
             f"warmup_steps must be in [0, total_steps={total_steps}], got {warmup_steps}"
         )

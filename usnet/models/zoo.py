@@ -8,26 +8,76 @@ match the plain model's, and records itself in the model so :func:`usnet.load` c
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torchvision
 from torch import nn
 
 from ..convert import slimmable
+from ..errors import UsnetValueError
 from .convnet import DEFAULT_CHANNELS, DEFAULT_STRIDES, ConvNet
 from .mobilenet_v1 import MobileNetV1
 
+@dataclass(frozen=True)
+class Architecture:
+    """What the zoo records about a builder when it is registered (timm's model config): its
+    default width range and the images it takes, so commands need not guess them."""
+
+    name: str
+    default_width_range: tuple[float, float]
+    image_size: int = 224  # side of the images of the ImageNet-style stem
+    small_image_size: int = 32  # side with ``small_input=True`` (28-32 px: Fashion-MNIST, CIFAR)
+
+    def input_size(self, in_channels: int = 3, small_input: bool = False) -> tuple[int, int, int, int]:
+        """The ``(1, C, H, W)`` input the builder's model takes with these arguments."""
+        side = self.small_image_size if small_input else self.image_size
+        return (1, in_channels, side, side)
+
+
 _BUILDERS: dict[str, Callable[..., nn.Module]] = {}
+_ARCHITECTURES: dict[str, Architecture] = {}
 DEFAULT_WIDTH_RANGES: dict[str, tuple[float, float]] = {}
 
 
-def register_model(default_width_range: tuple[float, float]):
+def register_model(default_width_range: tuple[float, float], *, image_size: int = 224,
+                   small_image_size: int = 32):  # fmt: skip
+    """Register a builder under its function name with its :class:`Architecture`; a name that
+    is already registered is refused (as torchvision's registry does)."""
+
     def decorator(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-        _BUILDERS[fn.__name__] = fn
-        DEFAULT_WIDTH_RANGES[fn.__name__] = default_width_range
+        name = fn.__name__
+        if name in _BUILDERS:
+            raise UsnetValueError(f"a zoo model {name!r} is already registered; choose another name")
+        _BUILDERS[name] = fn
+        _ARCHITECTURES[name] = Architecture(name, tuple(default_width_range), image_size, small_image_size)
+        DEFAULT_WIDTH_RANGES[name] = tuple(default_width_range)
         return fn
 
     return decorator
+
+
+def architecture(name: str) -> Architecture:
+    """The architecture record of a zoo model by name."""
+    if name not in _ARCHITECTURES:
+        raise UsnetValueError(f"unknown model {name!r}; available: {', '.join(list_models())}")
+    return _ARCHITECTURES[name]
+
+
+def model_input_size(model: nn.Module) -> tuple[int, int, int, int]:
+    """The ``(1, C, H, W)`` input a slimmable model takes: from its zoo architecture record and
+    the arguments it was built with; for a converted custom model, its input channels (the
+    channel plan's input group) at 224 px."""
+    from ..state import get_state
+
+    state = get_state(model)
+    arch = state.arch or {}
+    if arch.get("name") in _ARCHITECTURES:
+        kwargs = arch.get("kwargs", {})
+        return _ARCHITECTURES[arch["name"]].input_size(int(kwargs.get("in_channels", 3)),
+                                                       bool(kwargs.get("small_input", False)))  # fmt: skip
+    channels = next(g.size for g in state.plan.groups.values() if g.name.startswith("input:"))
+    return (1, channels, 224, 224)
 
 
 def list_models() -> list[str]:
@@ -38,7 +88,7 @@ def list_models() -> list[str]:
 def create_model(name: str, **kwargs: Any) -> nn.Module:
     """Build a zoo model by name (e.g. ``create_model("us_mobilenet_v2", num_classes=10)``)."""
     if name not in _BUILDERS:
-        raise ValueError(f"unknown model {name!r}; available: {', '.join(list_models())}")
+        raise UsnetValueError(f"unknown model {name!r}; available: {', '.join(list_models())}")
     return _BUILDERS[name](**kwargs)
 
 
@@ -54,8 +104,8 @@ def _replace_stem(conv: nn.Conv2d, in_channels: int, small_input: bool, kernel: 
     return nn.Conv2d(in_channels, conv.out_channels, kernel, stride, padding, bias=conv.bias is not None)
 
 
-def _input_size(in_channels: int, small_input: bool) -> tuple[int, int, int, int]:
-    return (1, in_channels, 32 if small_input else 224, 32 if small_input else 224)
+def _input_size(name: str, in_channels: int, small_input: bool) -> tuple[int, int, int, int]:
+    return _ARCHITECTURES[name].input_size(in_channels, small_input)
 
 
 @register_model((0.25, 1.0))
@@ -72,7 +122,7 @@ def us_mobilenet_v1(
                   dropout=dropout, input_averaging=input_averaging)  # fmt: skip
     model = MobileNetV1(num_classes, 1.0, in_channels, small_input, dropout)
     return _finish("us_mobilenet_v1", model, width_range, kwargs,
-                   _input_size(in_channels, small_input), input_averaging=input_averaging)  # fmt: skip
+                   _input_size("us_mobilenet_v1", in_channels, small_input), input_averaging=input_averaging)  # fmt: skip
 
 
 @register_model((0.35, 1.0))
@@ -102,7 +152,7 @@ def us_mobilenet_v2(
     ]
     last = f"features.{len(model.features) - 1}.0"
     return _finish("us_mobilenet_v2", model, width_range, kwargs,
-                   _input_size(in_channels, small_input), ratio_ties=expansions,
+                   _input_size("us_mobilenet_v2", in_channels, small_input), ratio_ties=expansions,
                    fixed_outputs=[last], input_averaging=input_averaging)  # fmt: skip
 
 
@@ -116,7 +166,7 @@ def _us_resnet(name: str, depth: int, num_classes, in_channels, width_range, sma
         model.maxpool = nn.Identity()
     elif in_channels != 3:
         model.conv1 = nn.Conv2d(in_channels, 64, 7, 2, 3, bias=False)
-    return _finish(name, model, width_range, kwargs, _input_size(in_channels, small_input),
+    return _finish(name, model, width_range, kwargs, _input_size(name, in_channels, small_input),
                    input_averaging=input_averaging)  # fmt: skip
 
 
@@ -157,5 +207,6 @@ def us_convnet(
                   channels=list(channels), strides=list(strides), dropout=dropout,
                   pool_size=pool_size, input_averaging=input_averaging)  # fmt: skip
     model = ConvNet(num_classes, in_channels, channels, strides, 1.0, dropout, pool_size)
-    return _finish("us_convnet", model, width_range, kwargs, _input_size(in_channels, small_input),
+    return _finish("us_convnet", model, width_range, kwargs,
+                   _input_size("us_convnet", in_channels, small_input),
                    input_averaging=input_averaging)  # fmt: skip
