@@ -173,15 +173,17 @@ def test_width_range_and_divisor_arguments():
 
 
 # --- refusals ---------------------------------------------------------------------------------
-class CatNet(nn.Module):
+class ChunkNet(nn.Module):
+    """Halving one channel group: at a narrower width the active tensor would be cut elsewhere."""
+
     def __init__(self):
         super().__init__()
-        self.a = nn.Conv2d(3, 8, 3, padding=1)
-        self.b = nn.Conv2d(16, 8, 3, padding=1)
+        self.a = nn.Conv2d(3, 16, 3, padding=1)
+        self.b = nn.Conv2d(8, 8, 3, padding=1)
 
     def forward(self, x):
-        y = self.a(x)
-        return self.b(torch.cat([y, y], 1))
+        y, z = self.a(x).chunk(2, dim=1)
+        return self.b(y) + z
 
 
 class ViewNet(nn.Module):
@@ -260,7 +262,7 @@ class SharedNet(nn.Module):
 @pytest.mark.parametrize(
     "net, pattern",
     [
-        (CatNet, r"cat.*concatenation"),
+        (ChunkNet, r"chunk.*not whole channel groups"),
         (ViewNet, r"\.view\(\).*reshape"),
         (LayerNormNet, r"'norm' \(LayerNorm\)"),
         (Conv1dNet, r"'temporal' \(Conv1d\)"),

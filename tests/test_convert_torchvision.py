@@ -25,6 +25,7 @@ MUST_CONVERT = {
     "resnet50", "resnext50_32x4d", "wide_resnet50_2", "regnet_x_400mf", "regnet_y_400mf",
     "vgg11", "vgg11_bn", "mnasnet0_5", "mnasnet1_0",
     *(f"efficientnet_b{i}" for i in range(8)), "efficientnet_v2_s",
+    "densenet121", "googlenet", "inception_v3", "squeezenet1_0", "squeezenet1_1",
 }  # fmt: skip
 
 
@@ -59,7 +60,7 @@ def randomize_statistics(model: nn.Module) -> nn.Module:
 
 
 def _size(name: str) -> int:
-    return 224 if name.startswith(FIXED_SIZE) else 80 if name == "inception_v3" else 64
+    return 224 if name.startswith(FIXED_SIZE) else 299 if name == "inception_v3" else 64  # its aux head needs 299
 
 
 def _tensors(out) -> list[torch.Tensor]:

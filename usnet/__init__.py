@@ -20,14 +20,16 @@ from .channels import (
     parse_widths,
 )
 from .checkpoint import load, save
-from .convert import ConversionError, analyze, slimmable
+from .convert import ConversionError, analyze, register_op, slimmable
 from .deploy import VerificationError, export_artifact, export_widths, load_artifact
 from .export import export
 from .layers import (
     SlimmableBatchNorm2d,
     SlimmableConv2d,
+    SlimmableLayer,
     SlimmableLinear,
     UncalibratedWidthError,
+    register_slimmable,
 )
 from .profile import Profile, profile
 from .search import search_width
@@ -43,6 +45,7 @@ __all__ = [
     "Profile",
     "SlimmableBatchNorm2d",
     "SlimmableConv2d",
+    "SlimmableLayer",
     "SlimmableLinear",
     "UncalibratedWidthError",
     "VerificationError",
@@ -64,6 +67,8 @@ __all__ = [
     "models",
     "parse_widths",
     "profile",
+    "register_op",
+    "register_slimmable",
     "sample_images",
     "save",
     "search_width",

@@ -14,6 +14,9 @@ into their weights.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -25,6 +28,66 @@ class UncalibratedWidthError(RuntimeError):
     """Eval-mode forward at a width whose BatchNorm statistics were never calibrated."""
 
 
+@dataclass(frozen=True)
+class ActiveChannels:
+    """The active channels of one dimension of a layer at one channel configuration.
+
+    ``index`` is None when they are the first ``count`` channels (a prefix); otherwise it lists
+    them in order (a concatenation's input whose segments are each active on a prefix of their
+    own). It is computed once per configuration and cached by :func:`usnet.set_width`.
+    """
+
+    count: int
+    index: Tensor | None = None
+
+    @classmethod
+    def prefix(cls, count: int) -> "ActiveChannels":
+        return cls(count)
+
+
+def take(tensor: Tensor, dim: int, channels: int, index: Tensor | None) -> Tensor:
+    """The active channels of ``tensor`` along ``dim``: its first ``channels``, or ``index``."""
+    if index is None:
+        return tensor[(slice(None),) * dim + (slice(channels),)]
+    return tensor.index_select(dim, index.to(tensor.device))
+
+
+class SlimmableLayer:
+    """The interface every slimmable layer implements (a mixin next to the PyTorch layer).
+
+    * ``channel_role``: ``"transform"`` layers map input channels to output channels of their own
+      (conv, linear); ``"features"`` layers act on each channel of their input and return as many
+      (norms): their binding has outputs only.
+    * :meth:`init_slimmable`: set the slimmable state of a freshly converted (or built) layer.
+    * :meth:`active_attrs`: the plain attributes that make the layer run at some active channels;
+      :func:`usnet.set_width` caches them per channel configuration and writes them.
+    * :meth:`to_plain`: the plain layer of the active shape (for :func:`usnet.export`).
+
+    A layer type is made slimmable for the whole library by :func:`register_slimmable`.
+    """
+
+    channel_role: ClassVar[str] = "transform"
+
+    def init_slimmable(self, input_averaging: bool = False) -> None:
+        raise NotImplementedError
+
+    def active_attrs(self, inputs: ActiveChannels | None, outputs: ActiveChannels,
+                     stats_key: str | None) -> dict[str, Any]:  # fmt: skip
+        raise NotImplementedError
+
+    def to_plain(self, require_stats: bool = True) -> nn.Module:
+        raise NotImplementedError
+
+
+def _copy_into(new: nn.Module, weight: Tensor, bias: Tensor | None, training: bool) -> nn.Module:
+    with torch.no_grad():
+        new.weight.copy_(weight)
+        if bias is not None:
+            new.bias.copy_(bias)
+    new.train(training)
+    return new
+
+
 def _scaled(weight: Tensor, bias: Tensor | None, scale: float) -> tuple[Tensor, Tensor | None]:
     """Weight and bias times the input-averaging scale (a no-op at scale 1)."""
     if scale == 1.0:
@@ -32,7 +95,7 @@ def _scaled(weight: Tensor, bias: Tensor | None, scale: float) -> tuple[Tensor, 
     return weight * scale, None if bias is None else bias * scale
 
 
-class SlimmableConv2d(nn.Conv2d):
+class SlimmableConv2d(SlimmableLayer, nn.Conv2d):
     """``nn.Conv2d`` (standard, grouped or depthwise) running on its first channels.
 
     A depthwise conv (``groups == in_channels``) keeps ``groups == active_in_channels``; any other
@@ -42,12 +105,29 @@ class SlimmableConv2d(nn.Conv2d):
 
     def __init__(self, *args, input_averaging: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
-        self._init_slimmable(input_averaging)
+        self.init_slimmable(input_averaging)
 
-    def _init_slimmable(self, input_averaging: bool = False) -> None:
+    def init_slimmable(self, input_averaging: bool = False) -> None:
         self.active_in_channels = self.in_channels
         self.active_out_channels = self.out_channels
+        self.active_in_index: Tensor | None = None  # None: a prefix (see ActiveChannels)
+        self.active_out_index: Tensor | None = None
         self.input_averaging = input_averaging
+
+    _init_slimmable = init_slimmable
+
+    def active_attrs(self, inputs, outputs, stats_key=None) -> dict[str, Any]:
+        return {"active_in_channels": inputs.count, "active_out_channels": outputs.count,
+                "active_in_index": inputs.index, "active_out_index": outputs.index}  # fmt: skip
+
+    def to_plain(self, require_stats: bool = True) -> nn.Module:
+        weight, bias = self.active_weight_and_bias()
+        new = nn.Conv2d(
+            self.active_in_channels, self.active_out_channels, self.kernel_size, self.stride,
+            self.padding, self.dilation, self.active_groups, bias is not None, self.padding_mode,
+            device=weight.device, dtype=weight.dtype,
+        )  # fmt: skip
+        return _copy_into(new, weight, bias, self.training)
 
     @property
     def is_depthwise(self) -> bool:
@@ -65,8 +145,14 @@ class SlimmableConv2d(nn.Conv2d):
                 f"{type(self).__name__}: {cin} input / {cout} output channels are not divisible "
                 f"by {groups} groups"
             )
-        bias = None if self.bias is None else self.bias[:cout]
-        return _scaled(self.weight[:cout, : cin // groups], bias, self.averaging_scale())
+        out_index = getattr(self, "active_out_index", None)  # absent in modules pickled before it
+        weight = take(self.weight, 0, cout, out_index)
+        if self.is_depthwise:  # one input channel per output channel: the input index is the output's
+            weight = weight[:, :1]
+        else:
+            weight = take(weight, 1, cin // groups, getattr(self, "active_in_index", None))
+        bias = None if self.bias is None else take(self.bias, 0, cout, out_index)
+        return _scaled(weight, bias, self.averaging_scale())
 
     def averaging_scale(self) -> float:
         if not self.input_averaging:
@@ -93,24 +179,40 @@ class SlimmableConv2d(nn.Conv2d):
         return super().extra_repr() + active + (", input_averaging" if self.input_averaging else "")
 
 
-class SlimmableLinear(nn.Linear):
+class SlimmableLinear(SlimmableLayer, nn.Linear):
     """``nn.Linear`` running on its first input and output features."""
 
     def __init__(self, *args, input_averaging: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
-        self._init_slimmable(input_averaging)
+        self.init_slimmable(input_averaging)
 
-    def _init_slimmable(self, input_averaging: bool = False) -> None:
+    def init_slimmable(self, input_averaging: bool = False) -> None:
         self.active_in_features = self.in_features
         self.active_out_features = self.out_features
+        self.active_in_index: Tensor | None = None  # None: a prefix (see ActiveChannels)
+        self.active_out_index: Tensor | None = None
         self.input_averaging = input_averaging
+
+    _init_slimmable = init_slimmable
+
+    def active_attrs(self, inputs, outputs, stats_key=None) -> dict[str, Any]:
+        return {"active_in_features": inputs.count, "active_out_features": outputs.count,
+                "active_in_index": inputs.index, "active_out_index": outputs.index}  # fmt: skip
+
+    def to_plain(self, require_stats: bool = True) -> nn.Module:
+        weight, bias = self.active_weight_and_bias()
+        new = nn.Linear(self.active_in_features, self.active_out_features, bias is not None,
+                        device=weight.device, dtype=weight.dtype)  # fmt: skip
+        return _copy_into(new, weight, bias, self.training)
 
     def averaging_scale(self) -> float:
         return self.in_features / self.active_in_features if self.input_averaging else 1.0
 
     def active_weight_and_bias(self) -> tuple[Tensor, Tensor | None]:
-        weight = self.weight[: self.active_out_features, : self.active_in_features]
-        bias = None if self.bias is None else self.bias[: self.active_out_features]
+        out_index = getattr(self, "active_out_index", None)  # absent in modules pickled before it
+        weight = take(self.weight, 0, self.active_out_features, out_index)
+        weight = take(weight, 1, self.active_in_features, getattr(self, "active_in_index", None))
+        bias = None if self.bias is None else take(self.bias, 0, self.active_out_features, out_index)
         return _scaled(weight, bias, self.averaging_scale())
 
     def forward(self, input: Tensor) -> Tensor:
@@ -127,7 +229,7 @@ class SlimmableLinear(nn.Linear):
         return super().extra_repr() + active + (", input_averaging" if self.input_averaging else "")
 
 
-class SlimmableBatchNorm2d(nn.BatchNorm2d):
+class SlimmableBatchNorm2d(SlimmableLayer, nn.BatchNorm2d):
     """``nn.BatchNorm2d`` on its first channels, with separate running statistics per width.
 
     * Training mode normalizes with batch statistics and updates no running statistics: running
@@ -142,12 +244,15 @@ class SlimmableBatchNorm2d(nn.BatchNorm2d):
       whatever the layer's own ``momentum`` and ``training`` flags say.
     """
 
+    channel_role = "features"
+
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self._init_slimmable()
+        self.init_slimmable()
 
-    def _init_slimmable(self) -> None:
+    def init_slimmable(self, input_averaging: bool = False) -> None:
         self.active_features = self.num_features
+        self.active_index: Tensor | None = None  # None: a prefix (see ActiveChannels)
         self.stats_key: str | None = None  # None: the full-width configuration (own buffers)
         self.width_label = "full width"
         self.width_stats: dict[str, tuple[Tensor, Tensor]] = {}
@@ -161,6 +266,43 @@ class SlimmableBatchNorm2d(nn.BatchNorm2d):
         self.sync_bn = False
         self.process_group = None
 
+    _init_slimmable = init_slimmable
+
+    def active_attrs(self, inputs, outputs, stats_key=None) -> dict[str, Any]:
+        return {"active_features": outputs.count, "active_index": outputs.index,
+                "stats_key": stats_key, "width_label": ""}  # fmt: skip
+
+    def to_plain(self, require_stats: bool = True) -> nn.Module:
+        c = self.active_features
+        ref = self.weight if self.weight is not None else self.running_mean
+        placement = {} if ref is None else {"device": ref.device, "dtype": ref.dtype}
+        new = nn.BatchNorm2d(c, self.eps, self.momentum, self.affine, self.track_running_stats,
+                             **placement)  # fmt: skip
+        with torch.no_grad():
+            if self.affine:
+                weight, bias = self.active_affine()
+                new.weight.copy_(weight)
+                new.bias.copy_(bias)
+            if self.track_running_stats:
+                stats = self.current_stats()
+                if stats is None and require_stats:
+                    raise UncalibratedWidthError(
+                        f"cannot export {self.width_label}: BatchNorm {self.usnet_name!r} is not "
+                        "calibrated there; run usnet.calibrate(model, data, widths=[...]) first"
+                    )
+                if stats is not None:
+                    new.running_mean.copy_(self._take(stats[0]))
+                    new.running_var.copy_(self._take(stats[1]))
+                    new.num_batches_tracked.fill_(max(1, int(self.num_batches_tracked)))
+        return new
+
+    def _take(self, tensor: Tensor) -> Tensor:
+        """The active channels of a per-channel tensor of full size (a configuration's own
+        statistics, already of the active size, are returned as they are)."""
+        if tensor.shape[0] == self.active_features:
+            return tensor
+        return take(tensor, 0, self.active_features, getattr(self, "active_index", None))
+
     # -- affine parameters -----------------------------------------------------------------------
     def add_private_affine(self) -> None:
         """Give the current configuration its own weight and bias (switchable BN), initialized
@@ -169,9 +311,8 @@ class SlimmableBatchNorm2d(nn.BatchNorm2d):
             return
         if self.private_affine is None:
             self.private_affine = nn.ParameterDict()
-        c = self.active_features
-        self.private_affine["weight_" + self.stats_key] = nn.Parameter(self.weight[:c].detach().clone())
-        self.private_affine["bias_" + self.stats_key] = nn.Parameter(self.bias[:c].detach().clone())
+        self.private_affine["weight_" + self.stats_key] = nn.Parameter(self._take(self.weight).detach().clone())
+        self.private_affine["bias_" + self.stats_key] = nn.Parameter(self._take(self.bias).detach().clone())
 
     def active_affine(self) -> tuple[Tensor | None, Tensor | None]:
         """Weight and bias at the active channels (private ones for a switchable configuration)."""
@@ -179,9 +320,8 @@ class SlimmableBatchNorm2d(nn.BatchNorm2d):
             weight = self.private_affine.get("weight_" + self.stats_key)
             if weight is not None:
                 return weight, self.private_affine["bias_" + self.stats_key]
-        c = self.active_features
-        weight = None if self.weight is None else self.weight[:c]
-        bias = None if self.bias is None else self.bias[:c]
+        weight = None if self.weight is None else self._take(self.weight)
+        bias = None if self.bias is None else self._take(self.bias)
         return weight, bias
 
     # -- statistics ------------------------------------------------------------------------------
@@ -299,7 +439,7 @@ class SlimmableBatchNorm2d(nn.BatchNorm2d):
                 "first (or use train mode)"
             )
         mean, var = stats
-        return F.batch_norm(input, mean[:c], var[:c], weight, bias, False, 0.0, self.eps)
+        return F.batch_norm(input, self._take(mean), self._take(var), weight, bias, False, 0.0, self.eps)
 
     def _normalize_global(self, input: Tensor, weight: Tensor | None, bias: Tensor | None,
                           group) -> Tensor:  # fmt: skip
@@ -401,12 +541,38 @@ def _affine_normalize(input: Tensor, mean: Tensor, var: Tensor, weight: Tensor |
     return (input.to(scale.dtype) * scale.view(shape) + shift.view(shape)).to(input.dtype)
 
 
-SLIMMABLE_LAYERS: dict[type[nn.Module], type[nn.Module]] = {
-    nn.Conv2d: SlimmableConv2d,
-    nn.Linear: SlimmableLinear,
-    nn.BatchNorm2d: SlimmableBatchNorm2d,
-}
-"""Registry: plain layer type -> slimmable subclass (exact types; subclasses are refused)."""
+SLIMMABLE_LAYERS: dict[type[nn.Module], type[nn.Module]] = {}
+"""Registry: plain layer type -> slimmable subclass (exact types; subclasses are refused).
+Extend it with :func:`register_slimmable`."""
+
+
+def register_slimmable(plain: type[nn.Module], slimmable: type[nn.Module]) -> type[nn.Module]:
+    """Make ``plain`` layers slimmable everywhere: the converter swaps them for ``slimmable``
+    (a subclass of ``plain`` implementing :class:`SlimmableLayer`), and ``set_width``, ``export``
+    and checkpoints handle them through that interface. Returns ``slimmable``.
+
+    The converter also needs to know how the layer treats channels: a ``"transform"`` layer
+    consumes its input's channels (dimension 1, or the last for ``Linear``-like layers) and
+    produces a channel group of its own; a ``"features"`` layer returns its input's channels
+    (:attr:`SlimmableLayer.channel_role`). Other behaviour needs :func:`usnet.register_op`.
+    """
+    if not (isinstance(plain, type) and issubclass(plain, nn.Module)):
+        raise TypeError(f"register_slimmable: {plain!r} is not an nn.Module class")
+    if not (isinstance(slimmable, type) and issubclass(slimmable, plain)
+            and issubclass(slimmable, SlimmableLayer)):  # fmt: skip
+        raise TypeError(
+            f"register_slimmable: {getattr(slimmable, '__name__', slimmable)!r} must subclass both "
+            f"{plain.__name__} and usnet.layers.SlimmableLayer"
+        )
+    if slimmable.channel_role not in ("transform", "features"):
+        raise ValueError(f"{slimmable.__name__}.channel_role must be 'transform' or 'features'")
+    SLIMMABLE_LAYERS[plain] = slimmable
+    return slimmable
+
+
+register_slimmable(nn.Conv2d, SlimmableConv2d)
+register_slimmable(nn.Linear, SlimmableLinear)
+register_slimmable(nn.BatchNorm2d, SlimmableBatchNorm2d)
 
 
 def make_slimmable_(module: nn.Module, input_averaging: bool = False) -> nn.Module:
@@ -415,12 +581,9 @@ def make_slimmable_(module: nn.Module, input_averaging: bool = False) -> nn.Modu
     if cls is None:
         raise TypeError(f"no slimmable counterpart for {type(module).__name__}")
     module.__class__ = cls
-    if cls is SlimmableBatchNorm2d:
-        module._init_slimmable()
-    else:
-        module._init_slimmable(input_averaging)
+    module.init_slimmable(input_averaging)
     return module
 
 
 def is_slimmable_layer(module: nn.Module) -> bool:
-    return isinstance(module, (SlimmableConv2d, SlimmableLinear, SlimmableBatchNorm2d))
+    return isinstance(module, SlimmableLayer)
