@@ -26,6 +26,7 @@ MUST_CONVERT = {
     "vgg11", "vgg11_bn", "mnasnet0_5", "mnasnet1_0",
     *(f"efficientnet_b{i}" for i in range(8)), "efficientnet_v2_s",
     "densenet121", "googlenet", "inception_v3", "squeezenet1_0", "squeezenet1_1",
+    "convnext_tiny", "convnext_small",
 }  # fmt: skip
 
 

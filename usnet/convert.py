@@ -53,7 +53,8 @@ from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from .channels import ChannelGroup, ChannelPlan
-from .layers import SLIMMABLE_LAYERS, make_slimmable_
+from .layers import SLIMMABLE_LAYERS, SlimmableLayer, make_slimmable_
+from .params import is_tensor_attr, slice_parameters_
 from .state import STATE_ATTR, Binding, Dim, SlimmableState, is_slimmable, set_width
 
 
@@ -187,10 +188,34 @@ def features_layer(a: "GraphAnalysis", node: fx.Node, module: nn.Module) -> Chan
     """A layer acting on each channel at dimension 1 (norms): its features are its input's."""
     dim = a.single_input(node)
     size = a.size(dim)
-    expected = getattr(module, "num_features", getattr(module, "num_channels", size))
+    expected = _features_of(module, size)
     a.check_size(node, dim, expected)
     if dim.axis != 1 or any(f != 1 for _, f in dim.segments):
         a.refuse(node, f"{type(module).__name__} on flattened features")
+    a.bind(node, None, dim)
+    return dim
+
+
+def _features_of(module: nn.Module, default: int) -> int:
+    for attr in ("num_features", "num_channels", "num_parameters"):
+        if isinstance(getattr(module, attr, None), int):
+            return getattr(module, attr)
+    shape = getattr(module, "normalized_shape", None)
+    return shape[0] if shape is not None and len(shape) == 1 else default
+
+
+def layer_norm(a: "GraphAnalysis", node: fx.Node, norm: nn.LayerNorm) -> ChannelDim | None:
+    """``nn.LayerNorm(C)`` over the channels, which must be the last dimension."""
+    dim = a.value(_first_arg(node))
+    if dim is None:
+        return None
+    shape = a.shape(_first_arg(node))
+    if len(norm.normalized_shape) != 1 or dim.axis != len(shape) - 1:
+        a.refuse(node, f"LayerNorm over {tuple(norm.normalized_shape)} mixes the channels with "
+                       "other dimensions; only a LayerNorm over the channels (last) is slimmable")  # fmt: skip
+    a.check_size(node, dim, norm.normalized_shape[0])
+    if any(f != 1 for _, f in dim.segments):
+        a.refuse(node, "LayerNorm on flattened features")
     a.bind(node, None, dim)
     return dim
 
@@ -227,6 +252,7 @@ def binary(a: "GraphAnalysis", node: fx.Node, module: Any = None) -> ChannelDim 
     out_axis = first.axis + (rank - len(a.shape(next(x for x, d in dims if d is first))))
     out_channels = out_shape[out_axis]
     tied: list[ChannelDim] = []
+    params: list[tuple[fx.Node, int]] = []
     for x, d in dims:
         shape = a.shape(x)
         if shape is None:
@@ -237,8 +263,13 @@ def binary(a: "GraphAnalysis", node: fx.Node, module: Any = None) -> ChannelDim 
         if not isinstance(d, ChannelDim):
             if shape[axis] == 1:
                 continue  # a one-channel constant on a one-channel tensor
+            if x.op == "get_attr" and is_tensor_attr(a.gm, x.target):
+                params.append((x, axis))  # a parameter along channels: it follows them
+                continue
             a.refuse(node, f"operand {x.name!r} has {shape[axis]} channels from a constant")
         tied.append(d)
+    for x, axis in params:
+        a.bind_parameter(node, x.target, axis, first)
     for other in tied[1:]:
         a.tie(tied[0], other, node)
     a.check_size(node, first, out_channels)
@@ -484,6 +515,7 @@ for _method in BINARY_METHODS:
 register_op(nn.Conv2d, _conv)
 register_op(nn.Linear, _linear)
 register_op(nn.BatchNorm2d, features_layer)
+register_op(nn.LayerNorm, layer_norm)
 register_op(nn.Flatten, flatten)
 register_op(torch.flatten, flatten)
 register_op("flatten", flatten)
@@ -543,6 +575,7 @@ class Analysis:
     plan: ChannelPlan
     bindings: list[Binding]
     layer_names: list[str] = field(default_factory=list)
+    sliced_params: dict[str, dict[str, int]] = field(default_factory=dict)
 
 
 class _Tracer(fx.Tracer):
@@ -572,6 +605,7 @@ class GraphAnalysis:
         self.parent_of: list[int] = []  # union-find
         self.values: dict[fx.Node, Any] = {}
         self.layer_dims: dict[str, tuple[ChannelDim | None, ChannelDim]] = {}
+        self.sliced_params: dict[str, dict[str, int]] = {}  # owner module -> {parameter: dim}
         self.seen_layers: set[str] = set()
 
     # union-find ------------------------------------------------------------------------------
@@ -693,6 +727,22 @@ class GraphAnalysis:
         self.seen_layers.add(node.target)
         self.layer_dims[node.target] = (inputs, outputs)
 
+    def bind_parameter(self, node: fx.Node, target: str, axis: int, dim: ChannelDim) -> None:
+        """A parameter read in the forward code whose dimension ``axis`` follows ``dim``."""
+        owner, _, name = target.rpartition(".")
+        module = self.gm.get_submodule(owner)
+        if isinstance(module, SlimmableLayer) or type(module) in SLIMMABLE_LAYERS:
+            self.refuse(node, f"parameter {target!r} of a slimmable layer used in the graph")
+        if owner in self.sliced_params:
+            self.refuse(node, f"{owner!r} holds two parameters used along channels")
+        if any(f != 1 for _, f in dim.segments):
+            self.refuse(node, f"parameter {target!r} along flattened features")
+        if owner in self.seen_layers:
+            self.refuse(node, f"{owner!r} is also a layer bound elsewhere")
+        self.sliced_params[owner] = {name: axis}
+        self.seen_layers.add(owner)
+        self.layer_dims[owner] = (None, dim)
+
     # per node --------------------------------------------------------------------------------
     def run(self) -> None:
         for node in self.gm.graph.nodes:
@@ -790,7 +840,7 @@ class GraphAnalysis:
             return found[0] if len(found) == 1 else found
 
         bindings = [Binding(layer, named(i), named(o)) for layer, (i, o) in self.layer_dims.items()]
-        return Analysis(plan, bindings, list(self.layer_dims))
+        return Analysis(plan, bindings, list(self.layer_dims), dict(self.sliced_params))
 
 
 def _flatten_args(node: fx.Node) -> tuple[int, int]:
@@ -944,6 +994,9 @@ def slimmable(
         leaf_modules=leaf_modules,
     )
     for name in analysis.layer_names:
+        if name in analysis.sliced_params:
+            slice_parameters_(model.get_submodule(name), analysis.sliced_params[name])
+            continue
         layer = make_slimmable_(model.get_submodule(name), input_averaging)
         if "usnet_name" in vars(layer):  # layers that name themselves in their errors
             layer.usnet_name = name

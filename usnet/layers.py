@@ -541,6 +541,59 @@ def _affine_normalize(input: Tensor, mean: Tensor, var: Tensor, weight: Tensor |
     return (input.to(scale.dtype) * scale.view(shape) + shift.view(shape)).to(input.dtype)
 
 
+class SlimmableLayerNorm(SlimmableLayer, nn.LayerNorm):
+    """``nn.LayerNorm`` over the channels (``normalized_shape == (C,)``, channels last): the
+    statistics are those of the active channels, and the affine parameters are theirs. A
+    narrower network normalizes over fewer channels, as a plain LayerNorm of that width would."""
+
+    channel_role = "features"
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.init_slimmable()
+
+    def init_slimmable(self, input_averaging: bool = False) -> None:
+        if len(self.normalized_shape) != 1:
+            raise ValueError(f"{type(self).__name__} normalizes over channels only, got {self.normalized_shape}")
+        self.active_features = self.normalized_shape[0]
+        self.active_index: Tensor | None = None
+
+    def active_attrs(self, inputs, outputs, stats_key=None) -> dict[str, Any]:
+        return {"active_features": outputs.count, "active_index": outputs.index}
+
+    def active_affine(self) -> tuple[Tensor | None, Tensor | None]:
+        c, index = self.active_features, self.active_index
+        weight = None if self.weight is None else take(self.weight, 0, c, index)
+        bias = None if self.bias is None else take(self.bias, 0, c, index)
+        return weight, bias
+
+    def _normalize(self, x: Tensor) -> Tensor:
+        if x.shape[-1] != self.active_features:
+            raise RuntimeError(
+                f"{type(self).__name__} expects {self.active_features} active channels last, "
+                f"got input of shape {tuple(x.shape)}"
+            )
+        return F.layer_norm(x, (self.active_features,), *self.active_affine(), self.eps)
+
+    def forward(self, input: Tensor) -> Tensor:
+        return self._normalize(input)
+
+    def to_plain(self, require_stats: bool = True) -> nn.Module:
+        weight, bias = self.active_affine()
+        ref = weight if weight is not None else None
+        placement = {} if ref is None else {"device": ref.device, "dtype": ref.dtype}
+        new = nn.LayerNorm(self.active_features, self.eps, self.elementwise_affine,
+                           bias=bias is not None, **placement)  # fmt: skip
+        if weight is not None:
+            with torch.no_grad():
+                new.weight.copy_(weight)
+                if bias is not None:
+                    new.bias.copy_(bias)
+        if type(self) is not SlimmableLayerNorm:  # a subclass of another LayerNorm type
+            new.__class__ = type(self).__bases__[-1]
+        return new
+
+
 SLIMMABLE_LAYERS: dict[type[nn.Module], type[nn.Module]] = {}
 """Registry: plain layer type -> slimmable subclass (exact types; subclasses are refused).
 Extend it with :func:`register_slimmable`."""
@@ -573,6 +626,20 @@ def register_slimmable(plain: type[nn.Module], slimmable: type[nn.Module]) -> ty
 register_slimmable(nn.Conv2d, SlimmableConv2d)
 register_slimmable(nn.Linear, SlimmableLinear)
 register_slimmable(nn.BatchNorm2d, SlimmableBatchNorm2d)
+register_slimmable(nn.LayerNorm, SlimmableLayerNorm)
+
+try:  # torchvision's LayerNorm over dimension 1 of (N, C, H, W) (ConvNeXt)
+    from torchvision.models.convnext import LayerNorm2d as _LayerNorm2d
+
+    class SlimmableLayerNorm2d(SlimmableLayerNorm, _LayerNorm2d):
+        """torchvision's ``LayerNorm2d`` (channels at dimension 1) over its active channels."""
+
+        def forward(self, input: Tensor) -> Tensor:
+            return self._normalize(input.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+    register_slimmable(_LayerNorm2d, SlimmableLayerNorm2d)
+except ImportError:  # pragma: no cover
+    pass
 
 
 def make_slimmable_(module: nn.Module, input_averaging: bool = False) -> nn.Module:
