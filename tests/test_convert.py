@@ -173,17 +173,19 @@ def test_width_range_and_divisor_arguments():
 
 
 # --- refusals ---------------------------------------------------------------------------------
-class ChunkNet(nn.Module):
-    """Halving one channel group: at a narrower width the active tensor would be cut elsewhere."""
+class ShuffleNet(nn.Module):
+    """A channel shuffle (ShuffleNetV2): a view of the channels into groups."""
 
     def __init__(self):
         super().__init__()
         self.a = nn.Conv2d(3, 16, 3, padding=1)
-        self.b = nn.Conv2d(8, 8, 3, padding=1)
+        self.b = nn.Conv2d(16, 8, 3, padding=1)
 
     def forward(self, x):
-        y, z = self.a(x).chunk(2, dim=1)
-        return self.b(y) + z
+        y = self.a(x)
+        n, c, h, w = y.shape
+        y = y.view(n, 2, c // 2, h, w).transpose(1, 2).reshape(n, c, h, w)
+        return self.b(y)
 
 
 class ViewNet(nn.Module):
@@ -205,16 +207,6 @@ class LayerNormNet(nn.Module):
 
     def forward(self, x):
         return self.norm(self.conv(x))
-
-
-class Conv1dNet(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(3, 8, 3, padding=1)
-        self.temporal = nn.Conv1d(8, 8, 3)
-
-    def forward(self, x):
-        return self.temporal(self.conv(x).mean(3))
 
 
 class Linear3dNet(nn.Module):
@@ -262,10 +254,9 @@ class SharedNet(nn.Module):
 @pytest.mark.parametrize(
     "net, pattern",
     [
-        (ChunkNet, r"chunk.*not whole channel groups"),
+        (ShuffleNet, r"\.view\(\).*channel shuffle"),
         (ViewNet, r"\.view\(\).*reshape"),
         (LayerNormNet, r"'norm' \(LayerNorm\)"),
-        (Conv1dNet, r"'temporal' \(Conv1d\)"),
         (Linear3dNet, r"'fc' \(Linear\).*3-d input"),
         (BranchNet, r"cannot trace BranchNet.*control flow"),
         (FunctionalNet, r"conv2d.*functional layer"),

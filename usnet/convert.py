@@ -190,10 +190,46 @@ def features_layer(a: "GraphAnalysis", node: fx.Node, module: nn.Module) -> Chan
     size = a.size(dim)
     expected = _features_of(module, size)
     a.check_size(node, dim, expected)
-    if dim.axis != 1 or any(f != 1 for _, f in dim.segments):
+    flattened = any(f != 1 for _, f in dim.segments)
+    if dim.axis != 1 or (flattened and not isinstance(module, nn.BatchNorm1d)):
         a.refuse(node, f"{type(module).__name__} on flattened features")
     a.bind(node, None, dim)
     return dim
+
+
+def group_norm(a: "GraphAnalysis", node: fx.Node, norm: nn.GroupNorm) -> ChannelDim:
+    """GroupNorm keeps its group size: every segment is whole groups, and the group size divides
+    its active channels (a plan divisor)."""
+    dim = features_layer(a, node, norm)
+    size = norm.num_channels // norm.num_groups
+    for e, _ in dim.segments:
+        root = a.elements[a.find(e)]
+        if root.size % size:
+            a.refuse(node, f"a segment of {root.size} channels is not whole groups of {size}")
+        root.divisor = math.lcm(root.divisor, size)
+    return dim
+
+
+def instance_norm(a: "GraphAnalysis", node: fx.Node, norm: nn.InstanceNorm2d) -> Any:
+    if norm.track_running_stats:
+        a.refuse(node, "InstanceNorm2d with running statistics is not slimmable")
+    return features_layer(a, node, norm) if norm.affine else pass_through(a, node)
+
+
+def prelu(a: "GraphAnalysis", node: fx.Node, act: nn.PReLU) -> Any:
+    return features_layer(a, node, act) if act.num_parameters > 1 else pass_through(a, node)
+
+
+def conv_transpose(a: "GraphAnalysis", node: fx.Node, conv: nn.ConvTranspose2d) -> ChannelDim:
+    dim = a.single_input(node)
+    a.check_size(node, dim, conv.in_channels)
+    if dim.axis != 1 or any(f != 1 for _, f in dim.segments):
+        a.refuse(node, "transposed convolution on flattened features")
+    if conv.groups != 1:
+        a.refuse(node, f"grouped transposed convolution ({conv.groups} groups)")
+    out = a.new_group(node.target, conv.out_channels)
+    a.bind(node, dim, out)
+    return out
 
 
 def _features_of(module: nn.Module, default: int) -> int:
@@ -358,6 +394,14 @@ def split(a: "GraphAnalysis", node: fx.Node, module: Any = None) -> Any:
     if along != dim.axis:
         return tuple(dim for _ in metas)
     sizes = [m.shape[along] for m in metas]
+    if node.target in (torch.chunk, "chunk") and len(dim.segments) == 1 and len(sizes) > 1:
+        # chunk(n) of one channel group (a CSP block's conv): the group becomes n equal
+        # segments of one new group, each active on its own prefix, so the runtime chunk of the
+        # active tensor cuts exactly between them.
+        element, factor = dim.segments[0]
+        if factor == 1 and len(set(sizes)) == 1 and a.size(dim) == sum(sizes):
+            a.refine(element, len(sizes), node)
+            dim = a.value(_first_arg(node))
     pieces, segments = [], list(dim.segments)
     for size in sizes:
         taken: list[tuple[int, int]] = []
@@ -472,6 +516,22 @@ def _refuse_functional(a: "GraphAnalysis", node: fx.Node, module: Any = None) ->
 
 
 def _refuse_reshape(a: "GraphAnalysis", node: fx.Node, module: Any = None) -> None:
+    dim = a.value(_first_arg(node))
+    if dim is None:
+        return None
+    before, after = a.shape(_first_arg(node)), a.shape(node)
+    axis = dim.axis
+    if (
+        before is not None and after is not None and len(after) == len(before) + 1
+        and after[:axis] == before[:axis] and after[axis] * after[axis + 1] == before[axis]
+    ):  # fmt: skip
+        a.refuse(
+            node,
+            f"splits the {before[axis]} channels into {after[axis]} groups of {after[axis + 1]} "
+            "(a channel shuffle): at a narrower width the groups would hold other channels, and "
+            "a chunk of the shuffled result would cut the active tensor elsewhere than at full "
+            "width (ShuffleNetV2); not supported",
+        )
     if a.channel_inputs(node):
         a.refuse(node, "reshape of channels; use torch.flatten(x, 1) before a Linear layer")
 
@@ -516,6 +576,11 @@ register_op(nn.Conv2d, _conv)
 register_op(nn.Linear, _linear)
 register_op(nn.BatchNorm2d, features_layer)
 register_op(nn.LayerNorm, layer_norm)
+register_op(nn.Conv1d, _conv)
+register_op(nn.ConvTranspose2d, conv_transpose)
+register_op(nn.GroupNorm, group_norm)
+register_op(nn.InstanceNorm2d, instance_norm)
+register_op(nn.PReLU, prelu)
 register_op(nn.Flatten, flatten)
 register_op(torch.flatten, flatten)
 register_op("flatten", flatten)
@@ -606,6 +671,8 @@ class GraphAnalysis:
         self.values: dict[fx.Node, Any] = {}
         self.layer_dims: dict[str, tuple[ChannelDim | None, ChannelDim]] = {}
         self.sliced_params: dict[str, dict[str, int]] = {}  # owner module -> {parameter: dim}
+        self.refined: dict[int, tuple[tuple[int, int], ...]] = {}  # see refine()
+        self.called: set[str] = set()  # modules called in the graph
         self.seen_layers: set[str] = set()
 
     # union-find ------------------------------------------------------------------------------
@@ -645,8 +712,50 @@ class GraphAnalysis:
         self.parent_of[b] = a
         return a
 
+    def refine(self, element: int, pieces: int, node: fx.Node) -> None:
+        """From now on, the channels of ``element`` are ``pieces`` equal segments of one new
+        group (every dimension tied to it, before or after, reads so through :meth:`expand`)."""
+        root = self.find(element)
+        e = self.elements[root]
+        if e.parent is not None and not e.fixed:
+            self.refuse(node, "cutting a group that follows another at a ratio")
+        for other in self.elements:
+            if other.parent is not None and self.find(other.parent) == root:
+                self.refuse(node, "cutting a group that other groups follow at a ratio")
+        if e.size % pieces:
+            self.refuse(node, f"{e.size} channels do not cut into {pieces} equal pieces")
+        part = self.new(f"{e.name}:{pieces}", e.size // pieces, divisor=e.divisor, fixed=e.fixed)
+        self.refined[root] = ((part, 1),) * pieces
+
+    def expand(self, value: Any) -> Any:
+        """``value`` with refined groups replaced by their segments (see :meth:`refine`)."""
+        if isinstance(value, ChannelDim):
+            if not self.refined:
+                return value
+            out: list[tuple[int, int]] = []
+            for e, f in value.segments:
+                r = self.find(e)
+                if r in self.refined:
+                    inner = self.expand(ChannelDim(self.refined[r], value.axis))
+                    out.extend((p, f * g) for p, g in inner.segments)
+                else:
+                    out.append((r, f))
+            return ChannelDim(tuple(out), value.axis)
+        if isinstance(value, (tuple, list)):
+            return type(value)(self.expand(v) for v in value)
+        if isinstance(value, dict):
+            return {k: self.expand(v) for k, v in value.items()}
+        return value
+
     def tie(self, a: ChannelDim, b: ChannelDim, node: fx.Node) -> None:
         """The two dimensions always have equal active channels (segment by segment)."""
+        a, b = self.expand(a), self.expand(b)
+        if len(b.segments) > len(a.segments) == 1 and a.segments[0][1] == 1:
+            self._refine_like(a, b, node)
+            a = self.expand(a)
+        elif len(a.segments) > len(b.segments) == 1 and b.segments[0][1] == 1:
+            self._refine_like(b, a, node)
+            b = self.expand(b)
         sizes_a = [(self.elements[self.find(e)].size, f) for e, f in a.segments]
         sizes_b = [(self.elements[self.find(e)].size, f) for e, f in b.segments]
         if len(a.segments) != len(b.segments) and self.size(a) == self.size(b):
@@ -659,8 +768,19 @@ class GraphAnalysis:
                 self.refuse(node, "ties channels to flattened features")
             self.union(ea, eb, self.where(node))
 
+    def _refine_like(self, single: ChannelDim, several: ChannelDim, node: fx.Node) -> None:
+        """One group tied to a concatenation: it becomes segments of the same sizes (each tied
+        to its counterpart), provided the pieces are equal copies of one group."""
+        roots = {self.find(e) for e, _ in several.segments}
+        if self.size(single) == self.size(several) and len(roots) == 1 and len({f for _, f in several.segments}) == 1 and several.segments[0][1] == 1:
+            self.refine(single.segments[0][0], len(several.segments), node)
+            return
+        sizes = [self.elements[self.find(e)].size * f for e, f in several.segments]
+        self.refuse(node, f"ties one channel group to a concatenation of different groups {sizes}")
+
     def fix(self, value: Any) -> None:
         """Never slim the channels of ``value`` (a ChannelDim, or a nest of them)."""
+        value = self.expand(value)
         if isinstance(value, ChannelDim):
             for e, _ in value.segments:
                 self.elements[self.find(e)].fixed = True
@@ -697,9 +817,10 @@ class GraphAnalysis:
 
     def value(self, arg: Any) -> Any:
         """The channels of a node's output (None when it carries none)."""
-        return self.values.get(arg) if isinstance(arg, fx.Node) else None
+        return self.expand(self.values.get(arg)) if isinstance(arg, fx.Node) else None
 
     def size(self, dim: ChannelDim) -> int:
+        dim = self.expand(dim)
         return sum(self.elements[self.find(e)].size * f for e, f in dim.segments)
 
     def channel_inputs(self, node: fx.Node) -> list[fx.Node]:
@@ -761,6 +882,7 @@ class GraphAnalysis:
             return None
         module = None
         if node.op == "call_module":
+            self.called.add(node.target)
             module = self.gm.get_submodule(node.target)
             handler = MODULE_OPS.get(type(module))
             if handler is None and type(module) in SLIMMABLE_LAYERS:
@@ -789,7 +911,8 @@ class GraphAnalysis:
 
     # result ----------------------------------------------------------------------------------
     def build(self, width_range: tuple[float, float]) -> Analysis:
-        roots = sorted({self.find(i) for i in range(len(self.elements))})
+        self.layer_dims = {k: (self.expand(i), self.expand(o)) for k, (i, o) in self.layer_dims.items()}
+        roots = sorted({self.find(i) for i in range(len(self.elements))} - set(self.refined))
         used = set()
         for inputs, outputs in self.layer_dims.values():
             for d in (inputs, outputs):
@@ -924,7 +1047,7 @@ def analyze(
     missing = [
         name
         for name, m in model.named_modules()
-        if type(m) in SLIMMABLE_LAYERS and name not in analyzer.layer_dims
+        if type(m) in SLIMMABLE_LAYERS and name not in analyzer.called
     ]
     if missing:
         raise ConversionError(

@@ -95,8 +95,8 @@ def _scaled(weight: Tensor, bias: Tensor | None, scale: float) -> tuple[Tensor, 
     return weight * scale, None if bias is None else bias * scale
 
 
-class SlimmableConv2d(SlimmableLayer, nn.Conv2d):
-    """``nn.Conv2d`` (standard, grouped or depthwise) running on its first channels.
+class _SlimmableConvNd(SlimmableLayer):
+    """A convolution (standard, grouped or depthwise) running on its first channels.
 
     A depthwise conv (``groups == in_channels``) keeps ``groups == active_in_channels``; any other
     grouped conv keeps its group count, so its active channels must stay divisible by ``groups``
@@ -122,7 +122,7 @@ class SlimmableConv2d(SlimmableLayer, nn.Conv2d):
 
     def to_plain(self, require_stats: bool = True) -> nn.Module:
         weight, bias = self.active_weight_and_bias()
-        new = nn.Conv2d(
+        new = self._plain_type(
             self.active_in_channels, self.active_out_channels, self.kernel_size, self.stride,
             self.padding, self.dilation, self.active_groups, bias is not None, self.padding_mode,
             device=weight.device, dtype=weight.dtype,
@@ -160,7 +160,8 @@ class SlimmableConv2d(SlimmableLayer, nn.Conv2d):
         return (self.in_channels / self.groups) / (self.active_in_channels / self.active_groups)
 
     def forward(self, input: Tensor) -> Tensor:
-        if input.dim() < 3 or input.shape[-3] != self.active_in_channels:
+        spatial = len(self.kernel_size)
+        if input.dim() < spatial + 1 or input.shape[-spatial - 1] != self.active_in_channels:
             raise RuntimeError(
                 f"{type(self).__name__} expects {self.active_in_channels} active input channels, "
                 f"got input of shape {tuple(input.shape)}"
@@ -170,13 +171,32 @@ class SlimmableConv2d(SlimmableLayer, nn.Conv2d):
         if self.padding_mode != "zeros":
             input = F.pad(input, self._reversed_padding_repeated_twice, mode=self.padding_mode)
             padding = 0
-        return F.conv2d(
+        return self._functional(
             input, weight, bias, self.stride, padding, self.dilation, self.active_groups
         )
 
     def extra_repr(self) -> str:
         active = f", active={self.active_in_channels}->{self.active_out_channels}"
         return super().extra_repr() + active + (", input_averaging" if self.input_averaging else "")
+
+
+class SlimmableConv2d(_SlimmableConvNd, nn.Conv2d):
+    """``nn.Conv2d`` (standard, grouped or depthwise) running on its first channels.
+
+    A depthwise conv (``groups == in_channels``) keeps ``groups == active_in_channels``; any other
+    grouped conv keeps its group count, so its active channels must stay divisible by ``groups``
+    (the channel plan's divisors guarantee that).
+    """
+
+    _plain_type = nn.Conv2d
+    _functional = staticmethod(F.conv2d)
+
+
+class SlimmableConv1d(_SlimmableConvNd, nn.Conv1d):
+    """``nn.Conv1d`` on ``(N, C, L)``, like :class:`SlimmableConv2d`."""
+
+    _plain_type = nn.Conv1d
+    _functional = staticmethod(F.conv1d)
 
 
 class SlimmableLinear(SlimmableLayer, nn.Linear):
@@ -594,6 +614,175 @@ class SlimmableLayerNorm(SlimmableLayer, nn.LayerNorm):
         return new
 
 
+class SlimmableConvTranspose2d(SlimmableLayer, nn.ConvTranspose2d):
+    """``nn.ConvTranspose2d`` (``groups == 1``) on its active input and output channels: its
+    weight is ``(in, out, kH, kW)``, so rows are inputs and columns outputs."""
+
+    def __init__(self, *args, input_averaging: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.init_slimmable(input_averaging)
+
+    def init_slimmable(self, input_averaging: bool = False) -> None:
+        if self.groups != 1:
+            raise ValueError(f"{type(self).__name__} supports groups=1 only, got {self.groups}")
+        self.active_in_channels = self.in_channels
+        self.active_out_channels = self.out_channels
+        self.active_in_index: Tensor | None = None
+        self.active_out_index: Tensor | None = None
+        self.input_averaging = input_averaging
+
+    def active_attrs(self, inputs, outputs, stats_key=None) -> dict[str, Any]:
+        return {"active_in_channels": inputs.count, "active_out_channels": outputs.count,
+                "active_in_index": inputs.index, "active_out_index": outputs.index}  # fmt: skip
+
+    def active_weight_and_bias(self) -> tuple[Tensor, Tensor | None]:
+        weight = take(self.weight, 0, self.active_in_channels, self.active_in_index)
+        weight = take(weight, 1, self.active_out_channels, self.active_out_index)
+        bias = None if self.bias is None else take(
+            self.bias, 0, self.active_out_channels, self.active_out_index)  # fmt: skip
+        scale = self.in_channels / self.active_in_channels if self.input_averaging else 1.0
+        return _scaled(weight, bias, scale)
+
+    def forward(self, input: Tensor, output_size: list[int] | None = None) -> Tensor:
+        if input.dim() < 3 or input.shape[-3] != self.active_in_channels:
+            raise RuntimeError(
+                f"{type(self).__name__} expects {self.active_in_channels} active input channels, "
+                f"got input of shape {tuple(input.shape)}"
+            )
+        output_padding = self._output_padding(
+            input, output_size, self.stride, self.padding, self.kernel_size, 2, self.dilation
+        )
+        weight, bias = self.active_weight_and_bias()
+        return F.conv_transpose2d(input, weight, bias, self.stride, self.padding, output_padding,
+                                  1, self.dilation)  # fmt: skip
+
+    def to_plain(self, require_stats: bool = True) -> nn.Module:
+        weight, bias = self.active_weight_and_bias()
+        new = nn.ConvTranspose2d(
+            self.active_in_channels, self.active_out_channels, self.kernel_size, self.stride,
+            self.padding, self.output_padding, 1, bias is not None, self.dilation,
+            self.padding_mode, device=weight.device, dtype=weight.dtype,
+        )  # fmt: skip
+        return _copy_into(new, weight, bias, self.training)
+
+
+class SlimmableBatchNorm1d(SlimmableBatchNorm2d, nn.BatchNorm1d):
+    """``nn.BatchNorm1d`` on ``(N, C)`` or ``(N, C, L)``: :class:`SlimmableBatchNorm2d`'s
+    per-configuration statistics and calibration, on one fewer dimension."""
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        nn.BatchNorm1d._check_input_dim(self, input)
+
+    def to_plain(self, require_stats: bool = True) -> nn.Module:
+        new = super().to_plain(require_stats)
+        new.__class__ = nn.BatchNorm1d  # same parameters and buffers
+        return new
+
+
+class _PerChannelAffine(SlimmableLayer):
+    """A "features" layer whose parameters are per channel (dimension 0 of ``weight``/``bias``)."""
+
+    channel_role = "features"
+
+    def init_slimmable(self, input_averaging: bool = False) -> None:
+        self.active_features = self._full_features()
+        self.active_index: Tensor | None = None
+
+    def active_attrs(self, inputs, outputs, stats_key=None) -> dict[str, Any]:
+        return {"active_features": outputs.count, "active_index": outputs.index}
+
+    def _active(self, tensor: Tensor | None) -> Tensor | None:
+        return None if tensor is None else take(tensor, 0, self.active_features, self.active_index)
+
+
+class SlimmableGroupNorm(_PerChannelAffine, nn.GroupNorm):
+    """``nn.GroupNorm`` whose **group size** (channels per group) stays fixed: at any width the
+    active channels form ``active // group_size`` groups, each channel in the group it belongs to
+    at full width, so a fully active group is normalized exactly as at full width. (Keeping the
+    group count instead would regroup every channel at every width.) The converter makes the
+    group size a divisor of the channel group."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.init_slimmable()
+
+    def _full_features(self) -> int:
+        return self.num_channels
+
+    @property
+    def group_size(self) -> int:
+        return self.num_channels // self.num_groups
+
+    def forward(self, input: Tensor) -> Tensor:
+        c = self.active_features
+        if input.shape[1] != c or c % self.group_size:
+            raise RuntimeError(
+                f"{type(self).__name__} expects {c} active channels (a multiple of its group size "
+                f"{self.group_size}), got input of shape {tuple(input.shape)}"
+            )
+        return F.group_norm(input, c // self.group_size, self._active(self.weight),
+                            self._active(self.bias), self.eps)  # fmt: skip
+
+    def to_plain(self, require_stats: bool = True) -> nn.Module:
+        c = self.active_features
+        new = nn.GroupNorm(c // self.group_size, c, self.eps, self.affine,
+                           device=self.weight.device if self.affine else None)  # fmt: skip
+        if self.affine:
+            with torch.no_grad():
+                new.weight.copy_(self._active(self.weight))
+                new.bias.copy_(self._active(self.bias))
+        return new
+
+
+class SlimmableInstanceNorm2d(_PerChannelAffine, nn.InstanceNorm2d):
+    """``nn.InstanceNorm2d`` with per-channel affine parameters (statistics are per image and
+    channel, so only the parameters slim). Running statistics are not supported."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.init_slimmable()
+
+    def _full_features(self) -> int:
+        return self.num_features
+
+    def init_slimmable(self, input_averaging: bool = False) -> None:
+        if self.track_running_stats:
+            raise ValueError(f"{type(self).__name__}: track_running_stats is not supported")
+        super().init_slimmable(input_averaging)
+
+    def forward(self, input: Tensor) -> Tensor:
+        return F.instance_norm(input, None, None, self._active(self.weight), self._active(self.bias),
+                               True, self.momentum if self.momentum is not None else 0.0, self.eps)  # fmt: skip
+
+    def to_plain(self, require_stats: bool = True) -> nn.Module:
+        new = nn.InstanceNorm2d(self.active_features, self.eps, self.momentum, self.affine,
+                                device=self.weight.device)  # fmt: skip
+        with torch.no_grad():
+            new.weight.copy_(self._active(self.weight))
+            new.bias.copy_(self._active(self.bias))
+        return new
+
+
+class SlimmablePReLU(_PerChannelAffine, nn.PReLU):
+    """``nn.PReLU`` with one slope per channel (dimension 1), on its active channels."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.init_slimmable()
+
+    def _full_features(self) -> int:
+        return self.num_parameters
+
+    def forward(self, input: Tensor) -> Tensor:
+        return F.prelu(input, self._active(self.weight))
+
+    def to_plain(self, require_stats: bool = True) -> nn.Module:
+        new = nn.PReLU(self.active_features, device=self.weight.device, dtype=self.weight.dtype)
+        with torch.no_grad():
+            new.weight.copy_(self._active(self.weight))
+        return new
+
+
 SLIMMABLE_LAYERS: dict[type[nn.Module], type[nn.Module]] = {}
 """Registry: plain layer type -> slimmable subclass (exact types; subclasses are refused).
 Extend it with :func:`register_slimmable`."""
@@ -627,6 +816,12 @@ register_slimmable(nn.Conv2d, SlimmableConv2d)
 register_slimmable(nn.Linear, SlimmableLinear)
 register_slimmable(nn.BatchNorm2d, SlimmableBatchNorm2d)
 register_slimmable(nn.LayerNorm, SlimmableLayerNorm)
+register_slimmable(nn.BatchNorm1d, SlimmableBatchNorm1d)
+register_slimmable(nn.Conv1d, SlimmableConv1d)
+register_slimmable(nn.ConvTranspose2d, SlimmableConvTranspose2d)
+register_slimmable(nn.GroupNorm, SlimmableGroupNorm)
+register_slimmable(nn.InstanceNorm2d, SlimmableInstanceNorm2d)
+register_slimmable(nn.PReLU, SlimmablePReLU)
 
 try:  # torchvision's LayerNorm over dimension 1 of (N, C, H, W) (ConvNeXt)
     from torchvision.models.convnext import LayerNorm2d as _LayerNorm2d
