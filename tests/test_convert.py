@@ -173,15 +173,19 @@ def test_width_range_and_divisor_arguments():
 
 
 # --- refusals ---------------------------------------------------------------------------------
-class CatNet(nn.Module):
+class ShuffleNet(nn.Module):
+    """A channel shuffle (ShuffleNetV2): a view of the channels into groups."""
+
     def __init__(self):
         super().__init__()
-        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.a = nn.Conv2d(3, 16, 3, padding=1)
         self.b = nn.Conv2d(16, 8, 3, padding=1)
 
     def forward(self, x):
         y = self.a(x)
-        return self.b(torch.cat([y, y], 1))
+        n, c, h, w = y.shape
+        y = y.view(n, 2, c // 2, h, w).transpose(1, 2).reshape(n, c, h, w)
+        return self.b(y)
 
 
 class ViewNet(nn.Module):
@@ -203,16 +207,6 @@ class LayerNormNet(nn.Module):
 
     def forward(self, x):
         return self.norm(self.conv(x))
-
-
-class Conv1dNet(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(3, 8, 3, padding=1)
-        self.temporal = nn.Conv1d(8, 8, 3)
-
-    def forward(self, x):
-        return self.temporal(self.conv(x).mean(3))
 
 
 class Linear3dNet(nn.Module):
@@ -260,10 +254,9 @@ class SharedNet(nn.Module):
 @pytest.mark.parametrize(
     "net, pattern",
     [
-        (CatNet, r"cat.*concatenation"),
+        (ShuffleNet, r"\.view\(\).*channel shuffle"),
         (ViewNet, r"\.view\(\).*reshape"),
         (LayerNormNet, r"'norm' \(LayerNorm\)"),
-        (Conv1dNet, r"'temporal' \(Conv1d\)"),
         (Linear3dNet, r"'fc' \(Linear\).*3-d input"),
         (BranchNet, r"cannot trace BranchNet.*control flow"),
         (FunctionalNet, r"conv2d.*functional layer"),

@@ -20,15 +20,17 @@ from .channels import (
     parse_widths,
 )
 from .checkpoint import load, save
-from .convert import ConversionError, analyze, slimmable
+from .convert import ConversionError, analyze, register_op, slimmable
 from .deploy import VerificationError, export_artifact, export_widths, load_artifact
 from .errors import UsnetError
 from .export import export
 from .layers import (
     SlimmableBatchNorm2d,
     SlimmableConv2d,
+    SlimmableLayer,
     SlimmableLinear,
     UncalibratedWidthError,
+    register_slimmable,
 )
 from .profile import Profile, profile
 from .search import search_width
@@ -44,6 +46,7 @@ __all__ = [
     "Profile",
     "SlimmableBatchNorm2d",
     "SlimmableConv2d",
+    "SlimmableLayer",
     "SlimmableLinear",
     "UncalibratedWidthError",
     "UsnetError",
@@ -66,6 +69,8 @@ __all__ = [
     "models",
     "parse_widths",
     "profile",
+    "register_op",
+    "register_slimmable",
     "sample_images",
     "save",
     "search_width",

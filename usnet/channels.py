@@ -5,7 +5,7 @@ channels (both sides of a residual add, a depthwise conv's input and output, ...
 is the ordered collection of a model's groups. Everything here is plain arithmetic: no tensors.
 
 Active channels follow torchvision's rule ``make_divisible(full * width, divisor)``, capped at the
-full size. A *derived* group follows another group at a fixed ratio (an inverted-residual expansion
+full size; at width 1.0 every group is at its full size, whatever its divisor. A *derived* group follows another group at a fixed ratio (an inverted-residual expansion
 layer is ``t`` times its block's input; a flattened feature map is ``H*W`` times its channels), and a
 *fixed* group never changes (image input channels, classifier outputs).
 """
@@ -36,6 +36,19 @@ def make_divisible(value: float, divisor: int = 8, min_value: int | None = None)
     if new_value < 0.9 * value:
         new_value += divisor
     return new_value
+
+
+def active_channels(size: int, width: float, divisor: int = 8) -> int:
+    """Active channels of a root group of ``size`` channels at ``width``.
+
+    Width 1.0 is the network as built: every group is at its full size whatever its divisor
+    (``make_divisible(34, 8)`` is 32, which would drop two channels of a pretrained layer and
+    refuse its own BatchNorm statistics). Below 1.0 the count is ``make_divisible(size * width,
+    divisor)``, capped at the full size.
+    """
+    if width >= 1.0:
+        return size
+    return min(size, make_divisible(size * width, divisor))
 
 
 @dataclass(frozen=True)
@@ -120,7 +133,7 @@ class ChannelPlan:
                 active[g.name] = min(g.size, max(1, int(round(active[g.parent] * g.ratio))))
             else:
                 w = width.get(g.name, hi) if isinstance(width, Mapping) else width
-                active[g.name] = min(g.size, make_divisible(g.size * w, g.divisor))
+                active[g.name] = active_channels(g.size, w, g.divisor)
         return active
 
     def config(self, width: Width) -> tuple[int, ...]:

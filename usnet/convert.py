@@ -6,32 +6,43 @@ dimensions). :func:`slimmable` then swaps the layers in place (keeping their par
 attaches the plan. Whatever the analysis does not understand is refused with a
 :class:`ConversionError` naming the module and the operation: a wrong plan would fail silently.
 
-Rules, per graph node:
+The analysis is a walk over the graph with a union-find over channel dimensions; what each op
+does to channels is a handler in a table keyed by module type, function or method name
+(:func:`register_op`; layers registered with :func:`usnet.register_slimmable` get the handler of
+their ``channel_role``). A traced tensor's channels are a :class:`ChannelDim`: the tensor
+dimension holding them and an ordered list of segments, each active on a prefix of its own.
+The built-in handlers:
 
-* image inputs and model outputs are fixed (never slimmed);
+* image inputs and model outputs (tensors, tuples, lists, dicts) are fixed (never slimmed);
 * ``Conv2d`` creates a new group for its outputs; a depthwise conv ties its output to its input
   (a channel multiplier m makes the output a derived group, m times the input); a grouped conv
   raises both sides' divisors to a multiple of its group count;
-* ``Linear`` consumes a ``(N, features)`` input and creates a new group for its outputs;
-* ``BatchNorm2d``, activations, pooling, dropout and stochastic depth pass channels through;
-* elementwise binary ops (add, mul, sub, div; including squeeze-excitation scaling by an
-  ``(N, C, 1, 1)`` tensor) tie the channels of their operands; an operand broadcast along
+* ``Linear`` consumes features on the last dimension and creates a new group for its outputs;
+* ``BatchNorm2d`` (a "features" layer), activations, pooling, dropout, stochastic depth,
+  casts, ``contiguous``, spatial padding and ``interpolate``/``Upsample`` pass channels through;
+  shape queries (``x.shape``, ``x.size(1)``, ``x.ndim``) and ``torch._assert`` carry none;
+* elementwise binary ops tie the channels of their operands; an operand broadcast along
   channels (size 1) ties nothing;
-* ``flatten`` from dim 1 turns ``(N, C, H, W)`` into features that are ``H*W`` times the channels
-  (channel-major, so a prefix of channels is a prefix of features);
+* ``torch.cat`` along channels concatenates its inputs' segments (a layer consuming several
+  segments takes its weight columns by an index cached per configuration); along another
+  dimension it ties its inputs; ``chunk`` of a concatenation back into pieces of the same groups
+  gives the pieces; cutting inside a group is refused (the active tensor would be cut elsewhere);
+* ``flatten`` turns ``(N, C, H, W)`` into features that are ``H*W`` times the channels
+  (channel-major, so a prefix of channels is a prefix of features); ``permute``, ``transpose``,
+  ``squeeze``/``unsqueeze`` and reductions over other dimensions move the channel dimension;
 * ``ratio_ties`` name layers whose outputs follow their inputs at a fixed ratio (an inverted
   residual's expansion layer is ``t`` times its block's input).
 
-Refused: concatenation along channels, reshapes other than flatten, channel indexing, functional
-convolutions on parameters, and any other module type that sees channels (LayerNorm, Conv1d,
-ConvTranspose2d, ...).
+Refused: reshapes other than flatten (channel shuffle), channel indexing, functional layers on
+parameters, constants with as many channels as a slimmable tensor, and any module type that sees
+channels and has neither a slimmable counterpart nor a handler.
 """
 
 from __future__ import annotations
 
 import math
 import operator
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,31 +54,508 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from .channels import ChannelGroup, ChannelPlan
 from .errors import UsnetValueError
-from .layers import SLIMMABLE_LAYERS, SlimmableBatchNorm2d, make_slimmable_
-from .state import STATE_ATTR, Binding, Dim, SlimmableState, is_slimmable, set_width
+from .layers import SLIMMABLE_LAYERS, SlimmableLayer, make_slimmable_
+from .params import is_tensor_attr, slice_parameters_
+from .state import STATE_ATTR, Binding, SlimmableState, is_slimmable, set_width
 
 
 class ConversionError(UsnetValueError):
     """The model cannot be converted; the message names the module and the operation."""
 
 
-# --- what passes channels through ----------------------------------------------------------------
+# --- channel dimensions during analysis ----------------------------------------------------------
+@dataclass(frozen=True)
+class ChannelDim:
+    """Where a traced tensor's slimmable channels are: tensor dimension ``axis`` holds the
+    ordered ``segments``, each ``(element, factor)``: ``factor`` entries per channel of one
+    union-find element (``factor`` > 1 after flattening spatial dims into features). One segment
+    is the usual case; a concatenation along channels has one per input, each active on a
+    prefix of its own."""
+
+    segments: tuple[tuple[int, int], ...]
+    axis: int = 1
+
+    def moved(self, axis: int) -> "ChannelDim":
+        return ChannelDim(self.segments, axis)
+
+
+OpHandler = Callable[["GraphAnalysis", fx.Node, Any], Any]
+"""``handler(analysis, node, module)`` -> the :class:`ChannelDim` of the node's output (None: no
+slimmable channels; a tuple/list of them for ops returning several tensors). ``module`` is the
+called module for ``call_module`` nodes, else None. It ties channels with
+``analysis.tie``, creates groups with ``analysis.new_group``, binds slimmable layers with
+``analysis.bind`` and refuses with ``analysis.refuse``."""
+
+MODULE_OPS: dict[type[nn.Module], OpHandler] = {}
+FUNCTION_OPS: dict[Any, OpHandler] = {}
+METHOD_OPS: dict[str, OpHandler] = {}
+
+
+def register_op(target: type[nn.Module] | Callable | str, handler: OpHandler) -> OpHandler:
+    """Teach the converter an operation: ``target`` is a module class (its instances are traced
+    as leaves and handled as a whole), a function (``torch.cat``, ``F.pad``, ...) or a tensor
+    method name (``"permute"``). ``handler`` follows :data:`OpHandler`; the built-in ones
+    (:func:`pass_through`, :func:`no_channels`, ...) cover most needs. Returns ``handler``."""
+    if not callable(handler):
+        raise TypeError(f"register_op: handler {handler!r} is not callable")
+    if isinstance(target, str):
+        METHOD_OPS[target] = handler
+    elif isinstance(target, type) and issubclass(target, nn.Module):
+        MODULE_OPS[target] = handler
+    elif callable(target):
+        FUNCTION_OPS[target] = handler
+    else:
+        raise TypeError(
+            f"register_op: target {target!r} must be an nn.Module class, a function or a method name"
+        )
+    return handler
+
+
+# --- built-in handlers ---------------------------------------------------------------------------
+def _first_arg(node: fx.Node) -> Any:
+    return node.args[0] if node.args else next(iter(node.kwargs.values()), None)
+
+
+def pass_through(a: "GraphAnalysis", node: fx.Node, module: Any = None) -> Any:
+    """The output has the channels of the first argument (activations, pooling, casts, ...)."""
+    return a.value(_first_arg(node))
+
+
+def no_channels(a: "GraphAnalysis", node: fx.Node, module: Any = None) -> None:
+    """The result carries no channels (shape queries, assertions)."""
+    return None
+
+
+def _arg(node: fx.Node, index: int, name: str, default: Any = None) -> Any:
+    if len(node.args) > index:
+        return node.args[index]
+    return node.kwargs.get(name, default)
+
+
+def _conv(a: "GraphAnalysis", node: fx.Node, conv: nn.Conv2d) -> ChannelDim:
+    dim = a.single_input(node)
+    a.check_size(node, dim, conv.in_channels)
+    if dim.axis != 1 or any(f != 1 for _, f in dim.segments):
+        a.refuse(node, "convolution on flattened features")
+    name = node.target
+    several = len(dim.segments) > 1
+    if conv.groups > 1 and conv.groups == conv.in_channels:
+        multiplier = conv.out_channels // conv.in_channels
+        if multiplier == 1:
+            out = dim
+        elif several:
+            a.refuse(node, "depthwise conv with a channel multiplier on a concatenation")
+        else:
+            out = a.new_group(name, conv.out_channels, parent=dim.segments[0][0], ratio=float(multiplier))
+    elif name in a.ratio_ties:
+        if several:
+            a.refuse(node, "a ratio tie to a concatenation of several channel groups")
+        out = a.new_group(name, conv.out_channels, parent=dim.segments[0][0],
+                          ratio=conv.out_channels / conv.in_channels)  # fmt: skip
+    else:
+        out = a.new_group(name, conv.out_channels)
+        if conv.groups > 1:
+            if several:
+                a.refuse(node, f"grouped conv ({conv.groups} groups) on a concatenation")
+            root = a.elements[a.find(dim.segments[0][0])]
+            root.divisor = math.lcm(root.divisor, conv.groups)
+            a.elements[out.segments[0][0]].divisor = math.lcm(a.divisor, conv.groups)
+    a.bind(node, dim, out)
+    return out
+
+
+def _linear(a: "GraphAnalysis", node: fx.Node, linear: nn.Linear) -> ChannelDim:
+    dim = a.single_input(node)
+    shape = a.shape(_first_arg(node))
+    rank = len(shape) if shape is not None else 2
+    if dim.axis != rank - 1:
+        a.refuse(node, f"Linear on a {rank}-d input whose last dimension is not its channels")
+    a.check_size(node, dim, linear.in_features)
+    name = node.target
+    if name in a.ratio_ties:
+        if len(dim.segments) > 1:
+            a.refuse(node, "a ratio tie to a concatenation of several channel groups")
+        # The ratio follows the input *group* (a flattened input is H*W times its channels).
+        element = dim.segments[0][0]
+        ratio = linear.out_features / a.elements[a.find(element)].size
+        out = a.new_group(name, linear.out_features, parent=element, ratio=ratio, axis=dim.axis)
+    else:
+        out = a.new_group(name, linear.out_features, axis=dim.axis)
+    a.bind(node, dim, out)
+    return out
+
+
+def features_layer(a: "GraphAnalysis", node: fx.Node, module: nn.Module) -> ChannelDim:
+    """A layer acting on each channel at dimension 1 (norms): its features are its input's."""
+    dim = a.single_input(node)
+    size = a.size(dim)
+    expected = _features_of(module, size)
+    a.check_size(node, dim, expected)
+    flattened = any(f != 1 for _, f in dim.segments)
+    if dim.axis != 1 or (flattened and not isinstance(module, nn.BatchNorm1d)):
+        a.refuse(node, f"{type(module).__name__} on flattened features")
+    a.bind(node, None, dim)
+    return dim
+
+
+def group_norm(a: "GraphAnalysis", node: fx.Node, norm: nn.GroupNorm) -> ChannelDim:
+    """GroupNorm keeps its group size: every segment is whole groups, and the group size divides
+    its active channels (a plan divisor)."""
+    dim = features_layer(a, node, norm)
+    size = norm.num_channels // norm.num_groups
+    for e, _ in dim.segments:
+        root = a.elements[a.find(e)]
+        if root.size % size:
+            a.refuse(node, f"a segment of {root.size} channels is not whole groups of {size}")
+        root.divisor = math.lcm(root.divisor, size)
+    return dim
+
+
+def instance_norm(a: "GraphAnalysis", node: fx.Node, norm: nn.InstanceNorm2d) -> Any:
+    if norm.track_running_stats:
+        a.refuse(node, "InstanceNorm2d with running statistics is not slimmable")
+    return features_layer(a, node, norm) if norm.affine else pass_through(a, node)
+
+
+def prelu(a: "GraphAnalysis", node: fx.Node, act: nn.PReLU) -> Any:
+    return features_layer(a, node, act) if act.num_parameters > 1 else pass_through(a, node)
+
+
+def conv_transpose(a: "GraphAnalysis", node: fx.Node, conv: nn.ConvTranspose2d) -> ChannelDim:
+    dim = a.single_input(node)
+    a.check_size(node, dim, conv.in_channels)
+    if dim.axis != 1 or any(f != 1 for _, f in dim.segments):
+        a.refuse(node, "transposed convolution on flattened features")
+    if conv.groups != 1:
+        a.refuse(node, f"grouped transposed convolution ({conv.groups} groups)")
+    out = a.new_group(node.target, conv.out_channels)
+    a.bind(node, dim, out)
+    return out
+
+
+def _features_of(module: nn.Module, default: int) -> int:
+    for attr in ("num_features", "num_channels", "num_parameters"):
+        if isinstance(getattr(module, attr, None), int):
+            return getattr(module, attr)
+    shape = getattr(module, "normalized_shape", None)
+    return shape[0] if shape is not None and len(shape) == 1 else default
+
+
+def layer_norm(a: "GraphAnalysis", node: fx.Node, norm: nn.LayerNorm) -> ChannelDim | None:
+    """``nn.LayerNorm(C)`` over the channels, which must be the last dimension."""
+    dim = a.value(_first_arg(node))
+    if dim is None:
+        return None
+    shape = a.shape(_first_arg(node))
+    if len(norm.normalized_shape) != 1 or dim.axis != len(shape) - 1:
+        a.refuse(node, f"LayerNorm over {tuple(norm.normalized_shape)} mixes the channels with "
+                       "other dimensions; only a LayerNorm over the channels (last) is slimmable")  # fmt: skip
+    a.check_size(node, dim, norm.normalized_shape[0])
+    if any(f != 1 for _, f in dim.segments):
+        a.refuse(node, "LayerNorm on flattened features")
+    a.bind(node, None, dim)
+    return dim
+
+
+def transform_layer(a: "GraphAnalysis", node: fx.Node, module: nn.Module) -> ChannelDim:
+    """A registered layer mapping the channels at dimension 1 to a channel group of its own."""
+    dim = a.single_input(node)
+    if dim.axis != 1 or len(dim.segments) > 1:
+        a.refuse(node, f"{type(module).__name__} expects one channel group at dimension 1")
+    shape = a.shape(node)
+    if shape is None or len(shape) < 2:
+        a.refuse(node, "no output shape")
+    out = a.new_group(node.target, shape[1])
+    a.bind(node, dim, out)
+    return out
+
+
+_ROLE_HANDLERS = {"transform": transform_layer, "features": features_layer}
+
+
+def binary(a: "GraphAnalysis", node: fx.Node, module: Any = None) -> ChannelDim | None:
+    """Elementwise ops tie their operands' channels; an operand broadcast along channels (size 1
+    there, or missing) ties nothing."""
+    out_shape = a.shape(node)
+    operands = [x for x in (*node.args[:2], *node.kwargs.values()) if isinstance(x, fx.Node)]
+    dims = [(x, a.value(x)) for x in operands]
+    first = next((d for _, d in dims if isinstance(d, ChannelDim)), None)
+    if first is None or out_shape is None:
+        for x, d in dims:
+            if d is not None and not isinstance(d, ChannelDim):
+                a.refuse(node, "elementwise op on a tuple of tensors")
+        return None
+    rank = len(out_shape)
+    out_axis = first.axis + (rank - len(a.shape(next(x for x, d in dims if d is first))))
+    out_channels = out_shape[out_axis]
+    tied: list[ChannelDim] = []
+    params: list[tuple[fx.Node, int]] = []
+    for x, d in dims:
+        shape = a.shape(x)
+        if shape is None:
+            continue
+        axis = out_axis - (rank - len(shape))
+        if axis < 0 or (shape[axis] == 1 and out_channels != 1):
+            continue  # broadcast along channels (e.g. a spatial attention map) ties nothing
+        if not isinstance(d, ChannelDim):
+            if shape[axis] == 1:
+                continue  # a one-channel constant on a one-channel tensor
+            if x.op == "get_attr" and is_tensor_attr(a.gm, x.target):
+                params.append((x, axis))  # a parameter along channels: it follows them
+                continue
+            a.refuse(node, f"operand {x.name!r} has {shape[axis]} channels from a constant")
+        tied.append(d)
+    for x, axis in params:
+        a.bind_parameter(node, x.target, axis, first)
+    for other in tied[1:]:
+        a.tie(tied[0], other, node)
+    a.check_size(node, first, out_channels)
+    return first.moved(out_axis)
+
+
+def flatten(a: "GraphAnalysis", node: fx.Node, module: Any = None) -> ChannelDim | None:
+    """``flatten(start, end)`` over the channel dimension and the ones after it: each channel
+    becomes ``prod(sizes after it)`` features, channel-major, so a prefix stays a prefix."""
+    dim = a.value(_first_arg(node))
+    if dim is None:
+        return None
+    shape = a.shape(_first_arg(node))
+    if shape is None:
+        a.refuse(node, "no shape information")
+    if isinstance(module, nn.Flatten):
+        start, end = module.start_dim, module.end_dim
+    else:
+        start, end = _flatten_args(node)
+    rank = len(shape)
+    start, end = start % rank, end % rank
+    if dim.axis < start:
+        return dim
+    if dim.axis > end:
+        return dim.moved(dim.axis - (end - start))
+    if dim.axis != start:
+        a.refuse(node, "flatten that merges the channels into a preceding dimension")
+    spatial = math.prod(shape[dim.axis + 1 : end + 1])
+    return ChannelDim(tuple((e, f * spatial) for e, f in dim.segments), start)
+
+
+def reduce(a: "GraphAnalysis", node: fx.Node, module: Any = None) -> ChannelDim | None:
+    dim = a.value(_first_arg(node))
+    if dim is None:
+        return None
+    dims = _arg(node, 1, "dim")
+    keepdim = bool(_arg(node, 2, "keepdim", False))
+    rank = len(a.shape(_first_arg(node)) or ())
+    dims = (dims,) if isinstance(dims, int) else tuple(dims or ())
+    dims = tuple(d % rank for d in dims)
+    if not dims or dim.axis in dims:
+        a.refuse(node, "reduction over the channel dimension")
+    return dim if keepdim else dim.moved(dim.axis - sum(d < dim.axis for d in dims))
+
+
+def concatenate(a: "GraphAnalysis", node: fx.Node, module: Any = None) -> ChannelDim | None:
+    """``torch.cat`` along channels: the output's segments are its inputs', in order (each input
+    stays active on its own prefix); along any other dimension: the inputs' channels are tied."""
+    tensors = list(_arg(node, 0, "tensors"))
+    values = [a.value(t) for t in tensors]
+    if not any(isinstance(v, ChannelDim) for v in values):
+        return None
+    shape = a.shape(tensors[0])
+    rank = len(shape) if shape is not None else 0
+    along = int(_arg(node, 1, "dim", 0)) % max(rank, 1)
+    axis = next(v.axis for v in values if isinstance(v, ChannelDim))
+    if any(isinstance(v, ChannelDim) and v.axis != axis for v in values):
+        a.refuse(node, "concatenation of tensors whose channels are at different dimensions")
+    if along != axis:
+        known = [v for v in values if isinstance(v, ChannelDim)]
+        if len(known) != len(values):
+            a.refuse(node, "concatenation of slimmable channels with constant ones")
+        for other in known[1:]:
+            a.tie(known[0], other, node)
+        return known[0]
+    segments: list[tuple[int, int]] = []
+    for t, v in zip(tensors, values):
+        if isinstance(v, ChannelDim):
+            segments.extend(v.segments)
+        else:  # a tensor without slimmable channels: a fixed segment of its own
+            size = a.shape(t)[axis]
+            segments.append((a.new_group(f"{node.name}:{t.name}", size, fixed=True).segments[0][0], 1))
+    return ChannelDim(tuple(segments), axis)
+
+
+def split(a: "GraphAnalysis", node: fx.Node, module: Any = None) -> Any:
+    """``split``/``chunk`` along a non-channel dimension keep the channels; along channels they
+    are exact only where the pieces are segments (splitting a concatenation back into its
+    inputs). Splitting one channel group would cut the active tensor elsewhere than at full width."""
+    dim = a.value(_first_arg(node))
+    metas = node.meta.get("tensor_meta")
+    if dim is None or not isinstance(metas, (list, tuple)):
+        return None if dim is None else a.refuse(node, "no shape information")
+    rank = len(a.shape(_first_arg(node)))
+    along = _arg(node, 2, "dim", 0) % rank
+    if along != dim.axis:
+        return tuple(dim for _ in metas)
+    sizes = [m.shape[along] for m in metas]
+    if node.target in (torch.chunk, "chunk") and len(dim.segments) == 1 and len(sizes) > 1:
+        # chunk(n) of one channel group (a CSP block's conv): the group becomes n equal
+        # segments of one new group, each active on its own prefix, so the runtime chunk of the
+        # active tensor cuts exactly between them.
+        element, factor = dim.segments[0]
+        if factor == 1 and len(set(sizes)) == 1 and a.size(dim) == sum(sizes):
+            a.refine(element, len(sizes), node)
+            dim = a.value(_first_arg(node))
+    pieces, segments = [], list(dim.segments)
+    for size in sizes:
+        taken: list[tuple[int, int]] = []
+        while segments and sum(a.elements[a.find(e)].size * f for e, f in taken) < size:
+            taken.append(segments.pop(0))
+        if sum(a.elements[a.find(e)].size * f for e, f in taken) != size:
+            a.refuse(
+                node,
+                f"{node.target} of {a.size(dim)} channels into {sizes}: the pieces are not whole "
+                "channel groups, so at a narrower width the active tensor would be cut in another "
+                "place than at full width (mark the producing layers fixed with fixed_outputs, "
+                "or register a handler with usnet.register_op)",
+            )
+        pieces.append(ChannelDim(tuple(taken), dim.axis))
+    # The op runs on the active tensor with the arguments of the model's code: chunk(n) cuts it
+    # into n equal pieces, which are the segments only if every piece is the same groups;
+    # split(sizes) cuts at constant sizes, right only for channels that never slim.
+    structure = [tuple((a.find(e), f) for e, f in p.segments) for p in pieces]
+    if node.target in (torch.chunk, "chunk"):
+        exact = all(s == structure[0] for s in structure)
+    else:
+        exact = all(a.elements[a.find(e)].fixed for e, _ in dim.segments)
+    if not exact:
+        a.refuse(
+            node,
+            f"{node.target if isinstance(node.target, str) else node.target.__name__} into {sizes} "
+            "cuts at the same place at every width, which is not where these channel groups "
+            "end at a narrower width (use torch.chunk into pieces of the same groups, mark the "
+            "producing layers fixed with fixed_outputs, or register a handler with usnet.register_op)",
+        )
+    return tuple(pieces)
+
+
+def getitem(a: "GraphAnalysis", node: fx.Node, module: Any = None) -> Any:
+    source, index = node.args[0], node.args[1]
+    value = a.value(source)
+    if value is None:
+        return None
+    if isinstance(value, (tuple, list)) and isinstance(index, int):
+        return value[index]
+    if isinstance(value, dict):
+        return value.get(index)
+    a.refuse(node, "indexing a tensor that carries channels")
+
+
+def permute(a: "GraphAnalysis", node: fx.Node, module: Any = None) -> ChannelDim | None:
+    dim = a.value(_first_arg(node))
+    if dim is None:
+        return None
+    order = node.args[1:] if node.op == "call_method" else (_arg(node, 1, "dims"),)
+    if len(order) == 1 and isinstance(order[0], (tuple, list)):
+        order = tuple(order[0])
+    rank = len(order)
+    return dim.moved([d % rank for d in order].index(dim.axis))
+
+
+def transpose(a: "GraphAnalysis", node: fx.Node, module: Any = None) -> ChannelDim | None:
+    dim = a.value(_first_arg(node))
+    if dim is None:
+        return None
+    rank = len(a.shape(_first_arg(node)))
+    d0, d1 = _arg(node, 1, "dim0") % rank, _arg(node, 2, "dim1") % rank
+    return dim.moved(d1 if dim.axis == d0 else d0 if dim.axis == d1 else dim.axis)
+
+
+def unsqueeze(a: "GraphAnalysis", node: fx.Node, module: Any = None) -> ChannelDim | None:
+    dim = a.value(_first_arg(node))
+    if dim is None:
+        return None
+    d = _arg(node, 1, "dim") % (len(a.shape(_first_arg(node))) + 1)
+    return dim.moved(dim.axis + 1) if d <= dim.axis else dim
+
+
+def squeeze(a: "GraphAnalysis", node: fx.Node, module: Any = None) -> ChannelDim | None:
+    dim = a.value(_first_arg(node))
+    if dim is None:
+        return None
+    shape = a.shape(_first_arg(node))
+    d = _arg(node, 1, "dim")
+    dims = [i for i, s in enumerate(shape) if s == 1] if d is None else [
+        x % len(shape) for x in ((d,) if isinstance(d, int) else d) if shape[x % len(shape)] == 1]
+    if dim.axis in dims:
+        a.refuse(node, "squeeze of the channel dimension")
+    return dim.moved(dim.axis - sum(x < dim.axis for x in dims))
+
+
+def pad(a: "GraphAnalysis", node: fx.Node, module: Any = None) -> ChannelDim | None:
+    """Padding the trailing (spatial) dimensions keeps the channels."""
+    dim = a.value(_first_arg(node))
+    if dim is None:
+        return None
+    widths = _arg(node, 1, "pad", ())
+    rank = len(a.shape(_first_arg(node)))
+    if dim.axis >= rank - len(widths) // 2:
+        a.refuse(node, "padding of the channel dimension")
+    return dim
+
+
+def _make_tuple(a: "GraphAnalysis", node: fx.Node, module: Any = None) -> tuple:
+    return tuple(a.value(x) for x in (*node.args, *node.kwargs.values()))
+
+
+def _builtin_getattr(a: "GraphAnalysis", node: fx.Node, module: Any = None) -> Any:
+    if node.args[1] in ("T", "mT", "H", "mH", "real", "imag"):
+        return a.refuse(node, f"tensor attribute .{node.args[1]} of channels")
+    return None  # shape, ndim, dtype, device: queries
+
+
+def _refuse_functional(a: "GraphAnalysis", node: fx.Node, module: Any = None) -> None:
+    if a.channel_inputs(node):
+        a.refuse(node, "functional layer on parameters; use the nn.Module layer instead")
+
+
+def _refuse_reshape(a: "GraphAnalysis", node: fx.Node, module: Any = None) -> None:
+    dim = a.value(_first_arg(node))
+    if dim is None:
+        return None
+    before, after = a.shape(_first_arg(node)), a.shape(node)
+    axis = dim.axis
+    if (
+        before is not None and after is not None and len(after) == len(before) + 1
+        and after[:axis] == before[:axis] and after[axis] * after[axis + 1] == before[axis]
+    ):  # fmt: skip
+        a.refuse(
+            node,
+            f"splits the {before[axis]} channels into {after[axis]} groups of {after[axis + 1]} "
+            "(a channel shuffle): at a narrower width the groups would hold other channels, and "
+            "a chunk of the shuffled result would cut the active tensor elsewhere than at full "
+            "width (ShuffleNetV2); not supported",
+        )
+    if a.channel_inputs(node):
+        a.refuse(node, "reshape of channels; use torch.flatten(x, 1) before a Linear layer")
+
+
 PASS_THROUGH_MODULES: tuple[type[nn.Module], ...] = (
-    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU,
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU,
     nn.Mish, nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Sigmoid, nn.Tanh, nn.Identity,
     nn.Dropout, nn.Dropout2d, nn.AlphaDropout,
     nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d,
+    nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d,
+    nn.ZeroPad2d, nn.ConstantPad2d, nn.ReflectionPad2d, nn.ReplicationPad2d,
 )  # fmt: skip
 PASS_THROUGH_FUNCTIONS: set[Any] = {
     F.relu, F.relu_, F.relu6, F.leaky_relu, F.elu, F.selu, F.gelu, F.silu, F.mish,
     F.hardswish, F.hardsigmoid, F.hardtanh, F.sigmoid, F.tanh,
     torch.relu, torch.relu_, torch.sigmoid, torch.tanh,
     F.dropout, F.dropout2d, F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d,
-    F.adaptive_max_pool2d, torch.clone,
+    F.adaptive_max_pool2d, torch.clone, F.interpolate, F.upsample, F.upsample_bilinear,
+    F.upsample_nearest, torch.clamp,
 }  # fmt: skip
 PASS_THROUGH_METHODS = {
     "relu", "relu_", "sigmoid", "sigmoid_", "tanh", "clamp", "clamp_", "contiguous", "clone",
-    "float", "half", "bfloat16", "to", "type_as", "detach",
+    "float", "half", "double", "bfloat16", "to", "type", "type_as", "detach",
 }  # fmt: skip
 BINARY_FUNCTIONS = {
     operator.add, operator.iadd, operator.mul, operator.imul, operator.sub, operator.isub,
@@ -75,11 +563,60 @@ BINARY_FUNCTIONS = {
 }  # fmt: skip
 BINARY_METHODS = {"add", "add_", "mul", "mul_", "sub", "sub_", "div", "div_"}
 
+for _module in PASS_THROUGH_MODULES:
+    register_op(_module, pass_through)
+for _function in PASS_THROUGH_FUNCTIONS:
+    register_op(_function, pass_through)
+for _method in PASS_THROUGH_METHODS:
+    register_op(_method, pass_through)
+for _function in BINARY_FUNCTIONS:
+    register_op(_function, binary)
+for _method in BINARY_METHODS:
+    register_op(_method, binary)
+register_op(nn.Conv2d, _conv)
+register_op(nn.Linear, _linear)
+register_op(nn.BatchNorm2d, features_layer)
+register_op(nn.LayerNorm, layer_norm)
+register_op(nn.Conv1d, _conv)
+register_op(nn.ConvTranspose2d, conv_transpose)
+register_op(nn.GroupNorm, group_norm)
+register_op(nn.InstanceNorm2d, instance_norm)
+register_op(nn.PReLU, prelu)
+register_op(nn.Flatten, flatten)
+register_op(torch.flatten, flatten)
+register_op("flatten", flatten)
+for _reduce in (torch.mean, torch.sum, torch.amax, "mean", "sum", "amax"):
+    register_op(_reduce, reduce)
+register_op(torch.cat, concatenate)
+register_op(torch.concat, concatenate)
+for _split in (torch.split, torch.chunk, "split", "chunk"):
+    register_op(_split, split)
+register_op(operator.getitem, getitem)
+register_op(torch.permute, permute)
+register_op("permute", permute)
+register_op(torch.transpose, transpose)
+register_op("transpose", transpose)
+register_op(torch.unsqueeze, unsqueeze)
+register_op("unsqueeze", unsqueeze)
+register_op(torch.squeeze, squeeze)
+register_op("squeeze", squeeze)
+register_op(F.pad, pad)
+register_op(getattr, _builtin_getattr)
+register_op(torch._assert, no_channels)
+for _query in ("size", "dim"):
+    register_op(_query, no_channels)
+for _function in (F.conv1d, F.conv2d, F.conv_transpose2d, F.linear, F.batch_norm, F.layer_norm,
+                  F.group_norm):  # fmt: skip
+    register_op(_function, _refuse_functional)
+for _method in ("view", "reshape"):
+    register_op(_method, _refuse_reshape)
+register_op(torch.reshape, _refuse_reshape)
+
 # PyTorch-Pruning-style leaves: torchvision's stochastic depth is an fx-wrapped function.
 try:  # pragma: no cover - torchvision is a dependency, but keep the core importable without it
     from torchvision.ops import stochastic_depth as _tv_stochastic_depth
 
-    PASS_THROUGH_FUNCTIONS.add(_tv_stochastic_depth)
+    register_op(_tv_stochastic_depth, pass_through)
 except ImportError:  # pragma: no cover
     pass
 
@@ -104,6 +641,7 @@ class Analysis:
     plan: ChannelPlan
     bindings: list[Binding]
     layer_names: list[str] = field(default_factory=list)
+    sliced_params: dict[str, dict[str, int]] = field(default_factory=dict)
 
 
 class _Tracer(fx.Tracer):
@@ -112,12 +650,16 @@ class _Tracer(fx.Tracer):
         self._extra_leaves = tuple(leaves)
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        if type(m) in SLIMMABLE_LAYERS or isinstance(m, self._extra_leaves):
+        kind = type(m)
+        if kind in SLIMMABLE_LAYERS or kind in MODULE_OPS or isinstance(m, self._extra_leaves):
             return True
         return super().is_leaf_module(m, qualname)
 
 
-class _Analyzer:
+class GraphAnalysis:
+    """One walk over a traced graph with a union-find over channel dimensions; the op handlers
+    (:func:`register_op`) read and extend it through the methods below."""
+
     def __init__(
         self, gm: fx.GraphModule, divisor: int, ratio_ties: set[str], fixed_outputs: set[str]
     ):
@@ -127,15 +669,23 @@ class _Analyzer:
         self.fixed_outputs = fixed_outputs
         self.elements: list[_Element] = []
         self.parent_of: list[int] = []  # union-find
-        self.dims: dict[fx.Node, tuple[int, int] | None] = {}
-        self.layer_dims: dict[str, tuple[tuple[int, int] | None, tuple[int, int]]] = {}
+        self.values: dict[fx.Node, Any] = {}
+        self.layer_dims: dict[str, tuple[ChannelDim | None, ChannelDim]] = {}
+        self.sliced_params: dict[str, dict[str, int]] = {}  # owner module -> {parameter: dim}
+        self.refined: dict[int, tuple[tuple[int, int], ...]] = {}  # see refine()
+        self.called: set[str] = set()  # modules called in the graph
         self.seen_layers: set[str] = set()
 
     # union-find ------------------------------------------------------------------------------
     def new(self, name: str, size: int, **kw) -> int:
-        self.elements.append(_Element(name, size, kw.pop("divisor", self.divisor), **kw))
+        self.elements.append(_Element(name, size, kw.pop("divisor", None) or self.divisor, **kw))
         self.parent_of.append(len(self.parent_of))
         return len(self.elements) - 1
+
+    def new_group(self, name: str, size: int, *, axis: int = 1, **kw) -> ChannelDim:
+        """A channel dimension of ``size`` channels of its own (``fixed``, ``divisor``, or a
+        ``parent`` element it follows at ``ratio``)."""
+        return ChannelDim(((self.new(name, size, **kw), 1),), axis)
 
     def find(self, i: int) -> int:
         while self.parent_of[i] != i:
@@ -163,6 +713,85 @@ class _Analyzer:
         self.parent_of[b] = a
         return a
 
+    def refine(self, element: int, pieces: int, node: fx.Node) -> None:
+        """From now on, the channels of ``element`` are ``pieces`` equal segments of one new
+        group (every dimension tied to it, before or after, reads so through :meth:`expand`)."""
+        root = self.find(element)
+        e = self.elements[root]
+        if e.parent is not None and not e.fixed:
+            self.refuse(node, "cutting a group that follows another at a ratio")
+        for other in self.elements:
+            if other.parent is not None and self.find(other.parent) == root:
+                self.refuse(node, "cutting a group that other groups follow at a ratio")
+        if e.size % pieces:
+            self.refuse(node, f"{e.size} channels do not cut into {pieces} equal pieces")
+        part = self.new(f"{e.name}:{pieces}", e.size // pieces, divisor=e.divisor, fixed=e.fixed)
+        self.refined[root] = ((part, 1),) * pieces
+
+    def expand(self, value: Any) -> Any:
+        """``value`` with refined groups replaced by their segments (see :meth:`refine`)."""
+        if isinstance(value, ChannelDim):
+            if not self.refined:
+                return value
+            out: list[tuple[int, int]] = []
+            for e, f in value.segments:
+                r = self.find(e)
+                if r in self.refined:
+                    inner = self.expand(ChannelDim(self.refined[r], value.axis))
+                    out.extend((p, f * g) for p, g in inner.segments)
+                else:
+                    out.append((r, f))
+            return ChannelDim(tuple(out), value.axis)
+        if isinstance(value, (tuple, list)):
+            return type(value)(self.expand(v) for v in value)
+        if isinstance(value, dict):
+            return {k: self.expand(v) for k, v in value.items()}
+        return value
+
+    def tie(self, a: ChannelDim, b: ChannelDim, node: fx.Node) -> None:
+        """The two dimensions always have equal active channels (segment by segment)."""
+        a, b = self.expand(a), self.expand(b)
+        if len(b.segments) > len(a.segments) == 1 and a.segments[0][1] == 1:
+            self._refine_like(a, b, node)
+            a = self.expand(a)
+        elif len(a.segments) > len(b.segments) == 1 and b.segments[0][1] == 1:
+            self._refine_like(b, a, node)
+            b = self.expand(b)
+        sizes_a = [(self.elements[self.find(e)].size, f) for e, f in a.segments]
+        sizes_b = [(self.elements[self.find(e)].size, f) for e, f in b.segments]
+        if len(a.segments) != len(b.segments) and self.size(a) == self.size(b):
+            self.refuse(node, "ties a concatenation to channels split differently "
+                              f"({[s * f for s, f in sizes_a]} vs {[s * f for s, f in sizes_b]})")  # fmt: skip
+        if self.size(a) != self.size(b):
+            self.refuse(node, f"ties {self.size(a)} channels to {self.size(b)} channels")
+        for (ea, fa), (eb, fb) in zip(a.segments, b.segments):
+            if fa != fb:
+                self.refuse(node, "ties channels to flattened features")
+            self.union(ea, eb, self.where(node))
+
+    def _refine_like(self, single: ChannelDim, several: ChannelDim, node: fx.Node) -> None:
+        """One group tied to a concatenation: it becomes segments of the same sizes (each tied
+        to its counterpart), provided the pieces are equal copies of one group."""
+        roots = {self.find(e) for e, _ in several.segments}
+        if self.size(single) == self.size(several) and len(roots) == 1 and len({f for _, f in several.segments}) == 1 and several.segments[0][1] == 1:
+            self.refine(single.segments[0][0], len(several.segments), node)
+            return
+        sizes = [self.elements[self.find(e)].size * f for e, f in several.segments]
+        self.refuse(node, f"ties one channel group to a concatenation of different groups {sizes}")
+
+    def fix(self, value: Any) -> None:
+        """Never slim the channels of ``value`` (a ChannelDim, or a nest of them)."""
+        value = self.expand(value)
+        if isinstance(value, ChannelDim):
+            for e, _ in value.segments:
+                self.elements[self.find(e)].fixed = True
+        elif isinstance(value, (tuple, list)):
+            for v in value:
+                self.fix(v)
+        elif isinstance(value, dict):
+            for v in value.values():
+                self.fix(v)
+
     # helpers ---------------------------------------------------------------------------------
     def where(self, node: fx.Node) -> str:
         if node.op == "call_module":
@@ -187,222 +816,109 @@ class _Analyzer:
             return None
         return tuple(meta.shape)
 
-    def dim_of(self, arg: Any) -> tuple[int, int] | None:
-        return self.dims.get(arg) if isinstance(arg, fx.Node) else None
+    def value(self, arg: Any) -> Any:
+        """The channels of a node's output (None when it carries none)."""
+        return self.expand(self.values.get(arg)) if isinstance(arg, fx.Node) else None
+
+    def size(self, dim: ChannelDim) -> int:
+        dim = self.expand(dim)
+        return sum(self.elements[self.find(e)].size * f for e, f in dim.segments)
 
     def channel_inputs(self, node: fx.Node) -> list[fx.Node]:
         found: list[fx.Node] = []
-        fx.node.map_arg((node.args, node.kwargs), lambda n: found.append(n) if self.dims.get(n) else None)
+        fx.node.map_arg((node.args, node.kwargs), lambda n: found.append(n) if self.values.get(n) else None)
         return found
 
-    # per node --------------------------------------------------------------------------------
-    def run(self) -> None:
-        for node in self.gm.graph.nodes:
-            handler = getattr(self, "visit_" + node.op)
-            self.dims[node] = handler(node)
-
-    def visit_placeholder(self, node: fx.Node):
-        shape = self.shape(node)
-        if shape is None or len(shape) < 2:
-            return None
-        return (self.new(f"input:{node.name}", shape[1], fixed=True), 1)
-
-    def visit_get_attr(self, node: fx.Node):
-        return None  # constants carry no slimmable channels; binary ops check their shapes
-
-    def visit_output(self, node: fx.Node):
-        for arg in self.channel_inputs(node):
-            element, _ = self.dims[arg]
-            self.elements[self.find(element)].fixed = True
-        return None
-
-    def visit_call_module(self, node: fx.Node):
-        module = self.gm.get_submodule(node.target)
-        kind = type(module)
-        inputs = self.channel_inputs(node)
-        if kind is nn.Conv2d:
-            return self.conv(node, module)
-        if kind is nn.Linear:
-            return self.linear(node, module)
-        if kind is nn.BatchNorm2d:
-            dim = self.single_input(node)
-            self.check_size(node, dim, module.num_features)
-            if dim[1] != 1:
-                self.refuse(node, "BatchNorm2d on flattened features")
-            self.bind(node, None, dim)
-            return dim
-        if kind in PASS_THROUGH_MODULES:
-            if isinstance(module, nn.PReLU) and module.num_parameters > 1:
-                self.refuse(node, "PReLU with per-channel parameters is not slimmable")
-            return self.dim_of(node.args[0]) if node.args else None
-        if kind is nn.Flatten:
-            return self.flatten(node, module.start_dim, module.end_dim)
-        if not inputs:
-            return None
-        self.refuse(
-            node,
-            f"{kind.__name__} has no slimmable counterpart and does not simply pass channels "
-            f"through (supported layers: {', '.join(t.__name__ for t in SLIMMABLE_LAYERS)})",
-        )
-
-    def visit_call_function(self, node: fx.Node):
-        target = node.target
-        if target in PASS_THROUGH_FUNCTIONS:
-            return self.dim_of(node.args[0]) if node.args else None
-        if target in BINARY_FUNCTIONS:
-            return self.binary(node)
-        if target is torch.flatten:
-            return self.flatten(node, *_flatten_args(node))
-        if target in (torch.mean, torch.sum, torch.amax):
-            return self.reduce(node)
-        inputs = self.channel_inputs(node)
-        if not inputs:
-            return None
-        if target is torch.cat or target is torch.concat:
-            self.refuse(node, "concatenation along channels cannot keep channels a prefix")
-        if target is operator.getitem:
-            self.refuse(node, "indexing a tensor that carries channels")
-        if target in (F.conv2d, F.linear, F.batch_norm):
-            self.refuse(node, "functional layer on parameters; use the nn.Module layer instead")
-        self.refuse(node, "operation not known to preserve or tie channels")
-
-    def visit_call_method(self, node: fx.Node):
-        target = node.target
-        inputs = self.channel_inputs(node)
-        if target in PASS_THROUGH_METHODS:
-            return self.dim_of(node.args[0])
-        if target in BINARY_METHODS:
-            return self.binary(node)
-        if target == "flatten":
-            return self.flatten(node, *_flatten_args(node))
-        if target in ("mean", "sum", "amax"):
-            return self.reduce(node)
-        if target in ("size", "dim") or not inputs:
-            return None
-        if target in ("view", "reshape"):
-            self.refuse(node, "reshape of channels; use torch.flatten(x, 1) before a Linear layer")
-        self.refuse(node, "method not known to preserve or tie channels")
-
-    # op kinds --------------------------------------------------------------------------------
-    def single_input(self, node: fx.Node) -> tuple[int, int]:
-        dim = self.dim_of(node.args[0]) if node.args else None
-        if dim is None:
+    def single_input(self, node: fx.Node) -> ChannelDim:
+        dim = self.value(_first_arg(node))
+        if not isinstance(dim, ChannelDim):
             self.refuse(node, "its input carries no known channels")
         return dim  # type: ignore[return-value]
 
-    def check_size(self, node: fx.Node, dim: tuple[int, int], expected: int) -> None:
-        element, factor = dim
-        size = self.elements[self.find(element)].size * factor
+    def check_size(self, node: fx.Node, dim: ChannelDim, expected: int) -> None:
+        size = self.size(dim)
         if size != expected:
             self.refuse(node, f"expects {expected} channels but its input has {size}")
 
-    def bind(self, node: fx.Node, inputs, outputs) -> None:
+    def bind(self, node: fx.Node, inputs: ChannelDim | None, outputs: ChannelDim) -> None:
+        """Record a slimmable layer's input and output channels."""
         if node.target in self.fixed_outputs:
-            self.elements[self.find(outputs[0])].fixed = True
+            self.fix(outputs)
         if node.target in self.seen_layers:
             self.refuse(node, "the same layer is called more than once; shared layers are unsupported")
         self.seen_layers.add(node.target)
         self.layer_dims[node.target] = (inputs, outputs)
 
-    def conv(self, node: fx.Node, conv: nn.Conv2d):
-        dim = self.single_input(node)
-        self.check_size(node, dim, conv.in_channels)
-        if dim[1] != 1:
-            self.refuse(node, "convolution on flattened features")
-        element = dim[0]
-        name = node.target
-        if conv.groups > 1 and conv.groups == conv.in_channels:
-            multiplier = conv.out_channels // conv.in_channels
-            out = dim if multiplier == 1 else (
-                self.new(name, conv.out_channels, parent=element, ratio=float(multiplier)), 1)
-        elif name in self.ratio_ties:
-            ratio = conv.out_channels / conv.in_channels
-            out = (self.new(name, conv.out_channels, parent=element, ratio=ratio), 1)
-        else:
-            out = (self.new(name, conv.out_channels), 1)
-            if conv.groups > 1:
-                root = self.elements[self.find(element)]
-                root.divisor = math.lcm(root.divisor, conv.groups)
-                self.elements[out[0]].divisor = math.lcm(self.divisor, conv.groups)
-        self.bind(node, dim, out)
-        return out
+    def bind_parameter(self, node: fx.Node, target: str, axis: int, dim: ChannelDim) -> None:
+        """A parameter read in the forward code whose dimension ``axis`` follows ``dim``."""
+        owner, _, name = target.rpartition(".")
+        module = self.gm.get_submodule(owner)
+        if isinstance(module, SlimmableLayer) or type(module) in SLIMMABLE_LAYERS:
+            self.refuse(node, f"parameter {target!r} of a slimmable layer used in the graph")
+        if owner in self.sliced_params:
+            self.refuse(node, f"{owner!r} holds two parameters used along channels")
+        if any(f != 1 for _, f in dim.segments):
+            self.refuse(node, f"parameter {target!r} along flattened features")
+        if owner in self.seen_layers:
+            self.refuse(node, f"{owner!r} is also a layer bound elsewhere")
+        self.sliced_params[owner] = {name: axis}
+        self.seen_layers.add(owner)
+        self.layer_dims[owner] = (None, dim)
 
-    def linear(self, node: fx.Node, linear: nn.Linear):
-        dim = self.single_input(node)
-        shape = self.shape(node.args[0])
-        if shape is not None and len(shape) != 2:
-            self.refuse(node, f"Linear on a {len(shape)}-d input; only (N, features) is supported")
-        self.check_size(node, dim, linear.in_features)
-        name = node.target
-        if name in self.ratio_ties:
-            # The ratio follows the input *group* (a flattened input is H*W times its channels).
-            ratio = linear.out_features / self.elements[self.find(dim[0])].size
-            out = (self.new(name, linear.out_features, parent=dim[0], ratio=ratio), 1)
-        else:
-            out = (self.new(name, linear.out_features), 1)
-        self.bind(node, dim, out)
-        return out
+    # per node --------------------------------------------------------------------------------
+    def run(self) -> None:
+        for node in self.gm.graph.nodes:
+            self.values[node] = self.visit(node)
 
-    def binary(self, node: fx.Node):
-        out_shape = self.shape(node)
-        out_channels = out_shape[1] if out_shape is not None and len(out_shape) >= 2 else None
-        tied: list[tuple[int, int]] = []
-        for arg in (*node.args[:2], *node.kwargs.values()):
-            shape = self.shape(arg)
+    def visit(self, node: fx.Node) -> Any:
+        if node.op == "placeholder":
+            shape = self.shape(node)
             if shape is None or len(shape) < 2:
-                continue  # scalars tie nothing
-            if shape[1] == 1 and out_channels != 1:
-                continue  # broadcast along channels (e.g. a spatial attention map) ties nothing
-            dim = self.dim_of(arg)
-            if dim is None:
-                if shape[1] == 1:
-                    continue  # a one-channel constant on a one-channel tensor
-                self.refuse(node, f"operand {arg.name!r} has {shape[1]} channels from a constant")
-            tied.append(dim)
-        if not tied:
+                return None
+            return self.new_group(f"input:{node.name}", shape[1], fixed=True)
+        if node.op == "get_attr":
+            return None  # constants carry no slimmable channels; binary ops check their shapes
+        if node.op == "output":
+            fx.node.map_arg(node.args, lambda n: self.fix(self.values.get(n)))
             return None
-        first = tied[0]
-        for other in tied[1:]:
-            if other[1] != first[1]:
-                self.refuse(node, "ties channels to flattened features")
-            self.union(first[0], other[0], self.where(node))
-        if out_channels is not None:
-            self.check_size(node, first, out_channels)
-        return first
-
-    def flatten(self, node: fx.Node, start_dim: int, end_dim: int):
-        dim = self.dim_of(node.args[0])
-        if dim is None:
+        module = None
+        if node.op == "call_module":
+            self.called.add(node.target)
+            module = self.gm.get_submodule(node.target)
+            handler = MODULE_OPS.get(type(module))
+            if handler is None and type(module) in SLIMMABLE_LAYERS:
+                handler = _ROLE_HANDLERS[SLIMMABLE_LAYERS[type(module)].channel_role]
+        elif node.op == "call_function":
+            handler = FUNCTION_OPS.get(node.target)
+            if handler is None and isinstance(node.target, type) and issubclass(node.target, tuple):
+                handler = _make_tuple  # a namedtuple of outputs (GoogLeNetOutputs, ...)
+        else:
+            handler = METHOD_OPS.get(node.target)
+        if handler is not None:
+            return handler(self, node, module)
+        if not self.channel_inputs(node):
             return None
-        shape = self.shape(node.args[0])
-        if shape is None:
-            self.refuse(node, "no shape information")
-        end = end_dim % len(shape)
-        if start_dim != 1 or end != len(shape) - 1:
-            self.refuse(node, "only flatten(x, 1) (channel-major features) is supported")
-        spatial = math.prod(shape[2:])
-        return (dim[0], dim[1] * spatial)
-
-    def reduce(self, node: fx.Node):
-        dim = self.dim_of(node.args[0])
-        if dim is None:
-            return None
-        dims = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
-        rank = len(self.shape(node.args[0]) or ())
-        dims = (dims,) if isinstance(dims, int) else tuple(dims or ())
-        # Reducing spatial dims only (keepdim or not) leaves channels at dim 1.
-        if not dims or any(d % rank < 2 for d in dims):
-            self.refuse(node, "reduction over the batch or channel dimension")
-        return dim
+        if module is not None:
+            self.refuse(
+                node,
+                f"{type(module).__name__} has no slimmable counterpart and does not simply pass "
+                f"channels through (supported layers: {', '.join(t.__name__ for t in SLIMMABLE_LAYERS)}; "
+                "usnet.register_slimmable or usnet.register_op can add it)",
+            )
+        kind = "method" if node.op == "call_method" else "operation"
+        self.refuse(
+            node, f"{kind} not known to preserve or tie channels (usnet.register_op can teach it)"
+        )
 
     # result ----------------------------------------------------------------------------------
     def build(self, width_range: tuple[float, float]) -> Analysis:
-        roots = sorted({self.find(i) for i in range(len(self.elements))})
+        self.layer_dims = {k: (self.expand(i), self.expand(o)) for k, (i, o) in self.layer_dims.items()}
+        roots = sorted({self.find(i) for i in range(len(self.elements))} - set(self.refined))
         used = set()
         for inputs, outputs in self.layer_dims.values():
             for d in (inputs, outputs):
                 if d is not None:
-                    used.add(self.find(d[0]))
+                    used.update(self.find(e) for e, _ in d.segments)
         # A derived group's parent must be listed first: order by creation, parents before children.
         order: list[int] = []
         visiting: set[int] = set()
@@ -441,11 +957,14 @@ class _Analyzer:
         plan = ChannelPlan(groups, width_range)
         names = {r: self.elements[r].name for r in order}
 
-        def named(d):
-            return None if d is None else (names[self.find(d[0])], d[1])
+        def named(d: ChannelDim | None):
+            if d is None:
+                return None
+            found = tuple((names[self.find(e)], f) for e, f in d.segments)
+            return found[0] if len(found) == 1 else found
 
         bindings = [Binding(layer, named(i), named(o)) for layer, (i, o) in self.layer_dims.items()]
-        return Analysis(plan, bindings, list(self.layer_dims))
+        return Analysis(plan, bindings, list(self.layer_dims), dict(self.sliced_params))
 
 
 def _flatten_args(node: fx.Node) -> tuple[int, int]:
@@ -493,13 +1012,21 @@ def analyze(
         unknown = sorted(given - names.keys())
         if unknown:
             raise ConversionError(f"{what} names unknown modules: {', '.join(unknown)}")
+    modes = {m: m.training for m in model.modules()}
+    # Traced in training mode, so that training-only branches (auxiliary heads) are in the graph
+    # and their layers are bound; shapes are then propagated in eval mode.
+    model.train()
     try:
         graph = _Tracer(leaf_modules).trace(model)
     except Exception as err:  # fx raises many types; surface them as one clear error
         raise ConversionError(
             f"cannot trace {type(model).__name__} with torch.fx ({type(err).__name__}: {err}); "
-            "data-dependent control flow is unsupported"
+            "data-dependent control flow is unsupported; make the module that holds it a leaf "
+            "with usnet.register_op(ModuleClass, handler) or leaf_modules=..."
         ) from err
+    finally:
+        for module, training in modes.items():  # restore each module's own mode
+            module.training = training
     gm = fx.GraphModule(model, graph)
     guessed = example_input is None
     if guessed:
@@ -520,12 +1047,12 @@ def analyze(
     finally:
         for module, training in modes.items():  # restore each module's own mode
             module.training = training
-    analyzer = _Analyzer(gm, divisor, ratio_ties, fixed_outputs)
+    analyzer = GraphAnalysis(gm, divisor, ratio_ties, fixed_outputs)
     analyzer.run()
     missing = [
         name
         for name, m in model.named_modules()
-        if type(m) in SLIMMABLE_LAYERS and name not in analyzer.layer_dims
+        if type(m) in SLIMMABLE_LAYERS and name not in analyzer.called
     ]
     if missing:
         raise ConversionError(
@@ -595,8 +1122,11 @@ def slimmable(
         leaf_modules=leaf_modules,
     )
     for name in analysis.layer_names:
+        if name in analysis.sliced_params:
+            slice_parameters_(model.get_submodule(name), analysis.sliced_params[name])
+            continue
         layer = make_slimmable_(model.get_submodule(name), input_averaging)
-        if isinstance(layer, SlimmableBatchNorm2d):
+        if "usnet_name" in vars(layer):  # layers that name themselves in their errors
             layer.usnet_name = name
     state = SlimmableState(
         plan=analysis.plan,

@@ -14,6 +14,9 @@ into their weights.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -34,6 +37,66 @@ class UncalibratedWidthError(UsnetError, RuntimeError):
     """Eval-mode forward at a width whose BatchNorm statistics were never calibrated."""
 
 
+@dataclass(frozen=True)
+class ActiveChannels:
+    """The active channels of one dimension of a layer at one channel configuration.
+
+    ``index`` is None when they are the first ``count`` channels (a prefix); otherwise it lists
+    them in order (a concatenation's input whose segments are each active on a prefix of their
+    own). It is computed once per configuration and cached by :func:`usnet.set_width`.
+    """
+
+    count: int
+    index: Tensor | None = None
+
+    @classmethod
+    def prefix(cls, count: int) -> "ActiveChannels":
+        return cls(count)
+
+
+def take(tensor: Tensor, dim: int, channels: int, index: Tensor | None) -> Tensor:
+    """The active channels of ``tensor`` along ``dim``: its first ``channels``, or ``index``."""
+    if index is None:
+        return tensor[(slice(None),) * dim + (slice(channels),)]
+    return tensor.index_select(dim, index.to(tensor.device))
+
+
+class SlimmableLayer:
+    """The interface every slimmable layer implements (a mixin next to the PyTorch layer).
+
+    * ``channel_role``: ``"transform"`` layers map input channels to output channels of their own
+      (conv, linear); ``"features"`` layers act on each channel of their input and return as many
+      (norms): their binding has outputs only.
+    * :meth:`init_slimmable`: set the slimmable state of a freshly converted (or built) layer.
+    * :meth:`active_attrs`: the plain attributes that make the layer run at some active channels;
+      :func:`usnet.set_width` caches them per channel configuration and writes them.
+    * :meth:`to_plain`: the plain layer of the active shape (for :func:`usnet.export`).
+
+    A layer type is made slimmable for the whole library by :func:`register_slimmable`.
+    """
+
+    channel_role: ClassVar[str] = "transform"
+
+    def init_slimmable(self, input_averaging: bool = False) -> None:
+        raise NotImplementedError
+
+    def active_attrs(self, inputs: ActiveChannels | None, outputs: ActiveChannels,
+                     stats_key: str | None) -> dict[str, Any]:  # fmt: skip
+        raise NotImplementedError
+
+    def to_plain(self, require_stats: bool = True) -> nn.Module:
+        raise NotImplementedError
+
+
+def _copy_into(new: nn.Module, weight: Tensor, bias: Tensor | None, training: bool) -> nn.Module:
+    with torch.no_grad():
+        new.weight.copy_(weight)
+        if bias is not None:
+            new.bias.copy_(bias)
+    new.train(training)
+    return new
+
+
 def _scaled(weight: Tensor, bias: Tensor | None, scale: float) -> tuple[Tensor, Tensor | None]:
     """Weight and bias times the input-averaging scale (a no-op at scale 1)."""
     if scale == 1.0:
@@ -41,8 +104,8 @@ def _scaled(weight: Tensor, bias: Tensor | None, scale: float) -> tuple[Tensor, 
     return weight * scale, None if bias is None else bias * scale
 
 
-class SlimmableConv2d(nn.Conv2d):
-    """``nn.Conv2d`` (standard, grouped or depthwise) running on its first channels.
+class _SlimmableConvNd(SlimmableLayer):
+    """A convolution (standard, grouped or depthwise) running on its first channels.
 
     A depthwise conv (``groups == in_channels``) keeps ``groups == active_in_channels``; any other
     grouped conv keeps its group count, so its active channels must stay divisible by ``groups``
@@ -51,12 +114,29 @@ class SlimmableConv2d(nn.Conv2d):
 
     def __init__(self, *args, input_averaging: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
-        self._init_slimmable(input_averaging)
+        self.init_slimmable(input_averaging)
 
-    def _init_slimmable(self, input_averaging: bool = False) -> None:
+    def init_slimmable(self, input_averaging: bool = False) -> None:
         self.active_in_channels = self.in_channels
         self.active_out_channels = self.out_channels
+        self.active_in_index: Tensor | None = None  # None: a prefix (see ActiveChannels)
+        self.active_out_index: Tensor | None = None
         self.input_averaging = input_averaging
+
+    _init_slimmable = init_slimmable
+
+    def active_attrs(self, inputs, outputs, stats_key=None) -> dict[str, Any]:
+        return {"active_in_channels": inputs.count, "active_out_channels": outputs.count,
+                "active_in_index": inputs.index, "active_out_index": outputs.index}  # fmt: skip
+
+    def to_plain(self, require_stats: bool = True) -> nn.Module:
+        weight, bias = self.active_weight_and_bias()
+        new = self._plain_type(
+            self.active_in_channels, self.active_out_channels, self.kernel_size, self.stride,
+            self.padding, self.dilation, self.active_groups, bias is not None, self.padding_mode,
+            device=weight.device, dtype=weight.dtype,
+        )  # fmt: skip
+        return _copy_into(new, weight, bias, self.training)
 
     @property
     def is_depthwise(self) -> bool:
@@ -74,8 +154,14 @@ class SlimmableConv2d(nn.Conv2d):
                 f"{type(self).__name__}: {cin} input / {cout} output channels are not divisible "
                 f"by {groups} groups"
             )
-        bias = None if self.bias is None else self.bias[:cout]
-        return _scaled(self.weight[:cout, : cin // groups], bias, self.averaging_scale())
+        out_index = getattr(self, "active_out_index", None)  # absent in modules pickled before it
+        weight = take(self.weight, 0, cout, out_index)
+        if self.is_depthwise:  # one input channel per output channel: the input index is the output's
+            weight = weight[:, :1]
+        else:
+            weight = take(weight, 1, cin // groups, getattr(self, "active_in_index", None))
+        bias = None if self.bias is None else take(self.bias, 0, cout, out_index)
+        return _scaled(weight, bias, self.averaging_scale())
 
     def averaging_scale(self) -> float:
         if not self.input_averaging:
@@ -83,7 +169,8 @@ class SlimmableConv2d(nn.Conv2d):
         return (self.in_channels / self.groups) / (self.active_in_channels / self.active_groups)
 
     def forward(self, input: Tensor) -> Tensor:
-        if input.dim() < 3 or input.shape[-3] != self.active_in_channels:
+        spatial = len(self.kernel_size)
+        if input.dim() < spatial + 1 or input.shape[-spatial - 1] != self.active_in_channels:
             raise RuntimeError(
                 f"{type(self).__name__} expects {self.active_in_channels} active input channels, "
                 f"got input of shape {tuple(input.shape)}"
@@ -93,7 +180,7 @@ class SlimmableConv2d(nn.Conv2d):
         if self.padding_mode != "zeros":
             input = F.pad(input, self._reversed_padding_repeated_twice, mode=self.padding_mode)
             padding = 0
-        return F.conv2d(
+        return self._functional(
             input, weight, bias, self.stride, padding, self.dilation, self.active_groups
         )
 
@@ -102,24 +189,59 @@ class SlimmableConv2d(nn.Conv2d):
         return super().extra_repr() + active + (", input_averaging" if self.input_averaging else "")
 
 
-class SlimmableLinear(nn.Linear):
+class SlimmableConv2d(_SlimmableConvNd, nn.Conv2d):
+    """``nn.Conv2d`` (standard, grouped or depthwise) running on its first channels.
+
+    A depthwise conv (``groups == in_channels``) keeps ``groups == active_in_channels``; any other
+    grouped conv keeps its group count, so its active channels must stay divisible by ``groups``
+    (the channel plan's divisors guarantee that).
+    """
+
+    _plain_type = nn.Conv2d
+    _functional = staticmethod(F.conv2d)
+
+
+class SlimmableConv1d(_SlimmableConvNd, nn.Conv1d):
+    """``nn.Conv1d`` on ``(N, C, L)``, like :class:`SlimmableConv2d`."""
+
+    _plain_type = nn.Conv1d
+    _functional = staticmethod(F.conv1d)
+
+
+class SlimmableLinear(SlimmableLayer, nn.Linear):
     """``nn.Linear`` running on its first input and output features."""
 
     def __init__(self, *args, input_averaging: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
-        self._init_slimmable(input_averaging)
+        self.init_slimmable(input_averaging)
 
-    def _init_slimmable(self, input_averaging: bool = False) -> None:
+    def init_slimmable(self, input_averaging: bool = False) -> None:
         self.active_in_features = self.in_features
         self.active_out_features = self.out_features
+        self.active_in_index: Tensor | None = None  # None: a prefix (see ActiveChannels)
+        self.active_out_index: Tensor | None = None
         self.input_averaging = input_averaging
+
+    _init_slimmable = init_slimmable
+
+    def active_attrs(self, inputs, outputs, stats_key=None) -> dict[str, Any]:
+        return {"active_in_features": inputs.count, "active_out_features": outputs.count,
+                "active_in_index": inputs.index, "active_out_index": outputs.index}  # fmt: skip
+
+    def to_plain(self, require_stats: bool = True) -> nn.Module:
+        weight, bias = self.active_weight_and_bias()
+        new = nn.Linear(self.active_in_features, self.active_out_features, bias is not None,
+                        device=weight.device, dtype=weight.dtype)  # fmt: skip
+        return _copy_into(new, weight, bias, self.training)
 
     def averaging_scale(self) -> float:
         return self.in_features / self.active_in_features if self.input_averaging else 1.0
 
     def active_weight_and_bias(self) -> tuple[Tensor, Tensor | None]:
-        weight = self.weight[: self.active_out_features, : self.active_in_features]
-        bias = None if self.bias is None else self.bias[: self.active_out_features]
+        out_index = getattr(self, "active_out_index", None)  # absent in modules pickled before it
+        weight = take(self.weight, 0, self.active_out_features, out_index)
+        weight = take(weight, 1, self.active_in_features, getattr(self, "active_in_index", None))
+        bias = None if self.bias is None else take(self.bias, 0, self.active_out_features, out_index)
         return _scaled(weight, bias, self.averaging_scale())
 
     def forward(self, input: Tensor) -> Tensor:
@@ -136,7 +258,7 @@ class SlimmableLinear(nn.Linear):
         return super().extra_repr() + active + (", input_averaging" if self.input_averaging else "")
 
 
-class SlimmableBatchNorm2d(nn.BatchNorm2d):
+class SlimmableBatchNorm2d(SlimmableLayer, nn.BatchNorm2d):
     """``nn.BatchNorm2d`` on its first channels, with separate running statistics per width.
 
     * Training mode normalizes with batch statistics and updates no running statistics: running
@@ -151,12 +273,15 @@ class SlimmableBatchNorm2d(nn.BatchNorm2d):
       whatever the layer's own ``momentum`` and ``training`` flags say.
     """
 
+    channel_role = "features"
+
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self._init_slimmable()
+        self.init_slimmable()
 
-    def _init_slimmable(self) -> None:
+    def init_slimmable(self, input_averaging: bool = False) -> None:
         self.active_features = self.num_features
+        self.active_index: Tensor | None = None  # None: a prefix (see ActiveChannels)
         self.stats_key: str | None = None  # None: the full-width configuration (own buffers)
         self.width_label = "full width"
         self.width_stats = WidthStats()
@@ -170,6 +295,43 @@ class SlimmableBatchNorm2d(nn.BatchNorm2d):
         self.sync_bn = False
         self.process_group = None
 
+    _init_slimmable = init_slimmable
+
+    def active_attrs(self, inputs, outputs, stats_key=None) -> dict[str, Any]:
+        return {"active_features": outputs.count, "active_index": outputs.index,
+                "stats_key": stats_key, "width_label": ""}  # fmt: skip
+
+    def to_plain(self, require_stats: bool = True) -> nn.Module:
+        c = self.active_features
+        ref = self.weight if self.weight is not None else self.running_mean
+        placement = {} if ref is None else {"device": ref.device, "dtype": ref.dtype}
+        new = nn.BatchNorm2d(c, self.eps, self.momentum, self.affine, self.track_running_stats,
+                             **placement)  # fmt: skip
+        with torch.no_grad():
+            if self.affine:
+                weight, bias = self.active_affine()
+                new.weight.copy_(weight)
+                new.bias.copy_(bias)
+            if self.track_running_stats:
+                stats = self.current_stats()
+                if stats is None and require_stats:
+                    raise UncalibratedWidthError(
+                        f"cannot export {self.width_label}: BatchNorm {self.usnet_name!r} is not "
+                        "calibrated there; run usnet.calibrate(model, data, widths=[...]) first"
+                    )
+                if stats is not None:
+                    new.running_mean.copy_(self._take(stats[0]))
+                    new.running_var.copy_(self._take(stats[1]))
+                    new.num_batches_tracked.fill_(max(1, int(self.num_batches_tracked)))
+        return new
+
+    def _take(self, tensor: Tensor) -> Tensor:
+        """The active channels of a per-channel tensor of full size (a configuration's own
+        statistics, already of the active size, are returned as they are)."""
+        if tensor.shape[0] == self.active_features:
+            return tensor
+        return take(tensor, 0, self.active_features, getattr(self, "active_index", None))
+
     # -- affine parameters -----------------------------------------------------------------------
     def add_private_affine(self) -> None:
         """Give the current configuration its own weight and bias (switchable BN), initialized
@@ -178,9 +340,8 @@ class SlimmableBatchNorm2d(nn.BatchNorm2d):
             return
         if self.private_affine is None:
             self.private_affine = nn.ParameterDict()
-        c = self.active_features
-        self.private_affine["weight_" + self.stats_key] = nn.Parameter(self.weight[:c].detach().clone())
-        self.private_affine["bias_" + self.stats_key] = nn.Parameter(self.bias[:c].detach().clone())
+        self.private_affine["weight_" + self.stats_key] = nn.Parameter(self._take(self.weight).detach().clone())
+        self.private_affine["bias_" + self.stats_key] = nn.Parameter(self._take(self.bias).detach().clone())
 
     def active_affine(self) -> tuple[Tensor | None, Tensor | None]:
         """Weight and bias at the active channels (private ones for a switchable configuration)."""
@@ -188,9 +349,8 @@ class SlimmableBatchNorm2d(nn.BatchNorm2d):
             weight = self.private_affine.get("weight_" + self.stats_key)
             if weight is not None:
                 return weight, self.private_affine["bias_" + self.stats_key]
-        c = self.active_features
-        weight = None if self.weight is None else self.weight[:c]
-        bias = None if self.bias is None else self.bias[:c]
+        weight = None if self.weight is None else self._take(self.weight)
+        bias = None if self.bias is None else self._take(self.bias)
         return weight, bias
 
     # -- statistics ------------------------------------------------------------------------------
@@ -302,7 +462,7 @@ class SlimmableBatchNorm2d(nn.BatchNorm2d):
                 "first (or use train mode)"
             )
         mean, var = stats
-        return F.batch_norm(input, mean[:c], var[:c], weight, bias, False, 0.0, self.eps)
+        return F.batch_norm(input, self._take(mean), self._take(var), weight, bias, False, 0.0, self.eps)
 
     def _normalize_global(self, input: Tensor, weight: Tensor | None, bias: Tensor | None,
                           group) -> Tensor:  # fmt: skip
@@ -356,12 +516,280 @@ class SlimmableBatchNorm2d(nn.BatchNorm2d):
         return super().extra_repr() + f", active={self.active_features}"
 
 
-SLIMMABLE_LAYERS: dict[type[nn.Module], type[nn.Module]] = {
-    nn.Conv2d: SlimmableConv2d,
-    nn.Linear: SlimmableLinear,
-    nn.BatchNorm2d: SlimmableBatchNorm2d,
-}
-"""Registry: plain layer type -> slimmable subclass (exact types; subclasses are refused)."""
+class SlimmableLayerNorm(SlimmableLayer, nn.LayerNorm):
+    """``nn.LayerNorm`` over the channels (``normalized_shape == (C,)``, channels last): the
+    statistics are those of the active channels, and the affine parameters are theirs. A
+    narrower network normalizes over fewer channels, as a plain LayerNorm of that width would."""
+
+    channel_role = "features"
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.init_slimmable()
+
+    def init_slimmable(self, input_averaging: bool = False) -> None:
+        if len(self.normalized_shape) != 1:
+            raise ValueError(f"{type(self).__name__} normalizes over channels only, got {self.normalized_shape}")
+        self.active_features = self.normalized_shape[0]
+        self.active_index: Tensor | None = None
+
+    def active_attrs(self, inputs, outputs, stats_key=None) -> dict[str, Any]:
+        return {"active_features": outputs.count, "active_index": outputs.index}
+
+    def active_affine(self) -> tuple[Tensor | None, Tensor | None]:
+        c, index = self.active_features, self.active_index
+        weight = None if self.weight is None else take(self.weight, 0, c, index)
+        bias = None if self.bias is None else take(self.bias, 0, c, index)
+        return weight, bias
+
+    def _normalize(self, x: Tensor) -> Tensor:
+        if x.shape[-1] != self.active_features:
+            raise RuntimeError(
+                f"{type(self).__name__} expects {self.active_features} active channels last, "
+                f"got input of shape {tuple(x.shape)}"
+            )
+        return F.layer_norm(x, (self.active_features,), *self.active_affine(), self.eps)
+
+    def forward(self, input: Tensor) -> Tensor:
+        return self._normalize(input)
+
+    def to_plain(self, require_stats: bool = True) -> nn.Module:
+        weight, bias = self.active_affine()
+        ref = weight if weight is not None else None
+        placement = {} if ref is None else {"device": ref.device, "dtype": ref.dtype}
+        new = nn.LayerNorm(self.active_features, self.eps, self.elementwise_affine,
+                           bias=bias is not None, **placement)  # fmt: skip
+        if weight is not None:
+            with torch.no_grad():
+                new.weight.copy_(weight)
+                if bias is not None:
+                    new.bias.copy_(bias)
+        if type(self) is not SlimmableLayerNorm:  # a subclass of another LayerNorm type
+            new.__class__ = type(self).__bases__[-1]
+        return new
+
+
+class SlimmableConvTranspose2d(SlimmableLayer, nn.ConvTranspose2d):
+    """``nn.ConvTranspose2d`` (``groups == 1``) on its active input and output channels: its
+    weight is ``(in, out, kH, kW)``, so rows are inputs and columns outputs."""
+
+    def __init__(self, *args, input_averaging: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.init_slimmable(input_averaging)
+
+    def init_slimmable(self, input_averaging: bool = False) -> None:
+        if self.groups != 1:
+            raise ValueError(f"{type(self).__name__} supports groups=1 only, got {self.groups}")
+        self.active_in_channels = self.in_channels
+        self.active_out_channels = self.out_channels
+        self.active_in_index: Tensor | None = None
+        self.active_out_index: Tensor | None = None
+        self.input_averaging = input_averaging
+
+    def active_attrs(self, inputs, outputs, stats_key=None) -> dict[str, Any]:
+        return {"active_in_channels": inputs.count, "active_out_channels": outputs.count,
+                "active_in_index": inputs.index, "active_out_index": outputs.index}  # fmt: skip
+
+    def active_weight_and_bias(self) -> tuple[Tensor, Tensor | None]:
+        weight = take(self.weight, 0, self.active_in_channels, self.active_in_index)
+        weight = take(weight, 1, self.active_out_channels, self.active_out_index)
+        bias = None if self.bias is None else take(
+            self.bias, 0, self.active_out_channels, self.active_out_index)  # fmt: skip
+        scale = self.in_channels / self.active_in_channels if self.input_averaging else 1.0
+        return _scaled(weight, bias, scale)
+
+    def forward(self, input: Tensor, output_size: list[int] | None = None) -> Tensor:
+        if input.dim() < 3 or input.shape[-3] != self.active_in_channels:
+            raise RuntimeError(
+                f"{type(self).__name__} expects {self.active_in_channels} active input channels, "
+                f"got input of shape {tuple(input.shape)}"
+            )
+        output_padding = self._output_padding(
+            input, output_size, self.stride, self.padding, self.kernel_size, 2, self.dilation
+        )
+        weight, bias = self.active_weight_and_bias()
+        return F.conv_transpose2d(input, weight, bias, self.stride, self.padding, output_padding,
+                                  1, self.dilation)  # fmt: skip
+
+    def to_plain(self, require_stats: bool = True) -> nn.Module:
+        weight, bias = self.active_weight_and_bias()
+        new = nn.ConvTranspose2d(
+            self.active_in_channels, self.active_out_channels, self.kernel_size, self.stride,
+            self.padding, self.output_padding, 1, bias is not None, self.dilation,
+            self.padding_mode, device=weight.device, dtype=weight.dtype,
+        )  # fmt: skip
+        return _copy_into(new, weight, bias, self.training)
+
+
+class SlimmableBatchNorm1d(SlimmableBatchNorm2d, nn.BatchNorm1d):
+    """``nn.BatchNorm1d`` on ``(N, C)`` or ``(N, C, L)``: :class:`SlimmableBatchNorm2d`'s
+    per-configuration statistics and calibration, on one fewer dimension."""
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        nn.BatchNorm1d._check_input_dim(self, input)
+
+    def to_plain(self, require_stats: bool = True) -> nn.Module:
+        new = super().to_plain(require_stats)
+        new.__class__ = nn.BatchNorm1d  # same parameters and buffers
+        return new
+
+
+class _PerChannelAffine(SlimmableLayer):
+    """A "features" layer whose parameters are per channel (dimension 0 of ``weight``/``bias``)."""
+
+    channel_role = "features"
+
+    def init_slimmable(self, input_averaging: bool = False) -> None:
+        self.active_features = self._full_features()
+        self.active_index: Tensor | None = None
+
+    def active_attrs(self, inputs, outputs, stats_key=None) -> dict[str, Any]:
+        return {"active_features": outputs.count, "active_index": outputs.index}
+
+    def _active(self, tensor: Tensor | None) -> Tensor | None:
+        return None if tensor is None else take(tensor, 0, self.active_features, self.active_index)
+
+
+class SlimmableGroupNorm(_PerChannelAffine, nn.GroupNorm):
+    """``nn.GroupNorm`` whose **group size** (channels per group) stays fixed: at any width the
+    active channels form ``active // group_size`` groups, each channel in the group it belongs to
+    at full width, so a fully active group is normalized exactly as at full width. (Keeping the
+    group count instead would regroup every channel at every width.) The converter makes the
+    group size a divisor of the channel group."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.init_slimmable()
+
+    def _full_features(self) -> int:
+        return self.num_channels
+
+    @property
+    def group_size(self) -> int:
+        return self.num_channels // self.num_groups
+
+    def forward(self, input: Tensor) -> Tensor:
+        c = self.active_features
+        if input.shape[1] != c or c % self.group_size:
+            raise RuntimeError(
+                f"{type(self).__name__} expects {c} active channels (a multiple of its group size "
+                f"{self.group_size}), got input of shape {tuple(input.shape)}"
+            )
+        return F.group_norm(input, c // self.group_size, self._active(self.weight),
+                            self._active(self.bias), self.eps)  # fmt: skip
+
+    def to_plain(self, require_stats: bool = True) -> nn.Module:
+        c = self.active_features
+        new = nn.GroupNorm(c // self.group_size, c, self.eps, self.affine,
+                           device=self.weight.device if self.affine else None)  # fmt: skip
+        if self.affine:
+            with torch.no_grad():
+                new.weight.copy_(self._active(self.weight))
+                new.bias.copy_(self._active(self.bias))
+        return new
+
+
+class SlimmableInstanceNorm2d(_PerChannelAffine, nn.InstanceNorm2d):
+    """``nn.InstanceNorm2d`` with per-channel affine parameters (statistics are per image and
+    channel, so only the parameters slim). Running statistics are not supported."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.init_slimmable()
+
+    def _full_features(self) -> int:
+        return self.num_features
+
+    def init_slimmable(self, input_averaging: bool = False) -> None:
+        if self.track_running_stats:
+            raise ValueError(f"{type(self).__name__}: track_running_stats is not supported")
+        super().init_slimmable(input_averaging)
+
+    def forward(self, input: Tensor) -> Tensor:
+        return F.instance_norm(input, None, None, self._active(self.weight), self._active(self.bias),
+                               True, self.momentum if self.momentum is not None else 0.0, self.eps)  # fmt: skip
+
+    def to_plain(self, require_stats: bool = True) -> nn.Module:
+        new = nn.InstanceNorm2d(self.active_features, self.eps, self.momentum, self.affine,
+                                device=self.weight.device)  # fmt: skip
+        with torch.no_grad():
+            new.weight.copy_(self._active(self.weight))
+            new.bias.copy_(self._active(self.bias))
+        return new
+
+
+class SlimmablePReLU(_PerChannelAffine, nn.PReLU):
+    """``nn.PReLU`` with one slope per channel (dimension 1), on its active channels."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.init_slimmable()
+
+    def _full_features(self) -> int:
+        return self.num_parameters
+
+    def forward(self, input: Tensor) -> Tensor:
+        return F.prelu(input, self._active(self.weight))
+
+    def to_plain(self, require_stats: bool = True) -> nn.Module:
+        new = nn.PReLU(self.active_features, device=self.weight.device, dtype=self.weight.dtype)
+        with torch.no_grad():
+            new.weight.copy_(self._active(self.weight))
+        return new
+
+
+SLIMMABLE_LAYERS: dict[type[nn.Module], type[nn.Module]] = {}
+"""Registry: plain layer type -> slimmable subclass (exact types; subclasses are refused).
+Extend it with :func:`register_slimmable`."""
+
+
+def register_slimmable(plain: type[nn.Module], slimmable: type[nn.Module]) -> type[nn.Module]:
+    """Make ``plain`` layers slimmable everywhere: the converter swaps them for ``slimmable``
+    (a subclass of ``plain`` implementing :class:`SlimmableLayer`), and ``set_width``, ``export``
+    and checkpoints handle them through that interface. Returns ``slimmable``.
+
+    The converter also needs to know how the layer treats channels: a ``"transform"`` layer
+    consumes its input's channels (dimension 1, or the last for ``Linear``-like layers) and
+    produces a channel group of its own; a ``"features"`` layer returns its input's channels
+    (:attr:`SlimmableLayer.channel_role`). Other behaviour needs :func:`usnet.register_op`.
+    """
+    if not (isinstance(plain, type) and issubclass(plain, nn.Module)):
+        raise TypeError(f"register_slimmable: {plain!r} is not an nn.Module class")
+    if not (isinstance(slimmable, type) and issubclass(slimmable, plain)
+            and issubclass(slimmable, SlimmableLayer)):  # fmt: skip
+        raise TypeError(
+            f"register_slimmable: {getattr(slimmable, '__name__', slimmable)!r} must subclass both "
+            f"{plain.__name__} and usnet.layers.SlimmableLayer"
+        )
+    if slimmable.channel_role not in ("transform", "features"):
+        raise ValueError(f"{slimmable.__name__}.channel_role must be 'transform' or 'features'")
+    SLIMMABLE_LAYERS[plain] = slimmable
+    return slimmable
+
+
+register_slimmable(nn.Conv2d, SlimmableConv2d)
+register_slimmable(nn.Linear, SlimmableLinear)
+register_slimmable(nn.BatchNorm2d, SlimmableBatchNorm2d)
+register_slimmable(nn.LayerNorm, SlimmableLayerNorm)
+register_slimmable(nn.BatchNorm1d, SlimmableBatchNorm1d)
+register_slimmable(nn.Conv1d, SlimmableConv1d)
+register_slimmable(nn.ConvTranspose2d, SlimmableConvTranspose2d)
+register_slimmable(nn.GroupNorm, SlimmableGroupNorm)
+register_slimmable(nn.InstanceNorm2d, SlimmableInstanceNorm2d)
+register_slimmable(nn.PReLU, SlimmablePReLU)
+
+try:  # torchvision's LayerNorm over dimension 1 of (N, C, H, W) (ConvNeXt)
+    from torchvision.models.convnext import LayerNorm2d as _LayerNorm2d
+
+    class SlimmableLayerNorm2d(SlimmableLayerNorm, _LayerNorm2d):
+        """torchvision's ``LayerNorm2d`` (channels at dimension 1) over its active channels."""
+
+        def forward(self, input: Tensor) -> Tensor:
+            return self._normalize(input.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+    register_slimmable(_LayerNorm2d, SlimmableLayerNorm2d)
+except ImportError:  # pragma: no cover
+    pass
 
 
 def make_slimmable_(module: nn.Module, input_averaging: bool = False) -> nn.Module:
@@ -370,12 +798,9 @@ def make_slimmable_(module: nn.Module, input_averaging: bool = False) -> nn.Modu
     if cls is None:
         raise TypeError(f"no slimmable counterpart for {type(module).__name__}")
     module.__class__ = cls
-    if cls is SlimmableBatchNorm2d:
-        module._init_slimmable()
-    else:
-        module._init_slimmable(input_averaging)
+    module.init_slimmable(input_averaging)
     return module
 
 
 def is_slimmable_layer(module: nn.Module) -> bool:
-    return isinstance(module, (SlimmableConv2d, SlimmableLinear, SlimmableBatchNorm2d))
+    return isinstance(module, SlimmableLayer)

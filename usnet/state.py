@@ -11,16 +11,52 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Union
 
+import torch
 from torch import nn
 
 from .channels import ChannelPlan, Width, config_key, format_width
 from .errors import UsnetTypeError
-from .layers import SlimmableBatchNorm2d, SlimmableConv2d, SlimmableLinear
+from .layers import ActiveChannels, SlimmableBatchNorm2d, SlimmableLayer
 
 Dim = tuple[str, int]
 """A channel dimension: (group name, factor). Active size = active(group) * factor."""
+
+Channels = Union[Dim, tuple[Dim, ...]]
+"""A layer's channel dimension: one :data:`Dim`, or an ordered tuple of segments (the inputs of
+a concatenation), each active on a prefix of its own."""
+
+
+def segments(channels: Channels) -> tuple[Dim, ...]:
+    """The segments of a channel dimension (one for a plain :data:`Dim`)."""
+    if isinstance(channels[0], str):
+        return (channels,)  # type: ignore[return-value]
+    return tuple(channels)  # type: ignore[arg-type]
+
+
+def _normalized(channels: Any) -> Channels:
+    """A saved channel dimension back as a Dim (one segment) or a tuple of Dims."""
+    if isinstance(channels[0], str):
+        return (str(channels[0]), int(channels[1]))
+    found = tuple((str(g), int(f)) for g, f in channels)
+    return found[0] if len(found) == 1 else found
+
+
+def active_channels(channels: Channels, plan: ChannelPlan, active: Mapping[str, int],
+                    device: torch.device | None = None) -> ActiveChannels:  # fmt: skip
+    """The active channels of one dimension at the active group counts ``active``: a prefix for
+    one segment (or when every segment but the last is full), else the index of each segment's
+    active prefix at its full-width offset."""
+    parts = [(plan.groups[g].size * f, active[g] * f) for g, f in segments(channels)]
+    count = sum(a for _, a in parts)
+    if all(full == a for full, a in parts[:-1]):
+        return ActiveChannels(count)
+    index, offset = [], 0
+    for full, a in parts:
+        index.append(torch.arange(offset, offset + a, device=device))
+        offset += full
+    return ActiveChannels(count, torch.cat(index))
 
 STATE_ATTR = "usnet_state"
 
@@ -30,16 +66,16 @@ class Binding:
     """Which channel groups one slimmable layer's input and output dimensions belong to."""
 
     layer: str
-    inputs: Dim | None  # None for BatchNorm (its features are its outputs)
-    outputs: Dim
+    inputs: Channels | None  # None for "features" layers (norms): their features are their outputs
+    outputs: Channels
 
     def to_dict(self) -> dict:
         return {"layer": self.layer, "inputs": self.inputs, "outputs": self.outputs}
 
     @classmethod
     def from_dict(cls, d: Mapping) -> "Binding":
-        inputs = None if d["inputs"] is None else (str(d["inputs"][0]), int(d["inputs"][1]))
-        return cls(str(d["layer"]), inputs, (str(d["outputs"][0]), int(d["outputs"][1])))
+        inputs = None if d["inputs"] is None else _normalized(d["inputs"])
+        return cls(str(d["layer"]), inputs, _normalized(d["outputs"]))
 
 
 _LayerUpdate = tuple[nn.Module, str, nn.Module, dict[str, Any]]  # parent, child name, layer, attrs
@@ -145,13 +181,13 @@ def set_width(model: nn.Module, width: Width) -> nn.Module:
         updates = state._updates[config] = _layer_updates(model, state, config)
     label = _describe(width, config)
     for _, _, layer, _ in updates:
-        if isinstance(layer, SlimmableBatchNorm2d) and layer.is_calibrating:
+        if getattr(layer, "is_calibrating", False):
             raise RuntimeError("cannot change the width of a model while it is calibrating")
     for _, _, layer, attrs in updates:
-        # Plain int/str attributes: writing the instance dict skips nn.Module.__setattr__'s
+        # Plain attributes: writing the instance dict skips nn.Module.__setattr__'s
         # parameter/buffer/module bookkeeping, which made set_width cost ~1.5 ms on MobileNetV2.
         layer.__dict__.update(attrs)
-        if isinstance(layer, SlimmableBatchNorm2d):
+        if "width_label" in attrs:  # layers that name the width in their errors
             layer.__dict__["width_label"] = label
     state.width = width
     state._applied = config
@@ -167,22 +203,16 @@ def _layer_updates(model: nn.Module, state: SlimmableState, config: tuple[int, .
         parent_name, _, name = binding.layer.rpartition(".")
         parent = model.get_submodule(parent_name)
         layer = model.get_submodule(binding.layer)
-        out_group, out_factor = binding.outputs
-        out = channels[out_group] * out_factor
-        if isinstance(layer, SlimmableBatchNorm2d):
-            attrs: dict[str, Any] = {"active_features": out, "stats_key": stats_key}
-        else:
-            in_group, in_factor = binding.inputs  # type: ignore[misc]
-            cin = channels[in_group] * in_factor
-            if isinstance(layer, SlimmableConv2d):
-                attrs = {"active_in_channels": cin, "active_out_channels": out}
-            elif isinstance(layer, SlimmableLinear):
-                attrs = {"active_in_features": cin, "active_out_features": out}
-            else:
-                raise UsnetTypeError(
-                    f"layer {binding.layer!r} is a {type(layer).__name__}, not a slimmable layer: "
-                    "replace a bound layer only by a slimmable one of the same kind"
-                )
+        if not isinstance(layer, SlimmableLayer):
+            raise UsnetTypeError(
+                f"layer {binding.layer!r} is a {type(layer).__name__}, not a slimmable layer: "
+                "replace a bound layer only by a slimmable one of the same kind"
+            )
+        device = next(layer.parameters(), None)
+        device = None if device is None else device.device
+        inputs = None if binding.inputs is None else active_channels(binding.inputs, state.plan, channels, device)
+        outputs = active_channels(binding.outputs, state.plan, channels, device)
+        attrs = layer.active_attrs(inputs, outputs, stats_key)
         updates.append((parent, name, layer, attrs))
     return updates
 
