@@ -400,19 +400,24 @@ def test_grouped_conv_divisors(groups, divisor, channels):
 
 
 def test_linear_ratio_tie_after_spatial_flatten():
-    """A ratio-tied Linear fed by flatten(N, C, 4, 4) must run all its outputs at full width."""
+    """A ratio-tied Linear fed by flatten(N, C, 4, 4): its outputs follow its active inputs at
+    the full-width ratio (128 / 256), and the slimmed model runs and exports exactly."""
     plain = nn.Sequential(
         nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.AdaptiveAvgPool2d(4),
         nn.Flatten(), nn.Linear(256, 128), nn.ReLU(), nn.Linear(128, 10),
     )  # fmt: skip
-    try:
-        model = usnet.slimmable(plain, input_size=(1, 3, 8, 8), ratio_ties=["5"])
-    except ConversionError:
-        return  # refusing the tie is an acceptable answer
+    model = usnet.slimmable(plain, input_size=(1, 3, 8, 8), ratio_ties=["5"])
     usnet.set_width(model, 1.0)
     assert model[5].active_out_features == 128
     usnet.set_width(model, 0.5)
-    assert model[5].active_out_features == 64
+    assert model[0].active_out_channels == 8 and model[5].active_in_features == 8 * 16
+    assert model[5].active_out_features == 64 and model[7].active_in_features == 64
+    x = torch.randn(4, 3, 8, 8)
+    usnet.calibrate(model, [x], widths=[0.5], num_images=4)
+    with torch.no_grad(), usnet.width(model, 0.5):
+        out = model.eval()(x)
+    assert out.shape == (4, 10)
+    assert (usnet.export(model, 0.5)(x) - out).abs().max() <= 1e-5
 
 
 class GrayNormalizeNet(nn.Module):
