@@ -376,3 +376,28 @@ def test_result_files_honour_the_umask(tmp_path):
         assert stat.S_IMODE(path.stat().st_mode) == 0o640 and path.read_bytes() == b"b"
     finally:
         os.umask(umask)
+
+
+def test_validation_split_is_held_out_from_training(tmp_path):
+    """data.val_split: N training images, drawn with val_seed alone, are scored instead of the
+    test set; training and calibration never see them."""
+    quiet = dict(progress=False, log=lambda s: None)
+    config = quick_config("data.val_split=512", "seed=3")
+    trainer = Trainer(config, tmp_path / "a", **quiet)
+    train, calib, val = trainer.train_set, trainer.calib_set, trainer.test_set
+    assert (len(train), len(calib), len(val)) == (2048 - 512, 2048 - 512, 512)
+    assert train.indices == calib.indices and not set(train.indices) & set(val.indices)
+    assert sorted(train.indices + val.indices) == list(range(2048))
+    x, y = val[0]
+    assert torch.equal(x, calib.dataset[val.indices[0]][0])  # evaluation-time transforms
+    # The same images for every run seed (recipes are compared on one split); val_seed moves it.
+    other = Trainer(quick_config("data.val_split=512", "seed=4"), tmp_path / "b", **quiet)
+    assert other.test_set.indices == val.indices
+    moved = Trainer(quick_config("data.val_split=512", "data.val_seed=1"), tmp_path / "c", **quiet)
+    assert moved.test_set.indices != val.indices
+    # Off by default: the test set.
+    assert len(Trainer(quick_config(), tmp_path / "d", **quiet).test_set) == 1000
+    with pytest.raises(ConfigError, match=r"data.val_split must be between 1 and 2047 .* got 2048"):
+        Trainer(quick_config("data.val_split=2048"), tmp_path / "e", **quiet)
+    with pytest.raises(ConfigError, match="data.val_split must not be negative"):
+        quick_config("data.val_split=-1")

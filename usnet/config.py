@@ -52,6 +52,10 @@ class DataConfig:
     root: str | None = None  # default: Debian's Fashion-MNIST directory; required for imagefolder
     limit_train: int | None = None  # use only the first N training images (quick runs)
     limit_test: int | None = None  # evaluate on the first N test images only
+    # Hold N training images (after limit_train) out as a validation set, drawn with val_seed, and
+    # score on them instead of the test set (choose recipes there; report the test set once).
+    val_split: int = 0
+    val_seed: int = 0
     image_size: int = 224  # imagefolder: train crop / eval center crop
     augment: bool = False  # fashion_mnist/cifar: random crop (pad 2/4) + horizontal flip
     num_workers: int = 0
@@ -297,6 +301,8 @@ def _check_semantics(c: TrainConfig) -> None:
     for key in ("limit_train", "limit_test"):
         if getattr(c.data, key) is not None:
             positive(f"data.{key}", getattr(c.data, key))
+    if c.data.val_split < 0:
+        raise ConfigError(f"data.val_split must not be negative (0: no validation split), got {c.data.val_split}")
     if c.data.num_workers < 0:
         raise ConfigError(f"data.num_workers must not be negative, got {c.data.num_workers}")
     if c.num_widths < 2 and c.mode == "universal":
