@@ -59,7 +59,7 @@ def _individual() -> tuple[tuple[str, ...], ...]:
     return tuple(("mode=individual", f"width={w}") for w in WIDTHS)
 
 
-# The ablations change one thing of the paper's sandwich (n=4, the default before n=5 won), the
+# The ablations change one thing of the paper's sandwich (n=4, the default before n=5), the
 # recipe they were measured against; `n4` is that recipe itself.
 N4 = "num_widths=4"
 

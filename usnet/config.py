@@ -83,7 +83,7 @@ class TrainConfig:
     mode: Literal["universal", "individual", "slimmable"] = "universal"
     width: float | None = None  # mode=individual: the one width trained
     widths: list[float] | None = None  # mode=slimmable: the fixed widths trained every step
-    # The recipe that won benchmarks/paper_claims.py on short schedules (docs/benchmarks.md); the
+    # The recipe chosen with benchmarks/paper_claims.py on short schedules (docs/benchmarks.md); the
     # ImageNet configs spell out the paper's (n=4, pure distillation) instead.
     num_widths: int = 5  # sandwich rule: widest + narrowest + (n-2) random
     sandwich_ends: Literal["both", "max", "min", "none"] = "both"  # ends trained every step (ablation)
