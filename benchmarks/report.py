@@ -144,7 +144,7 @@ def results_table(data: Mapping[str, Mapping[int, Mapping[str, float]]], names: 
             lines.append(f"| {label} | missing | " + " | ".join("-" for _ in widths) + " |")
             continue
         cells = [cell([s[w] for s in by_seed.values() if w in s]) for w in widths]
-        seeds = ",".join(str(s) for s in sorted(by_seed))
+        seeds = f"{len(by_seed)} ({','.join(str(s) for s in sorted(by_seed))})"
         lines.append(f"| {label} | {seeds} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -74,7 +74,7 @@ def rows_of(text: str, prefix: str) -> list[str]:
 def test_cells_count_their_seeds_and_missing_rows_are_listed(suite):
     text = report.render(suite, paper_claims)
     [us_row] = [r for r in rows_of(text, "| US-Net, default recipe (n=5) (`us_net`)")][:1]
-    assert us_row.split(" | ")[1] == "0,1,2"
+    assert us_row.split(" | ")[1] == "3 (0,1,2)"
     assert "90.20 ± 0.20 [3]" in us_row  # 0.25: mean and sd of 90.0, 90.2, 90.4
     alone = rows_of(text, "| individual networks, one trained per width (`individual`)")[0]
     cells = [c.strip() for c in alone.strip("|").split("|")][2:]
