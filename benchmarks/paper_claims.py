@@ -8,10 +8,17 @@ over seeds) and the US-Net's whole spectrum::
     python benchmarks/paper_claims.py --rows headline --seeds 0,1,2      # the headline table
     python benchmarks/paper_claims.py --rows all --jobs 2                # every row, 2 runs at once
     python benchmarks/paper_claims.py --quick                            # minutes: a smoke test
-    python benchmarks/paper_claims.py --report                           # tables from finished runs
+    python benchmarks/paper_claims.py --report                           # tables from the raw results
+    python benchmarks/paper_claims.py --rows lr_sweep --score-on val     # choose on a validation split
 
 Every run is an ordinary ``usnet train`` in its own directory under ``--out``; finished runs are
 reused and interrupted ones resumed, so the benchmark can be stopped and continued at any time.
+Every finished run also writes its raw result, ``benchmarks/results/<suite>/<run>.json`` (suite:
+the ``--out`` directory's name, e.g. ``paper_claims-E4``; format in ``benchmarks/report.py``),
+small enough to commit; the tables (``--report``, or ``python benchmarks/report.py <suite>``) are
+generated from those files alone. ``--score-on val`` trains on the training images less a
+held-out validation split (``data.val_split=5000``, ``data.val_seed=0``) and scores on it: choose
+recipes there, then report the chosen one once on the test set.
 Claim (d), the calibration sample, needs no training of its own: it recalibrates the seed-0 US-Net
 with 128 to 8192 images, drawn with eval-time or train-time (augmenting) transforms.
 """
@@ -21,7 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
+import platform
 import subprocess
 import sys
 import time
@@ -36,6 +43,9 @@ ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "configs" / "fashion_mnist.yaml"
 WIDTHS = (0.25, 0.5, 0.75, 1.0)
 SPECTRUM = "0.25:1.0:0.025"
+RESULTS = ROOT / "benchmarks" / "results"
+VAL_SPLIT = ("data.val_split=5000", "data.val_seed=0")  # --score-on val: 5000 held-out training images
+LRS = (0.05, 0.2, 0.4)  # the individual networks' sweep around the shipped lr 0.1 (`individual`)
 
 
 @dataclass(frozen=True)
@@ -49,7 +59,7 @@ def _individual() -> tuple[tuple[str, ...], ...]:
     return tuple(("mode=individual", f"width={w}") for w in WIDTHS)
 
 
-# The ablations change one thing of the paper's sandwich (n=4, the default before n=5 won), the
+# The ablations change one thing of the paper's sandwich (n=4, the default before n=5), the
 # recipe they were measured against; `n4` is that recipe itself.
 N4 = "num_widths=4"
 
@@ -88,6 +98,10 @@ ROWS: dict[str, Row] = {
                           "sandwich_ends=min", "inplace_distill=false"),  # fmt: skip
     "ends_none": _ablation("4 random widths, neither end, no distillation",
                            "sandwich_ends=none", "inplace_distill=false"),  # fmt: skip
+    # the networks trained alone got the US-Net's lr (tuned for a sum over n widths): a sweep
+    **{f"individual_lr{lr:g}": Row(f"individual networks, lr {lr:g}",
+                                   tuple((*run, f"lr={lr}") for run in _individual()))  # fmt: skip
+       for lr in LRS},
 }
 GROUPS = {
     "headline": ["us_net", "individual", "n4", "no_distill_n5", "no_distill", "n2"],
@@ -95,7 +109,26 @@ GROUPS = {
                "temperature2"],
     "claims": ["n2", "n3", "n4", "us_net", "n6", "lower0.05", "lower0.15", "n4", "lower0.35",
                "no_distill", "input_averaging", "ends_max", "ends_min", "ends_none"],
+    "lr_sweep": ["individual", *(f"individual_lr{lr:g}" for lr in LRS)],
 }
+GROUP_TITLES = {
+    "headline": "Headline: US-Net against individually trained networks (top-1 %)",
+    "recipe": "Recipe steps",
+    "claims": "The seed paper's other claims",
+    "lr_sweep": "Learning rate of the networks trained alone (lr 0.1 is `individual`)",
+}
+# Paired differences the report prints under each group's table (a - b, by seed).
+COMPARISONS = {
+    "headline": [("us_net", "individual"), ("n4", "individual"), ("us_net", "no_distill_n5"),
+                 ("n4", "no_distill"), ("n4", "n2")],
+    "recipe": [("us_net", "n4"), ("distill_warmup", "n4"), ("temperature2", "n4"), ("pure_distill", "n4")],
+    "claims": [("n3", "n4"), ("n6", "us_net"), ("lower0.05", "n4"), ("lower0.15", "n4"),
+               ("lower0.35", "n4"), ("input_averaging", "n4"), ("ends_max", "no_distill"),
+               ("ends_min", "no_distill"), ("ends_none", "no_distill")],
+    "lr_sweep": [(f"individual_lr{lr:g}", "individual") for lr in LRS],
+}
+CLAIM_WIDTHS = (0.05, 0.15, 0.25, 0.35, 0.5, 0.75, 1.0)
+SPECTRUM_ROWS = ("us_net", "n4")
 CALIBRATION_ROW = "n4"  # claim (d) was measured on the n=4 US-Net, the default at the time
 QUICK = ("data.limit_train=6000", "data.limit_test=2000", "calib.num_images=256",
          "eval.epoch_calib_images=256", "eval.every_epoch=false")  # fmt: skip
@@ -105,15 +138,63 @@ def run_dir(out: Path, name: str, index: int, seed: int) -> Path:
     return out / (name if len(ROWS[name].runs) == 1 else f"{name}-{index}") / f"seed{seed}"
 
 
+def run_name(name: str, index: int, seed: int) -> str:
+    """The raw result's file stem: ``us_net-seed0``, ``individual-2-seed1``."""
+    return f"{name if len(ROWS[name].runs) == 1 else f'{name}-{index}'}-seed{seed}"
+
+
+def overrides_for(name: str, index: int, seed: int, args: argparse.Namespace) -> list[str]:
+    row = ROWS[name]
+    return [*row.runs[index], f"seed={seed}", f"epochs={args.epochs}", f"eval.widths={row.eval_widths}",
+            *(QUICK if args.quick else ()), *(VAL_SPLIT if args.score_on == "val" else ())]  # fmt: skip
+
+
+def machine() -> dict:
+    import torch
+
+    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpus": os.cpu_count(), "torch": torch.__version__,
+            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}  # fmt: skip
+
+
+def raw_record(suite: str, name: str, index: int, seed: int, overrides: list[str], directory: Path,
+               commit: str, wall_s: float | None, resumed: bool, threads: int) -> dict:  # fmt: skip
+    """The raw result of one finished run (format ``usnet-run/1``, see benchmarks/report.py)."""
+    from datetime import datetime, timezone
+
+    from usnet.trainer import datasets_for
+
+    config = load_config(CONFIG, overrides)
+    spectrum = json.loads((directory / "spectrum.json").read_text())
+    points = spectrum["rows"] if isinstance(spectrum, dict) else spectrum
+    scored = datasets_for(config)[2]
+    finished = datetime.fromtimestamp((directory / "spectrum.json").stat().st_mtime, timezone.utc)
+    return {
+        "format": "usnet-run/1", "suite": suite, "run": run_name(name, index, seed), "row": name,
+        "index": index, "seed": seed, "epochs": config.epochs, "overrides": overrides,
+        "config": config.to_dict(), "commit": commit,
+        "scored_on": "val" if config.data.val_split else "test", "scored_images": len(scored),
+        "spectrum": points, "machine": machine(), "threads": threads,
+        "wall_s": None if wall_s is None else round(wall_s, 1), "resumed": resumed,
+        "finished": finished.strftime("%Y-%m-%dT%H:%M:%SZ"),
+    }  # fmt: skip
+
+
 def train(out: Path, name: str, index: int, seed: int, args: argparse.Namespace) -> dict:
-    """One `usnet train` run (reused when finished, resumed when interrupted); its results."""
-    row, directory = ROWS[name], run_dir(out, name, index, seed)
+    """One `usnet train` run (reused when finished, resumed when interrupted); its results.
+    Writes the raw result under ``args.results`` (also for a reused run that lacks one)."""
+    directory = run_dir(out, name, index, seed)
     result_file = directory / "benchmark.json"
-    overrides = [*row.runs[index], f"seed={seed}", f"epochs={args.epochs}",
-                 f"eval.widths={row.eval_widths}", *(QUICK if args.quick else ())]  # fmt: skip
+    raw_file = args.results / f"{run_name(name, index, seed)}.json"
+    overrides = overrides_for(name, index, seed, args)
     if result_file.exists():
         check_trained_as(directory, load_config(CONFIG, overrides).to_dict(), name)
-        return json.loads(result_file.read_text())
+        result = json.loads(result_file.read_text())
+        if not raw_file.exists():
+            record = raw_record(out.name, name, index, seed, overrides, directory, result.get("commit", "?"),
+                                result.get("wall_s"), bool(result.get("resumed")), args.threads)  # fmt: skip
+            write_json(raw_file, record)
+        return result
     command = [sys.executable, "-m", "usnet", "train", str(CONFIG), "--out", str(directory),
                "--set", *overrides]  # fmt: skip
     if (directory / "checkpoint.pt").exists():
@@ -127,14 +208,21 @@ def train(out: Path, name: str, index: int, seed: int, args: argparse.Namespace)
         done = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} failed (exit {done.returncode}); see {directory / 'train.log'}")
-    spectrum = json.loads((directory / "spectrum.json").read_text())
-    rows = spectrum["rows"] if isinstance(spectrum, dict) else spectrum
+    wall_s = time.perf_counter() - start
+    record = raw_record(out.name, name, index, seed, overrides, directory, commit, wall_s,
+                        "--resume" in command, args.threads)  # fmt: skip
+    write_json(raw_file, record)
     result = {"name": name, "index": index, "seed": seed, "overrides": overrides, "commit": commit,
-              "wall_s": time.perf_counter() - start, "resumed": "--resume" in command,
-              "top1": {f"{r['width']:g}": 100 * r["top1"] for r in rows},
-              "macs": {f"{r['width']:g}": r["macs"] for r in rows}}  # fmt: skip
-    atomic_write_bytes(result_file, json.dumps(result, indent=1).encode())
+              "wall_s": wall_s, "resumed": "--resume" in command,
+              "top1": {f"{r['width']:g}": 100 * r["top1"] for r in record["spectrum"]},
+              "macs": {f"{r['width']:g}": r["macs"] for r in record["spectrum"]}}  # fmt: skip
+    write_json(result_file, result)
     return result
+
+
+def write_json(path: Path, record) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, (json.dumps(record, indent=1) + "\n").encode())
 
 
 # Settings of the sandwich step: an individual network (one width per step) does not use them.
@@ -170,7 +258,7 @@ def calibration_claim(out: Path, args: argparse.Namespace) -> list[dict]:
     from usnet.data import build_datasets
     from usnet.evaluation import evaluate
 
-    result_file = out / "calibration.json"
+    result_file = args.results / "calibration.json"
     if result_file.exists():
         return json.loads(result_file.read_text())
     torch.set_num_threads(args.threads)
@@ -192,96 +280,8 @@ def calibration_claim(out: Path, args: argparse.Namespace) -> list[dict]:
                                 "top1": dict(zip(map("{:g}".format, WIDTHS), top1))})  # fmt: skip
                 print(f"calibration {source}, {size} images, seed {sample_seed}: "
                       + " / ".join(f"{t:.2f}" for t in top1), flush=True)  # fmt: skip
-    atomic_write_bytes(result_file, json.dumps(results, indent=1).encode())
+    write_json(result_file, results)
     return results
-
-
-# --- report -----------------------------------------------------------------------------------------
-def _cell(values: list[float]) -> str:
-    if not values:
-        return "-"
-    if len(values) == 1:
-        return f"{values[0]:.2f}"
-    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
-
-
-def collect(out: Path, name: str) -> dict[int, dict[str, float]]:
-    """seed -> {width: top-1} of a row's finished runs (individual runs merge by width)."""
-    by_seed: dict[int, dict[str, float]] = {}
-    for index in range(len(ROWS[name].runs)):
-        for path in sorted((run_dir(out, name, index, 0).parent).glob("seed*/benchmark.json")):
-            result = json.loads(path.read_text())
-            by_seed.setdefault(result["seed"], {}).update(result["top1"])
-    return by_seed
-
-
-def table(out: Path, names: list[str], widths: tuple[str, ...]) -> str:
-    lines = ["| row | seeds | " + " | ".join(f"{float(w):.2f}" for w in widths) + " |", "|---|---|" + "---|" * len(widths)]
-    for name in dict.fromkeys(names):
-        by_seed = collect(out, name)
-        if not by_seed:
-            continue
-        cells = [_cell([s[w] for s in by_seed.values() if w in s]) for w in widths]
-        lines.append(f"| {ROWS[name].title} (`{name}`) | {len(by_seed)} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def report(out: Path, epochs: int) -> str:
-    widths = tuple(f"{w:g}" for w in WIDTHS)
-    parts = ["## Headline: US-Net against individually trained networks (top-1 %)",
-             table(out, GROUPS["headline"], widths)]  # fmt: skip
-    alone = collect(out, "individual")
-    us_nets = {name: collect(out, name) for name in ("us_net", "n4")}  # the default and the paper's n
-    us = us_nets["us_net"]
-    for name, row in us_nets.items():
-        gaps = []
-        for w in widths:
-            a = [s[w] for s in row.values() if w in s]
-            b = [s[w] for s in alone.values() if w in s]
-            if a and b:
-                gaps.append(f"{float(w):.2f}: {statistics.mean(a) - statistics.mean(b):+.2f}")
-        if gaps:
-            parts.append(f"`{name}` minus individual (means): " + ", ".join(gaps))
-    claim_widths = tuple(f"{w:g}" for w in sorted({0.05, 0.15, 0.35, *WIDTHS}))
-    parts += ["## Recipe steps", table(out, GROUPS["recipe"], widths),
-              "## The seed paper's other claims", table(out, GROUPS["claims"], claim_widths)]
-    for name, seed, spectrum in [(n, k, s) for n, row in us_nets.items() for k, s in sorted(row.items())]:
-        points = sorted((float(w), t) for w, t in spectrum.items())
-        dips = [(b[0], a[1] - b[1]) for a, b in zip(points, points[1:]) if b[1] < a[1]]
-        worst = max(dips, key=lambda d: d[1], default=(None, 0.0))
-        parts.append(f"`{name}` spectrum, seed {seed}: {len(points)} widths, top-1 "
-                     f"{points[0][1]:.2f} at {points[0][0]:g} to {points[-1][1]:.2f} at {points[-1][0]:g}; "
-                     f"largest dip between neighbours {worst[1]:.2f} points"
-                     + (f" (at {worst[0]:g})" if worst[0] is not None else ""))  # fmt: skip
-    if us and alone:
-        from usnet.reports import plot_spectrum
-
-        def points(name: str, seed: int) -> list[dict]:
-            results = [json.loads(p.read_text()) for p in out.glob(f"{name}*/seed{seed}/benchmark.json")]
-            merged = {w: (r["macs"][w], r["top1"][w]) for r in results for w in r["top1"]}
-            return [{"width": float(w), "macs": m, "top1": t / 100} for w, (m, t) in
-                    sorted(merged.items(), key=lambda item: float(item[0]))]  # fmt: skip
-
-        seed = min(us)
-        others = {"trained alone at one width": points("individual", seed)}
-        if us_nets["n4"]:
-            others["US-Net with n=4 (the paper's)"] = points("n4", seed)
-        title = f"us_convnet on Fashion-MNIST, {epochs} epochs, seed {seed}"
-        png = plot_spectrum(points("us_net", seed), title, others)
-        atomic_write_bytes(out / "spectrum_vs_individual.png", png)
-        parts.append(f"Plot: {out / 'spectrum_vs_individual.png'}")
-    calib = out / "calibration.json"
-    if calib.exists():
-        results = json.loads(calib.read_text())
-        lines = [f"## (d) Calibration sample (seed-0 `{CALIBRATION_ROW}` US-Net, top-1 %, mean ± sd over samples)",
-                 "| source | images | " + " | ".join(f"{float(w):.2f}" for w in widths) + " |", "|---|---|" + "---|" * len(widths)]  # fmt: skip
-        keys = dict.fromkeys((r["source"], r["images"]) for r in results)
-        for source, size in keys:
-            rows = [r for r in results if (r["source"], r["images"]) == (source, size)]
-            lines.append(f"| {source} | {size} | "
-                         + " | ".join(_cell([r["top1"][w] for r in rows]) for w in widths) + " |")  # fmt: skip
-        parts.append("\n".join(lines))
-    return "\n\n".join(parts)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -295,12 +295,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=0, help="threads per run (default: cores / jobs)")
     parser.add_argument("--calibration", action="store_true", help="also run claim (d)")
     parser.add_argument("--calib-seeds", type=int, default=3)
-    parser.add_argument("--out", type=Path, default=None, help="default: runs/paper_claims[-quick]-E<epochs>")
-    parser.add_argument("--report", action="store_true", help="only print the tables of finished runs")
+    parser.add_argument("--score-on", choices=("test", "val"), default="test",
+                        help="val: hold out 5000 training images and score on them (choose recipes "
+                             "there); test (default): the test set")  # fmt: skip
+    parser.add_argument("--out", type=Path, default=None,
+                        help="run directories; default: runs/paper_claims[-quick]-E<epochs>[-val]")  # fmt: skip
+    parser.add_argument("--results", type=Path, default=None,
+                        help="raw results; default: benchmarks/results/<the --out directory's name>")  # fmt: skip
+    parser.add_argument("--report", action="store_true", help="only print the tables of the raw results")
     args = parser.parse_args(argv)
     args.threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
-    default_out = ROOT / "runs" / f"paper_claims{'-quick' if args.quick else ''}-E{args.epochs}"
-    out = (args.out or default_out).resolve()
+    suffix = f"{'-quick' if args.quick else ''}-E{args.epochs}{'-val' if args.score_on == 'val' else ''}"
+    out = (args.out or ROOT / "runs" / f"paper_claims{suffix}").resolve()
+    args.results = (args.results or RESULTS / out.name).resolve()
     if not args.report:
         names: list[str] = []
         for item in args.rows.split(","):
@@ -334,8 +341,17 @@ def main(argv: list[str] | None = None) -> int:
         if args.calibration:
             calibration_claim(out, args)
         print(f"wall time {time.perf_counter() - start:.0f} s for {len(jobs)} runs", flush=True)
-    text = report(out, args.epochs)
+    sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/report.py
+    import report
+
+    if not args.results.is_dir():
+        print(f"no raw results under {args.results} yet", file=sys.stderr)
+        return 0 if args.report else 1
+    text = report.render(args.results, sys.modules[__name__])
+    plot = out / "spectrum_vs_individual.png"
     out.mkdir(parents=True, exist_ok=True)
+    if report.plot(args.results, plot, args.epochs):
+        text += f"\n\nPlot: {plot}"
     atomic_write_bytes(out / "report.md", (text + "\n").encode())
     print(text)
     if not args.report and failed:

@@ -335,3 +335,38 @@ def test_bn_without_running_stats():
     x = images(4)
     with torch.no_grad():
         assert torch.equal(model(x), usnet.export(model, 1.0)(x))
+
+
+@pytest.mark.parametrize("name, width", [("us_mobilenet_v2", 0.6), ("us_resnet18", 0.4)])
+def test_every_bn_layer_equals_pytorch_cumulative_batchnorm(name, width):
+    """The statistics an export carries, at every BatchNorm layer, are PyTorch's own cumulative
+    BatchNorm (``momentum=None``, train mode) on the same images: the plain exported network,
+    its statistics reset, run over the same batches in the same order."""
+    torch.manual_seed(0)
+    model = liven(zoo_model(name))
+    gen = torch.Generator().manual_seed(4)
+    batches = [torch.randn(16, 1, 28, 28, generator=gen) * 1.5 + 0.2 for _ in range(4)]
+    usnet.calibrate(model, batches, widths=[width], num_images=64)
+    exported = usnet.export(model, width)
+    reference = usnet.export(model, width)  # the same plain network, to be re-estimated by torch
+    bns = [m for m in reference.modules() if isinstance(m, nn.BatchNorm2d)]
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None  # cumulative moving average: the mean of the per-batch statistics
+    reference.train()
+    with torch.no_grad():
+        for x in batches:
+            reference(x)
+    got = dict(exported.named_modules())
+    assert len(bns) >= 20
+    checked = 0
+    for layer, bn in reference.named_modules():
+        if not isinstance(bn, nn.BatchNorm2d):
+            continue
+        assert int(bn.num_batches_tracked) == len(batches), layer
+        torch.testing.assert_close(got[layer].running_mean, bn.running_mean, rtol=1e-4, atol=1e-5,
+                                   msg=lambda m, layer=layer: f"{layer} mean: {m}")  # fmt: skip
+        torch.testing.assert_close(got[layer].running_var, bn.running_var, rtol=1e-4, atol=1e-5,
+                                   msg=lambda m, layer=layer: f"{layer} var: {m}")  # fmt: skip
+        checked += 1
+    assert checked == len(bns) == sum(isinstance(m, nn.BatchNorm2d) for m in exported.modules())

@@ -80,6 +80,33 @@ def test_random_widths_in_train_mode(name):
         assert max_abs_diff(small, model(x)) > 1e-3  # the width matters
 
 
+@pytest.mark.parametrize("name", ["resnet50", "efficientnet_b0", "mobilenet_v2"])
+def test_converted_torchvision_export_equals_slimmable_at_reduced_widths(name):
+    """Not only shapes: the plain network exported at a reduced width (uniform and non-uniform)
+    computes what the converted model computes there, after calibration."""
+    _, converted = trained_pair(name)
+    model = copy.deepcopy(converted)
+    gen = torch.Generator().manual_seed(3)
+    calib = [torch.randn(8, 3, SIZE, SIZE, generator=gen) * 1.5 + 0.3 for _ in range(2)]
+    x = torch.randn(3, 3, SIZE, SIZE, generator=gen)
+    widths = [0.25, 0.55, random_mapping(model, gen)]
+    usnet.calibrate(model, calib, widths=widths, num_images=16)
+    model.eval()
+    for w in widths:
+        with torch.no_grad(), usnet.width(model, w):
+            expected = model(x)
+        plain = usnet.export(model, w)
+        assert not slimmable_modules(plain)
+        with torch.no_grad():
+            got = plain(x)
+        assert expected.abs().max() > 0.05  # logits are not ~0
+        assert max_abs_diff(got, expected) <= 1e-5, (name, w)
+        with torch.no_grad(), usnet.width(model, 1.0):
+            assert max_abs_diff(model(x), expected) > 1e-3  # the reduced width is a different net
+    full = sum(p.numel() for p in converted.parameters())
+    assert sum(p.numel() for p in usnet.export(model, 0.25).parameters()) < full / 4
+
+
 def ties(model, layers, widths=(0.25, 0.4, 0.6, 0.85, 1.0)):
     """All ``layers`` share one group and have equal active outputs at each width."""
     groups = {group_of(model, name) for name in layers}
@@ -251,6 +278,38 @@ class SharedNet(nn.Module):
         return self.conv(self.conv(self.stem(x)))
 
 
+class IndexNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.head = nn.Conv2d(4, 8, 1)
+
+    def forward(self, x):
+        return self.head(self.conv(x)[:, :4])
+
+
+class ReshapeNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.fc = nn.Linear(8 * 8 * 8, 10)
+
+    def forward(self, x):
+        return self.fc(self.conv(x).reshape(-1, 8 * 8 * 8))
+
+
+class Wrapped(nn.Module):
+    """conv -> ``layer``: a layer that sees the conv's channels."""
+
+    def __init__(self, layer: nn.Module):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.layer = layer
+
+    def forward(self, x):
+        return self.layer(self.conv(x))
+
+
 @pytest.mark.parametrize(
     "net, pattern",
     [
@@ -261,7 +320,14 @@ class SharedNet(nn.Module):
         (BranchNet, r"cannot trace BranchNet.*control flow"),
         (FunctionalNet, r"conv2d.*functional layer"),
         (SharedNet, r"'conv'.*more than once"),
+        (IndexNet, r"getitem.*indexing"),
+        (ReshapeNet, r"\.reshape\(\).*reshape"),
+        (lambda: Wrapped(nn.GroupNorm(2, 8)), r"'layer' \(GroupNorm\)"),
+        (lambda: Wrapped(nn.ConvTranspose2d(8, 8, 3)), r"'layer' \(ConvTranspose2d\)"),
+        (lambda: Wrapped(nn.PReLU(8)), r"'layer' \(PReLU\).*per-channel"),
     ],
+    ids=["cat", "view", "layernorm", "conv1d", "linear3d", "control-flow", "functional-conv",
+         "called-twice", "indexing", "reshape", "groupnorm", "conv-transpose", "prelu-per-channel"],
 )
 def test_refusals_name_module_and_operation(net, pattern):
     model = net()
@@ -273,6 +339,14 @@ def test_refusals_name_module_and_operation(net, pattern):
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k])
     assert issubclass(ConversionError, ValueError)
+
+
+def test_densenet_concatenation_is_refused():
+    """The README's example of a refused family: DenseNet concatenates along channels."""
+    model = torchvision.models.densenet121(num_classes=10)
+    with pytest.raises(ConversionError, match=r"cat.*concatenation"):
+        usnet.slimmable(model, input_size=(1, 3, 64, 64))
+    assert not usnet.is_slimmable(model) and not slimmable_modules(model)
 
 
 def test_already_slimmable_and_non_module():
@@ -393,19 +467,24 @@ def test_grouped_conv_divisors(groups, divisor, channels):
 
 
 def test_linear_ratio_tie_after_spatial_flatten():
-    """A ratio-tied Linear fed by flatten(N, C, 4, 4) must run all its outputs at full width."""
+    """A ratio-tied Linear fed by flatten(N, C, 4, 4): its outputs follow its active inputs at
+    the full-width ratio (128 / 256), and the slimmed model runs and exports exactly."""
     plain = nn.Sequential(
         nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.AdaptiveAvgPool2d(4),
         nn.Flatten(), nn.Linear(256, 128), nn.ReLU(), nn.Linear(128, 10),
     )  # fmt: skip
-    try:
-        model = usnet.slimmable(plain, input_size=(1, 3, 8, 8), ratio_ties=["5"])
-    except ConversionError:
-        return  # refusing the tie is an acceptable answer
+    model = usnet.slimmable(plain, input_size=(1, 3, 8, 8), ratio_ties=["5"])
     usnet.set_width(model, 1.0)
     assert model[5].active_out_features == 128
     usnet.set_width(model, 0.5)
-    assert model[5].active_out_features == 64
+    assert model[0].active_out_channels == 8 and model[5].active_in_features == 8 * 16
+    assert model[5].active_out_features == 64 and model[7].active_in_features == 64
+    x = torch.randn(4, 3, 8, 8)
+    usnet.calibrate(model, [x], widths=[0.5], num_images=4)
+    with torch.no_grad(), usnet.width(model, 0.5):
+        out = model.eval()(x)
+    assert out.shape == (4, 10)
+    assert (usnet.export(model, 0.5)(x) - out).abs().max() <= 1e-5
 
 
 class GrayNormalizeNet(nn.Module):

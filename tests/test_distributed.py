@@ -363,6 +363,34 @@ def test_sync_bn_ddp_step_equals_one_process_and_allreduces_once(tmp_path):
         assert max((plain[k] - v).abs().max().item() for k, v in reference.items()) > 1e-3
 
 
+class _PerShardBN(nn.Module):
+    """The default DDP setting's reference in one process: each shard of the batch runs through
+    the model on its own (its BatchNorm normalizes with that shard's statistics), and the losses'
+    mean over the whole batch averages the shards' gradients as DDP's allreduce does."""
+
+    def __init__(self, module: nn.Module, shards: int):
+        super().__init__()
+        self.module, self.shards = module, shards
+
+    def forward(self, x):
+        return torch.cat([self.module(part) for part in x.chunk(self.shards)])
+
+
+def test_default_ddp_step_equals_each_rank_normalizing_its_own_shard(tmp_path):
+    """``sync_bn: false`` (the default): the 2-process step equals one process in which each
+    rank's BatchNorm sees only its own shard, and differs from whole-batch statistics."""
+    spawn(_step_worker, str(tmp_path))
+    images, labels = _step_batch()
+    reference = _one_step(_PerShardBN(_step_model(), shards=2), images, labels)
+    whole_batch = _one_step(_step_model(), images, labels)
+    for rank in (0, 1):
+        plain = torch.load(tmp_path / f"step{rank}.pt")["plain_bn"]
+        assert plain[1] == 2 * 1  # one allreduce per step here too
+        for key, value in reference.items():
+            assert (plain[0][key] - value).abs().max().item() <= 1e-5, (rank, key)
+    assert max((whole_batch[k] - v).abs().max().item() for k, v in reference.items()) > 1e-3
+
+
 def _nan_worker(rank: int, tmp: str) -> None:
     images, labels = _step_batch()
     if rank == 1:

@@ -27,6 +27,8 @@ def test_every_run_of_every_row_is_a_valid_config(name):
                                                    f"eval.widths={row.eval_widths}"])  # fmt: skip
         if name == "us_net":
             assert config.num_widths == 5 and config.distill_label_weight == 0.5  # the default recipe
+        elif name.startswith("individual_lr"):
+            assert config.mode == "individual" and config.lr in paper_claims.LRS
         elif name not in ("individual", "n2", "n3", "n6", "no_distill_n5"):
             assert config.num_widths == 4  # ablations of the paper's sandwich, as measured
 

@@ -149,6 +149,22 @@ def test_measured_latency_threads_restored(model, tmp_path):
     assert all(c.latency_ms > 0 for c in selection.candidates)
 
 
+def test_real_latency_measurement_orders_widths_and_chooses_by_it(model, tmp_path):
+    """Measured, not mocked: at batch 32 the US-ConvNet at 0.25 does 1/15 of the MACs of 1.0, so
+    its latency must be well under half; a budget between the two measurements then chooses 0.25
+    (from the cache: the same measurements), and one above both chooses 1.0."""
+    size = (32, 1, 28, 28)
+    kwargs = dict(input_size=size, widths=[0.25, 1.0], threads=1, warmup=2, repeats=9,
+                  cache_dir=tmp_path)  # fmt: skip
+    selection = select_width(model, max_latency_ms=1e4, **kwargs)
+    latency = {c.width: c.latency_ms for c in selection.candidates}
+    assert selection.latency["measured"] == 2
+    assert latency[0.25] < 0.5 * latency[1.0], latency  # 15x fewer MACs: a generous margin
+    between = (latency[0.25] + latency[1.0]) / 2
+    assert select_width(model, max_latency_ms=between, **kwargs).width == 0.25
+    assert select_width(model, max_latency_ms=1.01 * latency[1.0], **kwargs).width == 1.0
+
+
 def test_select_errors(model):
     with pytest.raises(ValueError, match="a budget is needed"):
         select_width(model, input_size=SIZE)

@@ -260,10 +260,17 @@ def test_killed_run_resumes_to_the_same_result(tmp_path):
         while not (tmp_path / "b" / CHECKPOINT).exists() and time.time() < deadline:
             time.sleep(0.05)
         time.sleep(0.3)  # somewhere in the second epoch (or later)
+        running_at_kill = proc.poll() is None
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
+    # The kill landed mid-run: the process was alive, died of SIGKILL, and left no final model
+    # and a checkpoint of an epoch before the last one.
+    assert running_at_kill and proc.returncode == -signal.SIGKILL
+    assert not (tmp_path / "b" / FINAL).exists()
     assert (tmp_path / "b" / CHECKPOINT).exists()
+    killed_at = usnet.checkpoint.read_checkpoint(tmp_path / "b" / CHECKPOINT)
+    assert killed_at["extra"]["trainer"]["epoch"] < 3  # killed while training, not after
     resumed = run_cli("train", "--out", str(tmp_path / "b"), "--resume")
     assert resumed.returncode == 0, resumed.stderr
     a = usnet.checkpoint.read_checkpoint(tmp_path / "a" / FINAL)
@@ -303,12 +310,35 @@ def test_imagefolder_and_missing_datasets(tmp_path):
                 tmp_path / "y", progress=False)  # fmt: skip
 
 
-@pytest.mark.parametrize("overrides", [["channels_last=true"], ["amp=bf16"]])
-def test_channels_last_and_autocast_runs(tmp_path, overrides):
-    config = quick_config("epochs=1", "data.limit_train=256", "eval.every_epoch=false",
-                          "calib.num_images=128", *overrides)  # fmt: skip
-    rows = Trainer(config, tmp_path / "r", progress=False, log=lambda s: None).run()
-    assert len(rows) == 4 and all(0.0 <= r["top1"] <= 1.0 for r in rows)
+@pytest.mark.parametrize(
+    "overrides, dtype",
+    [(["channels_last=true"], torch.float32), (["amp=bf16"], torch.bfloat16),
+     (["amp=fp16"], torch.float16)],
+)  # fmt: skip
+def test_channels_last_and_autocast_runs(tmp_path, overrides, dtype):
+    """A short run in each mode trains (every width far above chance), and the training forward
+    computes in the dtype the mode names (fp16: with the GradScaler scaling every step)."""
+    # a small US-ConvNet: float16 convolutions on the CPU have no fast kernels (~50x float32)
+    config = quick_config("epochs=1", "data.limit_train=2048", "batch_size=32", "eval.every_epoch=false",
+                          "calib.num_images=128", "model_kwargs={channels: [16, 32], strides: [2, 2]}",
+                          *overrides)  # fmt: skip
+    trainer = Trainer(config, tmp_path / "r", progress=False, log=lambda s: None)
+    seen: list[tuple[torch.dtype, bool]] = []
+    first_conv = next(m for m in trainer.model.modules() if isinstance(m, torch.nn.Conv2d))
+    first_conv.register_forward_hook(
+        lambda m, args, out: seen.append((out.dtype, out.is_contiguous(memory_format=torch.channels_last)))
+    )  # fmt: skip
+    rows = trainer.run()
+    steps = 2048 // 32
+    training = seen[: steps * config.num_widths]  # the training forwards come first
+    assert len(training) == steps * config.num_widths
+    assert {d for d, _ in training} == {dtype}, training
+    if "channels_last=true" in overrides:
+        assert all(cl for _, cl in training)
+    if "amp=fp16" in overrides:
+        assert trainer.scaler is not None and trainer.scaler._scale is not None  # it scaled
+    # 64 steps on 2048 images reach 0.53-0.59 at every width; chance is 0.10.
+    assert len(rows) == 4 and all(r["top1"] > 0.4 for r in rows), [r["top1"] for r in rows]
     model = usnet.load(tmp_path / "r" / FINAL)
     x = torch.randn(2, 1, 28, 28)
     with usnet.width(model, 0.5), torch.no_grad():
@@ -346,3 +376,28 @@ def test_result_files_honour_the_umask(tmp_path):
         assert stat.S_IMODE(path.stat().st_mode) == 0o640 and path.read_bytes() == b"b"
     finally:
         os.umask(umask)
+
+
+def test_validation_split_is_held_out_from_training(tmp_path):
+    """data.val_split: N training images, drawn with val_seed alone, are scored instead of the
+    test set; training and calibration never see them."""
+    quiet = dict(progress=False, log=lambda s: None)
+    config = quick_config("data.val_split=512", "seed=3")
+    trainer = Trainer(config, tmp_path / "a", **quiet)
+    train, calib, val = trainer.train_set, trainer.calib_set, trainer.test_set
+    assert (len(train), len(calib), len(val)) == (2048 - 512, 2048 - 512, 512)
+    assert train.indices == calib.indices and not set(train.indices) & set(val.indices)
+    assert sorted(train.indices + val.indices) == list(range(2048))
+    x, y = val[0]
+    assert torch.equal(x, calib.dataset[val.indices[0]][0])  # evaluation-time transforms
+    # The same images for every run seed (recipes are compared on one split); val_seed moves it.
+    other = Trainer(quick_config("data.val_split=512", "seed=4"), tmp_path / "b", **quiet)
+    assert other.test_set.indices == val.indices
+    moved = Trainer(quick_config("data.val_split=512", "data.val_seed=1"), tmp_path / "c", **quiet)
+    assert moved.test_set.indices != val.indices
+    # Off by default: the test set.
+    assert len(Trainer(quick_config(), tmp_path / "d", **quiet).test_set) == 1000
+    with pytest.raises(ConfigError, match=r"data.val_split must be between 1 and 2047 .* got 2048"):
+        Trainer(quick_config("data.val_split=2048"), tmp_path / "e", **quiet)
+    with pytest.raises(ConfigError, match="data.val_split must not be negative"):
+        quick_config("data.val_split=-1")

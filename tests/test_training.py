@@ -205,32 +205,89 @@ def test_nan_loss_raises_and_skips_the_step():
     assert usnet.get_width(model) == 1.0
 
 
-def test_grad_scaler_gives_the_unscaled_gradients():
+def record_output_dtypes(model: nn.Module) -> list[torch.dtype]:
+    """Forward hooks on every conv and linear layer: the dtypes of their outputs, in call order."""
+    seen: list[torch.dtype] = []
+    for m in model.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            m.register_forward_hook(lambda mod, args, out: seen.append(out.dtype))
+    return seen
+
+
+def record_grad_norms(param: nn.Parameter) -> list[float]:
+    """A tensor hook on one parameter: the norm of every gradient backward hands it."""
+    seen: list[float] = []
+    param.register_hook(lambda g: seen.append(float(g.float().norm())))
+    return seen
+
+
+def test_grad_scaler_scales_the_backward_and_unscales_the_step():
+    """The losses are scaled before backward (the gradients reaching a parameter are 2**10 times
+    the plain ones) and the step sees the unscaled gradients (equal to the plain ones)."""
     images, labels = batch()
     widths = [1.0, 0.25, 0.7]
     plain, scaled = tiny_model(), tiny_model()
+    plain_seen, scaled_seen = record_grad_norms(plain[0].weight), record_grad_norms(scaled[0].weight)
     sandwich_step(plain, images, labels, torch.optim.SGD(plain.parameters(), lr=0.0), widths,
                   InplaceDistillationLoss())  # fmt: skip
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    scale = 2.0**10
+    scaler = torch.amp.GradScaler("cpu", init_scale=scale)
     result = sandwich_step(scaled, images, labels, torch.optim.SGD(scaled.parameters(), lr=0.0),
                            widths, InplaceDistillationLoss(), scaler=scaler)  # fmt: skip
     assert all(math.isfinite(v) for v in result.losses)
+    # scaled: one gradient per width, each 2**10 times the plain one
+    assert len(scaled_seen) == len(plain_seen) == len(widths)
+    for s, p in zip(scaled_seen, plain_seen):
+        assert s == pytest.approx(scale * p, rel=1e-4)
+    # unscaled: what the optimizer stepped with equals the plain gradients
     assert max_diff(grads(plain), grads(scaled)) <= 1e-6
+    # the scaler ran its step (found no inf) and kept its scale
+    assert scaler.get_scale() == scale and scaler._get_growth_tracker() == 1
 
 
 def test_bf16_autocast_step():
+    """Every conv and linear layer computes in bfloat16 inside the forward; the losses stay close
+    to float32's and the parameters' gradients are float32."""
     model = tiny_model()
     ref = copy.deepcopy(model)
     images, labels = batch()
     widths = [1.0, 0.25]
+    fp32_seen, bf16_seen = record_output_dtypes(ref), record_output_dtypes(model)
     fp32 = sandwich_step(ref, images, labels, torch.optim.SGD(ref.parameters(), lr=0.0), widths,
                          InplaceDistillationLoss())  # fmt: skip
     bf16 = sandwich_step(
         model, images, labels, torch.optim.SGD(model.parameters(), lr=0.0), widths,
         InplaceDistillationLoss(), autocast_dtype=torch.bfloat16,
     )
+    assert len(bf16_seen) == 4 * len(widths)  # 3 convs + 1 linear per width
+    assert set(bf16_seen) == {torch.bfloat16} and set(fp32_seen) == {torch.float32}
     assert bf16.losses == pytest.approx(fp32.losses, abs=0.05)
+    assert bf16.losses != fp32.losses  # rounding to 8 mantissa bits shows in the losses
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in model.parameters())
+
+
+def test_fp16_autocast_with_grad_scaler_step_on_cpu():
+    """amp: fp16 as the trainer runs it (autocast float16 + GradScaler), on the CPU: the forward
+    computes in float16, the step's gradients equal float32's to fp16 rounding, and the weights
+    move."""
+    model = tiny_model()
+    ref = copy.deepcopy(model)
+    images, labels = batch()
+    widths = [1.0, 0.25, 0.7]
+    fp16_seen = record_output_dtypes(model)
+    sandwich_step(ref, images, labels, torch.optim.SGD(ref.parameters(), lr=0.0), widths,
+                  InplaceDistillationLoss())  # fmt: skip
+    before = [p.detach().clone() for p in model.parameters()]
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+    result = sandwich_step(model, images, labels, torch.optim.SGD(model.parameters(), lr=0.1),
+                           widths, InplaceDistillationLoss(), scaler=scaler,
+                           autocast_dtype=torch.float16)  # fmt: skip
+    assert all(math.isfinite(v) for v in result.losses)
+    assert set(fp16_seen) == {torch.float16} and len(fp16_seen) == 4 * len(widths)
+    assert scaler.get_scale() == 2.0**8  # no overflow: the step was taken, not skipped
+    relative = max_diff(grads(ref), grads(model)) / max(float(g.abs().max()) for g in grads(ref))
+    assert relative < 0.02
+    assert any(not torch.equal(b, p) for b, p in zip(before, model.parameters()))
 
 
 def test_ddp_wrapped_model_matches_plain(tmp_path):

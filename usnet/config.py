@@ -31,6 +31,10 @@ class DataConfig:
     root: str | None = None  # default: Debian's Fashion-MNIST directory; required for imagefolder
     limit_train: int | None = None  # use only the first N training images (quick runs)
     limit_test: int | None = None  # evaluate on the first N test images only
+    # Hold N training images (after limit_train) out as a validation set, drawn with val_seed, and
+    # score on them instead of the test set (choose recipes there; report the test set once).
+    val_split: int = 0
+    val_seed: int = 0
     image_size: int = 224  # imagefolder: train crop / eval center crop
     augment: bool = False  # fashion_mnist/cifar: random crop (pad 2/4) + horizontal flip
     num_workers: int = 0
@@ -58,7 +62,7 @@ class TrainConfig:
     mode: Literal["universal", "individual", "slimmable"] = "universal"
     width: float | None = None  # mode=individual: the one width trained
     widths: list[float] | None = None  # mode=slimmable: the fixed widths trained every step
-    # The recipe that won benchmarks/paper_claims.py on short schedules (docs/benchmarks.md); the
+    # The recipe chosen with benchmarks/paper_claims.py on short schedules (docs/benchmarks.md); the
     # ImageNet configs spell out the paper's (n=4, pure distillation) instead.
     num_widths: int = 5  # sandwich rule: widest + narrowest + (n-2) random
     sandwich_ends: Literal["both", "max", "min", "none"] = "both"  # ends trained every step (ablation)
@@ -279,6 +283,8 @@ def _check_semantics(c: TrainConfig) -> None:
     for key in ("limit_train", "limit_test"):
         if getattr(c.data, key) is not None:
             positive(f"data.{key}", getattr(c.data, key))
+    if c.data.val_split < 0:
+        raise ConfigError(f"data.val_split must not be negative (0: no validation split), got {c.data.val_split}")
     if c.data.num_workers < 0:
         raise ConfigError(f"data.num_workers must not be negative, got {c.data.num_workers}")
     if c.num_widths < 2 and c.mode == "universal":

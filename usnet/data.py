@@ -273,6 +273,27 @@ def load_image(path: str):
                         "replace it (usnet does not skip images: that would change the dataset)") from None  # fmt: skip
 
 
+def split_validation(train: Dataset, calib: Dataset, size: int, seed: int = 0
+                     ) -> tuple[Dataset, Dataset, Dataset]:  # fmt: skip
+    """Hold ``size`` training images out as a validation set: (train, calibration, validation).
+
+    The held-out images are a random subset drawn by a permutation seeded with ``seed`` alone
+    (not the run's seed: every recipe is then scored on the same images). Training and
+    calibration keep the other images; the validation set shows the held-out ones with the
+    calibration set's evaluation-time transforms. ``train`` and ``calib`` must hold the same
+    images in the same order (as :func:`build_datasets` returns them).
+    """
+    n = len(train)
+    if len(calib) != n:
+        raise ValueError(f"train and calibration sets differ in length ({n} != {len(calib)})")
+    if not 0 < size < n:
+        raise ValueError(f"data.val_split must be between 1 and {n - 1} (the training set holds {n} "
+                         f"images), got {size}")  # fmt: skip
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    held, kept = sorted(order[:size]), sorted(order[size:])
+    return Subset(train, kept), Subset(calib, kept), Subset(calib, held)
+
+
 def _limit(dataset: Dataset, limit: int | None) -> Dataset:
     if limit is None or limit >= len(dataset):
         return dataset

@@ -37,7 +37,7 @@ from . import distributed as dist
 from .calibrate import calibrate
 from .channels import parse_widths
 from .config import ConfigError, TrainConfig, config_diff, config_from_saved
-from .data import DataInfo, TensorBatches, as_tensors, build_datasets
+from .data import DataInfo, TensorBatches, as_tensors, build_datasets, split_validation
 from .device import rank_device
 from .errors import DataError, TrainingError
 from .evaluation import evaluate
@@ -477,7 +477,15 @@ def load_run_config(payload: dict) -> TrainConfig | None:
 
 def datasets_for(config: TrainConfig) -> tuple[Dataset, Dataset, Dataset, DataInfo]:
     """(train, calibration, test) datasets of a run's ``data`` section (augmentation, if on,
-    applies to the training set only)."""
+    applies to the training set only). With ``data.val_split`` the third is the validation set
+    held out from the training images, and the first two hold the rest."""
     d = config.data
-    return build_datasets(d.name, d.root, limit_train=d.limit_train, limit_test=d.limit_test,
-                          image_size=d.image_size, augment=d.augment)  # fmt: skip
+    train, calib, test, info = build_datasets(d.name, d.root, limit_train=d.limit_train,
+                                              limit_test=d.limit_test, image_size=d.image_size,
+                                              augment=d.augment)  # fmt: skip
+    if d.val_split:  # score on images held out from training; the test set is not used
+        try:
+            train, calib, test = split_validation(train, calib, d.val_split, d.val_seed)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+    return train, calib, test, info

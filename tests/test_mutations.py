@@ -1,0 +1,93 @@
+"""Mutation checks: each test named here must FAIL when the feature it checks is switched off.
+
+A test that still passes with its feature removed proves nothing (docs/testing.md). Each case
+below removes one feature with ``monkeypatch`` (the bug a regression would introduce), runs the
+checking test's function directly, and asserts that it raises ``AssertionError`` (a failed
+assertion of the test itself, not a crash). The cases are the cheap ones (a few seconds in all);
+docs/testing.md lists how the others were checked by hand.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import test_calibrate
+import test_channels
+import test_select
+import test_trainer
+import test_training
+import torch
+from usnet_testing import zoo_model
+
+import usnet.channels
+import usnet.layers
+import usnet.select
+import usnet.trainer
+import usnet.training
+
+
+def fails(test, *args) -> str:
+    """Run ``test(*args)``; it must fail on one of its own assertions. Returns the message."""
+    with pytest.raises(AssertionError) as failure:
+        test(*args)
+    return str(failure.value)
+
+
+def _no_autocast(*args, **kwargs):
+    return contextlib.nullcontext()
+
+
+def test_autocast_ignored_fails_the_bf16_and_fp16_tests(monkeypatch):
+    monkeypatch.setattr(torch, "autocast", _no_autocast)
+    fails(test_training.test_bf16_autocast_step)
+    fails(test_training.test_fp16_autocast_with_grad_scaler_step_on_cpu)
+
+
+def test_scaler_ignored_fails_the_grad_scaler_test(monkeypatch):
+    step = usnet.training.sandwich_step
+    monkeypatch.setattr(test_training, "sandwich_step",
+                        lambda *args, scaler=None, **kwargs: step(*args, **kwargs))  # fmt: skip
+    fails(test_training.test_grad_scaler_scales_the_backward_and_unscales_the_step)
+
+
+def test_step_without_unscaling_fails_the_grad_scaler_test(monkeypatch):
+    monkeypatch.setattr(torch.amp.GradScaler, "step", lambda self, optimizer: optimizer.step())
+    monkeypatch.setattr(torch.amp.GradScaler, "update", lambda self: None)
+    fails(test_training.test_grad_scaler_scales_the_backward_and_unscales_the_step)
+
+
+def test_trainer_without_learning_fails_the_accuracy_check(monkeypatch, tmp_path):
+    monkeypatch.setattr(torch.optim.SGD, "step", lambda self, closure=None: None)
+    message = fails(test_trainer.test_channels_last_and_autocast_runs, tmp_path, ["amp=bf16"],
+                    torch.bfloat16)  # fmt: skip
+    assert message.startswith("[0.")  # the accuracy assertion, with the accuracies at chance
+
+
+def test_trainer_ignoring_amp_fails_the_dtype_check(monkeypatch, tmp_path):
+    monkeypatch.setattr(torch, "autocast", _no_autocast)
+    fails(test_trainer.test_channels_last_and_autocast_runs, tmp_path, ["amp=bf16"], torch.bfloat16)
+
+
+def test_constant_latency_fails_the_real_latency_test(monkeypatch, tmp_path):
+    monkeypatch.setattr(usnet.select, "measure_latency",
+                        lambda module, input_size, **kwargs: [1.0] * kwargs.get("repeats", 1))  # fmt: skip
+    fails(test_select.test_real_latency_measurement_orders_widths_and_chooses_by_it,
+          zoo_model("us_convnet"), tmp_path)  # fmt: skip
+
+
+def test_biased_calibration_fails_the_every_layer_check(monkeypatch):
+    stats = usnet.layers._cpu_batch_stats
+
+    def shifted(input):
+        out = stats(input)
+        return None if out is None else (out[0] + 1e-3, out[1], out[2])
+
+    monkeypatch.setattr(usnet.layers, "_cpu_batch_stats", shifted)
+    fails(test_calibrate.test_every_bn_layer_equals_pytorch_cumulative_batchnorm, "us_resnet18", 0.4)
+
+
+def test_unstable_config_id_fails_the_pinned_id(monkeypatch):
+    monkeypatch.setattr(test_channels, "config_id",
+                        lambda config: f"{hash(('salt', config)) & 0xFFFFFFFFFF:010x}")  # fmt: skip
+    fails(test_channels.test_config_and_plan_equality)
