@@ -20,10 +20,8 @@ import test_training
 import torch
 from usnet_testing import zoo_model
 
-import usnet.channels
 import usnet.layers
 import usnet.select
-import usnet.trainer
 import usnet.training
 
 
