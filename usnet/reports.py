@@ -20,7 +20,7 @@ from torch import nn
 
 from .channels import config_id
 from .files import atomic_write_bytes
-from .profile import format_count, profile
+from .cost import format_count, profile
 from .state import get_state
 
 if TYPE_CHECKING:

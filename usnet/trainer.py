@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from . import checkpoint as ckpt
 from . import distributed as dist
-from .calibrate import calibrate
+from .calibration import calibrate
 from .channels import parse_widths
 from .config import ConfigError, TrainConfig, config_diff, config_from_saved
 from .data import DataInfo, build_datasets

@@ -17,7 +17,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .channels import Width, config_id, format_width, width_value
 from .errors import UsnetValueError
-from .export import export
+from .plain import export
 from .state import get_state
 
 
