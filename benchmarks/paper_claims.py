@@ -149,7 +149,8 @@ def check_trained_as(directory: Path, expected: dict, name: str) -> None:
     they do not change the trained network."""
     from usnet.checkpoint import read_checkpoint
     from usnet.config import config_diff
-    from usnet.trainer import FINAL, load_run_config
+    from usnet.config import load_run_config
+    from usnet.rundir import FINAL
 
     trained = load_run_config(read_checkpoint(directory / FINAL)).to_dict()
     ignored = ("eval", "log_every", *(SANDWICH_ONLY if expected["mode"] == "individual" else ()))

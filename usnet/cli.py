@@ -182,8 +182,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _data_for(model_path: str, payload: dict, data_root: str | None, dataset: str | None):
-    from .config import TrainConfig
-    from .trainer import datasets_for, load_run_config
+    from .config import TrainConfig, load_run_config
+    from .data import datasets_for
 
     config = load_run_config(payload)
     if config is None:

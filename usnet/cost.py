@@ -61,11 +61,6 @@ def module_cost(module: nn.Module, input_size: Sequence[int]) -> tuple[int, int]
     return params, int(counter.get_total_flops())
 
 
-def profile_table(model: nn.Module, widths: Iterable[Width],
-                  input_size: Sequence[int] = (1, 3, 224, 224)) -> list[Profile]:  # fmt: skip
-    return [profile(model, w, input_size) for w in widths]
-
-
 def format_count(value: float) -> str:
     """1234567 -> '1.23M' (K, M, G)."""
     for unit, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):

@@ -245,3 +245,11 @@ def _limit(dataset: Dataset, limit: int | None) -> Dataset:
     if limit is None or limit >= len(dataset):
         return dataset
     return Subset(dataset, range(limit))
+
+
+def datasets_for(config) -> tuple[Dataset, Dataset, Dataset, DataInfo]:
+    """(train, calibration, test) datasets of a run config's ``data`` section (a
+    :class:`~usnet.config.TrainConfig`; augmentation, if on, applies to the training set only)."""
+    d = config.data
+    return build_datasets(d.name, d.root, limit_train=d.limit_train, limit_test=d.limit_test,
+                          image_size=d.image_size, augment=d.augment)  # fmt: skip
