@@ -42,7 +42,7 @@ def calibrated_checkpoint(tmp_path: Path, name: str = "m.pt", **kwargs) -> Path:
     kwargs = {"num_classes": 10, "in_channels": 1, "small_input": True, **kwargs}
     model = usnet.models.us_convnet(**kwargs)
     images = torch.randn(16, kwargs["in_channels"], 28, 28)
-    usnet.calibrate(model, [images], [0.25, 0.5, 1.0], progress=False)
+    usnet.calibrate(model, [images], [0.25, 0.5, 1.0], num_images=16, progress=False)
     config = load_config(
         FASHION, ["data.limit_train=64", "data.limit_test=64", "calib.num_images=32"]
     )

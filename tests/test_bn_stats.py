@@ -35,10 +35,12 @@ def test_layers_pickled_with_the_positional_calibration_list_migrate():
 def test_snapshot_restore_puts_back_every_layers_statistics():
     model = tiny_slimmable()
     images = [torch.randn(8, 3, 8, 8)]
-    usnet.calibrate(model, images, [0.5, 1.0], progress=False)
+    usnet.calibrate(model, images, [0.5, 1.0], num_images=8, progress=False)
     before = {id(bn): (dict(bn.width_stats), bn.running_mean.clone()) for bn in bns(model)}
     saved = bn_stats.snapshot(model)
-    usnet.calibrate(model, [torch.randn(8, 3, 8, 8) * 3 + 1], [0.25, 0.5, 1.0], progress=False)
+    usnet.calibrate(
+        model, [torch.randn(8, 3, 8, 8) * 3 + 1], [0.25, 0.5, 1.0], num_images=8, progress=False
+    )
     bn_stats.restore(model, saved, keep_new=[])
     for bn in bns(model):
         width_stats, running_mean = before[id(bn)]
@@ -49,7 +51,7 @@ def test_snapshot_restore_puts_back_every_layers_statistics():
 
 def test_serialize_round_trip_onto_another_model():
     model = tiny_slimmable()
-    usnet.calibrate(model, [torch.randn(8, 3, 8, 8)], [0.25, 0.5], progress=False)
+    usnet.calibrate(model, [torch.randn(8, 3, 8, 8)], [0.25, 0.5], num_images=8, progress=False)
     entries = bn_stats.serialize(model)
     assert entries and all(
         t.device.type == "cpu" for e in entries.values() for m_v in e.values() for t in m_v

@@ -20,7 +20,7 @@ def calibrated(request):
     """A 28 px zoo model with O(1) logits, calibrated at WIDTH and at full width."""
     torch.manual_seed(0)
     model = liven(zoo_model(request.param))
-    usnet.calibrate(model, [torch.randn(8, 1, 28, 28)], [WIDTH, 1.0], progress=False)
+    usnet.calibrate(model, [torch.randn(8, 1, 28, 28)], [WIDTH, 1.0], num_images=8, progress=False)
     return request.param, model.eval()
 
 
