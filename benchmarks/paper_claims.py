@@ -162,7 +162,7 @@ def raw_record(suite: str, name: str, index: int, seed: int, overrides: list[str
     """The raw result of one finished run (format ``usnet-run/1``, see benchmarks/report.py)."""
     from datetime import datetime, timezone
 
-    from usnet.trainer import datasets_for
+    from usnet.data import datasets_for
 
     config = load_config(CONFIG, overrides)
     spectrum = json.loads((directory / "spectrum.json").read_text())
@@ -237,7 +237,8 @@ def check_trained_as(directory: Path, expected: dict, name: str) -> None:
     they do not change the trained network."""
     from usnet.checkpoint import read_checkpoint
     from usnet.config import config_diff
-    from usnet.trainer import FINAL, load_run_config
+    from usnet.config import load_run_config
+    from usnet.rundir import FINAL
 
     trained = load_run_config(read_checkpoint(directory / FINAL)).to_dict()
     ignored = ("eval", "log_every", *(SANDWICH_ONLY if expected["mode"] == "individual" else ()))

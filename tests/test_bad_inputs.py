@@ -42,8 +42,10 @@ def calibrated_checkpoint(tmp_path: Path, name: str = "m.pt", **kwargs) -> Path:
     kwargs = {"num_classes": 10, "in_channels": 1, "small_input": True, **kwargs}
     model = usnet.models.us_convnet(**kwargs)
     images = torch.randn(16, kwargs["in_channels"], 28, 28)
-    usnet.calibrate(model, [images], [0.25, 0.5, 1.0], progress=False)
-    config = load_config(FASHION, ["data.limit_train=64", "data.limit_test=64", "calib.num_images=32"])
+    usnet.calibrate(model, [images], [0.25, 0.5, 1.0], num_images=16, progress=False)
+    config = load_config(
+        FASHION, ["data.limit_train=64", "data.limit_test=64", "calib.num_images=32"]
+    )
     return usnet.save(model, tmp_path / name, extra={"config": config.to_dict()})
 
 
@@ -55,7 +57,9 @@ def test_a_second_run_into_the_same_out_is_refused_naming_the_owner(tmp_path):
         out.mkdir()
         (out / LOCK).write_text(json.dumps({"pid": owner.pid, "host": socket.gethostname(),
                                             "started": "earlier"}))  # fmt: skip
-        with pytest.raises(RunDirectoryError, match=rf"in use by another usnet run \(pid {owner.pid}"):
+        with pytest.raises(
+            RunDirectoryError, match=rf"in use by another usnet run \(pid {owner.pid}"
+        ):
             Trainer(load_config(FASHION), out, **QUIET)
         assert json.loads((out / LOCK).read_text())["pid"] == owner.pid  # left to its owner
     finally:
@@ -82,7 +86,9 @@ def test_the_lock_is_exclusive_and_released_after_the_run(tmp_path):
         "import sys, time; from usnet.rundir import RunLock\n"
         "RunLock(sys.argv[1]).acquire(); print('locked', flush=True); time.sleep(60)\n"
     )
-    holder = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True
+    )
     try:
         assert holder.stdout.readline().strip() == "locked"
         with pytest.raises(RunDirectoryError, match=f"pid {holder.pid}"):
@@ -101,7 +107,9 @@ def test_calibrate_out_refuses_an_unrelated_file_unless_forced(tmp_path, capsys)
     precious = tmp_path / "notes.pt"
     precious.write_bytes(b"my notes")
     args = ["calibrate", str(ckpt), "--widths", "0.75", "--images", "16", "--out", str(precious)]
-    assert "already exists and is not this command's earlier output" in one_error_line(capsys, main(args))
+    assert "already exists and is not this command's earlier output" in one_error_line(
+        capsys, main(args)
+    )
     assert precious.read_bytes() == b"my notes"
     assert main([*args, "--force"]) == 0
     assert usnet.is_calibrated(usnet.load(precious), 0.75)
@@ -133,7 +141,10 @@ def test_export_widths_into_an_earlier_export_merges_its_index(tmp_path, capsys)
     assert all((out / r["file"]).is_file() for r in index["models"])
     capsys.readouterr()
     message = one_error_line(capsys, main([*base, "--widths", "0.5", "--fuse-bn"]))
-    assert "already holds an export with other settings" in message and "fused_bn False there" in message
+    assert (
+        "already holds an export with other settings" in message
+        and "fused_bn False there" in message
+    )
     assert json.loads((out / "index.json").read_text()) == index
 
 
@@ -141,7 +152,9 @@ def test_search_refuses_an_existing_out_before_searching(tmp_path, capsys):
     ckpt = calibrated_checkpoint(tmp_path)
     taken = tmp_path / "result.json"
     taken.write_text("{}")
-    message = one_error_line(capsys, main(["search", str(ckpt), "--max-macs", "1M", "--out", str(taken)]))
+    message = one_error_line(
+        capsys, main(["search", str(ckpt), "--max-macs", "1M", "--out", str(taken)])
+    )
     assert "--out" in message and "already exists" in message and taken.read_text() == "{}"
 
 
@@ -176,7 +189,9 @@ def test_corrupt_gzip_idx_file_is_named(tmp_path):
     for name in ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"):
         data = (FASHION_DATA / name).read_bytes()
         (tmp_path / name).write_bytes(data[: len(data) // 3])  # a download cut short
-    with pytest.raises(DataError, match=r"train-images-idx3-ubyte.gz' is a truncated or corrupt gzip"):
+    with pytest.raises(
+        DataError, match=r"train-images-idx3-ubyte.gz' is a truncated or corrupt gzip"
+    ):
         usnet.data.FashionMNIST(tmp_path, train=True)
     (tmp_path / "train-images-idx3-ubyte.gz").write_bytes(b"not gzip at all")
     with pytest.raises(DataError, match="truncated or corrupt gzip"):
@@ -196,7 +211,9 @@ def image_folder(root: Path, classes=("a", "b"), per_class: int = 2) -> Path:
 
 def test_an_image_folder_with_one_class_is_refused(tmp_path):
     root = image_folder(tmp_path, classes=("only",))
-    with pytest.raises(DataError, match=r"holds 1 class subdirectories \[only\]; a classifier needs at least 2"):
+    with pytest.raises(
+        DataError, match=r"holds 1 class subdirectories \[only\]; a classifier needs at least 2"
+    ):
         usnet.data.build_datasets("imagefolder", str(root), image_size=8)
 
 
@@ -226,9 +243,13 @@ def test_amp_fp16_on_the_cpu_is_refused_pointing_to_bf16(tmp_path):
 
 
 def test_a_width_range_with_nothing_to_slim_is_refused():
-    with pytest.raises(ConfigError, match=r"width_range \[1.0, 1.0\] leaves nothing to slim.*mode=individual"):
+    with pytest.raises(
+        ConfigError, match=r"width_range \[1.0, 1.0\] leaves nothing to slim.*mode=individual"
+    ):
         load_config(FASHION, ["width_range=[1.0, 1.0]"])
-    load_config(FASHION, ["mode=individual", "width=1.0", "width_range=[1.0, 1.0]"])  # one width: fine
+    load_config(
+        FASHION, ["mode=individual", "width=1.0", "width_range=[1.0, 1.0]"]
+    )  # one width: fine
 
 
 def test_a_directory_given_as_config_is_named_as_one(tmp_path):
@@ -250,7 +271,9 @@ def test_eval_widths_outside_the_range_are_reported_before_training(tmp_path):
 def test_a_width_spec_is_bounded_and_each_configuration_is_evaluated_once(capsys):
     with pytest.raises(SystemExit) as exit_info:  # an argument error: usage and exit 2
         main(["profile", "us_convnet", "--widths", "0.25:1.0:0.0000001"])
-    assert exit_info.value.code == 2 and "7500001 widths, more than 100000" in capsys.readouterr().err
+    assert (
+        exit_info.value.code == 2 and "7500001 widths, more than 100000" in capsys.readouterr().err
+    )
     assert main(["profile", "us_convnet", "--widths", "0.25:1.0:0.0001", "--input-size", "1,1,28,28",
                  "--json"]) == 0  # fmt: skip
     captured = capsys.readouterr()

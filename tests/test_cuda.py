@@ -23,6 +23,7 @@ from usnet_testing import liven, zoo_model
 
 import usnet
 from usnet.cli import main
+from usnet.evaluation import eval_forward
 from usnet.training import InplaceDistillationLoss, sandwich_step
 
 pytestmark = [
@@ -147,13 +148,13 @@ def test_calibration_on_cuda_equals_the_cpu():
     usnet.calibrate(gpu, data, widths, num_images=192)  # batches moved to the model's device
     probe = images[:16]
     for w in widths:
-        ref = usnet.state.eval_forward(cpu, w, probe)
-        got = usnet.state.eval_forward(gpu, w, probe.to(CUDA)).cpu()
+        ref = eval_forward(cpu, w, probe)
+        got = eval_forward(gpu, w, probe.to(CUDA)).cpu()
         assert relative(got, ref) < 1e-4, w
     moved = copy.deepcopy(cpu).to(CUDA)  # statistics calibrated on the CPU move with the model
     for w in widths:
-        ref = usnet.state.eval_forward(cpu, w, probe)
-        assert relative(usnet.state.eval_forward(moved, w, probe.to(CUDA)).cpu(), ref) < 1e-4, w
+        ref = eval_forward(cpu, w, probe)
+        assert relative(eval_forward(moved, w, probe.to(CUDA)).cpu(), ref) < 1e-4, w
     cpu_bns = [m for m in cpu.modules() if isinstance(m, usnet.layers.SlimmableBatchNorm2d)]
     gpu_bns = [m for m in gpu.modules() if isinstance(m, usnet.layers.SlimmableBatchNorm2d)]
     for w in widths[:2]:
@@ -189,7 +190,7 @@ def test_export_equals_the_slimmable_model_on_cuda(name):
     for w in widths:
         plain = usnet.export(model, w)
         assert next(plain.parameters()).is_cuda
-        ref = usnet.state.eval_forward(model, w, images)
+        ref = eval_forward(model, w, images)
         with torch.no_grad():
             got = plain(images)
         assert relative(got, ref) < 1e-4, w
@@ -204,7 +205,7 @@ def test_export_artifact_from_a_cuda_model(tmp_path):
         result = usnet.export_artifact(model, 0.5, tmp_path / f"m{suffix}", fmt, input_size=(2, 1, 28, 28))
         assert result.max_abs_diff <= 1e-4
         logits = usnet.load_artifact(tmp_path / f"m{suffix}")(images[:4])
-        ref = usnet.state.eval_forward(model, 0.5, images[:4].to(CUDA)).cpu()
+        ref = eval_forward(model, 0.5, images[:4].to(CUDA)).cpu()
         assert relative(logits, ref) < 1e-4
     assert next(model.parameters()).is_cuda  # the model itself stays where it was
 
@@ -220,14 +221,14 @@ def test_save_on_cuda_load_on_the_cpu(tmp_path):
     assert all(t.device.type == "cpu" for t in loaded.state_dict().values())
     assert usnet.get_width(loaded) == 0.7
     for w in (0.25, 0.7, 1.0):
-        ref = usnet.state.eval_forward(model, w, images[:8].to(CUDA)).cpu()
-        got = usnet.state.eval_forward(loaded, w, images[:8])
+        ref = eval_forward(model, w, images[:8].to(CUDA)).cpu()
+        got = eval_forward(loaded, w, images[:8])
         assert relative(got, ref) < 1e-4, w
     back = usnet.load(path, map_location="cuda")
     assert all(t.is_cuda for t in back.state_dict().values())
     for w in (0.25, 0.7):  # the per-width statistics came along to the GPU too
-        ref = usnet.state.eval_forward(model, w, images[:8].to(CUDA))
-        assert relative(usnet.state.eval_forward(back, w, images[:8].to(CUDA)), ref) < 1e-5, w
+        ref = eval_forward(model, w, images[:8].to(CUDA))
+        assert relative(eval_forward(back, w, images[:8].to(CUDA)), ref) < 1e-5, w
 
 
 # -- select ----------------------------------------------------------------------------------------

@@ -34,6 +34,8 @@ from usnet.trainer import _NO_BUFFER_SYNC, CHECKPOINT, FINAL, METRICS, Trainer, 
 from usnet.training import InplaceDistillationLoss, sandwich_step
 from usnet_testing import liven, tiny_slimmable
 
+pytestmark = pytest.mark.distributed
+
 REPO = Path(__file__).resolve().parents[1]
 FASHION = REPO / "configs" / "fashion_mnist.yaml"
 TINY = [

@@ -38,8 +38,12 @@ def test_library_errors_are_usnet_errors_and_value_errors():
 
 @pytest.mark.parametrize(
     "error",
-    [RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"), ValueError("a bug"),
-     TypeError("a bug"), KeyError("a bug")],  # fmt: skip
+    [
+        RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+        ValueError("a bug"),
+        TypeError("a bug"),
+        KeyError("a bug"),
+    ],
 )
 def test_real_failures_are_not_turned_into_one_line_messages(monkeypatch, error):
     def fail(args):

@@ -20,7 +20,7 @@ def calibrated(request):
     """A 28 px zoo model with O(1) logits, calibrated at WIDTH and at full width."""
     torch.manual_seed(0)
     model = liven(zoo_model(request.param))
-    usnet.calibrate(model, [torch.randn(8, 1, 28, 28)], [WIDTH, 1.0], progress=False)
+    usnet.calibrate(model, [torch.randn(8, 1, 28, 28)], [WIDTH, 1.0], num_images=8, progress=False)
     return request.param, model.eval()
 
 
@@ -28,7 +28,9 @@ def test_builds_with_its_architecture_record(calibrated):
     name, model = calibrated
     record = usnet.models.architecture(name)
     assert record.name == name and get_state(model).plan.width_range == record.default_width_range
-    assert usnet.models.model_input_size(model) == record.input_size(in_channels=1, small_input=True)
+    assert usnet.models.model_input_size(model) == record.input_size(
+        in_channels=1, small_input=True
+    )
 
 
 def test_convert_round_trip(calibrated):
@@ -39,7 +41,9 @@ def test_convert_round_trip(calibrated):
     lo, hi = get_state(model).plan.width_range
     again = usnet.slimmable(plain, (lo, hi), input_size=(1, 1, 28, 28))
     if name not in ("us_mobilenet_v2",):  # v2 ties its expansions by ratio_ties (zoo option)
-        assert get_state(again).plan.to_dict()["groups"] == get_state(model).plan.to_dict()["groups"]
+        assert (
+            get_state(again).plan.to_dict()["groups"] == get_state(model).plan.to_dict()["groups"]
+        )
     x = torch.randn(2, 1, 28, 28)
     with torch.no_grad():
         torch.testing.assert_close(again.eval()(x), model(x), rtol=1e-5, atol=1e-5)

@@ -29,6 +29,7 @@ def run_cli(*args, cwd=REPO):
                           text=True, timeout=600)  # fmt: skip
 
 
+@pytest.mark.slow
 def test_cli_train_end_to_end(tmp_path):
     out = tmp_path / "run"
     result = run_cli("train", str(FASHION), "--out", str(out), "--set", "epochs=1", *QUICK,
@@ -242,6 +243,7 @@ def test_individual_and_slimmable_baselines(tmp_path):
         assert (usnet.export(model, w)(x) - reference).abs().max() <= 1e-5
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_same_result(tmp_path):
     """A run killed at an arbitrary moment resumes from its last checkpoint and ends exactly
     where an uninterrupted run ends."""

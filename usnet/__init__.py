@@ -10,7 +10,7 @@ Train one network, run it at any width in a continuous range::
 """
 
 from . import models
-from .calibrate import calibrate, is_calibrated, sample_images
+from .calibration import calibrate, is_calibrated, sample_images
 from .channels import (
     ChannelGroup,
     ChannelPlan,
@@ -23,7 +23,7 @@ from .checkpoint import load, save
 from .convert import ConversionError, analyze, register_op, slimmable
 from .deploy import VerificationError, export_artifact, export_widths, load_artifact
 from .errors import UsnetError
-from .export import export
+from .plain import export
 from .layers import (
     SlimmableBatchNorm2d,
     SlimmableConv2d,
@@ -32,7 +32,7 @@ from .layers import (
     UncalibratedWidthError,
     register_slimmable,
 )
-from .profile import Profile, profile
+from .cost import Profile, profile
 from .search import search_width
 from .select import select_width
 from .state import channel_plan, channels_at, get_width, is_slimmable, set_width, width

@@ -74,7 +74,9 @@ class Calibration:
 @dataclass
 class LayerStats:
     width_stats: dict[str, tuple[Tensor, Tensor]]
-    own: tuple[Tensor, Tensor, Tensor] | None  # copies of running_mean, running_var, num_batches_tracked
+    own: (
+        tuple[Tensor, Tensor, Tensor] | None
+    )  # copies of running_mean, running_var, num_batches_tracked
 
 
 ModelStats = dict[nn.Module, LayerStats]
@@ -110,7 +112,9 @@ def restore(model: nn.Module, saved: ModelStats, keep_new: Iterable[str | None] 
     keep_new = set(keep_new)
     for bn in _bns(model):
         layer = saved[bn]
-        fresh = {k: v for k, v in bn.width_stats.items() if k in keep_new and k not in layer.width_stats}
+        fresh = {
+            k: v for k, v in bn.width_stats.items() if k in keep_new and k not in layer.width_stats
+        }
         bn.width_stats = WidthStats({**layer.width_stats, **fresh})
         if layer.own is not None and (None not in keep_new or stats_are_set(*layer.own)):
             with torch.no_grad():
@@ -130,13 +134,18 @@ def serialize(model: nn.Module) -> dict[str, dict[str, list[Tensor]]]:
     """The per-configuration statistics of every layer by module name, as CPU tensors (the
     checkpoint's ``bn_stats``; the full width's are in the ``state_dict``)."""
     return {
-        name: {key: [mean.detach().cpu(), var.detach().cpu()] for key, (mean, var) in m.width_stats.items()}
+        name: {
+            key: [mean.detach().cpu(), var.detach().cpu()]
+            for key, (mean, var) in m.width_stats.items()
+        }
         for name, m in model.named_modules()
         if _is_slimmable_bn(m) and m.width_stats
     }
 
 
-def load_serialized(model: nn.Module, entries: Mapping[str, Mapping[str, Any]], source: str = "checkpoint") -> None:
+def load_serialized(
+    model: nn.Module, entries: Mapping[str, Mapping[str, Any]], source: str = "checkpoint"
+) -> None:
     """Load :func:`serialize`'s output into ``model`` (onto its device)."""
     from .errors import UsnetValueError
 

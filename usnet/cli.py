@@ -74,7 +74,7 @@ def default_input_size(model: nn.Module) -> tuple[int, int, int, int]:
 
 
 def cmd_profile(args: argparse.Namespace) -> int:
-    from .profile import format_profiles, profile
+    from .cost import format_profiles, profile
 
     if Path(args.model).is_file():  # the run's input size, as eval, select and export use
         model, payload = _load_checkpoint(args.model)
@@ -138,7 +138,7 @@ def model_io(model: nn.Module, input_size) -> tuple[int, int]:
     build arguments, else from one forward pass of its plain export on a zero image."""
     import torch
 
-    from .export import export
+    from .plain import export
     from .models import model_input_size
     from .state import get_state
 
@@ -182,8 +182,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _data_for(model_path: str, payload: dict, data_root: str | None, dataset: str | None):
-    from .config import TrainConfig
-    from .trainer import datasets_for, load_run_config
+    from .config import TrainConfig, load_run_config
+    from .data import datasets_for
 
     config = load_run_config(payload)
     if config is None:
@@ -201,7 +201,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from torch.utils.data import DataLoader
 
     from . import checkpoint
-    from .calibrate import calibrate, is_calibrated
+    from .calibration import calibrate, is_calibrated
     from .evaluation import evaluate
     from .reports import format_spectrum, spectrum_rows
 
@@ -234,7 +234,7 @@ def _spectrum_widths(payload: dict, model: nn.Module) -> list[float]:
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from . import checkpoint
-    from .calibrate import calibrate
+    from .calibration import calibrate
 
     payload = checkpoint.read_checkpoint(args.checkpoint)
     out = args.out or args.checkpoint
@@ -339,9 +339,9 @@ def _input_size_of(model: nn.Module, payload: dict) -> tuple[int, ...]:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .calibrate import calibrate, is_calibrated
+    from .calibration import calibrate, is_calibrated
     from .deploy import check_format, earlier_export_rows, export_artifact, export_widths
-    from .profile import format_count
+    from .cost import format_count
     from .state import get_state
 
     check_format(args.format)

@@ -323,3 +323,9 @@ def _check_semantics(c: TrainConfig) -> None:
     if any(not (0 < w <= 1) for w in widths):
         raise ConfigError(f"eval.widths: widths must lie in (0, 1], got {c.eval.widths!r}")
     check_device_name(c.device)
+
+
+def load_run_config(payload: Mapping[str, Any]) -> TrainConfig | None:
+    """The training config stored in a checkpoint payload (``extra["config"]``), if any."""
+    raw = (payload.get("extra") or {}).get("config")
+    return None if raw is None else config_from_saved(raw)

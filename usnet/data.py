@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset, Subset
 
-from .errors import DataError, UsnetValueError
+from .errors import ConfigError, DataError, UsnetValueError
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_MEAN, FASHION_MNIST_STD = 0.2860, 0.3530
@@ -298,3 +298,20 @@ def _limit(dataset: Dataset, limit: int | None) -> Dataset:
     if limit is None or limit >= len(dataset):
         return dataset
     return Subset(dataset, range(limit))
+
+
+def datasets_for(config) -> tuple[Dataset, Dataset, Dataset, DataInfo]:
+    """(train, calibration, test) datasets of a run config's ``data`` section (a
+    :class:`~usnet.config.TrainConfig`; augmentation, if on, applies to the training set only).
+    With ``data.val_split`` the third is the validation set held out from the training images,
+    and the first two hold the rest."""
+    d = config.data
+    train, calib, test, info = build_datasets(d.name, d.root, limit_train=d.limit_train,
+                                              limit_test=d.limit_test, image_size=d.image_size,
+                                              augment=d.augment)  # fmt: skip
+    if d.val_split:  # score on images held out from training; the test set is not used
+        try:
+            train, calib, test = split_validation(train, calib, d.val_split, d.val_seed)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+    return train, calib, test, info

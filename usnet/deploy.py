@@ -41,9 +41,9 @@ from torch import Tensor, nn
 from .channels import Width, config_id, format_width, width_value
 from .errors import UsnetError, UsnetValueError
 from .evaluation import eval_forward
-from .export import export
+from .plain import export
 from .files import atomic_write_bytes
-from .profile import _check_input_size, module_cost
+from .cost import _check_input_size, module_cost
 from .state import get_state
 
 FORMATS: dict[str, str] = {"pt": ".pt2", "torchscript": ".torchscript.pt", "onnx": ".onnx"}

@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING
 from torch import nn
 
 from .channels import config_id
+from .cost import format_count, profile
 from .files import atomic_write_bytes
-from .profile import format_count, profile
 from .state import get_state
 
 if TYPE_CHECKING:
@@ -55,7 +55,9 @@ def step_bar(total: int, desc: str, show: bool | None):
     from tqdm.auto import tqdm
 
     tty = sys.stderr.isatty()
-    return tqdm(total=total, desc=desc, unit="step", leave=tty is False, mininterval=1 if tty else 30)
+    return tqdm(
+        total=total, desc=desc, unit="step", leave=tty is False, mininterval=1 if tty else 30
+    )
 
 
 # --- the spectrum ---------------------------------------------------------------------------------
@@ -152,8 +154,12 @@ def plot_selection(selection: "Selection", title: str = "") -> bytes:
     # Each configuration is a step of the staircase: a flat segment over the widths giving it.
     ax.hlines([getattr(c, key) for c in rows], [c.width_interval[0] for c in rows],
               [c.width_interval[1] for c in rows], color="C0", lw=2)  # fmt: skip
-    ax.plot([c.width for c in rows], [getattr(c, key) for c in rows], "o", ms=3, color="C0", label=label)
-    ax.axhline(budget, color="C3", ls="--", lw=1, label=f"budget {_budget_text('max_' + key, budget)}")
+    ax.plot(
+        [c.width for c in rows], [getattr(c, key) for c in rows], "o", ms=3, color="C0", label=label
+    )
+    ax.axhline(
+        budget, color="C3", ls="--", lw=1, label=f"budget {_budget_text('max_' + key, budget)}"
+    )
     ax.axvline(selection.width, color="C2", ls=":", lw=1, label=f"chosen width {selection.width:g}")
     ax.set_xlabel("width")
     ax.set_ylabel(label)

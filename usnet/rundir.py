@@ -56,23 +56,33 @@ class RunLock:
             if self.held:
                 removed = remove_stale_temporaries(self.path.parent)
                 if removed:
-                    notes.append(f"removed {len(removed)} temporary files left by an interrupted write")
+                    notes.append(
+                        f"removed {len(removed)} temporary files left by an interrupted write"
+                    )
                 return notes
             owner = _read_owner(self.path)
-            if owner is not None and owner.get("pid") == me["pid"] and owner.get("host") == me["host"]:
+            if (
+                owner is not None
+                and owner.get("pid") == me["pid"]
+                and owner.get("host") == me["host"]
+            ):
                 self.held = True  # this process already owns it (a second Trainer on it)
                 return notes
             if owner is None or _is_stale(owner, me["host"]):
                 self.path.unlink(missing_ok=True)
                 what = f"pid {owner['pid']}" if owner else "an unreadable owner"
-                notes.append(f"took over the stale lock of {what} (no such process): an earlier run was killed")
+                notes.append(
+                    f"took over the stale lock of {what} (no such process): an earlier run was killed"
+                )
                 continue
             raise RunDirectoryError(
                 f"{str(self.path.parent)!r} is in use by another usnet run (pid {owner.get('pid')} "
                 f"on {owner.get('host')}, since {owner.get('started')}); wait for it to finish or "
                 f"choose another --out (if that process is gone, delete {str(self.path)!r})"
             )
-        raise RunDirectoryError(f"could not take the lock {str(self.path)!r}; another run keeps taking it")
+        raise RunDirectoryError(
+            f"could not take the lock {str(self.path)!r}; another run keeps taking it"
+        )
 
     def release(self) -> None:
         if not self.held:

@@ -31,11 +31,11 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from . import bn_stats
-from .calibrate import calibrate
+from .calibration import calibrate
 from .channels import ChannelPlan, config_id, config_key
 from .errors import UsnetValueError
 from .evaluation import evaluate
-from .profile import _check_input_size, format_count, profile
+from .cost import _check_input_size, format_count, profile
 from .state import get_state, keep_width_and_mode
 
 

@@ -40,9 +40,9 @@ from .channels import ChannelPlan, config_id, config_key
 from .device import device_name, resolve_device
 from .deploy import spectrum_top1
 from .errors import UsnetValueError
-from .export import export
+from .plain import export
 from .files import atomic_write_bytes
-from .profile import _check_input_size, format_count, profile
+from .cost import _check_input_size, format_count, profile
 from .reports import plot_selection, progress_bar  # noqa: F401 (plot_selection: re-exported)
 from .state import get_state
 

@@ -30,14 +30,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from . import checkpoint as ckpt
 from . import distributed as dist
-from .calibrate import calibrate
+from .calibration import calibrate
 from .channels import parse_widths
-from .config import ConfigError, TrainConfig, config_diff, config_from_saved
-from .data import DataInfo, TensorBatches, as_tensors, build_datasets, split_validation
+from .config import ConfigError, TrainConfig, config_diff, config_from_saved, load_run_config
+from .data import DataInfo, TensorBatches, as_tensors, datasets_for
 from .device import rank_device
 from .errors import DataError, TrainingError
 from .evaluation import evaluate
@@ -469,23 +469,3 @@ def saved_run_config(out_dir: str | Path) -> TrainConfig:
     return dist.run_on_main(lambda: load_run_config(resumable_checkpoint(out_dir)))
 
 
-def load_run_config(payload: dict) -> TrainConfig | None:
-    """The training config stored in a checkpoint, if any."""
-    raw = payload.get("extra", {}).get("config")
-    return None if raw is None else config_from_saved(raw)
-
-
-def datasets_for(config: TrainConfig) -> tuple[Dataset, Dataset, Dataset, DataInfo]:
-    """(train, calibration, test) datasets of a run's ``data`` section (augmentation, if on,
-    applies to the training set only). With ``data.val_split`` the third is the validation set
-    held out from the training images, and the first two hold the rest."""
-    d = config.data
-    train, calib, test, info = build_datasets(d.name, d.root, limit_train=d.limit_train,
-                                              limit_test=d.limit_test, image_size=d.image_size,
-                                              augment=d.augment)  # fmt: skip
-    if d.val_split:  # score on images held out from training; the test set is not used
-        try:
-            train, calib, test = split_validation(train, calib, d.val_split, d.val_seed)
-        except ValueError as err:
-            raise ConfigError(str(err)) from None
-    return train, calib, test, info

@@ -17,7 +17,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .channels import Width, config_id, format_width, width_value
 from .errors import UsnetValueError
-from .export import export
+from .plain import export
 from .state import get_state
 
 
@@ -59,11 +59,6 @@ def module_cost(module: nn.Module, input_size: Sequence[int]) -> tuple[int, int]
     with torch.no_grad(), counter:
         module(torch.zeros(size, dtype=ref.dtype, device=ref.device))
     return params, int(counter.get_total_flops())
-
-
-def profile_table(model: nn.Module, widths: Iterable[Width],
-                  input_size: Sequence[int] = (1, 3, 224, 224)) -> list[Profile]:  # fmt: skip
-    return [profile(model, w, input_size) for w in widths]
 
 
 def format_count(value: float) -> str:
