@@ -110,6 +110,10 @@ def _outputs(out):
 @torch.no_grad()
 def _trained_looking(model: nn.Module) -> nn.Module:
     for m in model.modules():
+        if type(m).__name__ == "FrozenBatchNorm2d":
+            m.running_mean.normal_(0, 0.2)
+            m.running_var.uniform_(0.5, 1.5)
+            m.weight.uniform_(0.5, 1.5)
         if isinstance(m, nn.BatchNorm2d):
             m.running_mean.normal_(0, 0.2)
             m.running_var.uniform_(0.5, 1.5)
@@ -120,7 +124,22 @@ def _trained_looking(model: nn.Module) -> nn.Module:
     return model
 
 
-MODELS = {"yolo": YoloBackbone, "unet": UNet}
+def feature_extractor() -> nn.Module:
+    """A torchvision backbone used through create_feature_extractor: a dict of feature maps."""
+    from torchvision.models import resnet18
+    from torchvision.models.feature_extraction import create_feature_extractor
+
+    return create_feature_extractor(resnet18(), {"layer2": "c3", "layer3": "c4", "layer4": "c5"})
+
+
+def fpn_backbone() -> nn.Module:
+    """ResNet + FeaturePyramidNetwork (FrozenBatchNorm2d, interpolate, dict outputs)."""
+    from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
+
+    return resnet_fpn_backbone(backbone_name="resnet18", weights=None, trainable_layers=5)
+
+
+MODELS = {"yolo": YoloBackbone, "unet": UNet, "features": feature_extractor, "fpn": fpn_backbone}
 
 
 def _converted(name: str):
@@ -150,7 +169,7 @@ def _calibrated(name: str):
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
-@settings(max_examples=5, deadline=None)
+@settings(max_examples=3, deadline=None)
 @given(width=st.floats(0.25, 1.0))
 def test_export_equals_the_slimmable_model_at_random_widths(name, width):
     model = _calibrated(name)

@@ -37,7 +37,8 @@ def export(
         plain = copy.deepcopy(model)
     finally:
         set_width(model, previous)
-    delattr(plain, STATE_ATTR)
+    if STATE_ATTR in vars(plain):  # a GraphModule's deep copy does not carry it
+        delattr(plain, STATE_ATTR)
     for binding in state.bindings:
         layer = plain.get_submodule(binding.layer)
         _replace(plain, binding.layer, layer.to_plain(require_stats))

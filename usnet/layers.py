@@ -836,6 +836,33 @@ try:  # torchvision's LayerNorm over dimension 1 of (N, C, H, W) (ConvNeXt)
 except ImportError:  # pragma: no cover
     pass
 
+try:  # torchvision's BatchNorm with frozen statistics and affine buffers (detection backbones)
+    from torchvision.ops.misc import FrozenBatchNorm2d as _FrozenBatchNorm2d
+
+    class SlimmableFrozenBatchNorm2d(_PerChannelAffine, _FrozenBatchNorm2d):
+        """torchvision's ``FrozenBatchNorm2d`` on its active channels: its statistics are fixed
+        buffers, so every width uses the full-width ones of its active channels."""
+
+        def _full_features(self) -> int:
+            return self.weight.shape[0]
+
+        def forward(self, x: Tensor) -> Tensor:
+            w, b = self._active(self.weight), self._active(self.bias)
+            rv, rm = self._active(self.running_var), self._active(self.running_mean)
+            scale = w * (rv + self.eps).rsqrt()
+            shift = b - rm * scale
+            return x * scale.reshape(1, -1, 1, 1) + shift.reshape(1, -1, 1, 1)
+
+        def to_plain(self, require_stats: bool = True) -> nn.Module:
+            new = _FrozenBatchNorm2d(self.active_features, self.eps).to(self.weight.device)
+            for name in ("weight", "bias", "running_mean", "running_var"):
+                getattr(new, name).copy_(self._active(getattr(self, name)))
+            return new
+
+    register_slimmable(_FrozenBatchNorm2d, SlimmableFrozenBatchNorm2d)
+except ImportError:  # pragma: no cover
+    pass
+
 
 def make_slimmable_(module: nn.Module, input_averaging: bool = False) -> nn.Module:
     """Turn a plain layer into its slimmable subclass in place, keeping its parameter objects."""
