@@ -196,3 +196,28 @@ def test_csp_chunk_halves_are_segments_of_one_group():
     # the outputs (a tuple of feature maps) follow the plan and are fixed
     p3, p4, p5 = model.train()(torch.randn(2, 3, 32, 32))
     assert (p3.shape[1], p4.shape[1], p5.shape[1]) == (32, 64, 64)
+
+
+def test_multi_input_multi_output_models():
+    class TwoStreams(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rgb, self.depth = conv_bn(3, 16, 3), conv_bn(1, 16, 3)
+            self.fuse = conv_bn(32, 32)
+            self.embed = nn.Conv2d(32, 8, 1)
+
+        def forward(self, rgb, depth):
+            fused = self.fuse(torch.cat([self.rgb(rgb), self.depth(depth)], 1))
+            return [fused.mean((2, 3)), self.embed(fused)]
+
+    plain = TwoStreams()
+    gm_input = (torch.randn(1, 3, 8, 8), torch.randn(1, 1, 8, 8))
+    with pytest.raises(usnet.ConversionError, match="cannot run"):
+        usnet.slimmable(copy.deepcopy(plain), input_size=(1, 3, 8, 8))  # one input for two
+    model = usnet.slimmable(plain, example_input=gm_input)
+    usnet.set_width(model, 0.5)
+    assert model.rgb[0].active_in_channels == 3 and model.depth[0].active_in_channels == 1
+    assert model.fuse[0].active_in_index.tolist() == [*range(8), *range(16, 24)]
+    assert model.fuse[0].active_out_channels == 32  # an output: fixed
+    pooled, embedded = model.train()(torch.randn(2, 3, 8, 8), torch.randn(2, 1, 8, 8))
+    assert pooled.shape == (2, 32) and embedded.shape == (2, 8, 8, 8)

@@ -164,7 +164,7 @@ def _conv(a: "GraphAnalysis", node: fx.Node, conv: nn.Conv2d) -> ChannelDim:
 
 
 def _linear(a: "GraphAnalysis", node: fx.Node, linear: nn.Linear) -> ChannelDim:
-    dim = a.single_input(node)
+    dim = a.single_input(node, axis=-1)
     shape = a.shape(_first_arg(node))
     rank = len(shape) if shape is not None else 2
     if dim.axis != rank - 1:
@@ -828,11 +828,18 @@ class GraphAnalysis:
         fx.node.map_arg((node.args, node.kwargs), lambda n: found.append(n) if self.values.get(n) else None)
         return found
 
-    def single_input(self, node: fx.Node) -> ChannelDim:
-        dim = self.value(_first_arg(node))
-        if not isinstance(dim, ChannelDim):
+    def single_input(self, node: fx.Node, axis: int = 1) -> ChannelDim:
+        """The channels of the node's input; an input computed from constants alone (a
+        position table) gets a fixed group of its own along ``axis``."""
+        arg = _first_arg(node)
+        dim = self.value(arg)
+        if isinstance(dim, ChannelDim):
+            return dim
+        shape = self.shape(arg)
+        if dim is not None or shape is None or len(shape) < 2:
             self.refuse(node, "its input carries no known channels")
-        return dim  # type: ignore[return-value]
+        axis %= len(shape)
+        return self.new_group(f"{node.name}:input", shape[axis], fixed=True, axis=axis)
 
     def check_size(self, node: fx.Node, dim: ChannelDim, expected: int) -> None:
         size = self.size(dim)
@@ -981,6 +988,12 @@ def _stack_hint(node: fx.Node) -> str:
     return f" ({last[0]})" if last else ""
 
 
+def _shapes(example: Any) -> Any:
+    if isinstance(example, (tuple, list)):
+        return tuple(_shapes(e) for e in example)
+    return tuple(example.shape) if isinstance(example, torch.Tensor) else example
+
+
 def default_example_input(model: nn.Module, spatial: int = 224) -> torch.Tensor:
     """A (1, C, spatial, spatial) zero image, C taken from the model's first Conv2d."""
     for module in model.modules():
@@ -1033,10 +1046,11 @@ def analyze(
     gm.eval()  # shape propagation only; eval avoids touching BN running statistics
     try:
         with torch.no_grad():
-            ShapeProp(gm).propagate(example_input)
+            inputs = tuple(example_input) if isinstance(example_input, (tuple, list)) else (example_input,)
+            ShapeProp(gm).propagate(*inputs)
     except Exception as err:
         raise ConversionError(
-            f"cannot run {type(model).__name__} on an input of shape {tuple(example_input.shape)} "
+            f"cannot run {type(model).__name__} on an input of shape {_shapes(example_input)} "
             f"({type(err).__name__}: {err}); pass input_size=(1, C, H, W) that the model accepts"
         ) from err
     finally:
@@ -1082,7 +1096,8 @@ def slimmable(
         width_range: the (lo, hi) width multipliers the model must run at, ``0 < lo <= hi <= 1``.
         input_size: shape of an example input for shape propagation (default ``(1, C, 224, 224)``
             with C from the first conv); needed when a flatten feeds a Linear at another size.
-        example_input: an example tensor instead of ``input_size``.
+        example_input: an example tensor instead of ``input_size`` (a tuple of tensors for a
+            model with several inputs).
         ratio_ties: names of layers whose outputs follow their inputs at a fixed ratio.
         fixed_outputs: names of layers whose outputs never slim (e.g. MobileNetV2's last conv,
             which torchvision keeps at 1280 channels below width 1.0).
