@@ -296,6 +296,8 @@ def binary(a: "GraphAnalysis", node: fx.Node, module: Any = None) -> ChannelDim 
         axis = out_axis - (rank - len(shape))
         if axis < 0 or (shape[axis] == 1 and out_channels != 1):
             continue  # broadcast along channels (e.g. a spatial attention map) ties nothing
+        if isinstance(d, ChannelDim) and d.axis != axis:
+            a.refuse(node, "operands with their channels at different dimensions")
         if not isinstance(d, ChannelDim):
             if shape[axis] == 1:
                 continue  # a one-channel constant on a one-channel tensor
@@ -444,6 +446,17 @@ def getitem(a: "GraphAnalysis", node: fx.Node, module: Any = None) -> Any:
         return value[index]
     if isinstance(value, dict):
         return value.get(index)
+    if isinstance(value, ChannelDim) and isinstance(index, tuple):
+        # Slices of other dimensions (crops) keep the channels: x[:, :, 1:-1], x[..., :h, :w].
+        rank = len(a.shape(source) or ())
+        if all(isinstance(i, slice) for i in index):
+            entries = dict(enumerate(index))
+        elif index and index[0] is Ellipsis and all(isinstance(i, slice) for i in index[1:]):
+            entries = {rank - len(index) + 1 + k: i for k, i in enumerate(index[1:])}
+        else:
+            entries = None
+        if entries is not None and entries.get(value.axis, slice(None)) == slice(None):
+            return value
     a.refuse(node, "indexing a tensor that carries channels")
 
 
@@ -543,6 +556,7 @@ PASS_THROUGH_MODULES: tuple[type[nn.Module], ...] = (
     nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d,
     nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d,
     nn.ZeroPad2d, nn.ConstantPad2d, nn.ReflectionPad2d, nn.ReplicationPad2d,
+    nn.Softmax, nn.LogSoftmax, nn.Softmax2d,  # over the active channels, like a narrower model
 )  # fmt: skip
 PASS_THROUGH_FUNCTIONS: set[Any] = {
     F.relu, F.relu_, F.relu6, F.leaky_relu, F.elu, F.selu, F.gelu, F.silu, F.mish,
@@ -550,11 +564,12 @@ PASS_THROUGH_FUNCTIONS: set[Any] = {
     torch.relu, torch.relu_, torch.sigmoid, torch.tanh,
     F.dropout, F.dropout2d, F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d,
     F.adaptive_max_pool2d, torch.clone, F.interpolate, F.upsample, F.upsample_bilinear,
-    F.upsample_nearest, torch.clamp,
+    F.upsample_nearest, torch.clamp, F.softmax, F.log_softmax, torch.softmax, torch.log_softmax,
 }  # fmt: skip
 PASS_THROUGH_METHODS = {
     "relu", "relu_", "sigmoid", "sigmoid_", "tanh", "clamp", "clamp_", "contiguous", "clone",
-    "float", "half", "double", "bfloat16", "to", "type", "type_as", "detach",
+    "float", "half", "double", "bfloat16", "to", "type", "type_as", "detach", "softmax",
+    "log_softmax",
 }  # fmt: skip
 BINARY_FUNCTIONS = {
     operator.add, operator.iadd, operator.mul, operator.imul, operator.sub, operator.isub,
