@@ -55,6 +55,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 from .channels import ChannelGroup, ChannelPlan
 from .layers import SLIMMABLE_LAYERS, SlimmableLayer, make_slimmable_
 from .params import is_tensor_attr, slice_parameters_
+from .tracing import export_graph
 from .state import STATE_ATTR, Binding, Dim, SlimmableState, is_slimmable, set_width
 
 
@@ -396,7 +397,7 @@ def split(a: "GraphAnalysis", node: fx.Node, module: Any = None) -> Any:
     if along != dim.axis:
         return tuple(dim for _ in metas)
     sizes = [m.shape[along] for m in metas]
-    if node.target in (torch.chunk, "chunk") and len(dim.segments) == 1 and len(sizes) > 1:
+    if node.target in _CHUNKS and len(dim.segments) == 1 and len(sizes) > 1:
         # chunk(n) of one channel group (a CSP block's conv): the group becomes n equal
         # segments of one new group, each active on its own prefix, so the runtime chunk of the
         # active tensor cuts exactly between them.
@@ -422,7 +423,7 @@ def split(a: "GraphAnalysis", node: fx.Node, module: Any = None) -> Any:
     # into n equal pieces, which are the segments only if every piece is the same groups;
     # split(sizes) cuts at constant sizes, right only for channels that never slim.
     structure = [tuple((a.find(e), f) for e, f in p.segments) for p in pieces]
-    if node.target in (torch.chunk, "chunk"):
+    if node.target in _CHUNKS:
         exact = all(s == structure[0] for s in structure)
     else:
         exact = all(a.elements[a.find(e)].fixed for e, _ in dim.segments)
@@ -625,6 +626,63 @@ for _function in (F.conv1d, F.conv2d, F.conv_transpose2d, F.linear, F.batch_norm
 for _method in ("view", "reshape"):
     register_op(_method, _refuse_reshape)
 register_op(torch.reshape, _refuse_reshape)
+
+# ATen operations, for graphs from the torch.export fallback (usnet.tracing).
+def _register_aten() -> None:
+    aten = torch.ops.aten
+
+    def overloads(name: str) -> list[Any]:
+        packet = getattr(aten, name, None)
+        return [] if packet is None else [getattr(packet, o) for o in packet.overloads()]
+
+    table = {
+        pass_through: (
+            "relu", "relu_", "relu6", "gelu", "silu", "silu_", "sigmoid", "tanh", "hardswish",
+            "hardswish_", "hardsigmoid", "hardtanh", "hardtanh_", "leaky_relu", "elu", "mish",
+            "dropout", "feature_dropout", "max_pool2d", "avg_pool2d", "adaptive_avg_pool2d",
+            "adaptive_avg_pool1d", "clone", "contiguous", "to", "_to_copy", "alias", "detach",
+            "clamp", "upsample_bilinear2d", "upsample_nearest2d", "softmax", "log_softmax",
+            "_softmax", "_log_softmax", "dropout_", "type_as",
+        ),
+        binary: ("add", "add_", "mul", "mul_", "sub", "sub_", "div", "div_"),
+        concatenate: ("cat", "concat"),
+        flatten: ("flatten",),
+        reduce: ("mean", "sum", "amax"),
+        split: ("split", "split_with_sizes", "chunk"),
+        permute: ("permute",),
+        transpose: ("transpose",),
+        unsqueeze: ("unsqueeze",),
+        squeeze: ("squeeze",),
+        pad: ("pad", "constant_pad_nd"),
+        no_channels: ("sym_size", "_assert_scalar", "_assert_tensor_metadata", "sym_numel"),
+        _refuse_reshape: ("view", "reshape", "_unsafe_view"),
+        _refuse_functional: ("conv2d", "conv1d", "linear", "batch_norm", "layer_norm", "group_norm"),
+        _aten_slice: ("slice",),
+    }
+    for handler, names in table.items():
+        for name in names:
+            for op in overloads(name):
+                register_op(op, handler)
+    for op in overloads("chunk"):
+        _CHUNKS.add(op)
+
+
+def _aten_slice(a: "GraphAnalysis", node: fx.Node, module: Any = None) -> ChannelDim | None:
+    """``aten.slice(x, dim, start, end)``: a crop of another dimension keeps the channels."""
+    dim = a.value(_first_arg(node))
+    if dim is None:
+        return None
+    shape = a.shape(_first_arg(node))
+    along = _arg(node, 1, "dim", 0) % len(shape)
+    start, end = _arg(node, 2, "start", None), _arg(node, 3, "end", None)
+    whole = start in (None, 0) and (end is None or end >= shape[along]) and _arg(node, 4, "step", 1) == 1
+    if along == dim.axis and not whole:
+        a.refuse(node, "indexing a tensor that carries channels")
+    return dim
+
+
+_CHUNKS: set[Any] = {torch.chunk, "chunk"}
+_register_aten()
 
 # PyTorch-Pruning-style leaves: torchvision's stochastic depth is an fx-wrapped function.
 try:  # pragma: no cover - torchvision is a dependency, but keep the core importable without it
@@ -1003,6 +1061,30 @@ def _stack_hint(node: fx.Node) -> str:
     return f" ({last[0]})" if last else ""
 
 
+def _export_fallback(model: nn.Module, inputs: tuple, tracer: "_Tracer",
+                     fx_error: Exception) -> fx.GraphModule:  # fmt: skip
+    """The graph of ``model`` from non-strict ``torch.export`` when ``torch.fx`` cannot trace it
+    (Python control flow over shapes), in the form the handlers expect (usnet.tracing)."""
+    try:
+        with torch.no_grad():
+            return export_graph(model, inputs, lambda m: tracer.is_leaf_module(m, "") and _is_layer(m))
+    except Exception as err:
+        raise ConversionError(
+            f"cannot trace {type(model).__name__} with torch.fx ({type(fx_error).__name__}: "
+            f"{str(fx_error).splitlines()[0] if str(fx_error) else ''}) nor with torch.export "
+            f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
+            "data-dependent control flow is unsupported; make the module that holds it a leaf "
+            "with usnet.register_op(ModuleClass, handler) or leaf_modules=..."
+        ) from err
+
+
+def _is_layer(module: nn.Module) -> bool:
+    """Leaves that export collapses back into modules: not torch.nn containers or activations
+    (fx's default leaves), whose ATen operations the function handlers know."""
+    kind = type(module)
+    return kind in SLIMMABLE_LAYERS or (kind in MODULE_OPS and kind not in PASS_THROUGH_MODULES)
+
+
 def _shapes(example: Any) -> Any:
     if isinstance(example, (tuple, list)):
         return tuple(_shapes(e) for e in example)
@@ -1039,29 +1121,25 @@ def analyze(
         unknown = sorted(given - names.keys())
         if unknown:
             raise ConversionError(f"{what} names unknown modules: {', '.join(unknown)}")
+    if example_input is None:
+        example_input = default_example_input(model)
+    inputs = tuple(example_input) if isinstance(example_input, (tuple, list)) else (example_input,)
     modes = {m: m.training for m in model.modules()}
     # Traced in training mode, so that training-only branches (auxiliary heads) are in the graph
     # and their layers are bound; shapes are then propagated in eval mode.
     model.train()
+    tracer = _Tracer(leaf_modules)
     try:
-        graph = _Tracer(leaf_modules).trace(model)
-    except Exception as err:  # fx raises many types; surface them as one clear error
-        raise ConversionError(
-            f"cannot trace {type(model).__name__} with torch.fx ({type(err).__name__}: {err}); "
-            "data-dependent control flow is unsupported; make the module that holds it a leaf "
-            "with usnet.register_op(ModuleClass, handler) or leaf_modules=..."
-        ) from err
+        gm = fx.GraphModule(model, tracer.trace(model))
+    except Exception as fx_error:  # fx raises many types; try torch.export, then one clear error
+        gm = _export_fallback(model, inputs, tracer, fx_error)
     finally:
         for module, training in modes.items():  # restore each module's own mode
             module.training = training
-    gm = fx.GraphModule(model, graph)
-    if example_input is None:
-        example_input = default_example_input(model)
     modes = {m: m.training for m in model.modules()}
     gm.eval()  # shape propagation only; eval avoids touching BN running statistics
     try:
         with torch.no_grad():
-            inputs = tuple(example_input) if isinstance(example_input, (tuple, list)) else (example_input,)
             ShapeProp(gm).propagate(*inputs)
     except Exception as err:
         raise ConversionError(
