@@ -146,7 +146,8 @@ def _conv(a: "GraphAnalysis", node: fx.Node, conv: nn.Conv2d) -> ChannelDim:
         elif several:
             a.refuse(node, "depthwise conv with a channel multiplier on a concatenation")
         else:
-            out = a.new_group(name, conv.out_channels, parent=dim.segments[0][0], ratio=float(multiplier))
+            parent = dim.segments[0][0]
+            out = a.new_group(name, conv.out_channels, parent=parent, ratio=float(multiplier))
     elif name in a.ratio_ties:
         if several:
             a.refuse(node, "a ratio tie to a concatenation of several channel groups")
@@ -248,8 +249,11 @@ def layer_norm(a: "GraphAnalysis", node: fx.Node, norm: nn.LayerNorm) -> Channel
         return None
     shape = a.shape(_first_arg(node))
     if len(norm.normalized_shape) != 1 or dim.axis != len(shape) - 1:
-        a.refuse(node, f"LayerNorm over {tuple(norm.normalized_shape)} mixes the channels with "
-                       "other dimensions; only a LayerNorm over the channels (last) is slimmable")  # fmt: skip
+        a.refuse(
+            node,
+            f"LayerNorm over {tuple(norm.normalized_shape)} mixes the channels with other "
+            "dimensions; only a LayerNorm over the channels (last) is slimmable",
+        )
     a.check_size(node, dim, norm.normalized_shape[0])
     if any(f != 1 for _, f in dim.segments):
         a.refuse(node, "LayerNorm on flattened features")
@@ -832,8 +836,8 @@ class GraphAnalysis:
         sizes_a = [(self.elements[self.find(e)].size, f) for e, f in a.segments]
         sizes_b = [(self.elements[self.find(e)].size, f) for e, f in b.segments]
         if len(a.segments) != len(b.segments) and self.size(a) == self.size(b):
-            self.refuse(node, "ties a concatenation to channels split differently "
-                              f"({[s * f for s, f in sizes_a]} vs {[s * f for s, f in sizes_b]})")  # fmt: skip
+            split_a, split_b = [s * f for s, f in sizes_a], [s * f for s, f in sizes_b]
+            self.refuse(node, f"ties a concatenation to channels split differently ({split_a} vs {split_b})")
         if self.size(a) != self.size(b):
             self.refuse(node, f"ties {self.size(a)} channels to {self.size(b)} channels")
         for (ea, fa), (eb, fb) in zip(a.segments, b.segments):
@@ -845,7 +849,8 @@ class GraphAnalysis:
         """One group tied to a concatenation: it becomes segments of the same sizes (each tied
         to its counterpart), provided the pieces are equal copies of one group."""
         roots = {self.find(e) for e, _ in several.segments}
-        if self.size(single) == self.size(several) and len(roots) == 1 and len({f for _, f in several.segments}) == 1 and several.segments[0][1] == 1:
+        copies = len(roots) == 1 and all(f == 1 for _, f in several.segments)
+        if self.size(single) == self.size(several) and copies:
             self.refine(single.segments[0][0], len(several.segments), node)
             return
         sizes = [self.elements[self.find(e)].size * f for e, f in several.segments]
@@ -981,7 +986,7 @@ class GraphAnalysis:
             self.refuse(
                 node,
                 f"{type(module).__name__} has no slimmable counterpart and does not simply pass "
-                f"channels through (supported layers: {', '.join(t.__name__ for t in SLIMMABLE_LAYERS)}; "
+                f"channels through (supported layers: {_names(SLIMMABLE_LAYERS)}; "
                 "usnet.register_slimmable or usnet.register_op can add it)",
             )
         kind = "method" if node.op == "call_method" else "operation"
@@ -1083,6 +1088,10 @@ def _is_layer(module: nn.Module) -> bool:
     (fx's default leaves), whose ATen operations the function handlers know."""
     kind = type(module)
     return kind in SLIMMABLE_LAYERS or (kind in MODULE_OPS and kind not in PASS_THROUGH_MODULES)
+
+
+def _names(types: Iterable[type]) -> str:
+    return ", ".join(t.__name__ for t in types)
 
 
 def _shapes(example: Any) -> Any:

@@ -331,8 +331,9 @@ class SlimmableBatchNorm2d(SlimmableLayer, nn.BatchNorm2d):
             return
         if self.private_affine is None:
             self.private_affine = nn.ParameterDict()
-        self.private_affine["weight_" + self.stats_key] = nn.Parameter(self._take(self.weight).detach().clone())
-        self.private_affine["bias_" + self.stats_key] = nn.Parameter(self._take(self.bias).detach().clone())
+        weight, bias = self._take(self.weight), self._take(self.bias)
+        self.private_affine["weight_" + self.stats_key] = nn.Parameter(weight.detach().clone())
+        self.private_affine["bias_" + self.stats_key] = nn.Parameter(bias.detach().clone())
 
     def active_affine(self) -> tuple[Tensor | None, Tensor | None]:
         """Weight and bias at the active channels (private ones for a switchable configuration)."""
@@ -574,7 +575,9 @@ class SlimmableLayerNorm(SlimmableLayer, nn.LayerNorm):
 
     def init_slimmable(self, input_averaging: bool = False) -> None:
         if len(self.normalized_shape) != 1:
-            raise ValueError(f"{type(self).__name__} normalizes over channels only, got {self.normalized_shape}")
+            raise ValueError(
+                f"{type(self).__name__} normalizes over channels only, got {self.normalized_shape}"
+            )
         self.active_features = self.normalized_shape[0]
         self.active_index: Tensor | None = None
 
@@ -751,8 +754,9 @@ class SlimmableInstanceNorm2d(_PerChannelAffine, nn.InstanceNorm2d):
         super().init_slimmable(input_averaging)
 
     def forward(self, input: Tensor) -> Tensor:
-        return F.instance_norm(input, None, None, self._active(self.weight), self._active(self.bias),
-                               True, self.momentum if self.momentum is not None else 0.0, self.eps)  # fmt: skip
+        momentum = self.momentum if self.momentum is not None else 0.0
+        weight, bias = self._active(self.weight), self._active(self.bias)
+        return F.instance_norm(input, None, None, weight, bias, True, momentum, self.eps)
 
     def to_plain(self, require_stats: bool = True) -> nn.Module:
         new = nn.InstanceNorm2d(self.active_features, self.eps, self.momentum, self.affine,

@@ -209,7 +209,9 @@ def _layer_updates(model: nn.Module, state: SlimmableState, config: tuple[int, .
             )
         device = next(layer.parameters(), None)
         device = None if device is None else device.device
-        inputs = None if binding.inputs is None else active_channels(binding.inputs, state.plan, channels, device)
+        inputs = None
+        if binding.inputs is not None:
+            inputs = active_channels(binding.inputs, state.plan, channels, device)
         outputs = active_channels(binding.outputs, state.plan, channels, device)
         attrs = layer.active_attrs(inputs, outputs, stats_key)
         updates.append((parent, name, layer, attrs))
