@@ -119,10 +119,8 @@ def test_full_width_is_the_original_model(name):
 def test_export_at_a_random_width_equals_the_converted_model(name):
     if name in _REFUSED:
         pytest.skip(_REFUSED[name])
-    # auxiliary heads run in training mode only: eval-mode calibration cannot reach them
-    extra = {"aux_logits": False} if name in ("googlenet", "inception_v3") else {}
-    size = 96 if name == "inception_v3" else _size(name)
-    model = _convert(name, randomize_statistics(_build(name, **extra)), size)
+    size = _size(name)
+    model = _convert(name, randomize_statistics(_build(name)), size)  # auxiliary heads included
     width = random.Random(name).uniform(0.25, 0.9)
     images = torch.randn(4, 3, size, size)
     usnet.calibrate(model, [images[:2], images[2:]], [width], num_images=4)

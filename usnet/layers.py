@@ -424,6 +424,11 @@ class SlimmableBatchNorm2d(SlimmableLayer, nn.BatchNorm2d):
     def is_calibrating(self) -> bool:
         return self._calibration is not None
 
+    @property
+    def calibration_batches(self) -> int:
+        """Batches seen since :meth:`start_calibration` (0 when not calibrating)."""
+        return 0 if self._calibration is None else self._calibration[2]
+
     # -- forward ---------------------------------------------------------------------------------
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
