@@ -55,8 +55,8 @@ from torch.fx.passes.shape_prop import ShapeProp
 from .channels import ChannelGroup, ChannelPlan
 from .layers import SLIMMABLE_LAYERS, SlimmableLayer, make_slimmable_
 from .params import is_tensor_attr, slice_parameters_
-from .tracing import export_graph
 from .state import STATE_ATTR, Binding, Dim, SlimmableState, is_slimmable, set_width
+from .tracing import export_graph
 
 
 class ConversionError(ValueError):
