@@ -221,3 +221,18 @@ def test_multi_input_multi_output_models():
     assert model.fuse[0].active_out_channels == 32  # an output: fixed
     pooled, embedded = model.train()(torch.randn(2, 3, 8, 8), torch.randn(2, 1, 8, 8))
     assert pooled.shape == (2, 32) and embedded.shape == (2, 8, 8, 8)
+
+
+def test_backbone_outputs_can_slim_with_the_plan():
+    model = usnet.slimmable(feature_extractor(), input_size=(1, 3, 32, 32), slim_outputs=True,
+                            fixed_outputs=["layer4.1.conv2"])  # fmt: skip
+    model = _trained_looking(model).eval()
+    usnet.calibrate(model, [torch.randn(4, 3, 32, 32)], [0.5], num_images=4)
+    usnet.set_width(model, 0.5)
+    out = model(torch.randn(1, 3, 32, 32))
+    assert (out["c3"].shape[1], out["c4"].shape[1], out["c5"].shape[1]) == (64, 128, 512)
+    plain = usnet.export(model, 0.5)
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        for key, value in plain(x).items():
+            assert torch.allclose(value, model(x)[key], atol=1e-4)

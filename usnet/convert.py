@@ -737,12 +737,14 @@ class GraphAnalysis:
     (:func:`register_op`) read and extend it through the methods below."""
 
     def __init__(
-        self, gm: fx.GraphModule, divisor: int, ratio_ties: set[str], fixed_outputs: set[str]
-    ):
+        self, gm: fx.GraphModule, divisor: int, ratio_ties: set[str], fixed_outputs: set[str],
+        slim_outputs: bool = False,
+    ):  # fmt: skip
         self.gm = gm
         self.divisor = divisor
         self.ratio_ties = ratio_ties
         self.fixed_outputs = fixed_outputs
+        self.slim_outputs = slim_outputs
         self.elements: list[_Element] = []
         self.parent_of: list[int] = []  # union-find
         self.values: dict[fx.Node, Any] = {}
@@ -963,7 +965,8 @@ class GraphAnalysis:
         if node.op == "get_attr":
             return None  # constants carry no slimmable channels; binary ops check their shapes
         if node.op == "output":
-            fx.node.map_arg(node.args, lambda n: self.fix(self.values.get(n)))
+            if not self.slim_outputs:
+                fx.node.map_arg(node.args, lambda n: self.fix(self.values.get(n)))
             return None
         module = None
         if node.op == "call_module":
@@ -1122,6 +1125,7 @@ def analyze(
     fixed_outputs: Iterable[str] = (),
     divisor: int = 8,
     leaf_modules: Sequence[type[nn.Module]] = (),
+    slim_outputs: bool = False,
 ) -> Analysis:
     """Derive the channel plan of a plain model without changing it."""
     ratio_ties, fixed_outputs = set(ratio_ties), set(fixed_outputs)
@@ -1158,7 +1162,7 @@ def analyze(
     finally:
         for module, training in modes.items():  # restore each module's own mode
             module.training = training
-    analyzer = GraphAnalysis(gm, divisor, ratio_ties, fixed_outputs)
+    analyzer = GraphAnalysis(gm, divisor, ratio_ties, fixed_outputs, slim_outputs)
     analyzer.run()
     missing = [
         name
@@ -1189,6 +1193,7 @@ def slimmable(
     divisor: int = 8,
     leaf_modules: Sequence[type[nn.Module]] = (),
     arch: dict[str, Any] | None = None,
+    slim_outputs: bool = False,
 ) -> nn.Module:
     """Convert ``model`` in place into a universally slimmable model and return it.
 
@@ -1206,6 +1211,9 @@ def slimmable(
         input_averaging: scale outputs by full/active fan-in (the seed paper's option; off).
         divisor: active channel counts are multiples of this (torchvision uses 8).
         leaf_modules: extra module types to treat as opaque leaves during tracing.
+        slim_outputs: let the model's outputs slim with the plan (a backbone whose consumer
+            follows its width) instead of fixing them (class logits); ``fixed_outputs`` still
+            fixes the layers it names.
         arch: how to rebuild the model (``{"name": zoo builder, "kwargs": {...}}``), for
             :func:`usnet.load`; the zoo builders set it.
 
@@ -1232,6 +1240,7 @@ def slimmable(
         fixed_outputs=fixed_outputs,
         divisor=divisor,
         leaf_modules=leaf_modules,
+        slim_outputs=slim_outputs,
     )
     for name in analysis.layer_names:
         if name in analysis.sliced_params:
