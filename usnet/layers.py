@@ -67,6 +67,7 @@ class SlimmableLayer:
     """
 
     channel_role: ClassVar[str] = "transform"
+    is_calibrating = False  # layers with statistics calibrate (usnet.calibrate); set_width checks
 
     def init_slimmable(self, input_averaging: bool = False) -> None:
         raise NotImplementedError

@@ -180,7 +180,7 @@ def set_width(model: nn.Module, width: Width) -> nn.Module:
         updates = state._updates[config] = _layer_updates(model, state, config)
     label = _describe(width, config)
     for _, _, layer, _ in updates:
-        if getattr(layer, "is_calibrating", False):
+        if layer.is_calibrating:
             raise RuntimeError("cannot change the width of a model while it is calibrating")
     for _, _, layer, attrs in updates:
         # Plain attributes: writing the instance dict skips nn.Module.__setattr__'s
