@@ -110,6 +110,10 @@ def _outputs(out):
 @torch.no_grad()
 def _trained_looking(model: nn.Module) -> nn.Module:
     for m in model.modules():
+        if type(m).__name__ == "FrozenBatchNorm2d":
+            m.running_mean.normal_(0, 0.2)
+            m.running_var.uniform_(0.5, 1.5)
+            m.weight.uniform_(0.5, 1.5)
         if isinstance(m, nn.BatchNorm2d):
             m.running_mean.normal_(0, 0.2)
             m.running_var.uniform_(0.5, 1.5)
@@ -120,7 +124,22 @@ def _trained_looking(model: nn.Module) -> nn.Module:
     return model
 
 
-MODELS = {"yolo": YoloBackbone, "unet": UNet}
+def feature_extractor() -> nn.Module:
+    """A torchvision backbone used through create_feature_extractor: a dict of feature maps."""
+    from torchvision.models import resnet18
+    from torchvision.models.feature_extraction import create_feature_extractor
+
+    return create_feature_extractor(resnet18(), {"layer2": "c3", "layer3": "c4", "layer4": "c5"})
+
+
+def fpn_backbone() -> nn.Module:
+    """ResNet + FeaturePyramidNetwork (FrozenBatchNorm2d, interpolate, dict outputs)."""
+    from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
+
+    return resnet_fpn_backbone(backbone_name="resnet18", weights=None, trainable_layers=5)
+
+
+MODELS = {"yolo": YoloBackbone, "unet": UNet, "features": feature_extractor, "fpn": fpn_backbone}
 
 
 def _converted(name: str):
@@ -150,7 +169,7 @@ def _calibrated(name: str):
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
-@settings(max_examples=5, deadline=None)
+@settings(max_examples=3, deadline=None)
 @given(width=st.floats(0.25, 1.0))
 def test_export_equals_the_slimmable_model_at_random_widths(name, width):
     model = _calibrated(name)
@@ -177,3 +196,43 @@ def test_csp_chunk_halves_are_segments_of_one_group():
     # the outputs (a tuple of feature maps) follow the plan and are fixed
     p3, p4, p5 = model.train()(torch.randn(2, 3, 32, 32))
     assert (p3.shape[1], p4.shape[1], p5.shape[1]) == (32, 64, 64)
+
+
+def test_multi_input_multi_output_models():
+    class TwoStreams(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rgb, self.depth = conv_bn(3, 16, 3), conv_bn(1, 16, 3)
+            self.fuse = conv_bn(32, 32)
+            self.embed = nn.Conv2d(32, 8, 1)
+
+        def forward(self, rgb, depth):
+            fused = self.fuse(torch.cat([self.rgb(rgb), self.depth(depth)], 1))
+            return [fused.mean((2, 3)), self.embed(fused)]
+
+    plain = TwoStreams()
+    gm_input = (torch.randn(1, 3, 8, 8), torch.randn(1, 1, 8, 8))
+    with pytest.raises(usnet.ConversionError, match="cannot run"):
+        usnet.slimmable(copy.deepcopy(plain), input_size=(1, 3, 8, 8))  # one input for two
+    model = usnet.slimmable(plain, example_input=gm_input)
+    usnet.set_width(model, 0.5)
+    assert model.rgb[0].active_in_channels == 3 and model.depth[0].active_in_channels == 1
+    assert model.fuse[0].active_in_index.tolist() == [*range(8), *range(16, 24)]
+    assert model.fuse[0].active_out_channels == 32  # an output: fixed
+    pooled, embedded = model.train()(torch.randn(2, 3, 8, 8), torch.randn(2, 1, 8, 8))
+    assert pooled.shape == (2, 32) and embedded.shape == (2, 8, 8, 8)
+
+
+def test_backbone_outputs_can_slim_with_the_plan():
+    model = usnet.slimmable(feature_extractor(), input_size=(1, 3, 32, 32), slim_outputs=True,
+                            fixed_outputs=["layer4.1.conv2"])  # fmt: skip
+    model = _trained_looking(model).eval()
+    usnet.calibrate(model, [torch.randn(4, 3, 32, 32)], [0.5], num_images=4)
+    usnet.set_width(model, 0.5)
+    out = model(torch.randn(1, 3, 32, 32))
+    assert (out["c3"].shape[1], out["c4"].shape[1], out["c5"].shape[1]) == (64, 128, 512)
+    plain = usnet.export(model, 0.5)
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        for key, value in plain(x).items():
+            assert torch.allclose(value, model(x)[key], atol=1e-4)

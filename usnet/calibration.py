@@ -183,14 +183,32 @@ def calibrate(
                         model(images.to(device=param.device, dtype=param.dtype, non_blocking=True))
                         if bar is not None:
                             bar.update(1)
+                    idle = [bn for bn in bns if bn.calibration_batches == 0]
                     for bn in bns:
-                        bn.finish_calibration()
+                        if bn not in idle:
+                            bn.finish_calibration()
+                    if idle:
+                        _calibrate_training_branches(model, idle, batches, param)
         finally:
             for bn in bns:  # before the width is restored: no width changes while calibrating
                 bn.cancel_calibration()
             if bar is not None:
                 bar.close()
     return [config_key(c) for c in by_config]
+
+
+def _calibrate_training_branches(model: nn.Module, idle: list, batches: list, param) -> None:
+    """BatchNorm layers that eval mode never reaches (auxiliary heads, which models run in
+    training mode only) take their statistics from the same batches run in training mode: every
+    other BatchNorm normalizes with batch statistics there, as it did while calibrating."""
+    model.train()
+    try:
+        for images in batches:
+            model(images.to(device=param.device, dtype=param.dtype, non_blocking=True))
+    finally:
+        model.eval()
+    for bn in idle:
+        bn.finish_calibration()  # still no batch: the layer is unused, and that is an error
 
 
 def is_calibrated(model: nn.Module, width: Width) -> bool:

@@ -5,9 +5,10 @@ channels (both sides of a residual add, a depthwise conv's input and output, ...
 is the ordered collection of a model's groups. Everything here is plain arithmetic: no tensors.
 
 Active channels follow torchvision's rule ``make_divisible(full * width, divisor)``, capped at the
-full size; at width 1.0 every group is at its full size, whatever its divisor. A *derived* group follows another group at a fixed ratio (an inverted-residual expansion
-layer is ``t`` times its block's input; a flattened feature map is ``H*W`` times its channels), and a
-*fixed* group never changes (image input channels, classifier outputs).
+full size; at width 1.0 every group is at its full size, whatever its divisor. A *derived* group
+follows another group at a fixed ratio (an inverted-residual expansion layer is ``t`` times its
+block's input; a flattened feature map is ``H*W`` times its channels), and a *fixed* group never
+changes (image input channels, classifier outputs).
 """
 
 from __future__ import annotations

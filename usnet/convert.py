@@ -57,6 +57,7 @@ from .errors import UsnetValueError
 from .layers import SLIMMABLE_LAYERS, SlimmableLayer, make_slimmable_
 from .params import is_tensor_attr, slice_parameters_
 from .state import STATE_ATTR, Binding, SlimmableState, is_slimmable, set_width
+from .tracing import export_graph
 
 
 class ConversionError(UsnetValueError):
@@ -146,7 +147,8 @@ def _conv(a: "GraphAnalysis", node: fx.Node, conv: nn.Conv2d) -> ChannelDim:
         elif several:
             a.refuse(node, "depthwise conv with a channel multiplier on a concatenation")
         else:
-            out = a.new_group(name, conv.out_channels, parent=dim.segments[0][0], ratio=float(multiplier))
+            parent = dim.segments[0][0]
+            out = a.new_group(name, conv.out_channels, parent=parent, ratio=float(multiplier))
     elif name in a.ratio_ties:
         if several:
             a.refuse(node, "a ratio tie to a concatenation of several channel groups")
@@ -165,7 +167,7 @@ def _conv(a: "GraphAnalysis", node: fx.Node, conv: nn.Conv2d) -> ChannelDim:
 
 
 def _linear(a: "GraphAnalysis", node: fx.Node, linear: nn.Linear) -> ChannelDim:
-    dim = a.single_input(node)
+    dim = a.single_input(node, axis=-1)
     shape = a.shape(_first_arg(node))
     rank = len(shape) if shape is not None else 2
     if dim.axis != rank - 1:
@@ -248,8 +250,11 @@ def layer_norm(a: "GraphAnalysis", node: fx.Node, norm: nn.LayerNorm) -> Channel
         return None
     shape = a.shape(_first_arg(node))
     if len(norm.normalized_shape) != 1 or dim.axis != len(shape) - 1:
-        a.refuse(node, f"LayerNorm over {tuple(norm.normalized_shape)} mixes the channels with "
-                       "other dimensions; only a LayerNorm over the channels (last) is slimmable")  # fmt: skip
+        a.refuse(
+            node,
+            f"LayerNorm over {tuple(norm.normalized_shape)} mixes the channels with other "
+            "dimensions; only a LayerNorm over the channels (last) is slimmable",
+        )
     a.check_size(node, dim, norm.normalized_shape[0])
     if any(f != 1 for _, f in dim.segments):
         a.refuse(node, "LayerNorm on flattened features")
@@ -297,6 +302,8 @@ def binary(a: "GraphAnalysis", node: fx.Node, module: Any = None) -> ChannelDim 
         axis = out_axis - (rank - len(shape))
         if axis < 0 or (shape[axis] == 1 and out_channels != 1):
             continue  # broadcast along channels (e.g. a spatial attention map) ties nothing
+        if isinstance(d, ChannelDim) and d.axis != axis:
+            a.refuse(node, "operands with their channels at different dimensions")
         if not isinstance(d, ChannelDim):
             if shape[axis] == 1:
                 continue  # a one-channel constant on a one-channel tensor
@@ -395,7 +402,7 @@ def split(a: "GraphAnalysis", node: fx.Node, module: Any = None) -> Any:
     if along != dim.axis:
         return tuple(dim for _ in metas)
     sizes = [m.shape[along] for m in metas]
-    if node.target in (torch.chunk, "chunk") and len(dim.segments) == 1 and len(sizes) > 1:
+    if node.target in _CHUNKS and len(dim.segments) == 1 and len(sizes) > 1:
         # chunk(n) of one channel group (a CSP block's conv): the group becomes n equal
         # segments of one new group, each active on its own prefix, so the runtime chunk of the
         # active tensor cuts exactly between them.
@@ -421,7 +428,7 @@ def split(a: "GraphAnalysis", node: fx.Node, module: Any = None) -> Any:
     # into n equal pieces, which are the segments only if every piece is the same groups;
     # split(sizes) cuts at constant sizes, right only for channels that never slim.
     structure = [tuple((a.find(e), f) for e, f in p.segments) for p in pieces]
-    if node.target in (torch.chunk, "chunk"):
+    if node.target in _CHUNKS:
         exact = all(s == structure[0] for s in structure)
     else:
         exact = all(a.elements[a.find(e)].fixed for e, _ in dim.segments)
@@ -445,6 +452,17 @@ def getitem(a: "GraphAnalysis", node: fx.Node, module: Any = None) -> Any:
         return value[index]
     if isinstance(value, dict):
         return value.get(index)
+    if isinstance(value, ChannelDim) and isinstance(index, tuple):
+        # Slices of other dimensions (crops) keep the channels: x[:, :, 1:-1], x[..., :h, :w].
+        rank = len(a.shape(source) or ())
+        if all(isinstance(i, slice) for i in index):
+            entries = dict(enumerate(index))
+        elif index and index[0] is Ellipsis and all(isinstance(i, slice) for i in index[1:]):
+            entries = {rank - len(index) + 1 + k: i for k, i in enumerate(index[1:])}
+        else:
+            entries = None
+        if entries is not None and entries.get(value.axis, slice(None)) == slice(None):
+            return value
     a.refuse(node, "indexing a tensor that carries channels")
 
 
@@ -544,6 +562,7 @@ PASS_THROUGH_MODULES: tuple[type[nn.Module], ...] = (
     nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d,
     nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d,
     nn.ZeroPad2d, nn.ConstantPad2d, nn.ReflectionPad2d, nn.ReplicationPad2d,
+    nn.Softmax, nn.LogSoftmax, nn.Softmax2d,  # over the active channels, like a narrower model
 )  # fmt: skip
 PASS_THROUGH_FUNCTIONS: set[Any] = {
     F.relu, F.relu_, F.relu6, F.leaky_relu, F.elu, F.selu, F.gelu, F.silu, F.mish,
@@ -551,11 +570,12 @@ PASS_THROUGH_FUNCTIONS: set[Any] = {
     torch.relu, torch.relu_, torch.sigmoid, torch.tanh,
     F.dropout, F.dropout2d, F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d,
     F.adaptive_max_pool2d, torch.clone, F.interpolate, F.upsample, F.upsample_bilinear,
-    F.upsample_nearest, torch.clamp,
+    F.upsample_nearest, torch.clamp, F.softmax, F.log_softmax, torch.softmax, torch.log_softmax,
 }  # fmt: skip
 PASS_THROUGH_METHODS = {
     "relu", "relu_", "sigmoid", "sigmoid_", "tanh", "clamp", "clamp_", "contiguous", "clone",
-    "float", "half", "double", "bfloat16", "to", "type", "type_as", "detach",
+    "float", "half", "double", "bfloat16", "to", "type", "type_as", "detach", "softmax",
+    "log_softmax",
 }  # fmt: skip
 BINARY_FUNCTIONS = {
     operator.add, operator.iadd, operator.mul, operator.imul, operator.sub, operator.isub,
@@ -612,6 +632,63 @@ for _method in ("view", "reshape"):
     register_op(_method, _refuse_reshape)
 register_op(torch.reshape, _refuse_reshape)
 
+# ATen operations, for graphs from the torch.export fallback (usnet.tracing).
+def _register_aten() -> None:
+    aten = torch.ops.aten
+
+    def overloads(name: str) -> list[Any]:
+        packet = getattr(aten, name, None)
+        return [] if packet is None else [getattr(packet, o) for o in packet.overloads()]
+
+    table = {
+        pass_through: (
+            "relu", "relu_", "relu6", "gelu", "silu", "silu_", "sigmoid", "tanh", "hardswish",
+            "hardswish_", "hardsigmoid", "hardtanh", "hardtanh_", "leaky_relu", "elu", "mish",
+            "dropout", "feature_dropout", "max_pool2d", "avg_pool2d", "adaptive_avg_pool2d",
+            "adaptive_avg_pool1d", "clone", "contiguous", "to", "_to_copy", "alias", "detach",
+            "clamp", "upsample_bilinear2d", "upsample_nearest2d", "softmax", "log_softmax",
+            "_softmax", "_log_softmax", "dropout_", "type_as",
+        ),
+        binary: ("add", "add_", "mul", "mul_", "sub", "sub_", "div", "div_"),
+        concatenate: ("cat", "concat"),
+        flatten: ("flatten",),
+        reduce: ("mean", "sum", "amax"),
+        split: ("split", "split_with_sizes", "chunk"),
+        permute: ("permute",),
+        transpose: ("transpose",),
+        unsqueeze: ("unsqueeze",),
+        squeeze: ("squeeze",),
+        pad: ("pad", "constant_pad_nd"),
+        no_channels: ("sym_size", "_assert_scalar", "_assert_tensor_metadata", "sym_numel"),
+        _refuse_reshape: ("view", "reshape", "_unsafe_view"),
+        _refuse_functional: ("conv2d", "conv1d", "linear", "batch_norm", "layer_norm", "group_norm"),
+        _aten_slice: ("slice",),
+    }
+    for handler, names in table.items():
+        for name in names:
+            for op in overloads(name):
+                register_op(op, handler)
+    for op in overloads("chunk"):
+        _CHUNKS.add(op)
+
+
+def _aten_slice(a: "GraphAnalysis", node: fx.Node, module: Any = None) -> ChannelDim | None:
+    """``aten.slice(x, dim, start, end)``: a crop of another dimension keeps the channels."""
+    dim = a.value(_first_arg(node))
+    if dim is None:
+        return None
+    shape = a.shape(_first_arg(node))
+    along = _arg(node, 1, "dim", 0) % len(shape)
+    start, end = _arg(node, 2, "start", None), _arg(node, 3, "end", None)
+    whole = start in (None, 0) and (end is None or end >= shape[along]) and _arg(node, 4, "step", 1) == 1
+    if along == dim.axis and not whole:
+        a.refuse(node, "indexing a tensor that carries channels")
+    return dim
+
+
+_CHUNKS: set[Any] = {torch.chunk, "chunk"}
+_register_aten()
+
 # PyTorch-Pruning-style leaves: torchvision's stochastic depth is an fx-wrapped function.
 try:  # pragma: no cover - torchvision is a dependency, but keep the core importable without it
     from torchvision.ops import stochastic_depth as _tv_stochastic_depth
@@ -661,12 +738,14 @@ class GraphAnalysis:
     (:func:`register_op`) read and extend it through the methods below."""
 
     def __init__(
-        self, gm: fx.GraphModule, divisor: int, ratio_ties: set[str], fixed_outputs: set[str]
-    ):
+        self, gm: fx.GraphModule, divisor: int, ratio_ties: set[str], fixed_outputs: set[str],
+        slim_outputs: bool = False,
+    ):  # fmt: skip
         self.gm = gm
         self.divisor = divisor
         self.ratio_ties = ratio_ties
         self.fixed_outputs = fixed_outputs
+        self.slim_outputs = slim_outputs
         self.elements: list[_Element] = []
         self.parent_of: list[int] = []  # union-find
         self.values: dict[fx.Node, Any] = {}
@@ -760,8 +839,8 @@ class GraphAnalysis:
         sizes_a = [(self.elements[self.find(e)].size, f) for e, f in a.segments]
         sizes_b = [(self.elements[self.find(e)].size, f) for e, f in b.segments]
         if len(a.segments) != len(b.segments) and self.size(a) == self.size(b):
-            self.refuse(node, "ties a concatenation to channels split differently "
-                              f"({[s * f for s, f in sizes_a]} vs {[s * f for s, f in sizes_b]})")  # fmt: skip
+            split_a, split_b = [s * f for s, f in sizes_a], [s * f for s, f in sizes_b]
+            self.refuse(node, f"ties a concatenation to channels split differently ({split_a} vs {split_b})")
         if self.size(a) != self.size(b):
             self.refuse(node, f"ties {self.size(a)} channels to {self.size(b)} channels")
         for (ea, fa), (eb, fb) in zip(a.segments, b.segments):
@@ -773,7 +852,8 @@ class GraphAnalysis:
         """One group tied to a concatenation: it becomes segments of the same sizes (each tied
         to its counterpart), provided the pieces are equal copies of one group."""
         roots = {self.find(e) for e, _ in several.segments}
-        if self.size(single) == self.size(several) and len(roots) == 1 and len({f for _, f in several.segments}) == 1 and several.segments[0][1] == 1:
+        copies = len(roots) == 1 and all(f == 1 for _, f in several.segments)
+        if self.size(single) == self.size(several) and copies:
             self.refine(single.segments[0][0], len(several.segments), node)
             return
         sizes = [self.elements[self.find(e)].size * f for e, f in several.segments]
@@ -829,11 +909,18 @@ class GraphAnalysis:
         fx.node.map_arg((node.args, node.kwargs), lambda n: found.append(n) if self.values.get(n) else None)
         return found
 
-    def single_input(self, node: fx.Node) -> ChannelDim:
-        dim = self.value(_first_arg(node))
-        if not isinstance(dim, ChannelDim):
+    def single_input(self, node: fx.Node, axis: int = 1) -> ChannelDim:
+        """The channels of the node's input; an input computed from constants alone (a
+        position table) gets a fixed group of its own along ``axis``."""
+        arg = _first_arg(node)
+        dim = self.value(arg)
+        if isinstance(dim, ChannelDim):
+            return dim
+        shape = self.shape(arg)
+        if dim is not None or shape is None or len(shape) < 2:
             self.refuse(node, "its input carries no known channels")
-        return dim  # type: ignore[return-value]
+        axis %= len(shape)
+        return self.new_group(f"{node.name}:input", shape[axis], fixed=True, axis=axis)
 
     def check_size(self, node: fx.Node, dim: ChannelDim, expected: int) -> None:
         size = self.size(dim)
@@ -879,7 +966,8 @@ class GraphAnalysis:
         if node.op == "get_attr":
             return None  # constants carry no slimmable channels; binary ops check their shapes
         if node.op == "output":
-            fx.node.map_arg(node.args, lambda n: self.fix(self.values.get(n)))
+            if not self.slim_outputs:
+                fx.node.map_arg(node.args, lambda n: self.fix(self.values.get(n)))
             return None
         module = None
         if node.op == "call_module":
@@ -902,7 +990,7 @@ class GraphAnalysis:
             self.refuse(
                 node,
                 f"{type(module).__name__} has no slimmable counterpart and does not simply pass "
-                f"channels through (supported layers: {', '.join(t.__name__ for t in SLIMMABLE_LAYERS)}; "
+                f"channels through (supported layers: {_names(SLIMMABLE_LAYERS)}; "
                 "usnet.register_slimmable or usnet.register_op can add it)",
             )
         kind = "method" if node.op == "call_method" else "operation"
@@ -982,6 +1070,40 @@ def _stack_hint(node: fx.Node) -> str:
     return f" ({last[0]})" if last else ""
 
 
+def _export_fallback(model: nn.Module, inputs: tuple, tracer: "_Tracer",
+                     fx_error: Exception) -> fx.GraphModule:  # fmt: skip
+    """The graph of ``model`` from non-strict ``torch.export`` when ``torch.fx`` cannot trace it
+    (Python control flow over shapes), in the form the handlers expect (usnet.tracing)."""
+    try:
+        with torch.no_grad():
+            return export_graph(model, inputs, lambda m: tracer.is_leaf_module(m, "") and _is_layer(m))
+    except Exception as err:
+        raise ConversionError(
+            f"cannot trace {type(model).__name__} with torch.fx ({type(fx_error).__name__}: "
+            f"{str(fx_error).splitlines()[0] if str(fx_error) else ''}) nor with torch.export "
+            f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
+            "data-dependent control flow is unsupported; make the module that holds it a leaf "
+            "with usnet.register_op(ModuleClass, handler) or leaf_modules=..."
+        ) from err
+
+
+def _is_layer(module: nn.Module) -> bool:
+    """Leaves that export collapses back into modules: not torch.nn containers or activations
+    (fx's default leaves), whose ATen operations the function handlers know."""
+    kind = type(module)
+    return kind in SLIMMABLE_LAYERS or (kind in MODULE_OPS and kind not in PASS_THROUGH_MODULES)
+
+
+def _names(types: Iterable[type]) -> str:
+    return ", ".join(t.__name__ for t in types)
+
+
+def _shapes(example: Any) -> Any:
+    if isinstance(example, (tuple, list)):
+        return tuple(_shapes(e) for e in example)
+    return tuple(example.shape) if isinstance(example, torch.Tensor) else example
+
+
 def default_example_input(model: nn.Module, spatial: int = 224) -> torch.Tensor:
     """A (1, C, spatial, spatial) zero image, C taken from the model's first Conv2d."""
     for module in model.modules():
@@ -1004,6 +1126,7 @@ def analyze(
     fixed_outputs: Iterable[str] = (),
     divisor: int = 8,
     leaf_modules: Sequence[type[nn.Module]] = (),
+    slim_outputs: bool = False,
 ) -> Analysis:
     """Derive the channel plan of a plain model without changing it."""
     ratio_ties, fixed_outputs = set(ratio_ties), set(fixed_outputs)
@@ -1012,42 +1135,39 @@ def analyze(
         unknown = sorted(given - names.keys())
         if unknown:
             raise ConversionError(f"{what} names unknown modules: {', '.join(unknown)}")
+    guessed = example_input is None
+    if guessed:
+        example_input = default_example_input(model)
+    inputs = tuple(example_input) if isinstance(example_input, (tuple, list)) else (example_input,)
     modes = {m: m.training for m in model.modules()}
     # Traced in training mode, so that training-only branches (auxiliary heads) are in the graph
     # and their layers are bound; shapes are then propagated in eval mode.
     model.train()
+    tracer = _Tracer(leaf_modules)
     try:
-        graph = _Tracer(leaf_modules).trace(model)
-    except Exception as err:  # fx raises many types; surface them as one clear error
-        raise ConversionError(
-            f"cannot trace {type(model).__name__} with torch.fx ({type(err).__name__}: {err}); "
-            "data-dependent control flow is unsupported; make the module that holds it a leaf "
-            "with usnet.register_op(ModuleClass, handler) or leaf_modules=..."
-        ) from err
+        gm = fx.GraphModule(model, tracer.trace(model))
+    except Exception as fx_error:  # fx raises many types; try torch.export, then one clear error
+        gm = _export_fallback(model, inputs, tracer, fx_error)
     finally:
         for module, training in modes.items():  # restore each module's own mode
             module.training = training
-    gm = fx.GraphModule(model, graph)
-    guessed = example_input is None
-    if guessed:
-        example_input = default_example_input(model)
     modes = {m: m.training for m in model.modules()}
     gm.eval()  # shape propagation only; eval avoids touching BN running statistics
     try:
         with torch.no_grad():
-            ShapeProp(gm).propagate(example_input)
+            ShapeProp(gm).propagate(*inputs)
     except Exception as err:
         guess = (" (guessed from its first registered Conv2d, which need not be the first to run)"
                  if guessed else "")  # fmt: skip
         raise ConversionError(
-            f"cannot run {type(model).__name__} on an input of shape {tuple(example_input.shape)}"
+            f"cannot run {type(model).__name__} on an input of shape {_shapes(example_input)}"
             f"{guess} ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
             "pass input_size=(1, C, H, W) that the model accepts"
         ) from err
     finally:
         for module, training in modes.items():  # restore each module's own mode
             module.training = training
-    analyzer = GraphAnalysis(gm, divisor, ratio_ties, fixed_outputs)
+    analyzer = GraphAnalysis(gm, divisor, ratio_ties, fixed_outputs, slim_outputs)
     analyzer.run()
     missing = [
         name
@@ -1078,6 +1198,7 @@ def slimmable(
     divisor: int = 8,
     leaf_modules: Sequence[type[nn.Module]] = (),
     arch: dict[str, Any] | None = None,
+    slim_outputs: bool = False,
 ) -> nn.Module:
     """Convert ``model`` in place into a universally slimmable model and return it.
 
@@ -1087,13 +1208,17 @@ def slimmable(
         width_range: the (lo, hi) width multipliers the model must run at, ``0 < lo <= hi <= 1``.
         input_size: shape of an example input for shape propagation (default ``(1, C, 224, 224)``
             with C from the first conv); needed when a flatten feeds a Linear at another size.
-        example_input: an example tensor instead of ``input_size``.
+        example_input: an example tensor instead of ``input_size`` (a tuple of tensors for a
+            model with several inputs).
         ratio_ties: names of layers whose outputs follow their inputs at a fixed ratio.
         fixed_outputs: names of layers whose outputs never slim (e.g. MobileNetV2's last conv,
             which torchvision keeps at 1280 channels below width 1.0).
         input_averaging: scale outputs by full/active fan-in (the seed paper's option; off).
         divisor: active channel counts are multiples of this (torchvision uses 8).
         leaf_modules: extra module types to treat as opaque leaves during tracing.
+        slim_outputs: let the model's outputs slim with the plan (a backbone whose consumer
+            follows its width) instead of fixing them (class logits); ``fixed_outputs`` still
+            fixes the layers it names.
         arch: how to rebuild the model (``{"name": zoo builder, "kwargs": {...}}``), for
             :func:`usnet.load`; the zoo builders set it.
 
@@ -1120,6 +1245,7 @@ def slimmable(
         fixed_outputs=fixed_outputs,
         divisor=divisor,
         leaf_modules=leaf_modules,
+        slim_outputs=slim_outputs,
     )
     for name in analysis.layer_names:
         if name in analysis.sliced_params:

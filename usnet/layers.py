@@ -76,6 +76,7 @@ class SlimmableLayer:
     """
 
     channel_role: ClassVar[str] = "transform"
+    is_calibrating = False  # layers with statistics calibrate (usnet.calibrate); set_width checks
 
     def init_slimmable(self, input_averaging: bool = False) -> None:
         raise NotImplementedError
@@ -340,8 +341,9 @@ class SlimmableBatchNorm2d(SlimmableLayer, nn.BatchNorm2d):
             return
         if self.private_affine is None:
             self.private_affine = nn.ParameterDict()
-        self.private_affine["weight_" + self.stats_key] = nn.Parameter(self._take(self.weight).detach().clone())
-        self.private_affine["bias_" + self.stats_key] = nn.Parameter(self._take(self.bias).detach().clone())
+        weight, bias = self._take(self.weight), self._take(self.bias)
+        self.private_affine["weight_" + self.stats_key] = nn.Parameter(weight.detach().clone())
+        self.private_affine["bias_" + self.stats_key] = nn.Parameter(bias.detach().clone())
 
     def active_affine(self) -> tuple[Tensor | None, Tensor | None]:
         """Weight and bias at the active channels (private ones for a switchable configuration)."""
@@ -424,6 +426,11 @@ class SlimmableBatchNorm2d(SlimmableLayer, nn.BatchNorm2d):
     @property
     def is_calibrating(self) -> bool:
         return self._calibration is not None
+
+    @property
+    def calibration_batches(self) -> int:
+        """Batches seen since :meth:`start_calibration` (0 when not calibrating)."""
+        return 0 if self._calibration is None else self._calibration[2]
 
     # -- forward ---------------------------------------------------------------------------------
     def forward(self, input: Tensor) -> Tensor:
@@ -529,7 +536,9 @@ class SlimmableLayerNorm(SlimmableLayer, nn.LayerNorm):
 
     def init_slimmable(self, input_averaging: bool = False) -> None:
         if len(self.normalized_shape) != 1:
-            raise ValueError(f"{type(self).__name__} normalizes over channels only, got {self.normalized_shape}")
+            raise ValueError(
+                f"{type(self).__name__} normalizes over channels only, got {self.normalized_shape}"
+            )
         self.active_features = self.normalized_shape[0]
         self.active_index: Tensor | None = None
 
@@ -706,8 +715,9 @@ class SlimmableInstanceNorm2d(_PerChannelAffine, nn.InstanceNorm2d):
         super().init_slimmable(input_averaging)
 
     def forward(self, input: Tensor) -> Tensor:
-        return F.instance_norm(input, None, None, self._active(self.weight), self._active(self.bias),
-                               True, self.momentum if self.momentum is not None else 0.0, self.eps)  # fmt: skip
+        momentum = self.momentum if self.momentum is not None else 0.0
+        weight, bias = self._active(self.weight), self._active(self.bias)
+        return F.instance_norm(input, None, None, weight, bias, True, momentum, self.eps)
 
     def to_plain(self, require_stats: bool = True) -> nn.Module:
         new = nn.InstanceNorm2d(self.active_features, self.eps, self.momentum, self.affine,
@@ -788,6 +798,33 @@ try:  # torchvision's LayerNorm over dimension 1 of (N, C, H, W) (ConvNeXt)
             return self._normalize(input.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
     register_slimmable(_LayerNorm2d, SlimmableLayerNorm2d)
+except ImportError:  # pragma: no cover
+    pass
+
+try:  # torchvision's BatchNorm with frozen statistics and affine buffers (detection backbones)
+    from torchvision.ops.misc import FrozenBatchNorm2d as _FrozenBatchNorm2d
+
+    class SlimmableFrozenBatchNorm2d(_PerChannelAffine, _FrozenBatchNorm2d):
+        """torchvision's ``FrozenBatchNorm2d`` on its active channels: its statistics are fixed
+        buffers, so every width uses the full-width ones of its active channels."""
+
+        def _full_features(self) -> int:
+            return self.weight.shape[0]
+
+        def forward(self, x: Tensor) -> Tensor:
+            w, b = self._active(self.weight), self._active(self.bias)
+            rv, rm = self._active(self.running_var), self._active(self.running_mean)
+            scale = w * (rv + self.eps).rsqrt()
+            shift = b - rm * scale
+            return x * scale.reshape(1, -1, 1, 1) + shift.reshape(1, -1, 1, 1)
+
+        def to_plain(self, require_stats: bool = True) -> nn.Module:
+            new = _FrozenBatchNorm2d(self.active_features, self.eps).to(self.weight.device)
+            for name in ("weight", "bias", "running_mean", "running_var"):
+                getattr(new, name).copy_(self._active(getattr(self, name)))
+            return new
+
+    register_slimmable(_FrozenBatchNorm2d, SlimmableFrozenBatchNorm2d)
 except ImportError:  # pragma: no cover
     pass
 

@@ -181,7 +181,7 @@ def set_width(model: nn.Module, width: Width) -> nn.Module:
         updates = state._updates[config] = _layer_updates(model, state, config)
     label = _describe(width, config)
     for _, _, layer, _ in updates:
-        if getattr(layer, "is_calibrating", False):
+        if layer.is_calibrating:
             raise RuntimeError("cannot change the width of a model while it is calibrating")
     for _, _, layer, attrs in updates:
         # Plain attributes: writing the instance dict skips nn.Module.__setattr__'s
@@ -199,6 +199,14 @@ def _layer_updates(model: nn.Module, state: SlimmableState, config: tuple[int, .
     channels = dict(zip(state.plan.groups, config))
     stats_key = None if config == state.full_config else config_key(config)
     updates: list[_LayerUpdate] = []
+    shared: dict[tuple, ActiveChannels] = {}  # layers reading one concatenation share its index
+
+    def active(dims: Channels, device: torch.device | None) -> ActiveChannels:
+        key = (segments(dims), device)
+        if key not in shared:
+            shared[key] = active_channels(dims, state.plan, channels, device)
+        return shared[key]
+
     for binding in state.bindings:
         parent_name, _, name = binding.layer.rpartition(".")
         parent = model.get_submodule(parent_name)
@@ -208,11 +216,11 @@ def _layer_updates(model: nn.Module, state: SlimmableState, config: tuple[int, .
                 f"layer {binding.layer!r} is a {type(layer).__name__}, not a slimmable layer: "
                 "replace a bound layer only by a slimmable one of the same kind"
             )
-        device = next(layer.parameters(), None)
-        device = None if device is None else device.device
-        inputs = None if binding.inputs is None else active_channels(binding.inputs, state.plan, channels, device)
-        outputs = active_channels(binding.outputs, state.plan, channels, device)
-        attrs = layer.active_attrs(inputs, outputs, stats_key)
+        ref = next(layer.parameters(), None)
+        ref = next(layer.buffers(), None) if ref is None else ref
+        device = None if ref is None else ref.device
+        inputs = None if binding.inputs is None else active(binding.inputs, device)
+        attrs = layer.active_attrs(inputs, active(binding.outputs, device), stats_key)
         updates.append((parent, name, layer, attrs))
     return updates
 
