@@ -58,7 +58,10 @@ def load_runs(directory: Path) -> list[dict]:
     are skipped), sorted by run name."""
     runs = []
     for path in sorted(Path(directory).glob("*.json")):
-        record = json.loads(path.read_text())
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, ValueError) as err:
+            raise ReportError(f"{path}: not a readable JSON file ({err})") from None
         if not isinstance(record, dict) or record.get("format") != FORMAT:
             continue
         for key in ("row", "seed", "spectrum", "scored_on", "scored_images"):
@@ -273,6 +276,8 @@ def main(argv: list[str] | None = None) -> int:
     import paper_claims
 
     try:
+        if not load_runs(directory):
+            raise ReportError(f"{str(directory)!r} holds no {FORMAT} result files: nothing to report")
         print(render(directory, paper_claims))
         if args.plot is not None and plot(directory, args.plot):
             print(f"\nPlot: {args.plot}")

@@ -30,6 +30,15 @@ def test_tensor_batches_equal_the_data_loader(rank, world):
         assert torch.equal(xi, xe) and torch.equal(yi, ye)
 
 
+def test_a_subset_gives_its_items_in_its_order():
+    data = FashionMNIST(train=True, limit=50)
+    subset = torch.utils.data.Subset(data, [7, 3, 41, 0])
+    images, labels = as_tensors(subset)
+    for i, (x, y) in enumerate(subset):
+        assert torch.equal(images[i], x) and int(labels[i]) == y
+    assert as_tensors(torch.utils.data.Subset(torch.utils.data.TensorDataset(torch.zeros(2, 1)), [0])) is None
+
+
 def test_augmented_or_transformed_data_stays_per_item():
     assert as_tensors(FashionMNIST(train=True, limit=10, transform=lambda x: x)) is None
     assert as_tensors(torch.utils.data.TensorDataset(torch.zeros(2, 1))) is None  # no tensors()

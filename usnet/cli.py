@@ -181,6 +181,28 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive_int(text: str) -> int:
+    """argparse type: a whole number >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    """argparse type: a whole number >= 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}")
+    return value
+
+
 def _data_for(model_path: str, payload: dict, data_root: str | None, dataset: str | None):
     from .config import TrainConfig, load_run_config
     from .data import datasets_for
@@ -194,6 +216,8 @@ def _data_for(model_path: str, payload: dict, data_root: str | None, dataset: st
         config.data.name = dataset
     if data_root is not None:
         config.data.root = data_root
+    # The commands score on the test set, also for a run that held out a validation split.
+    config.data.val_split = 0
     return config, datasets_for(config)
 
 
@@ -426,6 +450,10 @@ def cmd_select(args: argparse.Namespace) -> int:
         check_writable(args.plot, "--plot")
     if args.latency_cache and args.max_latency_ms is not None:
         check_cache_dir(args.latency_cache)
+    if args.max_latency_ms is not None:  # before any profiling: a bad device fails at once
+        from .device import resolve_device
+
+        resolve_device(args.device)
     model, payload = _load_checkpoint(args.checkpoint)
     selection = select_width(
         model, max_macs=args.max_macs, max_params=args.max_params, max_latency_ms=args.max_latency_ms,
@@ -513,8 +541,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="start:stop:step or a comma-separated list (default 0.25:1.0:0.25)")
     p.add_argument("--input-size", type=parse_input_size, default=None,
                    help="N,C,H,W (default 1,C,224,224; 32 px for small-input models)")
-    p.add_argument("--num-classes", type=int, default=None, help="zoo models only")
-    p.add_argument("--in-channels", type=int, default=None, help="zoo models only")
+    p.add_argument("--num-classes", type=_positive_int, default=None, help="zoo models only")
+    p.add_argument("--in-channels", type=_positive_int, default=None, help="zoo models only")
     p.add_argument("--small-input", action="store_true", help="zoo models only: 28-32 px stem")
     p.add_argument("--json", action="store_true", help="print one JSON list")
     p.set_defaults(func=cmd_profile)
@@ -581,9 +609,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--widths", type=widths_arg, default=None,
                    help="sweep only these widths (default: every channel configuration)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (latency)")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads while timing")
-    p.add_argument("--warmup", type=int, default=5, help="untimed runs per width")
-    p.add_argument("--repeats", type=int, default=20, help="timed runs per width (median)")
+    p.add_argument("--threads", type=_positive_int, default=None, help="CPU threads while timing")
+    p.add_argument("--warmup", type=_non_negative_int, default=5, help="untimed runs per width")
+    p.add_argument("--repeats", type=_positive_int, default=20, help="timed runs per width (median)")
     p.add_argument("--latency-cache", default=None,
                    help="latency cache directory (default $USNET_CACHE_DIR or ~/.cache/usnet)")
     p.add_argument("--plot", default=None, help="PNG of cost and top-1 against width")

@@ -53,7 +53,7 @@ from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from .channels import ChannelGroup, ChannelPlan
-from .errors import UsnetValueError
+from .errors import UsnetTypeError, UsnetValueError
 from .layers import SLIMMABLE_LAYERS, SlimmableLayer, make_slimmable_
 from .params import is_tensor_attr, slice_parameters_
 from .state import STATE_ATTR, Binding, SlimmableState, is_slimmable, set_width
@@ -1227,9 +1227,9 @@ def slimmable(
     full width.
     """
     if not isinstance(model, nn.Module):
-        raise TypeError(f"usnet.slimmable expects an nn.Module, got {type(model).__name__}")
+        raise UsnetTypeError(f"usnet.slimmable expects an nn.Module, got {type(model).__name__}")
     if is_slimmable(model):
-        raise ValueError("model is already slimmable")
+        raise UsnetValueError("model is already slimmable; convert the plain model once")
     if input_size is not None and example_input is None:
         param = next(model.parameters(), None)
         example_input = torch.zeros(
@@ -1237,6 +1237,8 @@ def slimmable(
             dtype=param.dtype if param is not None else None,
             device=param.device if param is not None else None,
         )
+    # the input shape is recorded with the model (profile/select/export use it by default)
+    shown = example_input if example_input is not None else default_example_input(model)
     analysis = analyze(
         model,
         width_range,
@@ -1260,6 +1262,7 @@ def slimmable(
         arch=arch,
         input_averaging=input_averaging,
         width=analysis.plan.width_range[1],
+        input_size=(1, *shown.shape[1:]) if isinstance(shown, torch.Tensor) else None,
     )
     setattr(model, STATE_ATTR, state)
     set_width(model, state.width)

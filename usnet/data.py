@@ -153,7 +153,14 @@ class TensorBatches:
 
 def as_tensors(dataset: Dataset) -> tuple[Tensor, Tensor] | None:
     """All items of ``dataset`` as (images, labels) tensors if it holds them in memory and applies
-    no per-item transform (random augmentation must stay per item); else None."""
+    no per-item transform (random augmentation must stay per item); else None. A ``Subset`` of
+    such a dataset (a validation split) gives its items, in its order."""
+    if isinstance(dataset, Subset):
+        whole = as_tensors(dataset.dataset)
+        if whole is None:
+            return None
+        index = torch.as_tensor(list(dataset.indices), dtype=torch.long)
+        return whole[0][index], whole[1][index]
     tensors = getattr(dataset, "tensors", None)
     if not callable(tensors) or getattr(dataset, "transform", None) is not None:
         return None

@@ -430,7 +430,7 @@ class SlimmableBatchNorm2d(SlimmableLayer, nn.BatchNorm2d):
     @property
     def calibration_batches(self) -> int:
         """Batches seen since :meth:`start_calibration` (0 when not calibrating)."""
-        return 0 if self._calibration is None else self._calibration[2]
+        return 0 if self._calibration is None else self._calibration.batches
 
     # -- forward ---------------------------------------------------------------------------------
     def forward(self, input: Tensor) -> Tensor:

@@ -44,7 +44,8 @@ class RunLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         me = _owner_record()
         for _ in range(3):
-            tmp = self.path.with_name(f"{LOCK}.{os.getpid()}.tmp")
+            # not named like atomic_write_bytes' temporaries: the owner's clean-up removes those
+            tmp = self.path.with_name(f"{LOCK}.{os.getpid()}.new")
             tmp.write_text(json.dumps(me))
             try:
                 os.link(tmp, self.path)  # atomic, and fails if the lock exists
@@ -66,8 +67,10 @@ class RunLock:
                 and owner.get("pid") == me["pid"]
                 and owner.get("host") == me["host"]
             ):
-                self.held = True  # this process already owns it (a second Trainer on it)
-                return notes
+                raise RunDirectoryError(
+                    f"{str(self.path.parent)!r} is in use by another run of this process; "
+                    "finish it first or choose another --out"
+                )
             if owner is None or _is_stale(owner, me["host"]):
                 self.path.unlink(missing_ok=True)
                 what = f"pid {owner['pid']}" if owner else "an unreadable owner"

@@ -89,6 +89,9 @@ class SlimmableState:
     bindings: list[Binding]
     arch: dict[str, Any] | None = None  # {"name": zoo builder, "kwargs": {...}} when rebuildable
     input_averaging: bool = False
+    # (1, C, H, W) of the example input the model was converted with (None: several inputs, or
+    # converted before it was recorded): what profile/select/export run it at by default.
+    input_size: tuple[int, ...] | None = None
     switchable_widths: list[float] = field(default_factory=list)  # switchable-BN baseline
     width: Width = 1.0
     _applied: tuple[int, ...] | None = field(default=None, repr=False)
@@ -107,6 +110,7 @@ class SlimmableState:
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self.__dict__.setdefault("_updates", {})  # states pickled before the cache existed
+        self.__dict__.setdefault("input_size", None)
 
     @property
     def width_range(self) -> tuple[float, float]:
@@ -123,6 +127,7 @@ class SlimmableState:
             "arch": self.arch,
             "input_averaging": self.input_averaging,
             "switchable_widths": list(self.switchable_widths),
+            "input_size": None if self.input_size is None else list(self.input_size),
         }
 
     @classmethod
@@ -133,6 +138,7 @@ class SlimmableState:
             arch=d.get("arch"),
             input_averaging=bool(d.get("input_averaging", False)),
             switchable_widths=[float(w) for w in d.get("switchable_widths", [])],
+            input_size=None if d.get("input_size") is None else tuple(int(v) for v in d["input_size"]),
         )
 
 

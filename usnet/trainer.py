@@ -265,6 +265,9 @@ class Trainer:
         from torch.utils.tensorboard import SummaryWriter
 
         c = self.config
+        if self.is_main and not self.lock.held:  # a run continued in steps takes it again
+            for note in self.lock.acquire():
+                self.log(note)
         if self.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             if self.step == 0:

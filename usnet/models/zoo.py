@@ -66,8 +66,8 @@ def architecture(name: str) -> Architecture:
 
 def model_input_size(model: nn.Module) -> tuple[int, int, int, int]:
     """The ``(1, C, H, W)`` input a slimmable model takes: from its zoo architecture record and
-    the arguments it was built with; for a converted custom model, its input channels (the
-    channel plan's input group) at 224 px."""
+    the arguments it was built with; for a converted custom model, the shape of the example
+    input it was converted with."""
     from ..state import get_state
 
     state = get_state(model)
@@ -76,8 +76,16 @@ def model_input_size(model: nn.Module) -> tuple[int, int, int, int]:
         kwargs = arch.get("kwargs", {})
         return _ARCHITECTURES[arch["name"]].input_size(int(kwargs.get("in_channels", 3)),
                                                        bool(kwargs.get("small_input", False)))  # fmt: skip
-    channels = next(g.size for g in state.plan.groups.values() if g.name.startswith("input:"))
-    return (1, channels, 224, 224)
+    if state.input_size is not None and len(state.input_size) == 4:
+        return tuple(state.input_size)  # type: ignore[return-value]
+    channels = next((g.size for g in state.plan.groups.values() if g.name.startswith("input:")), None)
+    if state.input_size is not None or channels is None:
+        raise UsnetValueError(
+            f"the input size of this {type(model).__name__} is not known (converted with "
+            f"{'input ' + str(tuple(state.input_size)) if state.input_size else 'no recorded input'}); "
+            "pass --input-size / input_size=(N, C, H, W)"
+        )
+    return (1, channels, 224, 224)  # converted before usnet recorded the example input
 
 
 def list_models() -> list[str]:
