@@ -67,10 +67,10 @@ class RunLock:
                 and owner.get("pid") == me["pid"]
                 and owner.get("host") == me["host"]
             ):
-                raise RunDirectoryError(
-                    f"{str(self.path.parent)!r} is in use by another run of this process; "
-                    "finish it first or choose another --out"
-                )
+                # This process owns it already (a Trainer built to resume, then another): the
+                # lock guards against other processes; within one, runs follow each other.
+                self.held = True
+                return notes
             if owner is None or _is_stale(owner, me["host"]):
                 self.path.unlink(missing_ok=True)
                 what = f"pid {owner['pid']}" if owner else "an unreadable owner"
