@@ -433,7 +433,7 @@ def reorder_channels(model: nn.Module, importance: Importance = "l1", data: Iter
     device = param.device if param is not None else torch.device("cpu")
     previous, modes = state.width, {m: m.training for m in model.modules()}
     try:
-        _run_full_width(model, state)
+        run_full_width(model, state)
         for m in model.modules():  # BN on batch statistics (updating none), dropout off
             m.training = isinstance(m, nn.modules.batchnorm._BatchNorm)
         if importance == "taylor":
@@ -482,7 +482,7 @@ def reorder_channels(model: nn.Module, importance: Importance = "l1", data: Iter
     return perms
 
 
-def _run_full_width(model: nn.Module, state: SlimmableState) -> None:
+def run_full_width(model: nn.Module, state: SlimmableState) -> None:
     """Every layer at its full channels (also when the width range stops below 1.0)."""
     for parent, name, layer, attrs in _layer_updates(model, state, state.full_config):
         layer.__dict__.update(attrs)
