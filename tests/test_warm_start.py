@@ -154,6 +154,7 @@ def test_finetune_run_with_teacher_logs_which_distillation(tmp_path, inplace):
         kinds = [TEACHER] * n
     train = [r for r in records if r["kind"] == "train"]
     assert train[0]["loss_kinds"] == kinds and train[-1]["teacher_s"] > 0
+    assert [r for r in records if r["kind"] == "teacher"][-1]["teacher_s"] >= train[-1]["teacher_s"]
     assert any("frozen init model" in line for line in logs)
     assert any("teacher forward" in line for line in logs)
     assert (out / FINAL).is_file()

@@ -405,6 +405,9 @@ class Trainer:
                 self._metric(record)
         if bar is not None:
             bar.close()
+        if self.teacher is not None:  # the teacher's cost, for benchmarks/warm_start.py
+            self._metric({"kind": "teacher", "step": self.step, "epoch": self.epoch + 1,
+                          "teacher_s": self.teacher_seconds})  # fmt: skip
         teacher = (f", teacher forward {self.teacher_seconds:.1f}s so far" if self.teacher is not None else "")
         self.log(f"epoch {self.epoch + 1}/{c.epochs}: {seen} images in "
                  f"{time.perf_counter() - start:.0f}s ({seen / max(time.perf_counter() - start, 1e-9):.0f} img/s){teacher}")  # fmt: skip
