@@ -67,7 +67,7 @@ def _torchvision(name: str) -> nn.Module:
 
 
 @pytest.mark.parametrize("name", ["resnet18", "mobilenet_v3_small", "efficientnet_b0", "googlenet",
-                                  "densenet121", "resnext50_32x4d"])  # fmt: skip
+                                  "densenet121", "resnext50_32x4d", "convnext_tiny"])  # fmt: skip
 def test_torchvision_full_width_unchanged(name):
     torch.manual_seed(0)
     model = usnet.slimmable(_torchvision(name), (0.25, 1.0), input_size=(1, 3, 32, 32))
@@ -201,3 +201,39 @@ def test_switchable_bn_refused():
     usnet.state.enable_switchable_bn(model, [0.5, 1.0])
     with pytest.raises(ReorderError, match="switchable BN"):
         reorder_channels(model)
+
+
+class _Blocks(nn.Module):
+    """GroupNorm, a depthwise conv with a channel multiplier, a grouped conv, PReLU, a
+    flattened 2x2 map into a linear layer: the layers whose channels move in blocks or follow
+    another group's order."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.gn = nn.GroupNorm(4, 16)
+        self.dw = nn.Conv2d(16, 32, 3, padding=1, groups=16)  # multiplier 2
+        self.bn = nn.BatchNorm2d(32)
+        self.grouped = nn.Conv2d(32, 16, 1, groups=2)
+        self.act = nn.PReLU(16)
+        self.pool = nn.AdaptiveAvgPool2d(2)
+        self.fc = nn.Linear(16 * 4, 10)
+
+    def forward(self, x):
+        x = self.gn(self.stem(x))
+        x = self.act(self.grouped(self.bn(self.dw(x))))
+        return self.fc(torch.flatten(self.pool(x), 1))
+
+
+@pytest.mark.parametrize("importance", IMPORTANCES)
+def test_blocks_and_multipliers_keep_the_full_width(importance):
+    torch.manual_seed(0)
+    model = _randomized(usnet.slimmable(_Blocks(), (0.25, 1.0), input_size=(1, 3, 8, 8), divisor=4))
+    with torch.no_grad():
+        model.act.weight.uniform_(0.0, 0.5)  # per-channel slopes: a misplaced one shows
+        model.gn.weight.uniform_(0.5, 1.5)
+    perms = _check_full_width(model, (4, 3, 8, 8), importance)
+    stem = get_state(model).bindings[0].outputs[0]
+    assert torch.equal(perms[stem] // 4, torch.arange(16) // 4)  # GroupNorm groups of 4 kept
+    dw = next(b for b in get_state(model).bindings if b.layer == "dw").outputs[0]
+    assert torch.equal(perms[dw], (perms[stem].unsqueeze(1) * 2 + torch.arange(2)).reshape(-1))
