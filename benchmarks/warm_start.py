@@ -86,7 +86,8 @@ def train(name: str, seed: int, config: Path, overrides: list[str], directory: P
 
 
 def common(args: argparse.Namespace, seed: int) -> list[str]:
-    return [f"model={args.model}", f"seed={seed}", EVAL, *(QUICK if args.quick else ())]
+    limit = [f"data.limit_train={args.limit_train}"] if args.limit_train else []
+    return [f"model={args.model}", f"seed={seed}", EVAL, *(QUICK if args.quick else ()), *limit]
 
 
 def plain(args: argparse.Namespace, seed: int) -> dict:
@@ -206,6 +207,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--finetune-epochs", type=int, default=1)
     parser.add_argument("--importances", default=",".join(IMPORTANCES), help="step (b)'s importances")
     parser.add_argument("--quick", action="store_true", help="2048 training images, 1 epoch: a smoke test")
+    parser.add_argument("--limit-train", type=int, default=None,
+                        help="train on the first N images only (a short run; the tag says so)")
     parser.add_argument("--threads", type=int, default=0, help="threads per run (default: all cores)")
     parser.add_argument("--out", type=Path, default=None, help="run directories (default: runs/warm_start-<tag>)")
     parser.add_argument("--results", type=Path, default=None,
@@ -214,7 +217,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.threads = args.threads or max(1, os.cpu_count() or 1)
     args.epochs = args.epochs or (1 if args.quick else 4)
-    tag = f"{args.model}{'-quick' if args.quick else ''}-E{args.epochs}"
+    tag = (f"{args.model}{'-quick' if args.quick else ''}"
+           f"{f'-N{args.limit_train}' if args.limit_train else ''}-E{args.epochs}")  # fmt: skip
     args.out = (args.out or ROOT / "runs" / f"warm_start-{tag}").resolve()
     args.results = (args.results or RESULTS / tag).resolve()
     args.results.mkdir(parents=True, exist_ok=True)
