@@ -376,6 +376,8 @@ class Trainer:
                 tick = time.perf_counter()
                 extra["teacher_probs"] = teacher_probs(self.teacher, images, c.distill_temperature,
                                                        self.autocast_dtype)  # fmt: skip
+                if images.is_cuda:  # the time of the work, not of queueing it
+                    torch.cuda.synchronize(images.device)
                 self.teacher_seconds += time.perf_counter() - tick
             try:
                 result = sandwich_step(self.train_model, images, labels, self.optimizer,
