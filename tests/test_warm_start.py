@@ -16,7 +16,6 @@ from usnet.training import (
     TEACHER,
     TEACHER_INPLACE,
     InplaceDistillationLoss,
-    make_optimizer,
     sandwich_step,
     soft_cross_entropy,
 )

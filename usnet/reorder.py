@@ -48,7 +48,6 @@ from .layers import (
     SlimmableBatchNorm2d,
     SlimmableConvTranspose2d,
     SlimmableGroupNorm,
-    SlimmableLayer,
     SlimmableLayerNorm,
     SlimmableLinear,
     _PerChannelAffine,
