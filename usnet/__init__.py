@@ -33,6 +33,7 @@ from .layers import (
     register_slimmable,
 )
 from .cost import Profile, profile
+from .reorder import reorder_channels
 from .search import search_width
 from .select import select_width
 from .state import channel_plan, channels_at, get_width, is_slimmable, set_width, width
@@ -71,6 +72,7 @@ __all__ = [
     "profile",
     "register_op",
     "register_slimmable",
+    "reorder_channels",
     "sample_images",
     "save",
     "search_width",

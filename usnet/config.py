@@ -55,6 +55,15 @@ class CalibConfig:
 
 
 @dataclass
+class InitConfig:
+    """Start from a trained model (``usnet.warm_start``) instead of random weights."""
+
+    checkpoint: str | None = None  # a usnet checkpoint, or a plain state_dict file of the model
+    reorder: Literal["none", "l1", "bn", "taylor", "activation"] = "none"  # usnet.reorder_channels
+    num_images: int = 512  # training images scored by reorder=taylor|activation
+
+
+@dataclass
 class TrainConfig:
     model: str = "us_convnet"
     model_kwargs: dict[str, Any] = field(default_factory=dict)
@@ -94,6 +103,9 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     calib: CalibConfig = field(default_factory=CalibConfig)
+    init: InitConfig = field(default_factory=InitConfig)
+    # init: every width, the widest included, also distils from the frozen init model
+    teacher: Literal["none", "init"] = "none"
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -322,6 +334,11 @@ def _check_semantics(c: TrainConfig) -> None:
         raise ConfigError(f"eval.widths: {err}") from None
     if any(not (0 < w <= 1) for w in widths):
         raise ConfigError(f"eval.widths: widths must lie in (0, 1], got {c.eval.widths!r}")
+    positive("init.num_images", c.init.num_images)
+    if c.init.checkpoint is None and c.init.reorder != "none":
+        raise ConfigError(f"init.reorder={c.init.reorder} needs init.checkpoint (a trained model to reorder)")
+    if c.teacher == "init" and c.init.checkpoint is None:
+        raise ConfigError("teacher=init needs init.checkpoint (the trained model to distil from)")
     check_device_name(c.device)
 
 

@@ -55,6 +55,7 @@ from .training import (
     sandwich_step,
     warm_up_widths,
 )
+from .warm_start import teacher_probs
 
 
 
@@ -97,6 +98,8 @@ class Trainer:
             )
         torch.manual_seed(config.seed)  # the initial weights are part of the run's identity
         self.model = self._build_model(self.info).to(self.device)
+        self.teacher = self._apply_init(fresh=saved is None)  # warm start: init / teacher
+        self.teacher_seconds = 0.0
         if config.mode == "slimmable":  # the earlier scheme: switchable BN at fixed widths
             enable_switchable_bn(self.model, config.widths)
         if config.channels_last:
@@ -188,6 +191,26 @@ class Trainer:
         except TypeError as err:
             raise ConfigError(f"model_kwargs for {c.model!r}: {err}") from None
 
+    def _apply_init(self, fresh: bool) -> nn.Module | None:
+        """``init``: load the trained weights (and reorder their channels) into a new run's model;
+        ``teacher: init``: a frozen copy of the trained model (rebuilt from the file on resume)."""
+        from .reorder import reorder_channels
+        from .warm_start import load_init, make_teacher, reorder_batches
+
+        c = self.config
+        if c.init.checkpoint is None:
+            return None
+        target = self.model if fresh else self._build_model(self.info).to(self.device)
+        source = load_init(target, c.init.checkpoint, c.model, self.info.num_classes)
+        teacher = make_teacher(target, c.channels_last) if c.teacher == "init" else None
+        if fresh:
+            self.log(f"initialized from {source}")
+            if c.init.reorder != "none":
+                data = reorder_batches(self.train_set, c.init.num_images, c.calib.batch_size, c.seed)
+                reorder_channels(self.model, c.init.reorder, data=data, num_images=c.init.num_images,
+                                 log=self.log)  # fmt: skip
+        return teacher
+
     def _build_sampler(self):
         c = self.config
         if c.mode == "individual":
@@ -223,9 +246,26 @@ class Trainer:
         if self.is_main:
             truncate_metrics(self.out, step)
 
+    def distillation(self) -> str:
+        """Which distillation the run uses: ``teacher`` (from the init model, instead of
+        in-place), ``teacher+inplace`` (alongside it), ``inplace`` or ``none``."""
+        c = self.config
+        inplace = c.inplace_distill and c.mode != "individual"
+        if self.teacher is not None:
+            return "teacher+inplace" if inplace else "teacher"
+        return "inplace" if inplace else "none"
+
     def describe_losses(self) -> str:
         c = self.config
         smoothing = f", label smoothing {c.label_smoothing}" if c.label_smoothing else ""
+        if self.teacher is not None:
+            mix = (f", mixed with {c.distill_label_weight:g} x cross-entropy with labels{smoothing}"
+                   if c.distill_label_weight else "")  # fmt: skip
+            teacher = f"the frozen init model {c.init.checkpoint} (T={c.distill_temperature})"
+            if self.distillation() == "teacher":
+                return f"every width, the widest included: distillation from {teacher}{mix} (instead of in-place distillation)"
+            return (f"widest width: distillation from {teacher}{mix}; every narrower width: distillation "
+                    f"from the mean of its and the widest's softmax{mix} (alongside in-place distillation)")  # fmt: skip
         if c.mode == "individual":
             return f"width {c.width}: cross-entropy with labels{smoothing}"
         if not c.inplace_distill:
@@ -277,7 +317,8 @@ class Trainer:
         try:
             if self.step == 0:
                 self._metric({"kind": "run", "step": 0, "config": c.to_dict(),
-                              "losses": self.describe_losses(), "device": str(self.device)})  # fmt: skip
+                              "losses": self.describe_losses(), "distillation": self.distillation(),
+                              "device": str(self.device)})  # fmt: skip
             ranks = f" x {self.world_size} processes" if dist.is_distributed() else ""
             self.log(f"training {c.model} ({c.trained_widths_description()}) on {c.data.name}: "
                      f"{len(self.train_set)} images, {c.epochs} epochs x {self.steps_per_epoch} steps, "
@@ -333,10 +374,18 @@ class Trainer:
             if c.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
             self.criterion.label_weight = self.distill_label_weight(self.step)
+            extra = {}
+            if self.teacher is not None:  # once per batch, no_grad, in the training precision
+                tick = time.perf_counter()
+                extra["teacher_probs"] = teacher_probs(self.teacher, images, c.distill_temperature,
+                                                       self.autocast_dtype)  # fmt: skip
+                if images.is_cuda:  # the time of the work, not of queueing it
+                    torch.cuda.synchronize(images.device)
+                self.teacher_seconds += time.perf_counter() - tick
             try:
                 result = sandwich_step(self.train_model, images, labels, self.optimizer,
                                        self.sampler, self.criterion, scaler=self.scaler,
-                                       autocast_dtype=self.autocast_dtype)  # fmt: skip
+                                       autocast_dtype=self.autocast_dtype, **extra)  # fmt: skip
             except FloatingPointError as err:
                 raise TrainingError(
                     f"stopped at epoch {self.epoch + 1}, step {self.step + 1}: {err}; the last good "
@@ -356,11 +405,17 @@ class Trainer:
                           "widths": result.widths, "loss_kinds": result.loss_kinds}  # fmt: skip
                 if c.mode == "universal":
                     record["loss_narrowest"] = result.losses[1]
+                if self.teacher is not None:
+                    record["teacher_s"] = self.teacher_seconds
                 self._metric(record)
         if bar is not None:
             bar.close()
+        if self.teacher is not None:  # the teacher's cost, for benchmarks/warm_start.py
+            self._metric({"kind": "teacher", "step": self.step, "epoch": self.epoch + 1,
+                          "teacher_s": self.teacher_seconds})  # fmt: skip
+        teacher = (f", teacher forward {self.teacher_seconds:.1f}s so far" if self.teacher is not None else "")
         self.log(f"epoch {self.epoch + 1}/{c.epochs}: {seen} images in "
-                 f"{time.perf_counter() - start:.0f}s ({seen / max(time.perf_counter() - start, 1e-9):.0f} img/s)")  # fmt: skip
+                 f"{time.perf_counter() - start:.0f}s ({seen / max(time.perf_counter() - start, 1e-9):.0f} img/s){teacher}")  # fmt: skip
 
     def distill_label_weight(self, step: int) -> float:
         """Weight of the labels in the narrower widths' loss at ``step``: with a distillation

@@ -53,6 +53,8 @@ __all__ = [
     "DISTILL",
     "LABELS",
     "SCHEDULES",
+    "TEACHER",
+    "TEACHER_INPLACE",
     "InplaceDistillationLoss",
     "StepResult",
     "WidthSampler",
@@ -70,6 +72,14 @@ LABELS = "labels"
 
 DISTILL = "distill"
 """Loss kind: soft cross-entropy with the widest width's predictions (inplace distillation)."""
+
+TEACHER = "teacher"
+"""Loss kind: soft cross-entropy with an external teacher's predictions (``teacher_probs`` of
+:func:`sandwich_step`, e.g. the trained model a US-Net is fine-tuned from)."""
+
+TEACHER_INPLACE = "teacher+inplace"
+"""Loss kind: soft cross-entropy with the mean of the external teacher's and the widest width's
+predictions (both distillations, equally weighted)."""
 
 SCHEDULES = ("linear", "cosine")
 """Learning-rate decay shapes accepted by :func:`lr_lambda` and :func:`make_scheduler`."""
@@ -323,11 +333,17 @@ class InplaceDistillationLoss(nn.Module):
             logits.float(), labels, label_smoothing=self.label_smoothing
         )
         if teacher_probs is not None and self.enabled:
-            distill = soft_cross_entropy(logits, teacher_probs, self.temperature)
-            if self.label_weight == 0.0:
-                return distill
-            return (1.0 - self.label_weight) * distill + self.label_weight * labels_loss()
+            return self.distill_loss(logits, labels, teacher_probs)
         return labels_loss()
+
+    def distill_loss(self, logits: Tensor, labels: Tensor, teacher_probs: Tensor) -> Tensor:
+        """``(1 - λ) * soft cross-entropy with teacher_probs + λ * cross-entropy with labels``,
+        also when in-place distillation is off (an external teacher's targets)."""
+        distill = soft_cross_entropy(logits, teacher_probs, self.temperature)
+        if self.label_weight == 0.0:
+            return distill
+        labels_loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.label_smoothing)
+        return (1.0 - self.label_weight) * distill + self.label_weight * labels_loss
 
     def loss(self, logits: Tensor, labels: Tensor, teacher_probs: Tensor | None = None) -> Tensor:
         """Same as calling the module."""
@@ -378,6 +394,7 @@ def sandwich_step(
     *,
     scaler: torch.amp.GradScaler | None = None,
     autocast_dtype: torch.dtype | None = None,
+    teacher_probs: Tensor | None = None,
 ) -> StepResult:
     r"""One optimizer step of US-Nets training over the widths the sampler draws.
 
@@ -411,6 +428,11 @@ def sandwich_step(
             step.
         autocast_dtype: run forward passes under ``torch.autocast`` with this dtype
             (``torch.bfloat16``, or ``torch.float16`` with a ``scaler``); ``None``: no autocast.
+        teacher_probs: soft targets of an external teacher for this batch (a frozen trained
+            model's softmax at the criterion's temperature): every width, the widest included,
+            distils from them (:data:`TEACHER`); with in-place distillation on, the narrower
+            widths distil from the mean of these and the widest's (:data:`TEACHER_INPLACE`).
+            Needs an :class:`InplaceDistillationLoss`.
 
     Returns:
         a :class:`StepResult` with the widths, loss values and loss kinds.
@@ -430,6 +452,8 @@ def sandwich_step(
             f"the first width must be the widest (the teacher of the others), got {widths}"
         )
     distill = isinstance(criterion, InplaceDistillationLoss)
+    if teacher_probs is not None and not distill:
+        raise UsnetTypeError("sandwich_step: teacher_probs needs an InplaceDistillationLoss criterion")
 
     def autocast() -> contextlib.AbstractContextManager:
         if autocast_dtype is None:
@@ -450,7 +474,13 @@ def sandwich_step(
             with sync:
                 with autocast():
                     logits = model(images)
-                    if distill:
+                    if teacher_probs is not None:
+                        targets, kind = teacher_probs, TEACHER
+                        if teacher is not None:
+                            targets, kind = (teacher + teacher_probs) / 2, TEACHER_INPLACE
+                        loss = criterion.distill_loss(logits, labels, targets)  # type: ignore[union-attr]
+                        kinds.append(kind)
+                    elif distill:
                         loss = criterion(logits, labels, teacher)
                         kinds.append(criterion.loss_kind(teacher))  # type: ignore[union-attr]
                     else:
