@@ -21,10 +21,9 @@ import argparse
 import copy
 
 import torch
+from _common import add_common_args, header, interleaved, resolve_device, table
 
 import usnet
-
-from _common import add_common_args, header, interleaved, resolve_device, table
 
 SIZES = {
     "cpu": {"image": 64, "widths": [0.35, 0.5, 0.75, 1.0], "images": 256, "batch": 64,

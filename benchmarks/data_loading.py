@@ -22,13 +22,12 @@ import statistics
 import time
 
 import torch
+from _common import add_common_args, header, resolve_device, sync, table
 from torch.utils.data import DataLoader, RandomSampler
 
 import usnet
 from usnet.data import FashionMNIST, TensorBatches, as_tensors
 from usnet.training import InplaceDistillationLoss, WidthSampler, make_optimizer, sandwich_step
-
-from _common import add_common_args, header, resolve_device, sync, table
 
 
 def ms_per_batch(batches, device: torch.device, count: int) -> float:

@@ -85,7 +85,9 @@ def single(config: TrainConfig, batch: int, steps: int, threads: int) -> float:
     return _time_steps(model, optimizer, sampler, criterion, images, labels, steps)
 
 
-def _rank(rank: int, world: int, port: int, config: TrainConfig, steps: int, sync_bn: bool, out) -> None:
+def _rank(
+    rank: int, world: int, port: int, config: TrainConfig, steps: int, sync_bn: bool, out
+) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))  # fmt: skip
     torch.set_num_threads(1)
@@ -93,7 +95,10 @@ def _rank(rank: int, world: int, port: int, config: TrainConfig, steps: int, syn
     try:
         model, optimizer, sampler, criterion, images, labels = _setup(config, config.batch_size)
         share = config.batch_size // world
-        images, labels = images[rank * share : (rank + 1) * share], labels[rank * share : (rank + 1) * share]
+        images, labels = (
+            images[rank * share : (rank + 1) * share],
+            labels[rank * share : (rank + 1) * share],
+        )
         if sync_bn:
             distributed.convert_sync_batchnorm(model)
         # As usnet.trainer wraps it: no buffer broadcast before each forward (BN keeps no running
@@ -129,7 +134,9 @@ def main() -> None:
     config = load_config(CONFIG, args.set)
     batch, world = config.batch_size, args.world
     if batch % world:
-        raise SystemExit(f"ddp_overhead: error: batch_size {batch} is not divisible by --world {world}")
+        raise SystemExit(
+            f"ddp_overhead: error: batch_size {batch} is not divisible by --world {world}"
+        )
     share = batch // world
     runs = {  # name: (images per step, run)
         "1 process, 1 thread": (batch, lambda: single(config, batch, args.steps, 1)),
@@ -148,13 +155,15 @@ def main() -> None:
           f"{config.channels_last}, {args.steps} steps x {args.rounds} rounds (median); "
           f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")  # fmt: skip
-    print(f"| run | images/step | ms/step | images/s | ratio | spread (ms, min-max) |")
+    print("| run | images/step | ms/step | images/s | ratio | spread (ms, min-max) |")
     print("|---|---|---|---|---|---|")
     for name, values in times.items():
         t = statistics.median(values)
         images = runs[name][0]
-        print(f"| {name} | {images} | {1000 * t:.1f} | {images / t:.0f} | {t / base:.2f} | "
-              f"{1000 * min(values):.0f}-{1000 * max(values):.0f} |")
+        print(
+            f"| {name} | {images} | {1000 * t:.1f} | {images / t:.0f} | {t / base:.2f} | "
+            f"{1000 * min(values):.0f}-{1000 * max(values):.0f} |"
+        )
 
 
 if __name__ == "__main__":

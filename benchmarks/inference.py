@@ -20,10 +20,9 @@ import statistics
 
 import torch
 import torchvision
+from _common import add_common_args, header, interleaved, resolve_device, table
 
 import usnet
-
-from _common import add_common_args, header, interleaved, resolve_device, table
 
 SIZES = {
     "cpu": {"image": 64, "widths": [0.35, 0.5, 0.75, 1.0], "batches": [1, 64], "rounds": 5,

@@ -15,10 +15,9 @@ from __future__ import annotations
 import argparse
 
 import torch
+from _common import add_common_args, header, interleaved, resolve_device
 
 import usnet
-
-from _common import add_common_args, header, interleaved, resolve_device
 
 
 def main() -> None:
@@ -47,8 +46,10 @@ def main() -> None:
                          rounds, device)  # fmt: skip
     print(header(f"overhead: us_mobilenet_v2; median of {rounds} interleaved rounds", device))
     print(f"  set_width: {switch_ms / 4 * 1000:.0f} us per call")
-    print(f"  eval forward, batch 1, 64 px, width 1.0: slimmable {ms['slimmable']:.2f} ms, "
-          f"exported {ms['exported']:.2f} ms, ratio {ms['slimmable'] / ms['exported']:.3f}")
+    print(
+        f"  eval forward, batch 1, 64 px, width 1.0: slimmable {ms['slimmable']:.2f} ms, "
+        f"exported {ms['exported']:.2f} ms, ratio {ms['slimmable'] / ms['exported']:.3f}"
+    )
 
 
 if __name__ == "__main__":

@@ -44,7 +44,10 @@ CONFIG = ROOT / "configs" / "fashion_mnist.yaml"
 WIDTHS = (0.25, 0.5, 0.75, 1.0)
 SPECTRUM = "0.25:1.0:0.025"
 RESULTS = ROOT / "benchmarks" / "results"
-VAL_SPLIT = ("data.val_split=5000", "data.val_seed=0")  # --score-on val: 5000 held-out training images
+VAL_SPLIT = (
+    "data.val_split=5000",
+    "data.val_seed=0",
+)  # --score-on val: 5000 held-out training images
 LRS = (0.05, 0.2, 0.4)  # the individual networks' sweep around the shipped lr 0.1 (`individual`)
 
 
@@ -75,40 +78,85 @@ ROWS: dict[str, Row] = {
     "n4": Row("US-Net with the paper's n=4", ((N4,),), eval_widths=SPECTRUM),
     "no_distill": _ablation("US-Net without in-place distillation", "inplace_distill=false"),
     "n2": Row("US-Net with only max + min (n=2)", (("num_widths=2",),)),
-    "no_distill_n5": Row("default recipe without in-place distillation", (("inplace_distill=false",),)),
+    "no_distill_n5": Row(
+        "default recipe without in-place distillation", (("inplace_distill=false",),)
+    ),
     # the recipe's steps on a short schedule
     "pure_distill": _ablation("pure in-place distillation (λ=0)", "distill_label_weight=0.0"),
-    "distill_warmup": _ablation("distillation after a 1-epoch warm-up on labels (λ 1 → 0)",
-                                "distill_label_weight=0.0", "distill_warmup_epochs=1"),  # fmt: skip
+    "distill_warmup": _ablation(
+        "distillation after a 1-epoch warm-up on labels (λ 1 → 0)",
+        "distill_label_weight=0.0",
+        "distill_warmup_epochs=1",
+    ),  # fmt: skip
     "warmup_mix": _ablation("λ 1 → 0.5 over 2 epochs", "distill_warmup_epochs=2"),
     "temperature2": _ablation("distillation temperature 2", "distill_temperature=2.0"),
     # (a) widths per step (n=4: `n4`, n=5: the default, `us_net`)
     **{f"n{n}": Row(f"n={n} widths per step", ((f"num_widths={n}",),)) for n in (3, 6)},
     # (b) lower bound of the width range
-    **{f"lower{lo:g}": _ablation(f"width range [{lo:g}, 1.0]", f"width_range=[{lo},1.0]",
-                                 eval_widths="0.05,0.15,0.25,0.35,0.5,0.75,1.0")  # fmt: skip
-       for lo in (0.05, 0.15, 0.35)},
+    **{
+        f"lower{lo:g}": _ablation(
+            f"width range [{lo:g}, 1.0]",
+            f"width_range=[{lo},1.0]",
+            eval_widths="0.05,0.15,0.25,0.35,0.5,0.75,1.0",
+        )  # fmt: skip
+        for lo in (0.05, 0.15, 0.35)
+    },
     # (c) input averaging
-    "input_averaging": _ablation("output averaged by active input channels",
-                                 "model_kwargs={input_averaging: true}"),  # fmt: skip
+    "input_averaging": _ablation(
+        "output averaged by active input channels", "model_kwargs={input_averaging: true}"
+    ),  # fmt: skip
     # (e) only one end of the sandwich (distillation off: the teacher would not be the widest)
-    "ends_max": _ablation("widest + 3 random, no narrowest, no distillation",
-                          "sandwich_ends=max", "inplace_distill=false"),  # fmt: skip
-    "ends_min": _ablation("narrowest + 3 random, no widest, no distillation",
-                          "sandwich_ends=min", "inplace_distill=false"),  # fmt: skip
-    "ends_none": _ablation("4 random widths, neither end, no distillation",
-                           "sandwich_ends=none", "inplace_distill=false"),  # fmt: skip
+    "ends_max": _ablation(
+        "widest + 3 random, no narrowest, no distillation",
+        "sandwich_ends=max",
+        "inplace_distill=false",
+    ),  # fmt: skip
+    "ends_min": _ablation(
+        "narrowest + 3 random, no widest, no distillation",
+        "sandwich_ends=min",
+        "inplace_distill=false",
+    ),  # fmt: skip
+    "ends_none": _ablation(
+        "4 random widths, neither end, no distillation",
+        "sandwich_ends=none",
+        "inplace_distill=false",
+    ),  # fmt: skip
     # the networks trained alone got the US-Net's lr (tuned for a sum over n widths): a sweep
-    **{f"individual_lr{lr:g}": Row(f"individual networks, lr {lr:g}",
-                                   tuple((*run, f"lr={lr}") for run in _individual()))  # fmt: skip
-       for lr in LRS},
+    **{
+        f"individual_lr{lr:g}": Row(
+            f"individual networks, lr {lr:g}", tuple((*run, f"lr={lr}") for run in _individual())
+        )  # fmt: skip
+        for lr in LRS
+    },
 }
 GROUPS = {
     "headline": ["us_net", "individual", "n4", "no_distill_n5", "no_distill", "n2"],
-    "recipe": ["us_net", "no_distill_n5", "n4", "no_distill", "pure_distill", "distill_warmup", "warmup_mix",
-               "temperature2"],
-    "claims": ["n2", "n3", "n4", "us_net", "n6", "lower0.05", "lower0.15", "n4", "lower0.35",
-               "no_distill", "input_averaging", "ends_max", "ends_min", "ends_none"],
+    "recipe": [
+        "us_net",
+        "no_distill_n5",
+        "n4",
+        "no_distill",
+        "pure_distill",
+        "distill_warmup",
+        "warmup_mix",
+        "temperature2",
+    ],
+    "claims": [
+        "n2",
+        "n3",
+        "n4",
+        "us_net",
+        "n6",
+        "lower0.05",
+        "lower0.15",
+        "n4",
+        "lower0.35",
+        "no_distill",
+        "input_averaging",
+        "ends_max",
+        "ends_min",
+        "ends_none",
+    ],
     "lr_sweep": ["individual", *(f"individual_lr{lr:g}" for lr in LRS)],
 }
 GROUP_TITLES = {
@@ -119,12 +167,30 @@ GROUP_TITLES = {
 }
 # Paired differences the report prints under each group's table (a - b, by seed).
 COMPARISONS = {
-    "headline": [("us_net", "individual"), ("n4", "individual"), ("us_net", "no_distill_n5"),
-                 ("n4", "no_distill"), ("n4", "n2")],
-    "recipe": [("us_net", "n4"), ("distill_warmup", "n4"), ("temperature2", "n4"), ("pure_distill", "n4")],
-    "claims": [("n3", "n4"), ("n6", "us_net"), ("lower0.05", "n4"), ("lower0.15", "n4"),
-               ("lower0.35", "n4"), ("input_averaging", "n4"), ("ends_max", "no_distill"),
-               ("ends_min", "no_distill"), ("ends_none", "no_distill")],
+    "headline": [
+        ("us_net", "individual"),
+        ("n4", "individual"),
+        ("us_net", "no_distill_n5"),
+        ("n4", "no_distill"),
+        ("n4", "n2"),
+    ],
+    "recipe": [
+        ("us_net", "n4"),
+        ("distill_warmup", "n4"),
+        ("temperature2", "n4"),
+        ("pure_distill", "n4"),
+    ],
+    "claims": [
+        ("n3", "n4"),
+        ("n6", "us_net"),
+        ("lower0.05", "n4"),
+        ("lower0.15", "n4"),
+        ("lower0.35", "n4"),
+        ("input_averaging", "n4"),
+        ("ends_max", "no_distill"),
+        ("ends_min", "no_distill"),
+        ("ends_none", "no_distill"),
+    ],
     "lr_sweep": [(f"individual_lr{lr:g}", "individual") for lr in LRS],
 }
 CLAIM_WIDTHS = (0.05, 0.15, 0.25, 0.35, 0.5, 0.75, 1.0)
@@ -207,7 +273,9 @@ def train(out: Path, name: str, index: int, seed: int, args: argparse.Namespace)
     with open(directory / "train.log", "a") as log:
         done = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
     if done.returncode != 0:
-        raise RuntimeError(f"{' '.join(command)} failed (exit {done.returncode}); see {directory / 'train.log'}")
+        raise RuntimeError(
+            f"{' '.join(command)} failed (exit {done.returncode}); see {directory / 'train.log'}"
+        )
     wall_s = time.perf_counter() - start
     record = raw_record(out.name, name, index, seed, overrides, directory, commit, wall_s,
                         "--resume" in command, args.threads)  # fmt: skip
@@ -236,8 +304,7 @@ def check_trained_as(directory: Path, expected: dict, name: str) -> None:
     (``eval``) and logged may differ, as may the sandwich settings of an individual network:
     they do not change the trained network."""
     from usnet.checkpoint import read_checkpoint
-    from usnet.config import config_diff
-    from usnet.config import load_run_config
+    from usnet.config import config_diff, load_run_config
     from usnet.rundir import FINAL
 
     trained = load_run_config(read_checkpoint(directory / FINAL)).to_dict()
@@ -293,7 +360,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--quick", action="store_true", help="6000 training images (a smoke test)")
     parser.add_argument("--jobs", type=int, default=1, help="runs at once")
-    parser.add_argument("--threads", type=int, default=0, help="threads per run (default: cores / jobs)")
+    parser.add_argument(
+        "--threads", type=int, default=0, help="threads per run (default: cores / jobs)"
+    )
     parser.add_argument("--calibration", action="store_true", help="also run claim (d)")
     parser.add_argument("--calib-seeds", type=int, default=3)
     parser.add_argument("--score-on", choices=("test", "val"), default="test",
@@ -303,10 +372,14 @@ def main(argv: list[str] | None = None) -> int:
                         help="run directories; default: runs/paper_claims[-quick]-E<epochs>[-val]")  # fmt: skip
     parser.add_argument("--results", type=Path, default=None,
                         help="raw results; default: benchmarks/results/<the --out directory's name>")  # fmt: skip
-    parser.add_argument("--report", action="store_true", help="only print the tables of the raw results")
+    parser.add_argument(
+        "--report", action="store_true", help="only print the tables of the raw results"
+    )
     args = parser.parse_args(argv)
     args.threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
-    suffix = f"{'-quick' if args.quick else ''}-E{args.epochs}{'-val' if args.score_on == 'val' else ''}"
+    suffix = (
+        f"{'-quick' if args.quick else ''}-E{args.epochs}{'-val' if args.score_on == 'val' else ''}"
+    )
     out = (args.out or ROOT / "runs" / f"paper_claims{suffix}").resolve()
     args.results = (args.results or RESULTS / out.name).resolve()
     if not args.report:

@@ -251,7 +251,9 @@ def plot(directory: Path, path: Path, epochs: int | None = None) -> bool:
     def points(row: str) -> list[dict]:
         merged = {float(p["width"]): p for r in runs if r["row"] == row and r["seed"] == seed
                   for p in r["spectrum"]}  # fmt: skip
-        return [{"width": w, "macs": p["macs"], "top1": p["top1"]} for w, p in sorted(merged.items())]
+        return [
+            {"width": w, "macs": p["macs"], "top1": p["top1"]} for w, p in sorted(merged.items())
+        ]
 
     others = {"trained alone at one width": points("individual")}
     if points("n4"):
@@ -277,7 +279,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if not load_runs(directory):
-            raise ReportError(f"{str(directory)!r} holds no {FORMAT} result files: nothing to report")
+            raise ReportError(
+                f"{str(directory)!r} holds no {FORMAT} result files: nothing to report"
+            )
         print(render(directory, paper_claims))
         if args.plot is not None and plot(directory, args.plot):
             print(f"\nPlot: {args.plot}")

@@ -45,6 +45,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+from _common import PeakMemory, add_common_args, header, resolve_device, sync, table
 from torch import nn
 
 import usnet
@@ -55,8 +56,6 @@ from usnet.training import (
     sandwich_step,
     warm_up_widths,
 )
-
-from _common import PeakMemory, add_common_args, header, resolve_device, sync, table
 
 
 @dataclass
@@ -212,8 +211,15 @@ def ms_per_step(step, widths_per_step: Sequence[Sequence[float]], device) -> flo
     return (time.perf_counter() - start) / len(widths_per_step) * 1000
 
 
-def run_pair(size: Size, variant_name: str, mode: str, device, rounds: int, steps: int,
-             random_choices: int = 0) -> dict:
+def run_pair(
+    size: Size,
+    variant_name: str,
+    mode: str,
+    device,
+    rounds: int,
+    steps: int,
+    random_choices: int = 0,
+) -> dict:
     """Median ms/step of the slimmable step and of the limit, interleaved per round."""
     v = Variant.parse(variant_name)
     torch.backends.cudnn.benchmark = v.cudnn_benchmark
@@ -315,8 +321,17 @@ def memory_worker(args, size: Size, device) -> None:
 
 def main_memory(args, size: Size, device) -> None:
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
-    cmd = [sys.executable, __file__, "--size", size_name(size), "--device", str(device),
-           "--memory-worker", "--threads", str(torch.get_num_threads())]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--size",
+        size_name(size),
+        "--device",
+        str(device),
+        "--memory-worker",
+        "--threads",
+        str(torch.get_num_threads()),
+    ]
     cmd += ["--variants", args.variants] if args.variants else []
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
     peaks = {}
@@ -351,8 +366,11 @@ def main_compile(args, size: Size, device) -> None:
     plan = usnet.channel_plan(model)
     fixed = fixed_widths(model)
     # Random widths drawn from a finite list bound the graphs: one per channel configuration.
-    choices = [fixed[2], fixed[3]] if args.compile_choices == 0 else \
-        plan.distinct_widths()[:: max(1, len(plan.distinct_widths()) // args.compile_choices)]
+    choices = (
+        [fixed[2], fixed[3]]
+        if args.compile_choices == 0
+        else plan.distinct_widths()[:: max(1, len(plan.distinct_widths()) // args.compile_choices)]
+    )
     sampler = WidthSampler(plan.width_range, 4, seed=0, choices=choices)
     configs = {plan.config(w) for w in [*fixed[:2], *choices]}
     bound = len(configs)
@@ -363,7 +381,11 @@ def main_compile(args, size: Size, device) -> None:
     schedule = [sampler.sample() for _ in range(rounds * steps)]
     counters.clear()
     # torch >= 2.6 calls it recompile_limit (cache_size_limit before; both exist on 2.11)
-    name = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+    name = (
+        "recompile_limit"
+        if hasattr(torch._dynamo.config, "recompile_limit")
+        else "cache_size_limit"
+    )
     with torch._dynamo.config.patch(**{name: max(8, bound)}):
         t = time.perf_counter()
         warm_up_widths(compiled_model, images, [*fixed[:2], *choices])
@@ -395,9 +417,11 @@ def main_compile(args, size: Size, device) -> None:
     print(header(f"torch.compile sandwich step: {sz.model}, batch {sz.batch}, {sz.image} px, "
                  f"fp32, random widths from {len(choices)} choices + top/bottom; median of "
                  f"{rounds} interleaved rounds x {steps} steps", device))  # fmt: skip
-    print(f"  distinct channel configurations the sampler can draw (the recompile bound): {bound}; "
-          f"graphs compiled: {graphs_after_warm} after warm-up ({compile_s:.0f} s), {graphs} at the "
-          f"end (both sides; the compiled limit's warm-up took {limit_compile_s:.0f} s)")
+    print(
+        f"  distinct channel configurations the sampler can draw (the recompile bound): {bound}; "
+        f"graphs compiled: {graphs_after_warm} after warm-up ({compile_s:.0f} s), {graphs} at the "
+        f"end (both sides; the compiled limit's warm-up took {limit_compile_s:.0f} s)"
+    )
     rows = [[name, f"{statistics.median(v):.1f}", f"{sz.batch / statistics.median(v) * 1000:.0f}",
              f"**{statistics.median(v) / clim:.3f}**", f"{statistics.median(v) / lim:.3f}",
              f"{min(v):.1f}-{max(v):.1f}"]
@@ -412,8 +436,9 @@ def main() -> None:
     add_common_args(parser)
     parser.add_argument("--steps", type=int, default=None, help="timed steps per round")
     parser.add_argument("--widths", default="fixed,random", help="fixed, random or both")
-    parser.add_argument("--variants", default=None,
-                        help="comma list of fp32, bf16_cl, fp32+bench, bf16_cl+bench")
+    parser.add_argument(
+        "--variants", default=None, help="comma list of fp32, bf16_cl, fp32+bench, bf16_cl+bench"
+    )
     parser.add_argument("--random-choices", type=int, default=0,
                         help="random widths drawn from about this many distinct widths (0: any "
                              "width; a finite set bounds the one-off warm-up on a GPU, where each "

@@ -36,6 +36,8 @@ import sys
 import time
 from pathlib import Path
 
+from report import cell  # mean ± sd [seeds in the cell], as in every benchmark table
+
 from usnet.config import load_config
 from usnet.files import atomic_write_bytes
 
@@ -61,7 +63,17 @@ def train(name: str, seed: int, config: Path, overrides: list[str], directory: P
     """One ``usnet train`` run (its result reused when written, resumed when interrupted)."""
     if result_file.exists():
         return json.loads(result_file.read_text())
-    command = [sys.executable, "-m", "usnet", "train", str(config), "--out", str(directory), "--set", *overrides]
+    command = [
+        sys.executable,
+        "-m",
+        "usnet",
+        "train",
+        str(config),
+        "--out",
+        str(directory),
+        "--set",
+        *overrides,
+    ]
     if (directory / "checkpoint.pt").exists():
         command.append("--resume")
     directory.mkdir(parents=True, exist_ok=True)
@@ -70,11 +82,15 @@ def train(name: str, seed: int, config: Path, overrides: list[str], directory: P
     with open(directory / "train.log", "a") as log:
         done = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
     if done.returncode != 0:
-        raise RuntimeError(f"{' '.join(command)} failed (exit {done.returncode}); see {directory / 'train.log'}")
+        raise RuntimeError(
+            f"{' '.join(command)} failed (exit {done.returncode}); see {directory / 'train.log'}"
+        )
     rows = json.loads((directory / "spectrum.json").read_text())
     rows = rows["rows"] if isinstance(rows, dict) else rows
     records = [json.loads(line) for line in (directory / "metrics.jsonl").read_text().splitlines()]
-    teacher_s = [r["teacher_s"] for r in records if "teacher_s" in r]  # the teacher's forward passes
+    teacher_s = [
+        r["teacher_s"] for r in records if "teacher_s" in r
+    ]  # the teacher's forward passes
     run = next((r for r in records if r.get("kind") == "run"), {})
     result = {"name": name, "seed": seed, "overrides": overrides, "commit": _commit(),
               "wall_s": time.perf_counter() - start, "resumed": "--resume" in command,
@@ -110,12 +126,14 @@ def zero_shot(args: argparse.Namespace, seed: int, importance: str) -> dict:
     import torch
 
     import usnet
-    from usnet.evaluation import evaluate
     from usnet.data import datasets_for
+    from usnet.evaluation import evaluate
     from usnet.warm_start import load_init, reorder_batches
 
     torch.set_num_threads(args.threads)
-    config = load_config(FINETUNE_CONFIG, [*common(args, seed), f"init.checkpoint={plain_model(args, seed)}"])
+    config = load_config(
+        FINETUNE_CONFIG, [*common(args, seed), f"init.checkpoint={plain_model(args, seed)}"]
+    )
     train_set, calib_set, test_set, info = datasets_for(config)
     model = usnet.models.create_model(config.model, num_classes=info.num_classes, in_channels=info.in_channels,
                                       small_input=info.small_input, width_range=tuple(config.width_range))  # fmt: skip
@@ -123,7 +141,9 @@ def zero_shot(args: argparse.Namespace, seed: int, importance: str) -> dict:
     start = time.perf_counter()
     if importance != "none":
         data = reorder_batches(train_set, config.init.num_images, config.calib.batch_size, seed)
-        usnet.reorder_channels(model, importance, data=data, num_images=config.init.num_images, log=print)
+        usnet.reorder_channels(
+            model, importance, data=data, num_images=config.init.num_images, log=print
+        )
     reorder_s = time.perf_counter() - start
     usnet.calibrate(model, calib_set, list(WIDTHS), num_images=config.calib.num_images, seed=seed,
                     batch_size=config.calib.batch_size, progress=False)  # fmt: skip
@@ -139,6 +159,7 @@ def zero_shot(args: argparse.Namespace, seed: int, importance: str) -> dict:
 
 def best_importance(args: argparse.Namespace, seeds: list[int]) -> str:
     """The importance of (b) with the best mean top-1 over the widths below 1.0."""
+
     def score(imp: str) -> float:
         found = [_load(args.results / f"zero_shot-{imp}-seed{s}.json") for s in seeds]
         values = [r["top1"][f"{w:g}"] for r in found if r for w in WIDTHS if w < 1.0]
@@ -168,14 +189,6 @@ def _load(path: Path) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def _cell(values: list[float]) -> str:
-    if not values:
-        return "-"
-    if len(values) == 1:
-        return f"{values[0]:.2f}"
-    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
-
-
 def report(results: Path) -> str:
     files = sorted(results.glob("*-seed*.json"))
     by_name: dict[str, list[dict]] = {}
@@ -191,9 +204,9 @@ def report(results: Path) -> str:
         rows = by_name.get(name)
         if not rows:
             continue
-        cells = [_cell([r["top1"][f"{w:g}"] for r in rows if f"{w:g}" in r["top1"]]) for w in WIDTHS]
-        wall = _cell([r["wall_s"] for r in rows])
-        teacher = _cell([r["teacher_s"] for r in rows if r.get("teacher_s")])
+        cells = [cell([r["top1"][f"{w:g}"] for r in rows if f"{w:g}" in r["top1"]]) for w in WIDTHS]
+        wall = cell([r["wall_s"] for r in rows])
+        teacher = cell([r["teacher_s"] for r in rows if r.get("teacher_s")])
         lines.append(f"| {name} | {len(rows)} | " + " | ".join(cells) + f" | {wall} | {teacher} |")
     return "\n".join(lines)
 
@@ -202,18 +215,36 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", default="a,b,c,d", help="comma-separated steps of a, b, c, d")
     parser.add_argument("--seeds", default="0", help="comma-separated seeds, e.g. 0,1,2")
-    parser.add_argument("--model", default="us_convnet", help="zoo model (us_resnet18: the second architecture)")
-    parser.add_argument("--epochs", type=int, default=None, help="plain and scratch epochs (default 4; --quick 1)")
+    parser.add_argument(
+        "--model", default="us_convnet", help="zoo model (us_resnet18: the second architecture)"
+    )
+    parser.add_argument(
+        "--epochs", type=int, default=None, help="plain and scratch epochs (default 4; --quick 1)"
+    )
     parser.add_argument("--finetune-epochs", type=int, default=1)
-    parser.add_argument("--importances", default=",".join(IMPORTANCES), help="step (b)'s importances")
-    parser.add_argument("--quick", action="store_true", help="2048 training images, 1 epoch: a smoke test")
-    parser.add_argument("--limit-train", type=int, default=None,
-                        help="train on the first N images only (a short run; the tag says so)")
-    parser.add_argument("--threads", type=int, default=0, help="threads per run (default: all cores)")
-    parser.add_argument("--out", type=Path, default=None, help="run directories (default: runs/warm_start-<tag>)")
+    parser.add_argument(
+        "--importances", default=",".join(IMPORTANCES), help="step (b)'s importances"
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="2048 training images, 1 epoch: a smoke test"
+    )
+    parser.add_argument(
+        "--limit-train",
+        type=int,
+        default=None,
+        help="train on the first N images only (a short run; the tag says so)",
+    )
+    parser.add_argument(
+        "--threads", type=int, default=0, help="threads per run (default: all cores)"
+    )
+    parser.add_argument(
+        "--out", type=Path, default=None, help="run directories (default: runs/warm_start-<tag>)"
+    )
     parser.add_argument("--results", type=Path, default=None,
                         help="result JSON folder (default: benchmarks/results/warm_start/<tag>)")  # fmt: skip
-    parser.add_argument("--report", action="store_true", help="only print the tables of finished results")
+    parser.add_argument(
+        "--report", action="store_true", help="only print the tables of finished results"
+    )
     args = parser.parse_args(argv)
     args.threads = args.threads or max(1, os.cpu_count() or 1)
     args.epochs = args.epochs or (1 if args.quick else 4)

@@ -34,8 +34,13 @@ TRANSFORMERS = FIXED_SIZE
 
 
 def families() -> list[tuple[str, str]]:
-    models = [(n, "classification") for n in torchvision.models.list_models(module=torchvision.models)]
-    models += [(n, "segmentation") for n in torchvision.models.list_models(module=torchvision.models.segmentation)]
+    models = [
+        (n, "classification") for n in torchvision.models.list_models(module=torchvision.models)
+    ]
+    models += [
+        (n, "segmentation")
+        for n in torchvision.models.list_models(module=torchvision.models.segmentation)
+    ]
     return models
 
 
@@ -105,7 +110,11 @@ def check(name: str, seed: int = 0) -> tuple[str, str]:
     with torch.no_grad():
         got = outputs(converted(x))
     if len(got) != len(reference) or not all(torch.equal(a, b) for a, b in zip(got, reference)):
-        diff = max((a - b).abs().max().item() for a, b in zip(got, reference)) if len(got) == len(reference) else None
+        diff = (
+            max((a - b).abs().max().item() for a, b in zip(got, reference))
+            if len(got) == len(reference)
+            else None
+        )
         return "wrong", f"full width differs from the original (max abs diff {diff})"
     width = random.Random(name).uniform(0.25, 0.9)  # a different random width per model
     images = torch.randn(16, 3, size, size)
@@ -149,7 +158,9 @@ def main(argv=None) -> int:
         seconds = time.perf_counter() - start
         kind = "transformer" if name.startswith(TRANSFORMERS) else "cnn"
         rows.append((name, family, kind, params, verdict, detail, seconds))
-        print(f"{name:32s} {verdict:9s} {seconds:6.1f}s  {detail[:150]}", file=sys.stderr, flush=True)
+        print(
+            f"{name:32s} {verdict:9s} {seconds:6.1f}s  {detail[:150]}", file=sys.stderr, flush=True
+        )
     if args.markdown:
         print("| model | task | params | result | detail |")
         print("|---|---|---|---|---|")
@@ -162,7 +173,9 @@ def main(argv=None) -> int:
     for kind in ("cnn", "transformer"):
         total = sum(v for (k, _), v in counts.items() if k == kind)
         if total:
-            parts = ", ".join(f"{counts.get((kind, v), 0)} {v}" for v in ("converted", "refused", "wrong"))
+            parts = ", ".join(
+                f"{counts.get((kind, v), 0)} {v}" for v in ("converted", "refused", "wrong")
+            )
             print(f"\n{kind}s: {total} models: {parts}")
     return 0
 

@@ -80,7 +80,11 @@ def test_empty_batches_count_for_nothing(model):
     fast CPU path (8x8 maps) and the native one (2x2 maps) alike; a direct forward of one leaves
     a calibrating layer as it was."""
     for size in (8, 2):
-        data = list((torch.randn(40, 3, size, size, generator=torch.Generator().manual_seed(1)) * 2 + 0.5).split(16))
+        data = list(
+            (
+                torch.randn(40, 3, size, size, generator=torch.Generator().manual_seed(1)) * 2 + 0.5
+            ).split(16)
+        )
         with_empty = [data[0], data[0][:0], data[1], data[2][:0], data[2]]
         mean, var = reference_stats(model, data, 16)
         usnet.calibrate(model, with_empty, widths=[0.5], num_images=40)

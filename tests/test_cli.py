@@ -13,7 +13,10 @@ def test_profile_table_and_json(capsys):
     assert [r["width"] for r in rows] == [0.35, 1.0]
     assert [round(r["macs"] / 1e6, 1) for r in rows] == [59.3, 300.8]
     assert rows[1]["flops"] == 2 * rows[1]["macs"] and rows[1]["params"] == 3504872
-    assert main(["profile", "us_convnet", "--widths", "0.25:1.0:0.25", "--input-size", "1,1,28,28"]) == 0
+    assert (
+        main(["profile", "us_convnet", "--widths", "0.25:1.0:0.25", "--input-size", "1,1,28,28"])
+        == 0
+    )
     out = capsys.readouterr().out
     assert "1x1x28x28" in out and len(out.strip().splitlines()) == 2 + 4
 
@@ -31,7 +34,10 @@ def test_a_file_named_like_a_zoo_model_wins_in_every_command(tmp_path, monkeypat
 
     usnet.save(usnet.models.us_convnet(num_classes=3), tmp_path / "us_convnet")
     monkeypatch.chdir(tmp_path)
-    assert main(["profile", "us_convnet", "--widths", "1.0", "--input-size", "1,1,28,28", "--json"]) == 0
+    assert (
+        main(["profile", "us_convnet", "--widths", "1.0", "--input-size", "1,1,28,28", "--json"])
+        == 0
+    )
     params = json.loads(capsys.readouterr().out)[0]["params"]
     assert params == 278890 - 7 * (128 + 1)  # the file's 3-class head, not the zoo's 10 classes
     assert main(["select", "us_convnet", "--max-params", str(params), "--input-size", "1,1,28,28",

@@ -53,7 +53,10 @@ def test_misspelled_key_is_an_error_naming_valid_keys(tmp_path):
         ("epochs=1.5", "epochs: expected an integer"),
         ("inplace_distill=yes please", "inplace_distill: expected true or false"),
         ("lr=fast", "lr: expected a number"),
-        ("mode=ensemble", "mode: invalid value 'ensemble'; valid: universal, individual, slimmable"),
+        (
+            "mode=ensemble",
+            "mode: invalid value 'ensemble'; valid: universal, individual, slimmable",
+        ),
         ("data.name=mnist", "data.name: invalid value 'mnist'"),
         ("width_range=[0.5, 1.5]", "width_range must be"),
         ("num_widths=1", "num_widths must be at least 2"),

@@ -147,9 +147,7 @@ def test_mobilenet_and_efficientnet_residual_ties():
 def test_squeeze_excitation_ties_channels():
     _, model = trained_pair("mobilenet_v3_large")
     block = "features.4.block"
-    assert isinstance(
-        model.get_submodule(f"{block}.2"), torchvision.ops.misc.SqueezeExcitation
-    )
+    assert isinstance(model.get_submodule(f"{block}.2"), torchvision.ops.misc.SqueezeExcitation)
     group = ties(model, [f"{block}.0.0", f"{block}.1.0", f"{block}.2.fc2"])
     assert group_of(model, f"{block}.2.fc1") != group
     # the squeeze conv reads the excited channels
@@ -323,8 +321,17 @@ class Wrapped(nn.Module):
         (IndexNet, r"getitem.*indexing"),
         (ReshapeNet, r"\.reshape\(\).*reshape"),
     ],
-    ids=["shuffle", "view", "layernorm", "linear3d", "control-flow", "functional-conv",
-         "called-twice", "indexing", "reshape"],
+    ids=[
+        "shuffle",
+        "view",
+        "layernorm",
+        "linear3d",
+        "control-flow",
+        "functional-conv",
+        "called-twice",
+        "indexing",
+        "reshape",
+    ],
 )
 def test_refusals_name_module_and_operation(net, pattern):
     model = net()

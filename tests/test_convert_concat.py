@@ -36,7 +36,9 @@ class Inception(nn.Module):
 
 def _converted():
     model = liven(usnet.slimmable(Inception(), input_size=(1, 3, 8, 8), divisor=4))
-    usnet.calibrate(model, [torch.randn(8, 3, 8, 8) for _ in range(2)], [0.25, 0.5, 0.7, 1.0], num_images=16)
+    usnet.calibrate(
+        model, [torch.randn(8, 3, 8, 8) for _ in range(2)], [0.25, 0.5, 0.7, 1.0], num_images=16
+    )
     return model.eval()
 
 
@@ -44,7 +46,11 @@ def test_layers_after_a_concatenation_take_each_segments_prefix():
     model = _converted()
     x = torch.randn(2, 3, 8, 8)
     usnet.set_width(model, 0.5)
-    a, b, s = model.a.active_out_channels, model.b.active_out_channels, model.stem.active_out_channels
+    a, b, s = (
+        model.a.active_out_channels,
+        model.b.active_out_channels,
+        model.stem.active_out_channels,
+    )
     assert (a, b, s) == (12, 4, 8)
     assert model.mix.active_in_channels == a + b
     expected_index = list(range(a)) + list(range(24, 24 + b))
@@ -58,7 +64,11 @@ def test_layers_after_a_concatenation_take_each_segments_prefix():
         y = torch.cat([ya, yb], 1)
         mean, var = model.bn.current_stats()
         index = torch.tensor(expected_index)
-        y = F.relu(F.batch_norm(y, mean, var, model.bn.weight[index], model.bn.bias[index], eps=model.bn.eps))
+        y = F.relu(
+            F.batch_norm(
+                y, mean, var, model.bn.weight[index], model.bn.bias[index], eps=model.bn.eps
+            )
+        )
         m = model.mix.active_out_channels
         z = torch.cat([F.conv2d(y, model.mix.weight[:m, index], model.mix.bias[:m]), h], 1)
         features = torch.flatten(F.adaptive_avg_pool2d(z, 2), 1)

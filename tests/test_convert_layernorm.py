@@ -110,4 +110,7 @@ def test_torchvision_convnext_tiny_exports_at_a_random_width():
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad(), usnet.width(model, 0.6):
         assert torch.allclose(model(x), plain(x), atol=1e-4, rtol=1e-4)
-    assert usnet.profile(model, 0.6, (1, 3, 64, 64)).macs < 0.5 * usnet.profile(model, 1.0, (1, 3, 64, 64)).macs
+    assert (
+        usnet.profile(model, 0.6, (1, 3, 64, 64)).macs
+        < 0.5 * usnet.profile(model, 1.0, (1, 3, 64, 64)).macs
+    )

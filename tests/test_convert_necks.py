@@ -16,7 +16,9 @@ import usnet
 
 
 def conv_bn(cin: int, cout: int, k: int = 1, s: int = 1) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(cin, cout, k, s, k // 2, bias=False), nn.BatchNorm2d(cout), nn.SiLU())
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, k, s, k // 2, bias=False), nn.BatchNorm2d(cout), nn.SiLU()
+    )
 
 
 class Bottleneck(nn.Module):
@@ -82,7 +84,9 @@ class UNet(nn.Module):
         super().__init__()
 
         def block(cin, cout):
-            return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.GroupNorm(4, cout), nn.ReLU())
+            return nn.Sequential(
+                nn.Conv2d(cin, cout, 3, padding=1), nn.GroupNorm(4, cout), nn.ReLU()
+            )
 
         self.enc1, self.enc2, self.enc3 = block(3, 16), block(16, 32), block(32, 64)
         self.pool = nn.MaxPool2d(2)

@@ -38,7 +38,9 @@ def _build(name: str, **extra) -> nn.Module:
     if name in SEGMENTATION:
         kwargs["weights_backbone"] = None
     if name in ("googlenet", "inception_v3"):
-        kwargs["init_weights"] = False  # scipy's truncated normal is slow; weights are random anyway
+        kwargs["init_weights"] = (
+            False  # scipy's truncated normal is slow; weights are random anyway
+        )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return torchvision.models.get_model(name, **kwargs)
@@ -69,7 +71,9 @@ def randomize_statistics(model: nn.Module) -> nn.Module:
 
 
 def _size(name: str) -> int:
-    return 224 if name.startswith(FIXED_SIZE) else 299 if name == "inception_v3" else 64  # its aux head needs 299
+    return (
+        224 if name.startswith(FIXED_SIZE) else 299 if name == "inception_v3" else 64
+    )  # its aux head needs 299
 
 
 def _tensors(out) -> list[torch.Tensor]:

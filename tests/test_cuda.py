@@ -46,11 +46,17 @@ def _exact_float32():
 
 def batch(n=32, channels=1, size=28, classes=10, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, channels, size, size, generator=g), torch.randint(0, classes, (n,), generator=g)
+    return torch.randn(n, channels, size, size, generator=g), torch.randint(
+        0, classes, (n,), generator=g
+    )
 
 
 def grads(model):
-    return {name: p.grad.detach().float().cpu() for name, p in model.named_parameters() if p.grad is not None}
+    return {
+        name: p.grad.detach().float().cpu()
+        for name, p in model.named_parameters()
+        if p.grad is not None
+    }
 
 
 def relative(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -67,7 +73,9 @@ def overall_relative(got: dict, ref: dict) -> float:
     """Relative difference of all gradients as one vector (low precision: per-layer errors of
     small gradients are large, the step's direction is what matters)."""
     assert got.keys() == ref.keys()
-    return relative(torch.cat([got[k].flatten() for k in ref]), torch.cat([ref[k].flatten() for k in ref]))
+    return relative(
+        torch.cat([got[k].flatten() for k in ref]), torch.cat([ref[k].flatten() for k in ref])
+    )
 
 
 # -- sandwich step ---------------------------------------------------------------------------------
@@ -76,7 +84,9 @@ WIDTHS = [1.0, 0.25, 0.6, 0.4]
 
 def _step(model, images, labels, **kwargs):
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
-    return sandwich_step(model, images, labels, optimizer, WIDTHS, InplaceDistillationLoss(), **kwargs)
+    return sandwich_step(
+        model, images, labels, optimizer, WIDTHS, InplaceDistillationLoss(), **kwargs
+    )
 
 
 def test_sandwich_step_fp32_on_cuda_equals_the_cpu():
@@ -123,7 +133,9 @@ def test_sandwich_step_fp16_with_grad_scaler_on_cuda():
     scaler = torch.amp.GradScaler("cuda", init_scale=2.0**12)
     seen, hooks = _dtypes_seen(gpu)
     scaled_grads = []
-    hook = next(gpu.parameters()).register_hook(lambda g: scaled_grads.append(g.float().norm().item()))
+    hook = next(gpu.parameters()).register_hook(
+        lambda g: scaled_grads.append(g.float().norm().item())
+    )
     got = _step(gpu, images.to(CUDA), labels.to(CUDA), autocast_dtype=torch.float16, scaler=scaler)
     hook.remove()
     for h in hooks:
@@ -202,7 +214,9 @@ def test_export_artifact_from_a_cuda_model(tmp_path):
     images = torch.randn(64, 1, 28, 28, generator=torch.Generator().manual_seed(1))
     usnet.calibrate(model, [images], [0.5], num_images=64)
     for fmt, suffix in (("pt", ".pt2"), ("onnx", ".onnx")):
-        result = usnet.export_artifact(model, 0.5, tmp_path / f"m{suffix}", fmt, input_size=(2, 1, 28, 28))
+        result = usnet.export_artifact(
+            model, 0.5, tmp_path / f"m{suffix}", fmt, input_size=(2, 1, 28, 28)
+        )
         assert result.max_abs_diff <= 1e-4
         logits = usnet.load_artifact(tmp_path / f"m{suffix}")(images[:4])
         ref = eval_forward(model, 0.5, images[:4].to(CUDA)).cpu()
@@ -255,7 +269,9 @@ def test_torchrun_one_process_nccl_trains(tmp_path):
                "--set", "device=cuda", "epochs=1", "data.limit_train=2048", "data.limit_test=500",
                "batch_size=128", "eval.widths=0.25,1.0", "calib.num_images=128",
                "eval.epoch_calib_images=128", "log_every=1"]  # fmt: skip
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    env = dict(
+        os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])
+    )
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
@@ -9,7 +11,6 @@ from torch.utils.data import DataLoader, DistributedSampler
 from usnet.config import load_config
 from usnet.data import FashionMNIST, TensorBatches, as_tensors
 from usnet.trainer import Trainer
-from pathlib import Path
 
 FASHION = Path(__file__).resolve().parents[1] / "configs" / "fashion_mnist.yaml"
 
@@ -21,11 +22,17 @@ def loader_batches(dataset, sampler, batch_size):
 @pytest.mark.parametrize("rank, world", [(0, 1), (1, 2)])
 def test_tensor_batches_equal_the_data_loader(rank, world):
     data = FashionMNIST(train=True, limit=300)
-    sampler = DistributedSampler(data, num_replicas=world, rank=rank, shuffle=True, seed=5, drop_last=True)
+    sampler = DistributedSampler(
+        data, num_replicas=world, rank=rank, shuffle=True, seed=5, drop_last=True
+    )
     sampler.set_epoch(3)
     expected = loader_batches(data, sampler, 32 // world)
     got = list(TensorBatches(*as_tensors(data), list(sampler), 32 // world))
-    assert len(got) == len(expected) == len(TensorBatches(*as_tensors(data), list(sampler), 32 // world))
+    assert (
+        len(got)
+        == len(expected)
+        == len(TensorBatches(*as_tensors(data), list(sampler), 32 // world))
+    )
     for (xi, yi), (xe, ye) in zip(got, expected):
         assert torch.equal(xi, xe) and torch.equal(yi, ye)
 
@@ -36,7 +43,10 @@ def test_a_subset_gives_its_items_in_its_order():
     images, labels = as_tensors(subset)
     for i, (x, y) in enumerate(subset):
         assert torch.equal(images[i], x) and int(labels[i]) == y
-    assert as_tensors(torch.utils.data.Subset(torch.utils.data.TensorDataset(torch.zeros(2, 1)), [0])) is None
+    assert (
+        as_tensors(torch.utils.data.Subset(torch.utils.data.TensorDataset(torch.zeros(2, 1)), [0]))
+        is None
+    )
 
 
 def test_augmented_or_transformed_data_stays_per_item():

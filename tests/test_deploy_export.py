@@ -24,9 +24,15 @@ from usnet.deploy import FORMATS, VerificationError, deployable
 MODELS = {
     # name: (builder, input size, widths)
     "us_convnet": (lambda: zoo_model("us_convnet"), (1, 1, 28, 28), (0.25, 0.6, 1.0)),
-    "us_mobilenet_v2": (lambda: zoo_model("us_mobilenet_v2", in_channels=3), (1, 3, 32, 32), (0.35, 0.8)),
+    "us_mobilenet_v2": (
+        lambda: zoo_model("us_mobilenet_v2", in_channels=3),
+        (1, 3, 32, 32),
+        (0.35, 0.8),
+    ),
     "torchvision_resnet18": (
-        lambda: usnet.slimmable(torchvision.models.resnet18(num_classes=10), input_size=(1, 3, 32, 32)),
+        lambda: usnet.slimmable(
+            torchvision.models.resnet18(num_classes=10), input_size=(1, 3, 32, 32)
+        ),
         (1, 3, 32, 32),
         (0.25, 0.55),
     ),
@@ -40,7 +46,9 @@ def calibrated(name: str):
     builder, size, widths = MODELS[name]
     model = liven(builder())
     gen = torch.Generator().manual_seed(1)
-    usnet.calibrate(model, [torch.randn(16, *size[1:], generator=gen)], widths=list(widths), num_images=16)
+    usnet.calibrate(
+        model, [torch.randn(16, *size[1:], generator=gen)], widths=list(widths), num_images=16
+    )
     return model, size, widths
 
 
@@ -66,7 +74,11 @@ def test_artifact_equals_slimmable_model(name, format, tmp_path):
         assert path.is_file() and result.path == str(path)
         assert result.max_abs_diff <= result.tolerance == 1e-4
         cost = usnet.profile(model, width, size)
-        assert (result.params, result.macs, result.config_id) == (cost.params, cost.macs, cost.config_id)
+        assert (result.params, result.macs, result.config_id) == (
+            cost.params,
+            cost.macs,
+            cost.config_id,
+        )
         # the file on disk, run by its own runtime on another batch size, equals the model
         x = images_for(size)
         expected = slimmable_logits(model, width, x)
@@ -97,7 +109,9 @@ def test_fused_bn_export(format, tmp_path):
     model, size, _ = calibrated("us_convnet")
     plain = deployable(model, 0.6, fuse_bn=True)
     assert not any(isinstance(m, nn.BatchNorm2d) for m in plain.modules())
-    result = usnet.export_artifact(model, 0.6, tmp_path / "f", format, fuse_bn=True, input_size=size)
+    result = usnet.export_artifact(
+        model, 0.6, tmp_path / "f", format, fuse_bn=True, input_size=size
+    )
     assert result.fused_bn and result.tolerance == 1e-3 and result.max_abs_diff <= 1e-3
     unfused = usnet.profile(model, 0.6, size)
     bn_params = sum(m.weight.numel() + m.bias.numel() for m in usnet.export(model, 0.6).modules()
@@ -107,7 +121,12 @@ def test_fused_bn_export(format, tmp_path):
     assert result.params == unfused.params - bn_params // 2
     assert result.macs == unfused.macs
     x = images_for(size)
-    assert max_abs_diff(usnet.load_artifact(tmp_path / "f", format)(x), slimmable_logits(model, 0.6, x)) <= 1e-3
+    assert (
+        max_abs_diff(
+            usnet.load_artifact(tmp_path / "f", format)(x), slimmable_logits(model, 0.6, x)
+        )
+        <= 1e-3
+    )
 
 
 def test_pt_artifact_loads_with_plain_torch(tmp_path):
@@ -123,7 +142,9 @@ def test_pt_artifact_loads_with_plain_torch(tmp_path):
         f"torch.save(y, {str(tmp_path / 'y.pt')!r})\n"
         "assert not any(n.split('.')[0] in ('usnet', 'torchvision') for n in sys.modules), 'imported'\n"
     )
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, done.stderr
     got = torch.load(tmp_path / "y.pt")
     assert max_abs_diff(got, slimmable_logits(model, 0.25, x)) <= 1e-4
@@ -142,8 +163,12 @@ def test_failed_verification_writes_nothing(tmp_path):
     model, size, _ = calibrated("torchvision_resnet18")
     path = tmp_path / "r18.onnx"
     # folding BN rounds differently from the slimmable model: a 1e-12 bound cannot hold
-    with pytest.raises(VerificationError, match=r"differs from the slimmable model by .* tolerance 1e-12"):
-        usnet.export_artifact(model, 0.55, path, "onnx", fuse_bn=True, input_size=size, tolerance=1e-12)
+    with pytest.raises(
+        VerificationError, match=r"differs from the slimmable model by .* tolerance 1e-12"
+    ):
+        usnet.export_artifact(
+            model, 0.55, path, "onnx", fuse_bn=True, input_size=size, tolerance=1e-12
+        )
     assert not path.exists() and not list(tmp_path.iterdir())
     result = usnet.export_artifact(model, 0.55, path, "onnx", fuse_bn=True, input_size=size)
     assert 0 < result.max_abs_diff <= 1e-3 and path.is_file()
@@ -151,7 +176,9 @@ def test_failed_verification_writes_nothing(tmp_path):
 
 def test_export_errors(tmp_path):
     model, size, _ = calibrated("us_convnet")
-    with pytest.raises(ValueError, match="unknown export format 'tflite'; valid: pt, torchscript, onnx"):
+    with pytest.raises(
+        ValueError, match="unknown export format 'tflite'; valid: pt, torchscript, onnx"
+    ):
         usnet.export_artifact(model, 0.6, tmp_path / "m", "tflite", input_size=size)
     with pytest.raises(ValueError, match="outside the width range"):
         usnet.export_artifact(model, 1.2, tmp_path / "m", "onnx", input_size=size)
@@ -168,13 +195,21 @@ def test_export_errors(tmp_path):
 
 def test_export_widths_index(tmp_path):
     model, size, _ = calibrated("us_convnet")
-    spectrum = [{"width": 0.6, "config_id": usnet.profile(model, 0.6, size).config_id, "top1": 0.875}]
+    spectrum = [
+        {"width": 0.6, "config_id": usnet.profile(model, 0.6, size).config_id, "top1": 0.875}
+    ]
     # 0.25 and 0.26 round to the same channels: one file for both
     rows = usnet.export_widths(model, [0.25, 0.26, 0.6], tmp_path / "out", "torchscript", input_size=size,
                                spectrum=spectrum)  # fmt: skip
     index = json.loads((tmp_path / "out" / "index.json").read_text())
-    assert index["models"] == rows and index["format"] == "torchscript" and index["input_size"] == [1, 1, 28, 28]
-    names = [f"w{w:.3f}-{r['config_id']}.torchscript.pt" for w, r in ((0.25, rows[0]), (0.6, rows[2]))]
+    assert (
+        index["models"] == rows
+        and index["format"] == "torchscript"
+        and index["input_size"] == [1, 1, 28, 28]
+    )
+    names = [
+        f"w{w:.3f}-{r['config_id']}.torchscript.pt" for w, r in ((0.25, rows[0]), (0.6, rows[2]))
+    ]
     assert [r["file"] for r in rows] == names[:1] * 2 + names[1:]
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["index.json", *names]
     assert [r.get("top1") for r in rows] == [None, None, 0.875]
@@ -219,7 +254,9 @@ def test_cli_export_one_width(checkpoint, tmp_path, capsys):
     code, stdout, _ = run(["export", checkpoint, "--width", 0.6, "--format", "onnx", "--out", out,
                            "--input-size", "1,1,28,28"], capsys)  # fmt: skip
     assert code == 0
-    assert "wrote" in stdout and "verified with onnxruntime" in stdout and "tolerance 0.0001" in stdout
+    assert (
+        "wrote" in stdout and "verified with onnxruntime" in stdout and "tolerance 0.0001" in stdout
+    )
     model, size, _ = calibrated("us_convnet")
     x = images_for(size)
     assert max_abs_diff(usnet.load_artifact(out)(x), slimmable_logits(model, 0.6, x)) <= 1e-4
@@ -237,7 +274,8 @@ def test_cli_export_widths_directory(checkpoint, tmp_path, capsys):
     index = json.loads((tmp_path / "dir" / "index.json").read_text())
     plan = usnet.channel_plan(calibrated("us_convnet")[0])
     assert [(r["width"], r["file"]) for r in index["models"]] == [
-        (w, f"w{w:.3f}-{usnet.config_id(plan.config(w))}.pt2") for w in (0.25, 0.6, 1.0)]
+        (w, f"w{w:.3f}-{usnet.config_id(plan.config(w))}.pt2") for w in (0.25, 0.6, 1.0)
+    ]
     assert [r["top1"] for r in index["models"]] == pytest.approx([0.825, 0.86, 0.9])
 
 
@@ -252,8 +290,14 @@ def test_cli_export_calibrates_with_data(checkpoint, tmp_path, capsys):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--width", "0.6", "--format", "tflite"], "unknown export format 'tflite'; valid: pt, torchscript, onnx"),
-        (["--width", "1.5", "--format", "onnx"], "width 1.5 is outside the width range [0.25, 1.0]"),
+        (
+            ["--width", "0.6", "--format", "tflite"],
+            "unknown export format 'tflite'; valid: pt, torchscript, onnx",
+        ),
+        (
+            ["--width", "1.5", "--format", "onnx"],
+            "width 1.5 is outside the width range [0.25, 1.0]",
+        ),
         (["--width", "0.45", "--format", "onnx"], "width 0.45 is not calibrated in"),
         (["--width", '{"nope": 0.5}', "--format", "onnx"], "unknown channel group 'nope'"),
         (["--format", "onnx"], "give one of --width W (one file) or --widths SPEC"),
@@ -262,5 +306,10 @@ def test_cli_export_calibrates_with_data(checkpoint, tmp_path, capsys):
 def test_cli_export_errors_are_one_line(checkpoint, tmp_path, capsys, args, message):
     code, _, err = run(["export", checkpoint, *args, "--out", tmp_path / "x"], capsys)
     lines = err.strip().splitlines()
-    assert code == 2 and len(lines) == 1 and lines[0].startswith("usnet: error: ") and message in lines[0]
+    assert (
+        code == 2
+        and len(lines) == 1
+        and lines[0].startswith("usnet: error: ")
+        and message in lines[0]
+    )
     assert not list(tmp_path.iterdir())

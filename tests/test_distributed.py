@@ -25,6 +25,7 @@ from torch import nn
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import TensorDataset
+from usnet_testing import liven, tiny_slimmable
 
 import usnet
 from usnet import distributed
@@ -32,7 +33,6 @@ from usnet.config import ConfigError, load_config
 from usnet.layers import SlimmableBatchNorm2d
 from usnet.trainer import _NO_BUFFER_SYNC, CHECKPOINT, FINAL, METRICS, Trainer, saved_run_config
 from usnet.training import InplaceDistillationLoss, sandwich_step
-from usnet_testing import liven, tiny_slimmable
 
 pytestmark = pytest.mark.distributed
 
@@ -108,7 +108,8 @@ def _audit_writes(roots: list[str], log: list) -> None:
         if event == "open" and args and isinstance(args[0], (str, bytes, os.PathLike)):
             path, mode, flags = os.fsdecode(args[0]), args[1], args[2]
             writes = (mode is not None and any(c in str(mode) for c in "wax+")) or (
-                mode is None and flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT))
+                mode is None and flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT)
+            )
             if writes and any(path.startswith(r) for r in roots):
                 log.append(path)
         elif event in ("os.mkdir", "os.rename", "os.remove") and args:
@@ -190,7 +191,9 @@ def test_two_processes_train_resume_and_validate_like_one(tmp_path):
         x = usnet.checkpoint.read_checkpoint(two / name)
         y = usnet.checkpoint.read_checkpoint(resumed / name)
         for key, value in x["state_dict"].items():
-            if name == FINAL or not key.endswith(("running_mean", "running_var", "num_batches_tracked")):
+            if name == FINAL or not key.endswith(
+                ("running_mean", "running_var", "num_batches_tracked")
+            ):
                 assert torch.equal(value, y["state_dict"][key]), (name, key)
     x, y = (usnet.checkpoint.read_checkpoint(out / FINAL)["bn_stats"] for out in (two, resumed))
     assert x.keys() == y.keys() and len(x) == 3
@@ -301,7 +304,9 @@ def _step_model() -> nn.Module:
 
 def _step_batch() -> tuple[torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(5)
-    return torch.randn(8, 3, 8, 8, generator=gen) * 1.5 + 0.3, torch.randint(0, 10, (8,), generator=gen)
+    return torch.randn(8, 3, 8, 8, generator=gen) * 1.5 + 0.3, torch.randint(
+        0, 10, (8,), generator=gen
+    )
 
 
 def _one_step(model: nn.Module, images, labels, steps: int = 2) -> dict[str, torch.Tensor]:

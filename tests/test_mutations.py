@@ -82,7 +82,9 @@ def test_biased_calibration_fails_the_every_layer_check(monkeypatch):
         return None if out is None else (out[0] + 1e-3, out[1], out[2])
 
     monkeypatch.setattr(usnet.layers, "_cpu_batch_stats", shifted)
-    fails(test_calibrate.test_every_bn_layer_equals_pytorch_cumulative_batchnorm, "us_resnet18", 0.4)
+    fails(
+        test_calibrate.test_every_bn_layer_equals_pytorch_cumulative_batchnorm, "us_resnet18", 0.4
+    )
 
 
 def test_unstable_config_id_fails_the_pinned_id(monkeypatch):

@@ -14,6 +14,7 @@ import pickle
 import pytest
 import torch
 from torch import nn
+from usnet_testing import liven, zoo_model
 
 import usnet
 from usnet.layers import SlimmableBatchNorm2d, SlimmableConv2d, SlimmableLinear
@@ -25,7 +26,6 @@ from usnet.training import (
     sandwich_step,
     warm_up_widths,
 )
-from usnet_testing import liven, zoo_model
 
 ACTIVE_ATTRS = ("active_in_channels", "active_out_channels", "active_in_features",
                 "active_out_features", "active_features", "stats_key", "width_label")  # fmt: skip
@@ -133,7 +133,9 @@ def test_bn_stats_cache_follows_load_calibrate_and_to():
     model.load_state_dict(exported.state_dict())
     torch.testing.assert_close(model(x), exported(x), rtol=1e-5, atol=1e-5)
     model.double()  # .to() replaces the buffers
-    torch.testing.assert_close(model(x.double()), exported.double()(x.double()), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        model(x.double()), exported.double()(x.double()), rtol=1e-5, atol=1e-5
+    )
     with torch.no_grad():  # an in-place reset to the initial values is seen too
         for m in model.modules():
             if isinstance(m, SlimmableBatchNorm2d):
@@ -252,7 +254,9 @@ def test_fast_calibration_statistics_equal_native_kernel(monkeypatch, channels_l
     widths = [0.35, 0.6, 1.0]
     calls = []
     fast = usnet.layers._cpu_batch_stats
-    monkeypatch.setattr(usnet.layers, "_cpu_batch_stats", lambda x: calls.append(fast(x)) or calls[-1])
+    monkeypatch.setattr(
+        usnet.layers, "_cpu_batch_stats", lambda x: calls.append(fast(x)) or calls[-1]
+    )
     fast_stats = _calibrated_stats(model, batches, widths)
     used = sum(c is not None for c in calls)
     assert (used > 0) != channels_last  # NCHW takes the row reductions, channels-last never

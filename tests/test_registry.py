@@ -95,7 +95,10 @@ def test_a_registered_layer_converts_slims_exports_and_saves(registered, tmp_pat
     loaded = usnet.load(usnet.save(model, tmp_path / "m.pt"))
     with torch.no_grad():
         assert torch.equal(loaded.eval()(x), expected)
-    assert usnet.profile(model, 0.5, input_size=(1, 3, 8, 8)).macs < usnet.profile(model, 1.0, input_size=(1, 3, 8, 8)).macs
+    assert (
+        usnet.profile(model, 0.5, input_size=(1, 3, 8, 8)).macs
+        < usnet.profile(model, 1.0, input_size=(1, 3, 8, 8)).macs
+    )
 
 
 def test_register_rejects_what_cannot_work():

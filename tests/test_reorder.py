@@ -40,7 +40,9 @@ def _check_full_width(model: nn.Module, shape, importance: str, classes: int = 1
     x = data[0][0]
     with torch.no_grad():
         before = model(x)
-    perms = reorder_channels(model, importance, data=data, num_images=shape[0] * 2, log=lambda s: None)
+    perms = reorder_channels(
+        model, importance, data=data, num_images=shape[0] * 2, log=lambda s: None
+    )
     with torch.no_grad():
         after = model(x)
     assert (after - before).abs().max().item() < 1e-5 * max(1.0, before.abs().max().item())
@@ -86,7 +88,7 @@ def _kill_channels(model: nn.Module, width: float, seed: int = 0) -> None:
     dead = {}
     for name, group in state.plan.groups.items():
         if not group.fixed:
-            dead[name] = torch.randperm(group.size, generator=gen)[active[name]:]
+            dead[name] = torch.randperm(group.size, generator=gen)[active[name] :]
     with torch.no_grad():
         for site in _sites(model, state):
             for t in site.tensors:
@@ -95,7 +97,9 @@ def _kill_channels(model: nn.Module, width: float, seed: int = 0) -> None:
                     continue
                 for group, factor, offset in site.spans:
                     if group in dead:
-                        rows = (dead[group].unsqueeze(1) * factor + torch.arange(factor)).reshape(-1)
+                        rows = (dead[group].unsqueeze(1) * factor + torch.arange(factor)).reshape(
+                            -1
+                        )
                         tensor.index_fill_(t.dim, rows + offset, 0.0)
 
 
@@ -162,11 +166,16 @@ def test_order_follows_the_scores_and_all_layers_of_a_residual_group():
                 assert torch.equal(after[key], expected), key
     tied = [b.layer for b in tied]
     consumers = [b.layer for b in consumers]
+
     # the scores the permutation sorted: stem conv rows + consumers' columns, normalized per layer
-    score = sum(before[f"{l}.weight"].abs().flatten(1).sum(1) / before[f"{l}.weight"].abs().flatten(1).sum(1).mean()
-                for l in tied if before[f"{l}.weight"].dim() == 4)  # fmt: skip
+    def normalized(magnitude):
+        return magnitude / magnitude.mean()
+
+    score = sum(normalized(before[f"{name}.weight"].abs().flatten(1).sum(1))
+                for name in tied if before[f"{name}.weight"].dim() == 4)  # fmt: skip
     score = score + sum(
-        (w := before[f"{l}.weight"].abs().transpose(0, 1).flatten(1).sum(1)) / w.mean() for l in consumers
+        normalized(before[f"{name}.weight"].abs().transpose(0, 1).flatten(1).sum(1))
+        for name in consumers
     )
     assert torch.all(score[perm][:-1] >= score[perm][1:] - 1e-4)
 

@@ -88,7 +88,10 @@ def test_cells_count_their_seeds_and_missing_rows_are_listed(suite):
     for group, names in paper_claims.GROUPS.items():
         for name in dict.fromkeys(names):
             assert f"(`{name}`) |" in text, (group, name)
-    assert "### (d) Calibration sample" in text and "| eval transforms | 128 | 90.50 ± 0.71 [2]" in text
+    assert (
+        "### (d) Calibration sample" in text
+        and "| eval transforms | 128 | 90.50 ± 0.71 [2]" in text
+    )
     assert "10000 images" in text and "commits abc1234" in text
 
 
@@ -103,9 +106,13 @@ def test_paired_differences_standard_errors_and_words(suite):
     # width 0.25: only seeds 0 and 1 are paired
     assert lines["0.25"].split(" | ")[2] == "2"
     n4 = {line.split(" | ")[1]: line for line in rows_of(text, "| `n4` - `individual` |")}
-    assert "n/a (1 seed)" in n4["1.00"] and n4["1.00"].endswith("ahead (1 seed) |")  # +1.9 > 2 x 0.29
+    assert "n/a (1 seed)" in n4["1.00"] and n4["1.00"].endswith(
+        "ahead (1 seed) |"
+    )  # +1.9 > 2 x 0.29
     assert n4["0.75"].endswith("level within noise (1 seed) |")  # -0.1
-    assert rows_of(text, "| `us_net` - `no_distill_n5` |")[0].endswith("missing (`no_distill_n5` not run) |")
+    assert rows_of(text, "| `us_net` - `no_distill_n5` |")[0].endswith(
+        "missing (`no_distill_n5` not run) |"
+    )
 
 
 def test_verdict_and_binomial_error():

@@ -22,7 +22,9 @@ def data(n: int, seed: int):
 
 
 def stats_keys(model):
-    return {k for m in model.modules() if isinstance(m, SlimmableBatchNorm2d) for k in m.width_stats}
+    return {
+        k for m in model.modules() if isinstance(m, SlimmableBatchNorm2d) for k in m.width_stats
+    }
 
 
 def test_search_ends_under_budget_with_greedy_steps():
@@ -97,8 +99,13 @@ def test_search_within_budget_from_the_start_and_errors():
     model = zoo_model("us_convnet")
     calib, _ = data(16, 0)
     result = search_width(model, [calib], data(16, 1), max_macs=10**9, input_size=SIZE)
-    assert result.steps == [] and set(result.width.values()) == {1.0} and result.uniform.width == 1.0
-    with pytest.raises(ValueError, match=r"no width fits the budget: the narrowest, width 0.25, needs 1.41M MACs > 1.00M"):
+    assert (
+        result.steps == [] and set(result.width.values()) == {1.0} and result.uniform.width == 1.0
+    )
+    with pytest.raises(
+        ValueError,
+        match=r"no width fits the budget: the narrowest, width 0.25, needs 1.41M MACs > 1.00M",
+    ):
         search_width(model, [calib], data(16, 1), max_macs=1_000_000, input_size=SIZE)
     with pytest.raises(ValueError, match=r"step must be in \(0, 0.75\]"):
         search_width(model, [calib], data(16, 1), max_macs=10**7, input_size=SIZE, step=0)

@@ -16,7 +16,13 @@ from usnet.cli import main
 from usnet.select import config_candidates, parse_count, select_width
 
 SIZE = (1, 1, 28, 28)
-STAGES = ((32, 28), (64, 14), (64, 14), (128, 7), (128, 7))  # US-ConvNet: channels, output side at 28 px
+STAGES = (
+    (32, 28),
+    (64, 14),
+    (64, 14),
+    (128, 7),
+    (128, 7),
+)  # US-ConvNet: channels, output side at 28 px
 
 
 def convnet_cost(width: float) -> tuple[int, int]:
@@ -54,7 +60,9 @@ def test_candidates_are_the_distinct_configurations(model):
     assert len(configs) == len(set(configs)) == len({plan.config(w) for w in GRID})
     previous_hi = None
     for width, (lo, hi), config in candidates:
-        assert lo <= width <= hi and plan.config(width) == plan.config(lo) == plan.config(hi) == config
+        assert (
+            lo <= width <= hi and plan.config(width) == plan.config(lo) == plan.config(hi) == config
+        )
         if previous_hi is not None:
             assert lo == pytest.approx(previous_hi + 0.001)  # intervals tile the range
         previous_hi = hi
@@ -98,14 +106,20 @@ def test_macs_and_params_are_per_image(model):
 def test_params_and_combined_budgets(model):
     plan = usnet.channel_plan(model)
     selection = select_width(model, max_params=60_000, input_size=SIZE)
-    assert plan.config(selection.width) == plan.config(max(w for w in GRID if convnet_cost(w)[0] <= 60_000))
+    assert plan.config(selection.width) == plan.config(
+        max(w for w in GRID if convnet_cost(w)[0] <= 60_000)
+    )
     both = select_width(model, max_params=100_000, max_macs=4_000_000, input_size=SIZE)
-    expected = max(w for w in GRID if convnet_cost(w)[0] <= 100_000 and convnet_cost(w)[1] <= 4_000_000)
+    expected = max(
+        w for w in GRID if convnet_cost(w)[0] <= 100_000 and convnet_cost(w)[1] <= 4_000_000
+    )
     assert plan.config(both.width) == plan.config(expected)
 
 
 def test_spectrum_widths_and_top1(model):
-    spectrum = [{"width": 0.45, "config_id": usnet.profile(model, 0.45, SIZE).config_id, "top1": 0.9}]
+    spectrum = [
+        {"width": 0.45, "config_id": usnet.profile(model, 0.45, SIZE).config_id, "top1": 0.9}
+    ]
     selection = select_width(model, max_macs=5_000_000, input_size=SIZE, spectrum=spectrum)
     assert selection.width == 0.45 and selection.chosen.top1 == 0.9  # 0.45's config fits 5M
     assert selection.to_dict()["top1"] == 0.9
@@ -126,17 +140,24 @@ def test_latency_choice_does_not_assume_monotonic_latency(model, monkeypatch, tm
     for c in selection.candidates:  # each is its own measurement
         channels = plan.channels(c.width)
         first = channels[plan.root_names[0]]
-        assert c.latency_ms == pytest.approx(sum(channels[n] for n in plan.root_names) / 40 + (100 if first == 24 else 0))
+        assert c.latency_ms == pytest.approx(
+            sum(channels[n] for n in plan.root_names) / 40 + (100 if first == 24 else 0)
+        )
     slow = [w for w, ms in latency.items() if ms > 10.0]
     fitting = [w for w, ms in latency.items() if ms <= 10.0]
     assert selection.width == max(fitting)
     assert min(slow) < selection.width  # a narrower width is over budget: not smooth, still right
-    assert selection.chosen.latency_ms <= 10.0 and selection.latency["measured"] == len(selection.candidates)
+    assert selection.chosen.latency_ms <= 10.0 and selection.latency["measured"] == len(
+        selection.candidates
+    )
 
 
 def test_latency_nothing_fits(model, monkeypatch, tmp_path):
     monkeypatch.setattr(select_module, "measure_latency", fake_latency)
-    with pytest.raises(ValueError, match=r"no width fits the budget: the narrowest, width 0.25, needs .* ms > 0.01 ms"):
+    with pytest.raises(
+        ValueError,
+        match=r"no width fits the budget: the narrowest, width 0.25, needs .* ms > 0.01 ms",
+    ):
         select_width(model, max_latency_ms=0.01, input_size=SIZE, cache_dir=tmp_path)
 
 
@@ -170,7 +191,10 @@ def test_select_errors(model):
         select_width(model, input_size=SIZE)
     with pytest.raises(ValueError, match="max_macs must be a positive number"):
         select_width(model, max_macs=-1, input_size=SIZE)
-    with pytest.raises(ValueError, match=r"no width fits the budget: the narrowest, width 0.25, needs 1.41M MACs > 1.00M"):
+    with pytest.raises(
+        ValueError,
+        match=r"no width fits the budget: the narrowest, width 0.25, needs 1.41M MACs > 1.00M",
+    ):
         select_width(model, max_macs=1_000_000, input_size=SIZE)
     with pytest.raises(ValueError, match="outside the width range"):
         select_width(model, max_macs=1e9, input_size=SIZE, widths=[0.1])
@@ -194,7 +218,9 @@ def latency_argv(path, cache):
 
 def test_cli_latency_cache_reused_and_invalidated(tmp_path, capsys):
     model = zoo_model("us_convnet")
-    spectrum = [{"width": 1.0, "config_id": usnet.profile(model, 1.0, SIZE).config_id, "top1": 0.91}]
+    spectrum = [
+        {"width": 1.0, "config_id": usnet.profile(model, 1.0, SIZE).config_id, "top1": 0.91}
+    ]
     path = usnet.save(model, tmp_path / "m.pt", extra={"spectrum": spectrum})
     cache = tmp_path / "cache"
     code, out, _ = run(latency_argv(path, cache), capsys)
@@ -208,7 +234,9 @@ def test_cli_latency_cache_reused_and_invalidated(tmp_path, capsys):
     code, out, _ = run(latency_argv(path, cache), capsys)
     second = json.loads(out)
     assert code == 0 and second["latency"]["measured"] == 0 and second["latency"]["cached"] == 3
-    assert [c["latency_ms"] for c in second["candidates"]] == [c["latency_ms"] for c in first["candidates"]]
+    assert [c["latency_ms"] for c in second["candidates"]] == [
+        c["latency_ms"] for c in first["candidates"]
+    ]
     # a damaged cache file is measured again and rewritten
     files[0].write_text("{not json")
     code, out, _ = run(latency_argv(path, cache), capsys)
@@ -235,16 +263,30 @@ def test_cli_select_macs_text_and_plot(tmp_path, capsys):
     "args, message",
     [
         ([], "a budget is needed: max_macs, max_params or max_latency_ms (--max-macs"),
-        (["--max-macs", "1M"], "no width fits the budget: the narrowest, width 0.25, needs 1.41M MACs > 1.00M"),
-        (["--max-macs", "1G", "--widths", "0.1,0.5"], "width 0.1 is outside the width range [0.25, 1.0]"),
+        (
+            ["--max-macs", "1M"],
+            "no width fits the budget: the narrowest, width 0.25, needs 1.41M MACs > 1.00M",
+        ),
+        (
+            ["--max-macs", "1G", "--widths", "0.1,0.5"],
+            "width 0.1 is outside the width range [0.25, 1.0]",
+        ),
         (["--max-latency-ms", "-3"], "max_latency_ms must be a positive number"),
-        (["--max-latency-ms", "3", "--device", "tpu"], "device: invalid value 'tpu'; valid: auto, cpu, cuda, cuda:N"),
+        (
+            ["--max-latency-ms", "3", "--device", "tpu"],
+            "device: invalid value 'tpu'; valid: auto, cpu, cuda, cuda:N",
+        ),
     ],
 )
 def test_cli_select_errors_are_one_line(args, message, capsys):
     code, _, err = run(["select", "us_convnet", "--input-size", "1,1,28,28", *args], capsys)
     lines = err.strip().splitlines()
-    assert code == 2 and len(lines) == 1 and lines[0].startswith("usnet: error: ") and message in lines[0]
+    assert (
+        code == 2
+        and len(lines) == 1
+        and lines[0].startswith("usnet: error: ")
+        and message in lines[0]
+    )
 
 
 def test_cli_select_bad_count_exits_with_usage(capsys):

@@ -35,7 +35,14 @@ def test_cli_train_end_to_end(tmp_path):
     result = run_cli("train", str(FASHION), "--out", str(out), "--set", "epochs=1", *QUICK,
                      "data.limit_train=4096")  # fmt: skip
     assert result.returncode == 0, result.stderr
-    for name in (CHECKPOINT, FINAL, "metrics.jsonl", "spectrum.csv", "spectrum.json", "spectrum.png"):
+    for name in (
+        CHECKPOINT,
+        FINAL,
+        "metrics.jsonl",
+        "spectrum.csv",
+        "spectrum.json",
+        "spectrum.png",
+    ):
         assert (out / name).is_file(), name
     assert any((out / "tensorboard").iterdir())
     assert (out / "spectrum.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -83,7 +90,9 @@ def test_distillation_switch_is_logged(tmp_path):
                       log=lambda s: None)  # fmt: skip
     assert "in-place distillation off" in trainer.describe_losses()
     trainer.run()
-    records = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    records = [
+        json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()
+    ]
     train = next(r for r in records if r["kind"] == "train")
     assert train["loss_kinds"] == ["labels"] * trainer.config.num_widths
 
@@ -136,8 +145,11 @@ def test_resume_reproduces_an_uninterrupted_run(tmp_path):
     for key, value in a["state_dict"].items():
         assert torch.equal(value, b["state_dict"][key]), key
     assert a["extra"]["trainer"]["step"] == b["extra"]["trainer"]["step"] == 20
-    widths = lambda out: [r["widths"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
-                          if r["kind"] == "train"]  # fmt: skip
+
+    def widths(out):
+        records = map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+        return [r["widths"] for r in records if r["kind"] == "train"]
+
     assert widths(tmp_path / "straight") == widths(tmp_path / "resumed")
 
 
@@ -163,15 +175,24 @@ def test_resume_of_a_checkpoint_from_before_newer_config_fields(tmp_path):
     Trainer(old_run, tmp_path / "r", progress=False, log=lambda s: None).run(max_epochs=1)
     path = tmp_path / "r" / CHECKPOINT
     payload = torch.load(path, weights_only=False)
-    for key in ("distill_label_weight", "cudnn_benchmark", "sync_bn"):  # added after the first release
+    for key in (
+        "distill_label_weight",
+        "cudnn_benchmark",
+        "sync_bn",
+    ):  # added after the first release
         del payload["extra"]["config"][key]
     torch.save(payload, path)
     logged = []
     resumed = Trainer(old_run, tmp_path / "r", resume=True, progress=False, log=logged.append)
     assert resumed.epoch == 1
-    assert any("predates config fields cudnn_benchmark, distill_label_weight, sync_bn" in line for line in logged)
+    assert any(
+        "predates config fields cudnn_benchmark, distill_label_weight, sync_bn" in line
+        for line in logged
+    )
     with pytest.raises(ConfigError, match=r"changed config \(distill_label_weight\)"):
-        Trainer(quick_config(*base), tmp_path / "r", resume=True, progress=False, log=lambda s: None)
+        Trainer(
+            quick_config(*base), tmp_path / "r", resume=True, progress=False, log=lambda s: None
+        )
     # Without CONFIG (usnet train --resume) the same completed config comes back.
     assert usnet.trainer.saved_run_config(tmp_path / "r") == old_run
 
@@ -185,7 +206,9 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     for group in trainer.optimizer.param_groups:
         group["lr"] = 1e30  # diverge at once
     trainer.scheduler.base_lrs = [1e30] * len(trainer.scheduler.base_lrs)
-    with pytest.raises(TrainingError, match=r"stopped at epoch 2, step \d+: non-finite loss.*checkpoint.pt"):
+    with pytest.raises(
+        TrainingError, match=r"stopped at epoch 2, step \d+: non-finite loss.*checkpoint.pt"
+    ):
         trainer.run()
     assert (tmp_path / "r" / CHECKPOINT).read_bytes() == good
 
@@ -203,7 +226,9 @@ def test_cli_bad_input_is_one_line(tmp_path, args, message):
     result = run_cli("train", str(FASHION), "--out", str(tmp_path / "r"), *args)
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("usnet: error: ") and message in lines[0], result.stderr
+    assert len(lines) == 1 and lines[0].startswith("usnet: error: ") and message in lines[0], (
+        result.stderr
+    )
 
 
 def test_cli_corrupt_checkpoint(tmp_path):
@@ -229,11 +254,15 @@ def test_individual_and_slimmable_baselines(tmp_path):
     plain = usnet.models.convnet(num_classes=10, in_channels=1, width_mult=0.5)
     plain.load_state_dict(exported.state_dict())  # exactly the plain network of that width
 
-    sn = Trainer(quick_config(*common, "mode=slimmable", "widths=[0.25,0.5,1.0]"), tmp_path / "s", **quiet)
+    sn = Trainer(
+        quick_config(*common, "mode=slimmable", "widths=[0.25,0.5,1.0]"), tmp_path / "s", **quiet
+    )
     private = [n for n, _ in sn.model.named_parameters() if "private_affine" in n]
     assert len(private) == 2 * 2 * 5  # weight+bias, 2 narrower widths, 5 BN layers
     sn.run()
-    records = [json.loads(line) for line in (tmp_path / "s" / "metrics.jsonl").read_text().splitlines()]
+    records = [
+        json.loads(line) for line in (tmp_path / "s" / "metrics.jsonl").read_text().splitlines()
+    ]
     assert next(r for r in records if r["kind"] == "train")["widths"] == [1.0, 0.5, 0.25]
     model = usnet.load(tmp_path / "s" / FINAL)  # rebuilds the switchable BN parameters
     x = torch.randn(3, 1, 28, 28)

@@ -120,7 +120,11 @@ def test_sandwich_step_fixed_widths_and_losses_match_forward():
     criterion = InplaceDistillationLoss()
     usnet.set_width(model, 0.5)
     result = sandwich_step(
-        model, images, labels, torch.optim.SGD(model.parameters(), lr=0.0), [1.0, 0.6, 0.25],
+        model,
+        images,
+        labels,
+        torch.optim.SGD(model.parameters(), lr=0.0),
+        [1.0, 0.6, 0.25],
         criterion,
     )
     assert result.widths == [1.0, 0.6, 0.25]
@@ -174,8 +178,12 @@ def test_distillation_disabled_uses_labels_everywhere():
     images, labels = batch()
     criterion = InplaceDistillationLoss(enabled=False)
     result = sandwich_step(
-        model, images, labels, torch.optim.SGD(model.parameters(), lr=0.0),
-        WidthSampler(RANGE, seed=1), criterion,
+        model,
+        images,
+        labels,
+        torch.optim.SGD(model.parameters(), lr=0.0),
+        WidthSampler(RANGE, seed=1),
+        criterion,
     )
     assert result.loss_kinds == [LABELS] * 4
     for w, value in zip(result.widths, result.losses):
@@ -183,7 +191,11 @@ def test_distillation_disabled_uses_labels_everywhere():
         assert value == pytest.approx(F.cross_entropy(ref(images), labels).item(), abs=1e-6)
     # A plain criterion is applied to every width too.
     plain = sandwich_step(
-        model, images, labels, torch.optim.SGD(model.parameters(), lr=0.0), result.widths,
+        model,
+        images,
+        labels,
+        torch.optim.SGD(model.parameters(), lr=0.0),
+        result.widths,
         nn.CrossEntropyLoss(),
     )
     assert plain.loss_kinds == [LABELS] * 4
@@ -227,7 +239,10 @@ def test_grad_scaler_scales_the_backward_and_unscales_the_step():
     images, labels = batch()
     widths = [1.0, 0.25, 0.7]
     plain, scaled = tiny_model(), tiny_model()
-    plain_seen, scaled_seen = record_grad_norms(plain[0].weight), record_grad_norms(scaled[0].weight)
+    plain_seen, scaled_seen = (
+        record_grad_norms(plain[0].weight),
+        record_grad_norms(scaled[0].weight),
+    )
     sandwich_step(plain, images, labels, torch.optim.SGD(plain.parameters(), lr=0.0), widths,
                   InplaceDistillationLoss())  # fmt: skip
     scale = 2.0**10
@@ -256,8 +271,13 @@ def test_bf16_autocast_step():
     fp32 = sandwich_step(ref, images, labels, torch.optim.SGD(ref.parameters(), lr=0.0), widths,
                          InplaceDistillationLoss())  # fmt: skip
     bf16 = sandwich_step(
-        model, images, labels, torch.optim.SGD(model.parameters(), lr=0.0), widths,
-        InplaceDistillationLoss(), autocast_dtype=torch.bfloat16,
+        model,
+        images,
+        labels,
+        torch.optim.SGD(model.parameters(), lr=0.0),
+        widths,
+        InplaceDistillationLoss(),
+        autocast_dtype=torch.bfloat16,
     )
     assert len(bf16_seen) == 4 * len(widths)  # 3 convs + 1 linear per width
     assert set(bf16_seen) == {torch.bfloat16} and set(fp32_seen) == {torch.float32}
@@ -576,7 +596,9 @@ def test_distillation_label_weight_mixes_the_two_losses():
     teacher = plain.teacher_probs(teacher_logits)
     distill = plain(logits, labels, teacher)
     labels_only = F.cross_entropy(logits, labels)
-    assert torch.allclose(InplaceDistillationLoss(label_weight=1.0)(logits, labels, teacher), labels_only)
+    assert torch.allclose(
+        InplaceDistillationLoss(label_weight=1.0)(logits, labels, teacher), labels_only
+    )
     mixed = InplaceDistillationLoss(label_weight=0.25)(logits, labels, teacher)
     assert torch.allclose(mixed, 0.75 * distill + 0.25 * labels_only)
     # the widest width (no teacher) is unaffected

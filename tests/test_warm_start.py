@@ -32,7 +32,9 @@ QUICK = [
 def _plain_weights(tmp_path, **kwargs) -> Path:
     """A state_dict file of the configured network (random weights, calibrated full-width BN)."""
     torch.manual_seed(1)
-    model = usnet.models.create_model("us_convnet", **{"num_classes": 10, "in_channels": 1, **kwargs})
+    model = usnet.models.create_model(
+        "us_convnet", **{"num_classes": 10, "in_channels": 1, **kwargs}
+    )
     usnet.calibrate(model, [torch.randn(16, 1, 28, 28)], [1.0], num_images=16)
     path = tmp_path / "plain.pt"
     torch.save(model.state_dict(), path)
@@ -46,7 +48,9 @@ def _config(path, *overrides):
 def test_init_loads_the_weights_and_reordering_keeps_the_function(tmp_path):
     path = _plain_weights(tmp_path)
     weights = torch.load(path)
-    plain = Trainer(_config(path, "init.reorder=none", "teacher=none"), tmp_path / "a", log=lambda s: None)
+    plain = Trainer(
+        _config(path, "init.reorder=none", "teacher=none"), tmp_path / "a", log=lambda s: None
+    )
     for key, value in plain.model.state_dict().items():
         assert torch.equal(value.cpu(), weights[key]), key
     plain.lock.release()
@@ -55,7 +59,9 @@ def test_init_loads_the_weights_and_reordering_keeps_the_function(tmp_path):
     trainer.lock.release()
     x = torch.randn(4, 1, 28, 28)
     with torch.no_grad():
-        same = torch.equal(trainer.model.state_dict()["features.0.0.weight"], weights["features.0.0.weight"])
+        same = torch.equal(
+            trainer.model.state_dict()["features.0.0.weight"], weights["features.0.0.weight"]
+        )
         assert not same  # reordered
         assert torch.allclose(trainer.model.eval()(x), plain.model.eval()(x), atol=1e-5)
     assert any("reordered the channels" in n for n in notes)
@@ -67,7 +73,10 @@ def test_mismatched_init_is_refused_naming_the_keys(tmp_path):
                                           r"differ: classifier\.\S+ \(file \(7"):  # fmt: skip
         Trainer(_config(path), tmp_path / "run", log=lambda s: None)
     resnet = usnet.models.create_model("us_resnet18", num_classes=10, in_channels=1)
-    with pytest.raises(ConfigError, match=r"missing: features\.0\.0\.weight, .*unexpected: conv1\.weight, .*\(\+119 more\)"):
+    with pytest.raises(
+        ConfigError,
+        match=r"missing: features\.0\.0\.weight, .*unexpected: conv1\.weight, .*\(\+119 more\)",
+    ):
         check_init_matches(usnet.models.create_model("us_convnet", in_channels=1), resnet.state_dict(),
                            "x.pt", "us_convnet")  # fmt: skip
     result = subprocess.run([sys.executable, "-m", "usnet", "train", str(FINETUNE), "--out",
@@ -75,7 +84,9 @@ def test_mismatched_init_is_refused_naming_the_keys(tmp_path):
                             cwd=REPO, capture_output=True, text=True, timeout=300)  # fmt: skip
     assert result.returncode != 0
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and "classifier" in lines[0] and "Traceback" not in result.stderr, result.stderr
+    assert len(lines) == 1 and "classifier" in lines[0] and "Traceback" not in result.stderr, (
+        result.stderr
+    )
 
 
 def test_config_keys_are_checked(tmp_path):
@@ -90,7 +101,9 @@ def test_config_keys_are_checked(tmp_path):
     with pytest.raises(ConfigError, match="teacher: invalid value 'self'"):
         load_config(None, ["teacher=self"])
     config = load_config(None)
-    assert config.init.checkpoint is None and config.teacher == "none"  # default: unchanged training
+    assert (
+        config.init.checkpoint is None and config.teacher == "none"
+    )  # default: unchanged training
 
 
 def test_external_teacher_is_what_every_width_distils_from():
@@ -107,7 +120,9 @@ def test_external_teacher_is_what_every_width_distils_from():
         optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
         with torch.no_grad():
             logits = {w: usnet.set_width(model, w)(images) for w in widths}
-        result = sandwich_step(model, images, labels, optimizer, widths, criterion, teacher_probs=probs)
+        result = sandwich_step(
+            model, images, labels, optimizer, widths, criterion, teacher_probs=probs
+        )
         wide_targets = torch.softmax(logits[1.0], dim=1)
         expected = [soft_cross_entropy(logits[1.0], probs),
                     soft_cross_entropy(logits[0.25], (probs + wide_targets) / 2 if inplace else probs)]  # fmt: skip
@@ -175,5 +190,9 @@ def test_torchvision_mobilenet_v2_weights_match_the_imagenet_finetune_config(tmp
     """The ImageNet fine-tuning config reads torchvision's weight file: its keys are the zoo's."""
     config = load_config(REPO / "configs" / "imagenet_us_mobilenet_v2_finetune.yaml")
     assert config.init.checkpoint.endswith(".pth") and config.teacher == "init"
-    model = usnet.models.create_model(config.model, num_classes=1000, width_range=tuple(config.width_range))
-    check_init_matches(model, torchvision.models.mobilenet_v2().state_dict(), "torchvision", config.model)
+    model = usnet.models.create_model(
+        config.model, num_classes=1000, width_range=tuple(config.width_range)
+    )
+    check_init_matches(
+        model, torchvision.models.mobilenet_v2().state_dict(), "torchvision", config.model
+    )

@@ -124,9 +124,7 @@ def random_mapping(model: nn.Module, gen: torch.Generator) -> dict[str, float]:
     """A random non-uniform width: one multiplier per root group, within the range."""
     plan = usnet.channel_plan(model)
     lo, hi = plan.width_range
-    return {
-        name: lo + (hi - lo) * torch.rand((), generator=gen).item() for name in plan.root_names
-    }
+    return {name: lo + (hi - lo) * torch.rand((), generator=gen).item() for name in plan.root_names}
 
 
 def first_of(modules: Iterable[nn.Module], cls) -> nn.Module:

@@ -21,9 +21,9 @@ from .channels import (
 )
 from .checkpoint import load, save
 from .convert import ConversionError, analyze, register_op, slimmable
+from .cost import Profile, profile
 from .deploy import VerificationError, export_artifact, export_widths, load_artifact
 from .errors import UsnetError
-from .plain import export
 from .layers import (
     SlimmableBatchNorm2d,
     SlimmableConv2d,
@@ -32,7 +32,7 @@ from .layers import (
     UncalibratedWidthError,
     register_slimmable,
 )
-from .cost import Profile, profile
+from .plain import export
 from .reorder import reorder_channels
 from .search import search_width
 from .select import select_width

@@ -160,7 +160,9 @@ def calibrate(
     for w in widths:
         by_config.setdefault(state.plan.config(w), w)
     # Layers without running statistics always normalize with batch statistics: nothing to do.
-    bns = [m for m in model.modules() if isinstance(m, SlimmableBatchNorm2d) and m.track_running_stats]
+    bns = [
+        m for m in model.modules() if isinstance(m, SlimmableBatchNorm2d) and m.track_running_stats
+    ]
     if not bns:
         return [config_key(c) for c in by_config]
     from .distributed import rank, world_size
@@ -249,5 +251,7 @@ def _images_of(batch: Any) -> Tensor:
             f"{{'image': tensor}} dicts, got {type(batch).__name__}"
         )
     if images.dim() != 4:
-        raise UsnetValueError(f"calibration images must be (N, C, H, W), got shape {tuple(images.shape)}")
+        raise UsnetValueError(
+            f"calibration images must be (N, C, H, W), got shape {tuple(images.shape)}"
+        )
     return images

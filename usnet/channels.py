@@ -209,8 +209,7 @@ class ChannelPlan:
     def __repr__(self) -> str:
         roots = len(self.root_names)
         return (
-            f"ChannelPlan({len(self.groups)} groups, {roots} root, "
-            f"width_range={self.width_range})"
+            f"ChannelPlan({len(self.groups)} groups, {roots} root, width_range={self.width_range})"
         )
 
 
@@ -257,7 +256,12 @@ def parse_widths(spec: str) -> list[float]:
     try:
         if ":" in text:
             parts = [float(p) for p in text.split(":")]
-            if len(parts) != 3 or not all(map(math.isfinite, parts)) or parts[2] <= 0 or parts[1] < parts[0]:
+            if (
+                len(parts) != 3
+                or not all(map(math.isfinite, parts))
+                or parts[2] <= 0
+                or parts[1] < parts[0]
+            ):
                 raise ValueError
             start, stop, step = parts
             count = int(math.floor((stop - start) / step + 1e-9))

@@ -65,7 +65,9 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         try:  # checkpoints of converted custom models hold the pickled module
             payload = torch.load(path, map_location="cpu", weights_only=False)
         except Exception as err:
-            raise UsnetValueError(f"{str(path)!r} is not a readable checkpoint ({type(err).__name__}: {err})") from None
+            raise UsnetValueError(
+                f"{str(path)!r} is not a readable checkpoint ({type(err).__name__}: {err})"
+            ) from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise UsnetValueError(f"{str(path)!r} is not a usnet checkpoint (written by usnet.save)")
     if payload.get("version") != VERSION:
@@ -74,7 +76,9 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         )
     missing = [k for k in ("usnet", "state_dict", "bn_stats") if k not in payload]
     if missing:
-        raise UsnetValueError(f"{str(path)!r} is a damaged usnet checkpoint: missing {', '.join(missing)}")
+        raise UsnetValueError(
+            f"{str(path)!r} is a damaged usnet checkpoint: missing {', '.join(missing)}"
+        )
     return payload
 
 

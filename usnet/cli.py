@@ -138,8 +138,8 @@ def model_io(model: nn.Module, input_size) -> tuple[int, int]:
     build arguments, else from one forward pass of its plain export on a zero image."""
     import torch
 
-    from .plain import export
     from .models import model_input_size
+    from .plain import export
     from .state import get_state
 
     state = get_state(model)
@@ -149,7 +149,9 @@ def model_io(model: nn.Module, input_size) -> tuple[int, int]:
         plain = export(model, state.width_range[1], require_stats=False)
         ref = next(plain.parameters())
         with torch.no_grad():
-            out = plain.eval()(torch.zeros((1, channels, *input_size[2:]), dtype=ref.dtype, device=ref.device))
+            out = plain.eval()(
+                torch.zeros((1, channels, *input_size[2:]), dtype=ref.dtype, device=ref.device)
+            )
         classes = out.shape[-1]
     return int(channels), int(classes)
 
@@ -162,9 +164,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     overrides = [item for group in args.set for item in group]
     if args.config is None:
         if not args.resume:
-            raise UsnetValueError("usnet train needs a CONFIG file (e.g. configs/fashion_mnist.yaml)")
+            raise UsnetValueError(
+                "usnet train needs a CONFIG file (e.g. configs/fashion_mnist.yaml)"
+            )
         if overrides:
-            raise UsnetValueError("--set needs the CONFIG file it modifies; --resume alone reuses the saved config")
+            raise UsnetValueError(
+                "--set needs the CONFIG file it modifies; --resume alone reuses the saved config"
+            )
     try:
         if args.config is None:
             # Rank 0 reads the saved config and broadcasts it, so the group comes first.
@@ -210,7 +216,9 @@ def _data_for(model_path: str, payload: dict, data_root: str | None, dataset: st
     config = load_run_config(payload)
     if config is None:
         if dataset is None:
-            raise UsnetValueError(f"{model_path!r} records no training config: pass --dataset and --data")
+            raise UsnetValueError(
+                f"{model_path!r} records no training config: pass --dataset and --data"
+            )
         config = TrainConfig()
     if dataset is not None:
         config.data.name = dataset
@@ -231,12 +239,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     payload = checkpoint.read_checkpoint(args.checkpoint)
     model = checkpoint.model_from_checkpoint(payload, args.checkpoint)
-    config, (_, calib_set, test_set, info) = _data_for(args.checkpoint, payload, args.data, args.dataset)
+    config, (_, calib_set, test_set, info) = _data_for(
+        args.checkpoint, payload, args.data, args.dataset
+    )
     check_data_fits(model, info, args.checkpoint, config.data.name)
     widths = _distinct_widths(model, args.widths or _spectrum_widths(payload, model), "evaluating")
     missing = [w for w in widths if not is_calibrated(model, w)]
     if missing:
-        print(f"calibrating {len(missing)} uncalibrated widths on {config.calib.num_images} training images")
+        print(
+            f"calibrating {len(missing)} uncalibrated widths on {config.calib.num_images} training images"
+        )
         calibrate(model, calib_set, missing, num_images=config.calib.num_images, seed=config.seed,
                   batch_size=config.calib.batch_size)  # fmt: skip
     results = evaluate(model, DataLoader(test_set, batch_size=config.eval.batch_size), widths,
@@ -364,13 +376,15 @@ def _input_size_of(model: nn.Module, payload: dict) -> tuple[int, ...]:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from .calibration import calibrate, is_calibrated
-    from .deploy import check_format, earlier_export_rows, export_artifact, export_widths
     from .cost import format_count
+    from .deploy import check_format, earlier_export_rows, export_artifact, export_widths
     from .state import get_state
 
     check_format(args.format)
     if (args.width is None) == (args.widths is None):
-        raise UsnetValueError("give one of --width W (one file) or --widths SPEC (a directory with index.json)")
+        raise UsnetValueError(
+            "give one of --width W (one file) or --widths SPEC (a directory with index.json)"
+        )
     replacing = None
     if args.width is not None:
         replacing = check_output(args.out, force=args.force, own=_export_in(args.format))
@@ -388,12 +402,16 @@ def cmd_export(args: argparse.Namespace) -> int:
             w = missing[0]
             raise UsnetValueError(f"width {format_width(w)} is not calibrated in "
                              f"{args.checkpoint}; pass --data ROOT to calibrate it first (or run usnet calibrate)")  # fmt: skip
-        config, (_, calib_set, _, info) = _data_for(args.checkpoint, payload, args.data, args.dataset)
+        config, (_, calib_set, _, info) = _data_for(
+            args.checkpoint, payload, args.data, args.dataset
+        )
         check_data_fits(model, info, args.checkpoint, config.data.name)
         print(f"calibrating {len(missing)} widths on {args.calib_images} training images")
         calibrate(model, calib_set, missing, num_images=args.calib_images, seed=config.seed,
                   batch_size=config.calib.batch_size)  # fmt: skip
-    runtime = {"pt": "torch.export.load", "torchscript": "torch.jit.load", "onnx": "onnxruntime"}[args.format]
+    runtime = {"pt": "torch.export.load", "torchscript": "torch.jit.load", "onnx": "onnxruntime"}[
+        args.format
+    ]
     if args.width is not None:
         result = export_artifact(model, widths[0], args.out, args.format, **options)
         if args.json:
@@ -489,7 +507,9 @@ def cmd_search(args: argparse.Namespace) -> int:
         replacing[args.save] = check_output(args.save, force=args.force, option="--save",
                                             own=_calibration_of(payload))  # fmt: skip
     model = checkpoint.model_from_checkpoint(payload, args.checkpoint)
-    config, (_, calib_set, test_set, info) = _data_for(args.checkpoint, payload, args.data, args.dataset)
+    config, (_, calib_set, test_set, info) = _data_for(
+        args.checkpoint, payload, args.data, args.dataset
+    )
     check_data_fits(model, info, args.checkpoint, config.data.name)
     if args.test_images < 1:
         raise UsnetValueError("--test-images must be a positive number of images")
@@ -514,7 +534,10 @@ def cmd_search(args: argparse.Namespace) -> int:
     print(f"test top-1 on {len(test)} images; searched width: {json.dumps(result.width)}")
     for path, what in ((args.out, "result"), (args.save, "checkpoint with its BN statistics")):
         if path:
-            print(f"wrote {what} to {path}" + (f" (replacing {replacing[path]})" if replacing.get(path) else ""))
+            print(
+                f"wrote {what} to {path}"
+                + (f" (replacing {replacing[path]})" if replacing.get(path) else "")
+            )
     return 0
 
 
@@ -537,10 +560,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("profile", help="params, MACs and FLOPs of a model across widths")
     p.add_argument("model", help="zoo model name (e.g. us_mobilenet_v2) or checkpoint path")
-    p.add_argument("--widths", type=widths_arg, default=parse_widths("0.25:1.0:0.25"),
-                   help="start:stop:step or a comma-separated list (default 0.25:1.0:0.25)")
-    p.add_argument("--input-size", type=parse_input_size, default=None,
-                   help="N,C,H,W (default 1,C,224,224; 32 px for small-input models)")
+    p.add_argument(
+        "--widths",
+        type=widths_arg,
+        default=parse_widths("0.25:1.0:0.25"),
+        help="start:stop:step or a comma-separated list (default 0.25:1.0:0.25)",
+    )
+    p.add_argument(
+        "--input-size",
+        type=parse_input_size,
+        default=None,
+        help="N,C,H,W (default 1,C,224,224; 32 px for small-input models)",
+    )
     p.add_argument("--num-classes", type=_positive_int, default=None, help="zoo models only")
     p.add_argument("--in-channels", type=_positive_int, default=None, help="zoo models only")
     p.add_argument("--small-input", action="store_true", help="zoo models only: 28-32 px stem")
@@ -550,8 +581,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a US-Net from a YAML config")
     p.add_argument("config", nargs="?", help="YAML config (optional with --resume: the saved one)")
     p.add_argument("--out", required=True, help="run directory (checkpoints, metrics, spectrum)")
-    p.add_argument("--set", nargs="+", action="append", default=[], metavar="KEY=VALUE",
-                   help="override config keys, e.g. --set epochs=1 data.limit_train=3000")
+    p.add_argument(
+        "--set",
+        nargs="+",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override config keys, e.g. --set epochs=1 data.limit_train=3000",
+    )
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
     p.set_defaults(func=cmd_train)
 
@@ -559,11 +596,16 @@ def build_parser() -> argparse.ArgumentParser:
                            ("calibrate", "calibrate BN of a checkpoint at widths")):  # fmt: skip
         p = sub.add_parser(name, help=helptext)
         p.add_argument("checkpoint", help="checkpoint written by usnet train / usnet.save")
-        p.add_argument("--widths", type=widths_arg, required=name == "calibrate",
-                       help="start:stop:step or a comma-separated list")
+        p.add_argument(
+            "--widths",
+            type=widths_arg,
+            required=name == "calibrate",
+            help="start:stop:step or a comma-separated list",
+        )
         p.add_argument("--data", default=None, help="dataset root (default: the run's data.root)")
-        p.add_argument("--dataset", default=None,
-                       help="dataset name (default: the run's data.name)")
+        p.add_argument(
+            "--dataset", default=None, help="dataset name (default: the run's data.name)"
+        )
         if name == "eval":
             p.add_argument("--json", action="store_true", help="print one JSON list")
             p.set_defaults(func=cmd_eval)
@@ -571,26 +613,50 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--images", type=int, default=1024, help="calibration images")
             p.add_argument("--seed", type=int, default=0)
             p.add_argument("--out", default=None, help="write here instead of in place")
-            p.add_argument("--force", action="store_true",
-                           help="overwrite an existing --out that is not a checkpoint of the same weights")
+            p.add_argument(
+                "--force",
+                action="store_true",
+                help="overwrite an existing --out that is not a checkpoint of the same weights",
+            )
             p.set_defaults(func=cmd_calibrate)
 
-    p = sub.add_parser("export", help="write one width (or several) as a verified pt/torchscript/onnx file")
+    p = sub.add_parser(
+        "export", help="write one width (or several) as a verified pt/torchscript/onnx file"
+    )
     p.add_argument("checkpoint", help="checkpoint written by usnet train / usnet.save")
-    p.add_argument("--width", type=width_spec, default=None,
-                   help="width: 0.5, a JSON {group: multiplier} or a usnet search --out file")
-    p.add_argument("--widths", type=widths_arg, default=None,
-                   help="several widths (start:stop:step or a list); --out is then a directory")
+    p.add_argument(
+        "--width",
+        type=width_spec,
+        default=None,
+        help="width: 0.5, a JSON {group: multiplier} or a usnet search --out file",
+    )
+    p.add_argument(
+        "--widths",
+        type=widths_arg,
+        default=None,
+        help="several widths (start:stop:step or a list); --out is then a directory",
+    )
     p.add_argument("--format", required=True, help="pt (torch.export), torchscript or onnx")
     p.add_argument("--out", required=True, help="output file (a directory with --widths)")
-    p.add_argument("--force", action="store_true",
-                   help="overwrite an existing --out file that is not an earlier export")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="overwrite an existing --out file that is not an earlier export",
+    )
     p.add_argument("--fuse-bn", action="store_true", help="fold BatchNorm into the preceding conv")
-    p.add_argument("--input-size", type=parse_input_size, default=None,
-                   help="N,C,H,W (default: the run's dataset size, else 1,C,224,224 / 32 px); N sets "
-                        "the verification batch, MACs are per image")
-    p.add_argument("--tolerance", type=float, default=None,
-                   help="max |logits difference| allowed (default 1e-4; 1e-3 with --fuse-bn)")
+    p.add_argument(
+        "--input-size",
+        type=parse_input_size,
+        default=None,
+        help="N,C,H,W (default: the run's dataset size, else 1,C,224,224 / 32 px); N sets "
+        "the verification batch, MACs are per image",
+    )
+    p.add_argument(
+        "--tolerance",
+        type=float,
+        default=None,
+        help="max |logits difference| allowed (default 1e-4; 1e-3 with --fuse-bn)",
+    )
     p.add_argument("--data", default=None, help="dataset root: calibrate uncalibrated widths first")
     p.add_argument("--dataset", default=None, help="dataset name (default: the run's data.name)")
     p.add_argument("--calib-images", type=int, default=1024, help="calibration images")
@@ -601,19 +667,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help="checkpoint (or zoo model name)")
     p.add_argument("--max-macs", type=count_arg, default=None, help="e.g. 150M")
     p.add_argument("--max-params", type=count_arg, default=None, help="e.g. 2M")
-    p.add_argument("--max-latency-ms", type=float, default=None,
-                   help="median latency of the exported model on this machine")
-    p.add_argument("--input-size", type=parse_input_size, default=None,
-                   help="N,C,H,W (default: the run's dataset size, else 1,C,224,224 / 32 px); MACs and "
-                        "params are per image (N ignored), latency is of a batch of N")
-    p.add_argument("--widths", type=widths_arg, default=None,
-                   help="sweep only these widths (default: every channel configuration)")
+    p.add_argument(
+        "--max-latency-ms",
+        type=float,
+        default=None,
+        help="median latency of the exported model on this machine",
+    )
+    p.add_argument(
+        "--input-size",
+        type=parse_input_size,
+        default=None,
+        help="N,C,H,W (default: the run's dataset size, else 1,C,224,224 / 32 px); MACs and "
+        "params are per image (N ignored), latency is of a batch of N",
+    )
+    p.add_argument(
+        "--widths",
+        type=widths_arg,
+        default=None,
+        help="sweep only these widths (default: every channel configuration)",
+    )
     p.add_argument("--device", default="cpu", help="cpu or cuda (latency)")
     p.add_argument("--threads", type=_positive_int, default=None, help="CPU threads while timing")
     p.add_argument("--warmup", type=_non_negative_int, default=5, help="untimed runs per width")
-    p.add_argument("--repeats", type=_positive_int, default=20, help="timed runs per width (median)")
-    p.add_argument("--latency-cache", default=None,
-                   help="latency cache directory (default $USNET_CACHE_DIR or ~/.cache/usnet)")
+    p.add_argument(
+        "--repeats", type=_positive_int, default=20, help="timed runs per width (median)"
+    )
+    p.add_argument(
+        "--latency-cache",
+        default=None,
+        help="latency cache directory (default $USNET_CACHE_DIR or ~/.cache/usnet)",
+    )
     p.add_argument("--plot", default=None, help="PNG of cost and top-1 against width")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_select)
@@ -625,13 +708,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", default=None, help="dataset name (default: the run's data.name)")
     p.add_argument("--step", type=float, default=0.1, help="multiplier decrement per narrowing")
     p.add_argument("--calib-images", type=int, default=256, help="training images calibrating BN")
-    p.add_argument("--heldout-images", type=int, default=256, help="training images scoring candidates")
-    p.add_argument("--test-images", type=int, default=10000, help="test images for the final comparison")
+    p.add_argument(
+        "--heldout-images", type=int, default=256, help="training images scoring candidates"
+    )
+    p.add_argument(
+        "--test-images", type=int, default=10000, help="test images for the final comparison"
+    )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=None, help="write the result (JSON; usnet export --width takes it)")
-    p.add_argument("--save", default=None, help="write a checkpoint holding the result's BN statistics")
-    p.add_argument("--force", action="store_true",
-                   help="overwrite existing --out/--save files that are not earlier search outputs")
+    p.add_argument(
+        "--out", default=None, help="write the result (JSON; usnet export --width takes it)"
+    )
+    p.add_argument(
+        "--save", default=None, help="write a checkpoint holding the result's BN statistics"
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="overwrite existing --out/--save files that are not earlier search outputs",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_search)
     return parser
@@ -647,7 +741,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"usnet: error: {error_message(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        hint = f"; continue with: usnet train --resume --out {args.out}" if args.command == "train" else ""
+        hint = (
+            f"; continue with: usnet train --resume --out {args.out}"
+            if args.command == "train"
+            else ""
+        )
         print(f"usnet: interrupted{hint}", file=sys.stderr)
         return 130
 

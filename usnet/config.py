@@ -74,7 +74,9 @@ class TrainConfig:
     # The recipe chosen with benchmarks/paper_claims.py on short schedules (docs/benchmarks.md); the
     # ImageNet configs spell out the paper's (n=4, pure distillation) instead.
     num_widths: int = 5  # sandwich rule: widest + narrowest + (n-2) random
-    sandwich_ends: Literal["both", "max", "min", "none"] = "both"  # ends trained every step (ablation)
+    sandwich_ends: Literal["both", "max", "min", "none"] = (
+        "both"  # ends trained every step (ablation)
+    )
     inplace_distill: bool = True
     distill_temperature: float = 1.0
     distill_label_weight: float = 0.5  # narrower widths: (1-λ)·distillation + λ·labels
@@ -132,7 +134,9 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -
         try:
             raw = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as err:
-            raise ConfigError(f"{str(path)!r} is not valid YAML: {str(err).splitlines()[0]}") from None
+            raise ConfigError(
+                f"{str(path)!r} is not valid YAML: {str(err).splitlines()[0]}"
+            ) from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{str(path)!r} must hold a mapping of config keys")
     for item in overrides:
@@ -200,7 +204,9 @@ def config_from_saved(raw: Mapping[str, Any]) -> TrainConfig:
     earlier usnet with fewer fields."""
     if not isinstance(raw, Mapping):
         raise ConfigError(f"saved config must be a mapping, got {raw!r}")
-    return config_from_dict({**{k: v for k, v in _VALUE_BEFORE_FIELD.items() if k not in raw}, **raw})
+    return config_from_dict(
+        {**{k: v for k, v in _VALUE_BEFORE_FIELD.items() if k not in raw}, **raw}
+    )
 
 
 def _build(cls: type, raw: Mapping[str, Any], prefix: str):
@@ -296,13 +302,19 @@ def _check_semantics(c: TrainConfig) -> None:
         if getattr(c.data, key) is not None:
             positive(f"data.{key}", getattr(c.data, key))
     if c.data.val_split < 0:
-        raise ConfigError(f"data.val_split must not be negative (0: no validation split), got {c.data.val_split}")
+        raise ConfigError(
+            f"data.val_split must not be negative (0: no validation split), got {c.data.val_split}"
+        )
     if c.data.num_workers < 0:
         raise ConfigError(f"data.num_workers must not be negative, got {c.data.num_workers}")
     if c.num_widths < 2 and c.mode == "universal":
-        raise ConfigError(f"num_widths must be at least 2 (widest and narrowest), got {c.num_widths}")
+        raise ConfigError(
+            f"num_widths must be at least 2 (widest and narrowest), got {c.num_widths}"
+        )
     if len(c.width_range) != 2 or not (0 < c.width_range[0] <= c.width_range[1] <= 1.0):
-        raise ConfigError(f"width_range must be [lo, hi] with 0 < lo <= hi <= 1, got {c.width_range}")
+        raise ConfigError(
+            f"width_range must be [lo, hi] with 0 < lo <= hi <= 1, got {c.width_range}"
+        )
     lo, hi = c.width_range
     if c.mode == "universal" and lo == hi:
         raise ConfigError(
@@ -314,7 +326,9 @@ def _check_semantics(c: TrainConfig) -> None:
             raise ConfigError(f"mode=individual needs width= in the width range [{lo}, {hi}]")
     if c.mode == "slimmable":
         if not c.widths or any(not (lo <= w <= hi) for w in c.widths):
-            raise ConfigError(f"mode=slimmable needs widths=[...] inside the width range [{lo}, {hi}]")
+            raise ConfigError(
+                f"mode=slimmable needs widths=[...] inside the width range [{lo}, {hi}]"
+            )
     if c.data.name == "imagefolder" and not c.data.root:
         raise ConfigError("data.name=imagefolder needs data.root (a folder with train/ and val/)")
     if not (0.0 <= c.label_smoothing < 1.0):
@@ -336,7 +350,9 @@ def _check_semantics(c: TrainConfig) -> None:
         raise ConfigError(f"eval.widths: widths must lie in (0, 1], got {c.eval.widths!r}")
     positive("init.num_images", c.init.num_images)
     if c.init.checkpoint is None and c.init.reorder != "none":
-        raise ConfigError(f"init.reorder={c.init.reorder} needs init.checkpoint (a trained model to reorder)")
+        raise ConfigError(
+            f"init.reorder={c.init.reorder} needs init.checkpoint (a trained model to reorder)"
+        )
     if c.teacher == "init" and c.init.checkpoint is None:
         raise ConfigError("teacher=init needs init.checkpoint (the trained model to distil from)")
     check_device_name(c.device)

@@ -385,7 +385,9 @@ def concatenate(a: "GraphAnalysis", node: fx.Node, module: Any = None) -> Channe
             segments.extend(v.segments)
         else:  # a tensor without slimmable channels: a fixed segment of its own
             size = a.shape(t)[axis]
-            segments.append((a.new_group(f"{node.name}:{t.name}", size, fixed=True).segments[0][0], 1))
+            segments.append(
+                (a.new_group(f"{node.name}:{t.name}", size, fixed=True).segments[0][0], 1)
+            )
     return ChannelDim(tuple(segments), axis)
 
 
@@ -500,8 +502,15 @@ def squeeze(a: "GraphAnalysis", node: fx.Node, module: Any = None) -> ChannelDim
         return None
     shape = a.shape(_first_arg(node))
     d = _arg(node, 1, "dim")
-    dims = [i for i, s in enumerate(shape) if s == 1] if d is None else [
-        x % len(shape) for x in ((d,) if isinstance(d, int) else d) if shape[x % len(shape)] == 1]
+    dims = (
+        [i for i, s in enumerate(shape) if s == 1]
+        if d is None
+        else [
+            x % len(shape)
+            for x in ((d,) if isinstance(d, int) else d)
+            if shape[x % len(shape)] == 1
+        ]
+    )
     if dim.axis in dims:
         a.refuse(node, "squeeze of the channel dimension")
     return dim.moved(dim.axis - sum(x < dim.axis for x in dims))
@@ -632,6 +641,7 @@ for _method in ("view", "reshape"):
     register_op(_method, _refuse_reshape)
 register_op(torch.reshape, _refuse_reshape)
 
+
 # ATen operations, for graphs from the torch.export fallback (usnet.tracing).
 def _register_aten() -> None:
     aten = torch.ops.aten
@@ -642,12 +652,43 @@ def _register_aten() -> None:
 
     table = {
         pass_through: (
-            "relu", "relu_", "relu6", "gelu", "silu", "silu_", "sigmoid", "tanh", "hardswish",
-            "hardswish_", "hardsigmoid", "hardtanh", "hardtanh_", "leaky_relu", "elu", "mish",
-            "dropout", "feature_dropout", "max_pool2d", "avg_pool2d", "adaptive_avg_pool2d",
-            "adaptive_avg_pool1d", "clone", "contiguous", "to", "_to_copy", "alias", "detach",
-            "clamp", "upsample_bilinear2d", "upsample_nearest2d", "softmax", "log_softmax",
-            "_softmax", "_log_softmax", "dropout_", "type_as",
+            "relu",
+            "relu_",
+            "relu6",
+            "gelu",
+            "silu",
+            "silu_",
+            "sigmoid",
+            "tanh",
+            "hardswish",
+            "hardswish_",
+            "hardsigmoid",
+            "hardtanh",
+            "hardtanh_",
+            "leaky_relu",
+            "elu",
+            "mish",
+            "dropout",
+            "feature_dropout",
+            "max_pool2d",
+            "avg_pool2d",
+            "adaptive_avg_pool2d",
+            "adaptive_avg_pool1d",
+            "clone",
+            "contiguous",
+            "to",
+            "_to_copy",
+            "alias",
+            "detach",
+            "clamp",
+            "upsample_bilinear2d",
+            "upsample_nearest2d",
+            "softmax",
+            "log_softmax",
+            "_softmax",
+            "_log_softmax",
+            "dropout_",
+            "type_as",
         ),
         binary: ("add", "add_", "mul", "mul_", "sub", "sub_", "div", "div_"),
         concatenate: ("cat", "concat"),
@@ -661,7 +702,14 @@ def _register_aten() -> None:
         pad: ("pad", "constant_pad_nd"),
         no_channels: ("sym_size", "_assert_scalar", "_assert_tensor_metadata", "sym_numel"),
         _refuse_reshape: ("view", "reshape", "_unsafe_view"),
-        _refuse_functional: ("conv2d", "conv1d", "linear", "batch_norm", "layer_norm", "group_norm"),
+        _refuse_functional: (
+            "conv2d",
+            "conv1d",
+            "linear",
+            "batch_norm",
+            "layer_norm",
+            "group_norm",
+        ),
         _aten_slice: ("slice",),
     }
     for handler, names in table.items():
@@ -680,7 +728,11 @@ def _aten_slice(a: "GraphAnalysis", node: fx.Node, module: Any = None) -> Channe
     shape = a.shape(_first_arg(node))
     along = _arg(node, 1, "dim", 0) % len(shape)
     start, end = _arg(node, 2, "start", None), _arg(node, 3, "end", None)
-    whole = start in (None, 0) and (end is None or end >= shape[along]) and _arg(node, 4, "step", 1) == 1
+    whole = (
+        start in (None, 0)
+        and (end is None or end >= shape[along])
+        and _arg(node, 4, "step", 1) == 1
+    )
     if along == dim.axis and not whole:
         a.refuse(node, "indexing a tensor that carries channels")
     return dim
@@ -840,7 +892,9 @@ class GraphAnalysis:
         sizes_b = [(self.elements[self.find(e)].size, f) for e, f in b.segments]
         if len(a.segments) != len(b.segments) and self.size(a) == self.size(b):
             split_a, split_b = [s * f for s, f in sizes_a], [s * f for s, f in sizes_b]
-            self.refuse(node, f"ties a concatenation to channels split differently ({split_a} vs {split_b})")
+            self.refuse(
+                node, f"ties a concatenation to channels split differently ({split_a} vs {split_b})"
+            )
         if self.size(a) != self.size(b):
             self.refuse(node, f"ties {self.size(a)} channels to {self.size(b)} channels")
         for (ea, fa), (eb, fb) in zip(a.segments, b.segments):
@@ -906,7 +960,9 @@ class GraphAnalysis:
 
     def channel_inputs(self, node: fx.Node) -> list[fx.Node]:
         found: list[fx.Node] = []
-        fx.node.map_arg((node.args, node.kwargs), lambda n: found.append(n) if self.values.get(n) else None)
+        fx.node.map_arg(
+            (node.args, node.kwargs), lambda n: found.append(n) if self.values.get(n) else None
+        )
         return found
 
     def single_input(self, node: fx.Node, axis: int = 1) -> ChannelDim:
@@ -932,7 +988,9 @@ class GraphAnalysis:
         if node.target in self.fixed_outputs:
             self.fix(outputs)
         if node.target in self.seen_layers:
-            self.refuse(node, "the same layer is called more than once; shared layers are unsupported")
+            self.refuse(
+                node, "the same layer is called more than once; shared layers are unsupported"
+            )
         self.seen_layers.add(node.target)
         self.layer_dims[node.target] = (inputs, outputs)
 
@@ -1000,7 +1058,9 @@ class GraphAnalysis:
 
     # result ----------------------------------------------------------------------------------
     def build(self, width_range: tuple[float, float]) -> Analysis:
-        self.layer_dims = {k: (self.expand(i), self.expand(o)) for k, (i, o) in self.layer_dims.items()}
+        self.layer_dims = {
+            k: (self.expand(i), self.expand(o)) for k, (i, o) in self.layer_dims.items()
+        }
         roots = sorted({self.find(i) for i in range(len(self.elements))} - set(self.refined))
         used = set()
         for inputs, outputs in self.layer_dims.values():
@@ -1076,7 +1136,9 @@ def _export_fallback(model: nn.Module, inputs: tuple, tracer: "_Tracer",
     (Python control flow over shapes), in the form the handlers expect (usnet.tracing)."""
     try:
         with torch.no_grad():
-            return export_graph(model, inputs, lambda m: tracer.is_leaf_module(m, "") and _is_layer(m))
+            return export_graph(
+                model, inputs, lambda m: tracer.is_leaf_module(m, "") and _is_layer(m)
+            )
     except Exception as err:
         raise ConversionError(
             f"cannot trace {type(model).__name__} with torch.fx ({type(fx_error).__name__}: "

@@ -84,7 +84,9 @@ def _check_input_size(input_size: Sequence[int]) -> tuple[int, ...]:
     try:
         size = tuple(int(s) for s in input_size)
     except (TypeError, ValueError):
-        raise UsnetValueError(f"input_size must be a sequence of ints like (1, 3, 224, 224), got {input_size!r}") from None
+        raise UsnetValueError(
+            f"input_size must be a sequence of ints like (1, 3, 224, 224), got {input_size!r}"
+        ) from None
     if len(size) != 4 or min(size) < 1:
         raise UsnetValueError(f"input_size must be (N, C, H, W) with positive sizes, got {size}")
     return size

@@ -78,7 +78,9 @@ class FashionMNIST(Dataset):
         images = read_idx(images_path)
         labels = read_idx(labels_path)
         if images.ndim != 3 or labels.shape != (images.shape[0],):
-            raise UsnetValueError(f"unexpected Fashion-MNIST shapes {images.shape} / {labels.shape}")
+            raise UsnetValueError(
+                f"unexpected Fashion-MNIST shapes {images.shape} / {labels.shape}"
+            )
         if limit is not None:
             if limit < 1:
                 raise UsnetValueError(f"limit must be a positive number of images, got {limit}")
@@ -138,7 +140,9 @@ class TensorBatches:
     loading free and needs no worker processes; the batches are bit-identical to the loader's.
     """
 
-    def __init__(self, images: Tensor, labels: Tensor, order: typing.Sequence[int], batch_size: int):
+    def __init__(
+        self, images: Tensor, labels: Tensor, order: typing.Sequence[int], batch_size: int
+    ):
         self.images, self.labels, self.batch_size = images, labels, batch_size
         self.order = torch.as_tensor(list(order), dtype=torch.long, device=images.device)
 
@@ -187,7 +191,9 @@ def dataset_input_size(name: str, image_size: int = 224) -> tuple[int, int, int,
         return (1, 3, 32, 32)
     if name == "imagefolder":
         return (1, 3, image_size, image_size)
-    raise UsnetValueError(f"unknown dataset {name!r}; valid: fashion_mnist, imagefolder, cifar10, cifar100")
+    raise UsnetValueError(
+        f"unknown dataset {name!r}; valid: fashion_mnist, imagefolder, cifar10, cifar100"
+    )
 
 
 def build_datasets(name: str, root: str | None = None, *, limit_train: int | None = None,
@@ -200,7 +206,9 @@ def build_datasets(name: str, root: str | None = None, *, limit_train: int | Non
     from torchvision.transforms import v2 as T
 
     if name == "fashion_mnist":
-        train_tf = T.Compose([T.RandomCrop(28, padding=2), T.RandomHorizontalFlip()]) if augment else None
+        train_tf = (
+            T.Compose([T.RandomCrop(28, padding=2), T.RandomHorizontalFlip()]) if augment else None
+        )
         train = FashionMNIST(root, train=True, limit=limit_train, transform=train_tf)
         calib = FashionMNIST(root, train=True, limit=limit_train)
         test = FashionMNIST(root, train=False, limit=limit_test)
@@ -210,7 +218,11 @@ def build_datasets(name: str, root: str | None = None, *, limit_train: int | Non
 
         cls = datasets.CIFAR10 if name == "cifar10" else datasets.CIFAR100
         root = root or str(Path.home() / ".cache" / "usnet" / "data")
-        norm = [T.ToImage(), T.ToDtype(torch.float32, scale=True), T.Normalize(CIFAR_MEAN, CIFAR_STD)]
+        norm = [
+            T.ToImage(),
+            T.ToDtype(torch.float32, scale=True),
+            T.Normalize(CIFAR_MEAN, CIFAR_STD),
+        ]
         aug = [T.RandomCrop(32, padding=4), T.RandomHorizontalFlip()] if augment else []
         try:
             train = cls(root, train=True, transform=T.Compose(aug + norm))
@@ -218,8 +230,16 @@ def build_datasets(name: str, root: str | None = None, *, limit_train: int | Non
             test = cls(root, train=False, transform=T.Compose(norm))
         except RuntimeError as err:
             raise FileNotFoundError(f"{name} not found under {root!r} ({err})") from None
-        train, calib, test = (_limit(d, n) for d, n in ((train, limit_train), (calib, limit_train), (test, limit_test)))
-        return train, calib, test, DataInfo(10 if name == "cifar10" else 100, 3, True, dataset_input_size(name))
+        train, calib, test = (
+            _limit(d, n)
+            for d, n in ((train, limit_train), (calib, limit_train), (test, limit_test))
+        )
+        return (
+            train,
+            calib,
+            test,
+            DataInfo(10 if name == "cifar10" else 100, 3, True, dataset_input_size(name)),
+        )
     if name == "imagefolder":
         from torchvision import datasets
 
@@ -228,22 +248,35 @@ def build_datasets(name: str, root: str | None = None, *, limit_train: int | Non
         for split in ("train", "val"):
             if not (Path(root) / split).is_dir():
                 raise FileNotFoundError(f"imagefolder root {root!r} has no {split}/ directory")
-        norm = [T.ToImage(), T.ToDtype(torch.float32, scale=True), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+        norm = [
+            T.ToImage(),
+            T.ToDtype(torch.float32, scale=True),
+            T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        ]
         resize = [T.Resize(int(round(image_size / 0.875))), T.CenterCrop(image_size)]
         train_tf = T.Compose([T.RandomResizedCrop(image_size), T.RandomHorizontalFlip(), *norm])
         folders = {split: _image_folder(Path(root) / split) for split in ("train", "val")}
         train = datasets.ImageFolder(folders["train"], transform=train_tf, loader=load_image)
-        calib = datasets.ImageFolder(folders["train"], transform=T.Compose(resize + norm), loader=load_image)
-        test = datasets.ImageFolder(folders["val"], transform=T.Compose(resize + norm), loader=load_image)
+        calib = datasets.ImageFolder(
+            folders["train"], transform=T.Compose(resize + norm), loader=load_image
+        )
+        test = datasets.ImageFolder(
+            folders["val"], transform=T.Compose(resize + norm), loader=load_image
+        )
         if train.classes != test.classes:
             raise DataError(
                 f"imagefolder {root!r}: train/ holds classes {_names(train.classes)} but val/ holds "
                 f"{_names(test.classes)}; both need the same class subdirectories"
             )
-        train, calib, test = (_limit(d, n) for d, n in ((train, limit_train), (calib, limit_train), (test, limit_test)))
+        train, calib, test = (
+            _limit(d, n)
+            for d, n in ((train, limit_train), (calib, limit_train), (test, limit_test))
+        )
         return train, calib, test, DataInfo(len(test.dataset.classes if isinstance(test, Subset) else test.classes),
                                             3, False, dataset_input_size(name, image_size))  # fmt: skip
-    raise UsnetValueError(f"unknown dataset {name!r}; valid: fashion_mnist, imagefolder, cifar10, cifar100")
+    raise UsnetValueError(
+        f"unknown dataset {name!r}; valid: fashion_mnist, imagefolder, cifar10, cifar100"
+    )
 
 
 def _image_folder(directory: Path) -> str:
@@ -255,7 +288,9 @@ def _image_folder(directory: Path) -> str:
     empty = [c for c in classes if not any(f.name.lower().endswith(IMG_EXTENSIONS)
                                            for f in (directory / c).rglob("*") if f.is_file())]  # fmt: skip
     if empty:
-        raise DataError(f"{str(directory / empty[0])!r} holds no image files ({', '.join(IMG_EXTENSIONS)})")
+        raise DataError(
+            f"{str(directory / empty[0])!r} holds no image files ({', '.join(IMG_EXTENSIONS)})"
+        )
     if len(classes) < 2:
         raise DataError(
             f"{str(directory)!r} holds {len(classes)} class subdirectories {_names(classes)}; "

@@ -39,11 +39,11 @@ import torch.fx as fx
 from torch import Tensor, nn
 
 from .channels import Width, config_id, format_width, width_value
+from .cost import _check_input_size, module_cost
 from .errors import UsnetError, UsnetValueError
 from .evaluation import eval_forward
-from .plain import export
 from .files import atomic_write_bytes
-from .cost import _check_input_size, module_cost
+from .plain import export
 from .state import get_state
 
 FORMATS: dict[str, str] = {"pt": ".pt2", "torchscript": ".torchscript.pt", "onnx": ".onnx"}
@@ -120,14 +120,18 @@ def serialize(module: nn.Module, format: str, example: Tensor) -> bytes:
     return buffer.getvalue()
 
 
-def load_artifact(source: str | os.PathLike | bytes, format: str | None = None) -> Callable[[Tensor], Tensor]:
+def load_artifact(
+    source: str | os.PathLike | bytes, format: str | None = None
+) -> Callable[[Tensor], Tensor]:
     """A callable ``images -> logits`` (CPU tensors) running an artifact with its own runtime.
 
     ``source`` is a file (format from its suffix unless given) or the artifact's bytes.
     """
     if format is None:
         if isinstance(source, bytes):
-            raise UsnetValueError(f"load_artifact needs format= for bytes; valid: {', '.join(FORMATS)}")
+            raise UsnetValueError(
+                f"load_artifact needs format= for bytes; valid: {', '.join(FORMATS)}"
+            )
         format = format_of(source)
     check_format(format)
     data = source if isinstance(source, bytes) else Path(source).read_bytes()
@@ -165,7 +169,9 @@ def format_of(path: str | os.PathLike) -> str:
             return format
     if name.endswith(".ts"):
         return "torchscript"
-    raise UsnetValueError(f"cannot tell the format of {name!r} from its suffix; pass format= ({', '.join(FORMATS)})")
+    raise UsnetValueError(
+        f"cannot tell the format of {name!r} from its suffix; pass format= ({', '.join(FORMATS)})"
+    )
 
 
 def export_artifact(
@@ -250,7 +256,9 @@ def export_widths(
         if cid not in written:
             # the config id makes names unique: widths 0.3703 and 0.3704 both print as 0.370
             # but may be different networks
-            name = (f"config-{cid}" if isinstance(w, Mapping) else f"w{w:.3f}-{cid}") + FORMATS[format]
+            name = (f"config-{cid}" if isinstance(w, Mapping) else f"w{w:.3f}-{cid}") + FORMATS[
+                format
+            ]
             written[cid] = export_artifact(model, w, out / name, format, **kwargs)
         result = written[cid]
         row = {"width": width_value(w), "file": Path(result.path).name,
@@ -304,7 +312,9 @@ def earlier_export_rows(out: Path, format: str, options: Mapping) -> list[dict]:
     return [r for r in models if (out / str(r.get("file", ""))).is_file()]
 
 
-def spectrum_top1(model: nn.Module, spectrum: Sequence[Mapping] | None, width: Width) -> float | None:
+def spectrum_top1(
+    model: nn.Module, spectrum: Sequence[Mapping] | None, width: Width
+) -> float | None:
     """Top-1 of ``width`` from a spectrum, matched by channel configuration (widths that round
     to the same channels are the same network); None if the spectrum does not hold it."""
     if not spectrum:
@@ -326,7 +336,9 @@ def _reference_logits(model: nn.Module, width: Width, images: Tensor) -> Tensor:
 
 def _max_abs_diff(got: Tensor, expected: Tensor) -> float:
     if got.shape != expected.shape:
-        raise VerificationError(f"artifact output shape {tuple(got.shape)} != model's {tuple(expected.shape)}")
+        raise VerificationError(
+            f"artifact output shape {tuple(got.shape)} != model's {tuple(expected.shape)}"
+        )
     return float((got.double() - expected.double()).abs().max())
 
 
@@ -336,5 +348,3 @@ def _check_tolerance(tolerance: float | None, fuse_bn: bool) -> float:
     if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not tolerance > 0:
         raise UsnetValueError(f"tolerance must be a positive number, got {tolerance!r}")
     return float(tolerance)
-
-

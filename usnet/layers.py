@@ -157,7 +157,9 @@ class _SlimmableConvNd(SlimmableLayer):
             )
         out_index = getattr(self, "active_out_index", None)  # absent in modules pickled before it
         weight = take(self.weight, 0, cout, out_index)
-        if self.is_depthwise:  # one input channel per output channel: the input index is the output's
+        if (
+            self.is_depthwise
+        ):  # one input channel per output channel: the input index is the output's
             weight = weight[:, :1]
         else:
             weight = take(weight, 1, cin // groups, getattr(self, "active_in_index", None))
@@ -242,7 +244,9 @@ class SlimmableLinear(SlimmableLayer, nn.Linear):
         out_index = getattr(self, "active_out_index", None)  # absent in modules pickled before it
         weight = take(self.weight, 0, self.active_out_features, out_index)
         weight = take(weight, 1, self.active_in_features, getattr(self, "active_in_index", None))
-        bias = None if self.bias is None else take(self.bias, 0, self.active_out_features, out_index)
+        bias = (
+            None if self.bias is None else take(self.bias, 0, self.active_out_features, out_index)
+        )
         return _scaled(weight, bias, self.averaging_scale())
 
     def forward(self, input: Tensor) -> Tensor:
@@ -469,7 +473,9 @@ class SlimmableBatchNorm2d(SlimmableLayer, nn.BatchNorm2d):
                 "first (or use train mode)"
             )
         mean, var = stats
-        return F.batch_norm(input, self._take(mean), self._take(var), weight, bias, False, 0.0, self.eps)
+        return F.batch_norm(
+            input, self._take(mean), self._take(var), weight, bias, False, 0.0, self.eps
+        )
 
     def _normalize_global(self, input: Tensor, weight: Tensor | None, bias: Tensor | None,
                           group) -> Tensor:  # fmt: skip
@@ -485,7 +491,9 @@ class SlimmableBatchNorm2d(SlimmableLayer, nn.BatchNorm2d):
         does and normalize with the batch statistics."""
         self._calibration.accumulate(mean, var * (count / (count - 1)))  # type: ignore[union-attr]
         dtype = self._calibration.mean.dtype  # type: ignore[union-attr]
-        return F.batch_norm(input, mean.to(dtype), var.to(dtype), weight, bias, False, 0.0, self.eps)
+        return F.batch_norm(
+            input, mean.to(dtype), var.to(dtype), weight, bias, False, 0.0, self.eps
+        )
 
     @torch.no_grad()
     def _calibrate_global(self, input: Tensor, weight: Tensor | None,

@@ -80,7 +80,7 @@ def __getattr__(name: str) -> type:
     """Unpickling looks the generated classes up here by name: rebuild them."""
     if not name.startswith(_PREFIX):
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    module_name, _, qualname = name[len(_PREFIX):].replace(_DOT, ".").rpartition(".")
+    module_name, _, qualname = name[len(_PREFIX) :].replace(_DOT, ".").rpartition(".")
     owner: Any = None
     parts = module_name.split(".")
     # the owner's module is the longest importable prefix; the rest is the class's qualname

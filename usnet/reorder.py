@@ -98,7 +98,9 @@ CHANNEL_TENSORS: dict[type, Callable[[nn.Module], ChannelLayout]] = {}
 """Registry: slimmable layer type -> its :class:`ChannelLayout` (looked up along the MRO)."""
 
 
-def register_channel_tensors(layer_type: type, layout: Callable[[nn.Module], ChannelLayout]) -> None:
+def register_channel_tensors(
+    layer_type: type, layout: Callable[[nn.Module], ChannelLayout]
+) -> None:
     """Teach :func:`reorder_channels` a slimmable layer type: ``layout(layer)`` says which of its
     tensors hold its channels."""
     CHANNEL_TENSORS[layer_type] = layout
@@ -148,7 +150,9 @@ def _per_channel_layout(layer: _PerChannelAffine) -> ChannelLayout:
 
 def _sliced_layout(owner: SlicedParameters) -> ChannelLayout:
     sliced = owner.__dict__.get("usnet_sliced", {})
-    return ChannelLayout(tuple(ChannelTensor(n, d, "out") for n, d in sliced.items()), input_dim=None)
+    return ChannelLayout(
+        tuple(ChannelTensor(n, d, "out") for n, d in sliced.items()), input_dim=None
+    )
 
 
 register_channel_tensors(_SlimmableConvNd, _conv_layout)
@@ -185,7 +189,11 @@ class _Site:
 
     @property
     def tensors(self) -> list[ChannelTensor]:
-        return [t for t in self.layout.tensors if t.side == self.side and _get(self.layer, t.name) is not None]
+        return [
+            t
+            for t in self.layout.tensors
+            if t.side == self.side and _get(self.layer, t.name) is not None
+        ]
 
 
 def _spans(channels: Channels, state: SlimmableState) -> list[tuple[str, int, int]]:
@@ -226,8 +234,8 @@ def _per_channel(tensor: Tensor, t: ChannelTensor, span: tuple[str, int, int], s
         x = tensor.movedim(t.dim, 1)
         x = x.reshape(g, x.shape[0] // g, x.shape[1], -1)  # (g, out/g, in/g, rest)
         values = reduce(x.permute(0, 2, 1, 3).reshape(g * x.shape[2], -1))
-        return values[offset: offset + size * factor].reshape(size, factor).sum(1)
-    x = tensor.movedim(t.dim, 0)[offset: offset + size * factor]
+        return values[offset : offset + size * factor].reshape(size, factor).sum(1)
+    x = tensor.movedim(t.dim, 0)[offset : offset + size * factor]
     return reduce(x.reshape(size, -1))
 
 
@@ -237,7 +245,9 @@ def _normalized(score: Tensor) -> Tensor:
     return score / mean if mean > 0 else score
 
 
-def _magnitude_scores(sites: list[_Site], sizes: Mapping[str, int], which: str) -> dict[str, Tensor]:
+def _magnitude_scores(
+    sites: list[_Site], sizes: Mapping[str, int], which: str
+) -> dict[str, Tensor]:
     scores: dict[str, Tensor] = {}
     for site in sites:
         for t in site.tensors:
@@ -309,9 +319,13 @@ def _activation_scores(model: nn.Module, sites: list[_Site], sizes: Mapping[str,
             x = args[0].detach().float().abs().movedim(dim, -1)
             total = x.reshape(-1, x.shape[-1]).mean(0)
             sums[index] = sums.get(index, 0) + total
+
         return record
 
-    handles = [s.layer.register_forward_pre_hook(hook(i, s.layout.input_dim)) for i, s in enumerate(watched)]
+    handles = [
+        s.layer.register_forward_pre_hook(hook(i, s.layout.input_dim))
+        for i, s in enumerate(watched)
+    ]
     batches = 0
     try:
         with torch.no_grad():
@@ -329,7 +343,7 @@ def _activation_scores(model: nn.Module, sites: list[_Site], sizes: Mapping[str,
             continue
         for group, factor, offset in site.spans:
             size = sizes[group]
-            s = sums[i][offset: offset + size * factor].reshape(size, factor).sum(1)
+            s = sums[i][offset : offset + size * factor].reshape(size, factor).sum(1)
             scores[group] = scores.get(group, 0) + _normalized(s)
     return scores
 
@@ -369,14 +383,16 @@ def _induced(state: SlimmableState, sites: list[_Site]) -> dict[str, tuple[str, 
     for site in sites:
         layer = site.layer
         if site.side == "out" and isinstance(layer, _SlimmableConvNd) and layer.is_depthwise:
-            (child, _, _), = site.spans
-            (parent, _, _), = by_layer[site.name]["in"]
+            ((child, _, _),) = site.spans
+            ((parent, _, _),) = by_layer[site.name]["in"]
             if parent != child:
                 induced[child] = (parent, layer.out_channels // layer.in_channels)
     return induced
 
 
-def _index(spans: list[tuple[str, int, int]], perms: Mapping[str, Tensor], sizes: Mapping[str, int]) -> Tensor:
+def _index(
+    spans: list[tuple[str, int, int]], perms: Mapping[str, Tensor], sizes: Mapping[str, int]
+) -> Tensor:
     parts = []
     for group, factor, offset in spans:
         perm = perms.get(group)
@@ -391,7 +407,7 @@ def _permute_tensor(tensor: Tensor, t: ChannelTensor, index: Tensor) -> None:
     with torch.no_grad():
         if t.grouped > 1:  # permute each conv group's input columns within the group
             g, k = t.grouped, tensor.shape[t.dim]
-            local = (index.reshape(g, k) - torch.arange(g, device=index.device).unsqueeze(1) * k)
+            local = index.reshape(g, k) - torch.arange(g, device=index.device).unsqueeze(1) * k
             rows = tensor.shape[0] // g
             gather = local.repeat_interleave(rows, dim=0)  # (out, k)
             gather = gather.reshape(*gather.shape, *([1] * (tensor.dim() - 2))).expand_as(tensor)
@@ -423,7 +439,9 @@ def reorder_channels(model: nn.Module, importance: Importance = "l1", data: Iter
     if importance not in IMPORTANCES:
         raise UsnetValueError(f"unknown importance {importance!r}; valid: {', '.join(IMPORTANCES)}")
     if importance in ("taylor", "activation") and data is None:
-        raise UsnetValueError(f"importance={importance!r} needs data= (a loader or a list of batches)")
+        raise UsnetValueError(
+            f"importance={importance!r} needs data= (a loader or a list of batches)"
+        )
     state = get_state(model)
     sites = _sites(model, state)
     plan = state.plan

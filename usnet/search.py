@@ -33,9 +33,9 @@ from torch.utils.data import Dataset
 from . import bn_stats
 from .calibration import calibrate
 from .channels import ChannelPlan, config_id, config_key
+from .cost import _check_input_size, format_count, profile
 from .errors import UsnetValueError
 from .evaluation import evaluate
-from .cost import _check_input_size, format_count, profile
 from .state import get_state, keep_width_and_mode
 
 
@@ -100,7 +100,9 @@ def search_width(
     input_size = (1, *_check_input_size(input_size)[1:])
     images, labels = heldout
     if images.shape[0] == 0 or images.shape[0] != labels.shape[0]:
-        raise UsnetValueError("heldout must be (images, labels) with the same positive number of items")
+        raise UsnetValueError(
+            "heldout must be (images, labels) with the same positive number of items"
+        )
     narrowest = profile(model, lo, input_size).macs
     if narrowest > max_macs:
         raise UsnetValueError(f"no width fits the budget: the narrowest, width {lo:g}, needs "
@@ -124,7 +126,9 @@ def search_width(
             current = {name: hi for name in plan.root_names}
             best = score(dict(current))
             steps: list[dict] = []
-            say(f"start: MACs {format_count(best.macs)}, held-out top-1 {100 * best.heldout_top1:.2f}%")
+            say(
+                f"start: MACs {format_count(best.macs)}, held-out top-1 {100 * best.heldout_top1:.2f}%"
+            )
             while best.macs > max_macs:
                 trials = []
                 for name in plan.root_names:
@@ -135,7 +139,9 @@ def search_width(
                     if trial.macs < best.macs:
                         trials.append((name, narrower, trial))
                 assert trials, "the narrowest width fits the budget, so some narrowing is left"
-                name, narrower, best = max(trials, key=lambda t: (t[2].heldout_top1, -t[2].heldout_loss, -t[2].macs))
+                name, narrower, best = max(
+                    trials, key=lambda t: (t[2].heldout_top1, -t[2].heldout_loss, -t[2].macs)
+                )
                 current[name] = narrower
                 tried = [{"group": g, "multiplier": m, "macs": t.macs, "heldout_top1": t.heldout_top1,
                           "heldout_loss": t.heldout_loss} for g, m, t in trials]  # fmt: skip
@@ -150,7 +156,9 @@ def search_width(
             uniform = score(uniform_width)
             keep = {plan.config(best.width), plan.config(uniform.width)}
         finally:
-            keys = {None if c == state.full_config else config_key(c) for c in keep}  # None: own buffers
+            keys = {
+                None if c == state.full_config else config_key(c) for c in keep
+            }  # None: own buffers
             bn_stats.restore(model, saved, keys)
     return SearchResult(best, uniform, int(max_macs), steps)
 
@@ -166,14 +174,18 @@ def search_data(dataset: Dataset, calib_images: int, heldout_images: int, seed: 
     if need > len(dataset):
         raise UsnetValueError(f"--calib-images + --heldout-images ({need}) exceed the {len(dataset)} "
                               "training images")  # fmt: skip
-    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:need].tolist()
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[
+        :need
+    ].tolist()
     images, labels = zip(*(dataset[i] for i in order))
     images, labels = torch.stack(images), torch.as_tensor(labels)
     calib = list(images[:calib_images].split(batch_size))
     return calib, (images[calib_images:], labels[calib_images:])
 
 
-def _narrow(plan: ChannelPlan, current: Mapping[str, float], name: str, step: float) -> float | None:
+def _narrow(
+    plan: ChannelPlan, current: Mapping[str, float], name: str, step: float
+) -> float | None:
     """``current[name]`` lowered by ``step``, or further to its next smaller channel count."""
     lo = plan.width_range[0]
     now = current[name]
@@ -189,9 +201,14 @@ def _narrow(plan: ChannelPlan, current: Mapping[str, float], name: str, step: fl
 
 def format_search(result: SearchResult, test: Mapping[str, float] | None = None) -> str:
     """Result against the uniform width of the same budget (and test top-1 if given)."""
-    lines = [f"{'':>9} {'width':<34} {'params':>8} {'MACs':>8} {'held-out':>9}" + (f" {'test':>7}" if test else "")]
+    lines = [
+        f"{'':>9} {'width':<34} {'params':>8} {'MACs':>8} {'held-out':>9}"
+        + (f" {'test':>7}" if test else "")
+    ]
     for label, s in (("searched", result.result), ("uniform", result.uniform)):
-        width = s.width if isinstance(s.width, float) else ", ".join(f"{v:g}" for v in s.width.values())
+        width = (
+            s.width if isinstance(s.width, float) else ", ".join(f"{v:g}" for v in s.width.values())
+        )
         width = width if isinstance(width, str) else f"{width:g}"
         if len(width) > 34:
             width = width[:31] + "..."
@@ -200,5 +217,7 @@ def format_search(result: SearchResult, test: Mapping[str, float] | None = None)
         if test:
             row += f" {100 * test[label]:>6.2f}%"
         lines.append(row)
-    lines.append(f"budget: {format_count(result.max_macs)} MACs; {len(result.steps)} narrowing steps")
+    lines.append(
+        f"budget: {format_count(result.max_macs)} MACs; {len(result.steps)} narrowing steps"
+    )
     return "\n".join(lines)

@@ -37,12 +37,12 @@ import torch
 from torch import nn
 
 from .channels import ChannelPlan, config_id, config_key
-from .device import device_name, resolve_device
-from .deploy import spectrum_top1
-from .errors import UsnetValueError
-from .plain import export
-from .files import atomic_write_bytes
 from .cost import _check_input_size, format_count, profile
+from .deploy import spectrum_top1
+from .device import device_name, resolve_device
+from .errors import UsnetValueError
+from .files import atomic_write_bytes
+from .plain import export
 from .reports import plot_selection, progress_bar  # noqa: F401 (plot_selection: re-exported)
 from .state import get_state
 
@@ -102,7 +102,9 @@ def parse_count(text: str | int | float) -> int:
     except ValueError:
         value = math.nan
     if not math.isfinite(value) or value <= 0:
-        raise UsnetValueError(f"invalid count {text!r}; expected a positive number like 150M, 2.5M, 800K or 1e9")
+        raise UsnetValueError(
+            f"invalid count {text!r}; expected a positive number like 150M, 2.5M, 800K or 1e9"
+        )
     return int(round(value))
 
 
@@ -167,14 +169,18 @@ def select_width(
     budgets = {k: v for k, v in (("max_macs", max_macs), ("max_params", max_params),
                                  ("max_latency_ms", max_latency_ms)) if v is not None}  # fmt: skip
     if not budgets:
-        raise UsnetValueError("a budget is needed: max_macs, max_params or max_latency_ms (--max-macs, "
-                         "--max-params or --max-latency-ms on the command line)")
+        raise UsnetValueError(
+            "a budget is needed: max_macs, max_params or max_latency_ms (--max-macs, "
+            "--max-params or --max-latency-ms on the command line)"
+        )
     for name, value in budgets.items():
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
             raise UsnetValueError(f"{name} must be a positive number, got {value!r}")
     size = _check_input_size(input_size)
     plan = get_state(model).plan
-    preferred = [float(r["width"]) for r in spectrum or () if isinstance(r.get("width"), (int, float))]
+    preferred = [
+        float(r["width"]) for r in spectrum or () if isinstance(r.get("width"), (int, float))
+    ]
     per_image = (1, *size[1:])  # MACs and params are per image; the batch only matters for latency
     candidates = []
     for w, interval, config in config_candidates(plan, widths, preferred):
@@ -214,7 +220,9 @@ def measure_candidates(
 ) -> tuple[list[Candidate], dict]:
     """The candidates with ``latency_ms`` filled in, from the cache or measured (then cached)."""
     device = _check_device(device)
-    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+    if threads is not None and (
+        isinstance(threads, bool) or not isinstance(threads, int) or threads < 1
+    ):
         raise UsnetValueError(f"threads must be a positive integer, got {threads!r}")
     for name, value, least in (("warmup", warmup, 0), ("repeats", repeats, 1)):
         if isinstance(value, bool) or not isinstance(value, int) or value < least:
@@ -240,7 +248,9 @@ def measure_candidates(
         path = latency_cache_path(key, cache_dir)
         entries = _read_cache(path, key) if use_cache else {}
         plan = get_state(model).plan
-        todo = [c for c in candidates if config_key(c.config or plan.config(c.width)) not in entries]
+        todo = [
+            c for c in candidates if config_key(c.config or plan.config(c.width)) not in entries
+        ]
         bar = progress_bar(len(todo), progress, "measuring latency", "width")
         if todo:  # first runs pay for thread pools and allocator growth: not any width's cost
             first = export(model, todo[-1].width, require_stats=False).to(device)
@@ -249,7 +259,10 @@ def measure_candidates(
             module = export(model, c.width, require_stats=False).to(device)
             samples = measure_latency(module, size, device=device, warmup=warmup, repeats=repeats)
             entries[config_key(c.config or plan.config(c.width))] = {
-                "width": c.width, "median_ms": statistics.median(samples), "samples_ms": samples}
+                "width": c.width,
+                "median_ms": statistics.median(samples),
+                "samples_ms": samples,
+            }
             if bar is not None:
                 bar.update(1)
         if bar is not None:
@@ -328,13 +341,20 @@ def format_selection(selection: Selection) -> str:
     c = selection.chosen
     lo, hi = c.width_interval
     same = f" (same channels for widths {lo:g}..{hi:g})" if hi > lo else ""
-    parts = [f"width {c.width:g}{same}: params {format_count(c.params)}, MACs {format_count(c.macs)}"]
+    parts = [
+        f"width {c.width:g}{same}: params {format_count(c.params)}, MACs {format_count(c.macs)}"
+    ]
     if c.latency_ms is not None:
         parts.append(f"latency {c.latency_ms:.3f} ms (median)")
     if c.top1 is not None:
         parts.append(f"top-1 {100 * c.top1:.2f}%")
-    budgets = ", ".join(f"{k.removeprefix('max_')} <= {_budget_text(k, v)}" for k, v in selection.budgets.items())
-    lines = [", ".join(parts), f"budget: {budgets}; input {'x'.join(map(str, selection.input_size))}"]
+    budgets = ", ".join(
+        f"{k.removeprefix('max_')} <= {_budget_text(k, v)}" for k, v in selection.budgets.items()
+    )
+    lines = [
+        ", ".join(parts),
+        f"budget: {budgets}; input {'x'.join(map(str, selection.input_size))}",
+    ]
     if selection.latency is not None:
         info = selection.latency
         lines.append(f"latency on {info['device']}, {info['threads']} threads: {info['measured']} "
@@ -347,8 +367,12 @@ def _nothing_fits(narrowest: Candidate, budgets: Mapping) -> str:
     if narrowest.macs > budgets.get("max_macs", math.inf):
         over.append(f"{format_count(narrowest.macs)} MACs > {format_count(budgets['max_macs'])}")
     if narrowest.params > budgets.get("max_params", math.inf):
-        over.append(f"{format_count(narrowest.params)} params > {format_count(budgets['max_params'])}")
-    if narrowest.latency_ms is not None and narrowest.latency_ms > budgets.get("max_latency_ms", math.inf):
+        over.append(
+            f"{format_count(narrowest.params)} params > {format_count(budgets['max_params'])}"
+        )
+    if narrowest.latency_ms is not None and narrowest.latency_ms > budgets.get(
+        "max_latency_ms", math.inf
+    ):
         over.append(f"{narrowest.latency_ms:.3f} ms > {budgets['max_latency_ms']:g} ms")
     detail = "; ".join(over) or "no candidate meets all budgets together"
     return f"no width fits the budget: the narrowest, width {narrowest.width:g}, needs {detail}"

@@ -58,6 +58,7 @@ def active_channels(channels: Channels, plan: ChannelPlan, active: Mapping[str, 
         offset += full
     return ActiveChannels(count, torch.cat(index))
 
+
 STATE_ATTR = "usnet_state"
 
 
@@ -138,7 +139,9 @@ class SlimmableState:
             arch=d.get("arch"),
             input_averaging=bool(d.get("input_averaging", False)),
             switchable_widths=[float(w) for w in d.get("switchable_widths", [])],
-            input_size=None if d.get("input_size") is None else tuple(int(v) for v in d["input_size"]),
+            input_size=None
+            if d.get("input_size") is None
+            else tuple(int(v) for v in d["input_size"]),
         )
 
 
@@ -183,7 +186,9 @@ def set_width(model: nn.Module, width: Width) -> nn.Module:
     width = state.plan.check_width(width)
     config = state.plan.config(width)
     updates = state._updates.get(config)
-    if updates is None or any(parent._modules.get(name) is not layer for parent, name, layer, _ in updates):
+    if updates is None or any(
+        parent._modules.get(name) is not layer for parent, name, layer, _ in updates
+    ):
         updates = state._updates[config] = _layer_updates(model, state, config)
     label = _describe(width, config)
     for _, _, layer, _ in updates:
@@ -200,7 +205,9 @@ def set_width(model: nn.Module, width: Width) -> nn.Module:
     return model
 
 
-def _layer_updates(model: nn.Module, state: SlimmableState, config: tuple[int, ...]) -> list[_LayerUpdate]:
+def _layer_updates(
+    model: nn.Module, state: SlimmableState, config: tuple[int, ...]
+) -> list[_LayerUpdate]:
     """The active-channel attributes of every bound layer at one channel configuration."""
     channels = dict(zip(state.plan.groups, config))
     stats_key = None if config == state.full_config else config_key(config)

@@ -44,7 +44,16 @@ from .evaluation import evaluate
 from .files import check_writable
 from .models import create_model
 from .reports import format_spectrum, spectrum_rows, step_bar, write_spectrum
-from .rundir import CHECKPOINT, FINAL, METRICS, RunLock, append_metric, holds_run, resumable_checkpoint, truncate_metrics
+from .rundir import (
+    CHECKPOINT,
+    FINAL,
+    METRICS,
+    RunLock,
+    append_metric,
+    holds_run,
+    resumable_checkpoint,
+    truncate_metrics,
+)
 from .state import enable_switchable_bn, get_state, set_width
 from .training import (
     FixedWidths,
@@ -56,7 +65,6 @@ from .training import (
     warm_up_widths,
 )
 from .warm_start import teacher_probs
-
 
 
 class Trainer:
@@ -106,7 +114,9 @@ class Trainer:
             self.model = self.model.to(memory_format=torch.channels_last)
         if config.sync_bn:
             dist.convert_sync_batchnorm(self.model)  # a no-op in a single process
-        self.evaluated_widths = self.eval_widths()  # a bad eval.widths fails now, not after training
+        self.evaluated_widths = (
+            self.eval_widths()
+        )  # a bad eval.widths fails now, not after training
         self.steps_per_epoch = len(self.train_set) // config.batch_size
         if self.steps_per_epoch == 0:
             raise ConfigError(
@@ -128,7 +138,9 @@ class Trainer:
             label_weight=config.distill_label_weight,
         )
         self.scaler = torch.amp.GradScaler(self.device.type) if config.amp == "fp16" else None
-        self.autocast_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[config.amp]
+        self.autocast_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[
+            config.amp
+        ]
         self.epoch = 0
         self.step = 0
         self.tb = None
@@ -206,7 +218,9 @@ class Trainer:
         if fresh:
             self.log(f"initialized from {source}")
             if c.init.reorder != "none":
-                data = reorder_batches(self.train_set, c.init.num_images, c.calib.batch_size, c.seed)
+                data = reorder_batches(
+                    self.train_set, c.init.num_images, c.calib.batch_size, c.seed
+                )
                 reorder_channels(self.model, c.init.reorder, data=data, num_images=c.init.num_images,
                                  log=self.log)  # fmt: skip
         return teacher
@@ -240,7 +254,9 @@ class Trainer:
         if self.tb is not None:
             for key, value in record.items():
                 if isinstance(value, (int, float)) and key not in ("step", "epoch"):
-                    self.tb.add_scalar(f"{record['kind']}/{key}", value, record.get("step", self.step))
+                    self.tb.add_scalar(
+                        f"{record['kind']}/{key}", value, record.get("step", self.step)
+                    )
 
     def _truncate_metrics(self, step: int) -> None:
         if self.is_main:
@@ -292,7 +308,9 @@ class Trainer:
         sampler.set_epoch(epoch)  # the permutation's seed is seed + epoch
         if self._train_tensors is None:
             tensors = as_tensors(self.train_set)
-            self._train_tensors = False if tensors is None else tuple(t.to(self.device) for t in tensors)
+            self._train_tensors = (
+                False if tensors is None else tuple(t.to(self.device) for t in tensors)
+            )
         if self._train_tensors:  # in memory, no augmentation: batches sliced on the device
             return TensorBatches(*self._train_tensors, list(sampler), self.rank_batch_size)
         return DataLoader(self.train_set, batch_size=self.rank_batch_size, sampler=sampler,
@@ -413,7 +431,11 @@ class Trainer:
         if self.teacher is not None:  # the teacher's cost, for benchmarks/warm_start.py
             self._metric({"kind": "teacher", "step": self.step, "epoch": self.epoch + 1,
                           "teacher_s": self.teacher_seconds})  # fmt: skip
-        teacher = (f", teacher forward {self.teacher_seconds:.1f}s so far" if self.teacher is not None else "")
+        teacher = (
+            f", teacher forward {self.teacher_seconds:.1f}s so far"
+            if self.teacher is not None
+            else ""
+        )
         self.log(f"epoch {self.epoch + 1}/{c.epochs}: {seen} images in "
                  f"{time.perf_counter() - start:.0f}s ({seen / max(time.perf_counter() - start, 1e-9):.0f} img/s){teacher}")  # fmt: skip
 
@@ -485,7 +507,9 @@ class Trainer:
                       extra={"config": c.to_dict(), "spectrum": rows, "trainer": self.trainer_state()})  # fmt: skip
         self._metric({"kind": "spectrum", "step": self.step, "rows": rows})
         self.log(format_spectrum(rows))
-        self.log(f"wrote {self.out / FINAL}, {self.out / 'spectrum.csv'}, spectrum.json, spectrum.png")
+        self.log(
+            f"wrote {self.out / FINAL}, {self.out / 'spectrum.csv'}, spectrum.json, spectrum.png"
+        )
         return rows
 
     def eval_widths(self) -> list[float]:
@@ -495,10 +519,14 @@ class Trainer:
         given = parse_widths(self.config.eval.widths)
         widths = [w for w in given if lo - 1e-9 <= w <= hi + 1e-9]
         if not widths:
-            raise ConfigError(f"eval.widths {self.config.eval.widths!r} has no width in [{lo}, {hi}]")
+            raise ConfigError(
+                f"eval.widths {self.config.eval.widths!r} has no width in [{lo}, {hi}]"
+            )
         outside = [w for w in given if w not in widths]
         if outside and not hasattr(self, "evaluated_widths"):  # said once, before training
-            listed = ", ".join(f"{w:g}" for w in outside[:4]) + (", ..." if len(outside) > 4 else "")
+            listed = ", ".join(f"{w:g}" for w in outside[:4]) + (
+                ", ..." if len(outside) > 4 else ""
+            )
             self.log(f"eval.widths: evaluating the {len(widths)} widths inside the width range "
                      f"[{lo}, {hi}]; {len(outside)} outside it are skipped ({listed})")  # fmt: skip
         return widths
@@ -525,5 +553,3 @@ def saved_run_config(out_dir: str | Path) -> TrainConfig:
     without a CONFIG file). Read on rank 0 only and handed to the other ranks, like the checkpoint
     itself, so other machines need no shared file system; call it inside the process group."""
     return dist.run_on_main(lambda: load_run_config(resumable_checkpoint(out_dir)))
-
-

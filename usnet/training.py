@@ -155,7 +155,9 @@ class WidthSampler:
         self.width_range: tuple[float, float] = _check_range(width_range)
         self.choices: list[float] | None = _check_choices(choices, self.width_range)
         if ends not in SANDWICH_ENDS:
-            raise UsnetValueError(f"ends must be one of {', '.join(map(repr, SANDWICH_ENDS))}, got {ends!r}")
+            raise UsnetValueError(
+                f"ends must be one of {', '.join(map(repr, SANDWICH_ENDS))}, got {ends!r}"
+            )
         self.ends = ends
         if isinstance(num_widths, bool) or not isinstance(num_widths, numbers.Integral):
             raise UsnetTypeError(f"num_widths must be an integer >= 2, got {num_widths!r}")
@@ -205,7 +207,9 @@ class WidthSampler:
         except (KeyError, TypeError):
             raise UsnetValueError("malformed WidthSampler state: no 'generator' entry") from None
         if not isinstance(generator_state, Tensor) or generator_state.dtype != torch.uint8:
-            raise UsnetValueError("malformed WidthSampler state: 'generator' must be a uint8 tensor")
+            raise UsnetValueError(
+                "malformed WidthSampler state: 'generator' must be a uint8 tensor"
+            )
         # Validate everything before changing anything: a bad state leaves the sampler as it was.
         ends = state_dict.get("ends", "both")  # states saved before the option: the sandwich rule
         if ends not in SANDWICH_ENDS:
@@ -217,8 +221,17 @@ class WidthSampler:
         num_widths = int(state_dict.get("num_widths", self.num_widths))
         if num_widths < 2:
             raise UsnetValueError(f"malformed WidthSampler state: num_widths {num_widths} < 2")
-        choices = _check_choices(state_dict["choices"], width_range) if "choices" in state_dict else self.choices
-        self.ends, self.width_range, self.num_widths, self.choices = ends, width_range, num_widths, choices
+        choices = (
+            _check_choices(state_dict["choices"], width_range)
+            if "choices" in state_dict
+            else self.choices
+        )
+        self.ends, self.width_range, self.num_widths, self.choices = (
+            ends,
+            width_range,
+            num_widths,
+            choices,
+        )
         self.seed = int(state_dict.get("seed", self.seed))
         self.generator.set_state(generator_state.cpu())
 
@@ -231,13 +244,19 @@ class WidthSampler:
         )
 
 
-def _check_choices(choices: Sequence[float] | None, width_range: tuple[float, float]) -> list[float] | None:
+def _check_choices(
+    choices: Sequence[float] | None, width_range: tuple[float, float]
+) -> list[float] | None:
     if choices is None:
         return None
     lo, hi = width_range
     values = []
     for c in choices:
-        if isinstance(c, bool) or not isinstance(c, numbers.Real) or not lo - 1e-9 <= c <= hi + 1e-9:
+        if (
+            isinstance(c, bool)
+            or not isinstance(c, numbers.Real)
+            or not lo - 1e-9 <= c <= hi + 1e-9
+        ):
             raise UsnetValueError(f"WidthSampler choices must be widths in [{lo}, {hi}], got {c!r}")
         values.append(min(hi, max(lo, float(c))))
     if not values:
@@ -453,7 +472,9 @@ def sandwich_step(
         )
     distill = isinstance(criterion, InplaceDistillationLoss)
     if teacher_probs is not None and not distill:
-        raise UsnetTypeError("sandwich_step: teacher_probs needs an InplaceDistillationLoss criterion")
+        raise UsnetTypeError(
+            "sandwich_step: teacher_probs needs an InplaceDistillationLoss criterion"
+        )
 
     def autocast() -> contextlib.AbstractContextManager:
         if autocast_dtype is None:
@@ -492,7 +513,11 @@ def sandwich_step(
             losses.append(loss.detach().float())
             del logits, loss
         stacked = torch.stack(losses)
-        if no_sync is not None and torch.distributed.is_available() and torch.distributed.is_initialized():
+        if (
+            no_sync is not None
+            and torch.distributed.is_available()
+            and torch.distributed.is_initialized()
+        ):
             # The mean over ranks: every rank then sees a non-finite loss of any rank, and all
             # of them refuse the step together (DDP already averaged the gradients, NaNs included).
             group = getattr(model, "process_group", None)
@@ -540,7 +565,10 @@ def warm_up_widths(
     seen: set[tuple[int, ...]] = set()
     devices = [images.device] if images.device.type != "cpu" else []
     try:
-        with keep_width_and_mode(inner), torch.random.fork_rng(devices=devices, device_type=images.device.type):
+        with (
+            keep_width_and_mode(inner),
+            torch.random.fork_rng(devices=devices, device_type=images.device.type),
+        ):
             for w in widths:
                 config = state.plan.config(w)
                 if config in seen:
@@ -667,7 +695,9 @@ def make_scheduler(
 
 def _check_schedule(total_steps: int, warmup_steps: int, schedule: str) -> None:
     if schedule not in SCHEDULES:
-        raise UsnetValueError(f"unknown schedule {schedule!r}; valid schedules: {', '.join(SCHEDULES)}")
+        raise UsnetValueError(
+            f"unknown schedule {schedule!r}; valid schedules: {', '.join(SCHEDULES)}"
+        )
     if total_steps < 1:
         raise UsnetValueError(f"total_steps must be >= 1, got {total_steps}")
     if not 0 <= warmup_steps <= total_steps:

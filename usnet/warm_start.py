@@ -50,10 +50,14 @@ def read_init_weights(path: str | os.PathLike) -> tuple[dict[str, Tensor], str |
             if isinstance(payload.get(key), Mapping):
                 payload = payload[key]
                 break
-    if not isinstance(payload, Mapping) or not payload or not all(
-        isinstance(k, str) and isinstance(v, Tensor) for k, v in payload.items()
+    if (
+        not isinstance(payload, Mapping)
+        or not payload
+        or not all(isinstance(k, str) and isinstance(v, Tensor) for k, v in payload.items())
     ):
-        raise ConfigError(f"init.checkpoint {str(path)!r} holds no state_dict (a mapping of names to tensors)")
+        raise ConfigError(
+            f"init.checkpoint {str(path)!r} holds no state_dict (a mapping of names to tensors)"
+        )
     return dict(payload), arch
 
 
@@ -74,7 +78,8 @@ def check_init_matches(model: nn.Module, weights: Mapping[str, Tensor], source: 
             parts.append(f"{what}: {', '.join(keys[:3])}{more}")
     classes = f" with {num_classes} classes" if num_classes is not None else ""
     raise ConfigError(
-        f"init.checkpoint {source!r} does not match model {model_name}{classes}: " + "; ".join(parts)
+        f"init.checkpoint {source!r} does not match model {model_name}{classes}: "
+        + "; ".join(parts)
     )
 
 
@@ -85,7 +90,9 @@ def load_init(model: nn.Module, path: str | os.PathLike, model_name: str,
     weights, arch = read_init_weights(path)
     source = str(path)
     if arch is not None and arch != model_name:
-        raise ConfigError(f"init.checkpoint {source!r} holds a {arch} model, the config trains {model_name}")
+        raise ConfigError(
+            f"init.checkpoint {source!r} holds a {arch} model, the config trains {model_name}"
+        )
     check_init_matches(model, weights, source, model_name, num_classes)
     model.load_state_dict(weights, strict=True)
     kind = "usnet checkpoint" if arch is not None else "state_dict"

@@ -19,6 +19,7 @@ from ..errors import UsnetValueError
 from .convnet import DEFAULT_CHANNELS, DEFAULT_STRIDES, ConvNet
 from .mobilenet_v1 import MobileNetV1
 
+
 @dataclass(frozen=True)
 class Architecture:
     """What the zoo records about a builder when it is registered (timm's model config): its
@@ -29,7 +30,9 @@ class Architecture:
     image_size: int = 224  # side of the images of the ImageNet-style stem
     small_image_size: int = 32  # side with ``small_input=True`` (28-32 px: Fashion-MNIST, CIFAR)
 
-    def input_size(self, in_channels: int = 3, small_input: bool = False) -> tuple[int, int, int, int]:
+    def input_size(
+        self, in_channels: int = 3, small_input: bool = False
+    ) -> tuple[int, int, int, int]:
         """The ``(1, C, H, W)`` input the builder's model takes with these arguments."""
         side = self.small_image_size if small_input else self.image_size
         return (1, in_channels, side, side)
@@ -48,9 +51,13 @@ def register_model(default_width_range: tuple[float, float], *, image_size: int 
     def decorator(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
         name = fn.__name__
         if name in _BUILDERS:
-            raise UsnetValueError(f"a zoo model {name!r} is already registered; choose another name")
+            raise UsnetValueError(
+                f"a zoo model {name!r} is already registered; choose another name"
+            )
         _BUILDERS[name] = fn
-        _ARCHITECTURES[name] = Architecture(name, tuple(default_width_range), image_size, small_image_size)
+        _ARCHITECTURES[name] = Architecture(
+            name, tuple(default_width_range), image_size, small_image_size
+        )
         DEFAULT_WIDTH_RANGES[name] = tuple(default_width_range)
         return fn
 
@@ -78,7 +85,9 @@ def model_input_size(model: nn.Module) -> tuple[int, int, int, int]:
                                                        bool(kwargs.get("small_input", False)))  # fmt: skip
     if state.input_size is not None and len(state.input_size) == 4:
         return tuple(state.input_size)  # type: ignore[return-value]
-    channels = next((g.size for g in state.plan.groups.values() if g.name.startswith("input:")), None)
+    channels = next(
+        (g.size for g in state.plan.groups.values() if g.name.startswith("input:")), None
+    )
     if state.input_size is not None or channels is None:
         raise UsnetValueError(
             f"the input size of this {type(model).__name__} is not known (converted with "
@@ -109,7 +118,9 @@ def _replace_stem(conv: nn.Conv2d, in_channels: int, small_input: bool, kernel: 
     """The first conv with another number of input channels and, for small images, stride 1."""
     stride = 1 if small_input else conv.stride
     padding = kernel // 2
-    return nn.Conv2d(in_channels, conv.out_channels, kernel, stride, padding, bias=conv.bias is not None)
+    return nn.Conv2d(
+        in_channels, conv.out_channels, kernel, stride, padding, bias=conv.bias is not None
+    )
 
 
 def _input_size(name: str, in_channels: int, small_input: bool) -> tuple[int, int, int, int]:
@@ -156,7 +167,8 @@ def us_mobilenet_v2(
     expansions = [
         f"features.{i}.conv.0.0"
         for i, block in enumerate(model.features)
-        if isinstance(block, torchvision.models.mobilenetv2.InvertedResidual) and len(block.conv) == 4
+        if isinstance(block, torchvision.models.mobilenetv2.InvertedResidual)
+        and len(block.conv) == 4
     ]
     last = f"features.{len(model.features) - 1}.0"
     return _finish("us_mobilenet_v2", model, width_range, kwargs,
