@@ -246,6 +246,35 @@ def raw_record(suite: str, name: str, index: int, seed: int, overrides: list[str
     }  # fmt: skip
 
 
+def git_commit() -> str:
+    """The checkout's commit (``-dirty`` with uncommitted changes), recorded with every run."""
+    return subprocess.run(["git", "describe", "--always", "--dirty"], cwd=ROOT, capture_output=True,
+                          text=True).stdout.strip()  # fmt: skip
+
+
+def run_usnet_train(
+    config: Path, directory: Path, overrides: list[str], threads: int
+) -> tuple[float, bool]:
+    """Run ``usnet train config --out directory --set overrides`` in a subprocess (``--resume`` when
+    the directory holds a checkpoint of an interrupted run), its output appended to
+    ``directory/train.log``. Returns (wall seconds, whether it resumed); raises if it fails."""
+    command = [sys.executable, "-m", "usnet", "train", str(config), "--out", str(directory),
+               "--set", *overrides]  # fmt: skip
+    resumed = (directory / "checkpoint.pt").exists()
+    if resumed:
+        command.append("--resume")
+    directory.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
+    start = time.perf_counter()
+    with open(directory / "train.log", "a") as log:
+        done = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+    if done.returncode != 0:
+        raise RuntimeError(
+            f"{' '.join(command)} failed (exit {done.returncode}); see {directory / 'train.log'}"
+        )
+    return time.perf_counter() - start, resumed
+
+
 def train(out: Path, name: str, index: int, seed: int, args: argparse.Namespace) -> dict:
     """One `usnet train` run (reused when finished, resumed when interrupted); its results.
     Writes the raw result under ``args.results`` (also for a reused run that lacks one)."""
@@ -261,27 +290,13 @@ def train(out: Path, name: str, index: int, seed: int, args: argparse.Namespace)
                                 result.get("wall_s"), bool(result.get("resumed")), args.threads)  # fmt: skip
             write_json(raw_file, record)
         return result
-    command = [sys.executable, "-m", "usnet", "train", str(CONFIG), "--out", str(directory),
-               "--set", *overrides]  # fmt: skip
-    if (directory / "checkpoint.pt").exists():
-        command.append("--resume")
-    directory.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONUNBUFFERED": "1"}
-    commit = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=ROOT,
-                            capture_output=True, text=True).stdout.strip()  # fmt: skip
-    start = time.perf_counter()
-    with open(directory / "train.log", "a") as log:
-        done = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
-    if done.returncode != 0:
-        raise RuntimeError(
-            f"{' '.join(command)} failed (exit {done.returncode}); see {directory / 'train.log'}"
-        )
-    wall_s = time.perf_counter() - start
+    commit = git_commit()
+    wall_s, resumed = run_usnet_train(CONFIG, directory, overrides, args.threads)
     record = raw_record(out.name, name, index, seed, overrides, directory, commit, wall_s,
-                        "--resume" in command, args.threads)  # fmt: skip
+                        resumed, args.threads)  # fmt: skip
     write_json(raw_file, record)
     result = {"name": name, "index": index, "seed": seed, "overrides": overrides, "commit": commit,
-              "wall_s": wall_s, "resumed": "--resume" in command,
+              "wall_s": wall_s, "resumed": resumed,
               "top1": {f"{r['width']:g}": 100 * r["top1"] for r in record["spectrum"]},
               "macs": {f"{r['width']:g}": r["macs"] for r in record["spectrum"]}}  # fmt: skip
     write_json(result_file, result)

@@ -31,11 +31,11 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
+from paper_claims import git_commit, run_usnet_train
 from report import cell  # mean ± sd [seeds in the cell], as in every benchmark table
 
 from usnet.config import load_config
@@ -53,38 +53,12 @@ QUICK = ("data.limit_train=2048", "data.limit_test=1000", "calib.num_images=256"
 
 
 # --- runs -------------------------------------------------------------------------------------------
-def _commit() -> str:
-    return subprocess.run(["git", "describe", "--always", "--dirty"], cwd=ROOT, capture_output=True,
-                          text=True).stdout.strip()  # fmt: skip
-
-
 def train(name: str, seed: int, config: Path, overrides: list[str], directory: Path,
           result_file: Path, args: argparse.Namespace) -> dict:  # fmt: skip
     """One ``usnet train`` run (its result reused when written, resumed when interrupted)."""
     if result_file.exists():
         return json.loads(result_file.read_text())
-    command = [
-        sys.executable,
-        "-m",
-        "usnet",
-        "train",
-        str(config),
-        "--out",
-        str(directory),
-        "--set",
-        *overrides,
-    ]
-    if (directory / "checkpoint.pt").exists():
-        command.append("--resume")
-    directory.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONUNBUFFERED": "1"}
-    start = time.perf_counter()
-    with open(directory / "train.log", "a") as log:
-        done = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
-    if done.returncode != 0:
-        raise RuntimeError(
-            f"{' '.join(command)} failed (exit {done.returncode}); see {directory / 'train.log'}"
-        )
+    wall_s, resumed = run_usnet_train(config, directory, overrides, args.threads)
     rows = json.loads((directory / "spectrum.json").read_text())
     rows = rows["rows"] if isinstance(rows, dict) else rows
     records = [json.loads(line) for line in (directory / "metrics.jsonl").read_text().splitlines()]
@@ -92,8 +66,8 @@ def train(name: str, seed: int, config: Path, overrides: list[str], directory: P
         r["teacher_s"] for r in records if "teacher_s" in r
     ]  # the teacher's forward passes
     run = next((r for r in records if r.get("kind") == "run"), {})
-    result = {"name": name, "seed": seed, "overrides": overrides, "commit": _commit(),
-              "wall_s": time.perf_counter() - start, "resumed": "--resume" in command,
+    result = {"name": name, "seed": seed, "overrides": overrides, "commit": git_commit(),
+              "wall_s": wall_s, "resumed": resumed,
               "distillation": run.get("distillation"),
               "teacher_s": max(teacher_s) if teacher_s else None,
               "top1": {f"{r['width']:g}": 100 * r["top1"] for r in rows}}  # fmt: skip
@@ -149,7 +123,7 @@ def zero_shot(args: argparse.Namespace, seed: int, importance: str) -> dict:
                     batch_size=config.calib.batch_size, progress=False)  # fmt: skip
     loader = torch.utils.data.DataLoader(test_set, batch_size=1000)
     top1 = [100 * r[0] for r in evaluate(model, loader, list(WIDTHS), torch.device("cpu"))]
-    result = {"name": f"zero_shot-{importance}", "importance": importance, "seed": seed, "commit": _commit(),
+    result = {"name": f"zero_shot-{importance}", "importance": importance, "seed": seed, "commit": git_commit(),
               "plain_model": str(plain_model(args, seed)), "reorder_s": reorder_s,
               "wall_s": time.perf_counter() - start, "calib_images": config.calib.num_images,
               "test_images": len(test_set), "top1": dict(zip(map("{:g}".format, WIDTHS), top1))}  # fmt: skip

@@ -10,17 +10,15 @@ from __future__ import annotations
 
 import copy
 import random
-import warnings
 
 import pytest
 import torch
-import torchvision
 from torch import nn
+from usnet_testing import load_benchmark
 
 import usnet
 
 MAX_PARAMS = 100_000_000
-FIXED_SIZE = ("vit_", "swin", "maxvit")  # position embeddings / windows need 224 px
 
 MUST_CONVERT = {
     "alexnet", "mobilenet_v2", "mobilenet_v3_small", "mobilenet_v3_large", "resnet18",
@@ -33,58 +31,13 @@ MUST_CONVERT = {
 }  # fmt: skip
 
 
-def _build(name: str, **extra) -> nn.Module:
-    kwargs = {"weights": None, **extra}
-    if name in SEGMENTATION:
-        kwargs["weights_backbone"] = None
-    if name in ("googlenet", "inception_v3"):
-        kwargs["init_weights"] = (
-            False  # scipy's truncated normal is slow; weights are random anyway
-        )
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return torchvision.models.get_model(name, **kwargs)
+# Model builders, input sizes, output flattening and trained-looking BN statistics: those of
+# benchmarks/zoo_coverage.py, which runs the same comparison over the same zoo.
+zoo = load_benchmark("zoo_coverage")
+randomize_statistics, _size, _tensors = zoo.randomize_statistics, zoo.input_size, zoo.outputs
 
 
-SEGMENTATION = torchvision.models.list_models(module=torchvision.models.segmentation)
-
-
-def _small_models() -> list[str]:
-    names = []
-    for name in torchvision.models.list_models(module=torchvision.models) + SEGMENTATION:
-        # the published weights' metadata counts the parameters without building the model
-        params = list(torchvision.models.get_model_weights(name))[0].meta["num_params"]
-        if params <= MAX_PARAMS:
-            names.append(name)
-    return names
-
-
-@torch.no_grad()
-def randomize_statistics(model: nn.Module) -> nn.Module:
-    """Random running statistics marked as trained (initial ones count as never calibrated)."""
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats:
-            m.running_mean.normal_(0, 0.1)
-            m.running_var.uniform_(0.5, 1.5)
-            m.num_batches_tracked.fill_(1)
-    return model
-
-
-def _size(name: str) -> int:
-    return (
-        224 if name.startswith(FIXED_SIZE) else 299 if name == "inception_v3" else 64
-    )  # its aux head needs 299
-
-
-def _tensors(out) -> list[torch.Tensor]:
-    if isinstance(out, torch.Tensor):
-        return [out]
-    if isinstance(out, dict):
-        return [t for k in sorted(out) for t in _tensors(out[k])]
-    return [t for o in out for t in _tensors(o)]
-
-
-MODELS = _small_models()
+MODELS = [name for name, _ in zoo.families() if zoo.num_params(name) <= MAX_PARAMS]
 
 
 _REFUSED: dict[str, str] = {}  # a model refused once is not built again by the next test
@@ -103,7 +56,7 @@ def _convert(name: str, model: nn.Module, size: int | None = None) -> nn.Module:
 
 @pytest.mark.parametrize("name", MODELS)
 def test_full_width_is_the_original_model(name):
-    model = randomize_statistics(_build(name)).eval()
+    model = randomize_statistics(zoo.build(name)).eval()
     size = _size(name)
     x = torch.randn(1, 3, size, size)
     with torch.no_grad():
@@ -124,7 +77,7 @@ def test_export_at_a_random_width_equals_the_converted_model(name):
     if name in _REFUSED:
         pytest.skip(_REFUSED[name])
     size = _size(name)
-    model = _convert(name, randomize_statistics(_build(name)), size)  # auxiliary heads included
+    model = _convert(name, randomize_statistics(zoo.build(name)), size)  # auxiliary heads included
     width = random.Random(name).uniform(0.25, 0.9)
     images = torch.randn(4, 3, size, size)
     usnet.calibrate(model, [images[:2], images[2:]], [width], num_images=4)
@@ -141,7 +94,7 @@ def test_export_at_a_random_width_equals_the_converted_model(name):
 
 def test_groups_not_divisible_by_their_divisor_are_full_at_width_one():
     """efficientnet_b3's squeeze-excitation layers have 34 channels (not a multiple of 8)."""
-    model = usnet.slimmable(_build("efficientnet_b3"), input_size=(1, 3, 32, 32))
+    model = usnet.slimmable(zoo.build("efficientnet_b3"), input_size=(1, 3, 32, 32))
     fc1 = model.get_submodule("features.5.4.block.2.fc1")
     usnet.set_width(model, 1.0)
     assert fc1.out_channels == 34 and fc1.active_out_channels == 34

@@ -4,19 +4,13 @@ would otherwise surface 20 minutes into a benchmark run), and the ablations stay
 from __future__ import annotations
 
 import contextlib
-import importlib.util
-import sys
-from pathlib import Path
 
 import pytest
+from usnet_testing import load_benchmark
 
 from usnet.config import load_config
 
-SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "paper_claims.py"
-spec = importlib.util.spec_from_file_location("paper_claims", SCRIPT)
-paper_claims = importlib.util.module_from_spec(spec)
-sys.modules.setdefault("paper_claims", paper_claims)  # dataclasses look their module up
-spec.loader.exec_module(paper_claims)
+paper_claims = load_benchmark("paper_claims")
 
 
 @pytest.mark.parametrize("name", list(paper_claims.ROWS))

@@ -4,29 +4,15 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
+from usnet_testing import load_benchmark
 
-BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
-
-
-def _load(name: str):
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
-
-
-report = _load("report")
-paper_claims = _load("paper_claims")
+report = load_benchmark("report")
+paper_claims = load_benchmark("paper_claims")
 
 
 def write_run(directory: Path, row: str, seed: int, top1: dict[float, float], *, index: int = 0,

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
 import math
+import sys
 from collections.abc import Iterable
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -129,3 +132,20 @@ def random_mapping(model: nn.Module, gen: torch.Generator) -> dict[str, float]:
 
 def first_of(modules: Iterable[nn.Module], cls) -> nn.Module:
     return next(m for m in modules if isinstance(m, cls))
+
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def load_benchmark(name: str):
+    """A script of ``benchmarks/`` as a module (once per test session; the scripts import each
+    other by name, as when run from that folder)."""
+    if name in sys.modules:
+        return sys.modules[name]
+    if str(BENCHMARKS) not in sys.path:
+        sys.path.append(str(BENCHMARKS))
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
