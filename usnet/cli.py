@@ -39,6 +39,21 @@ def parse_input_size(text: str) -> tuple[int, ...]:
     return size
 
 
+def whole_number(least: int):
+    """An argparse type: a whole number >= ``least``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = least - 1
+        if value < least:
+            raise argparse.ArgumentTypeError(f"expected a whole number >= {least}, got {text!r}")
+        return value
+
+    return parse
+
+
 def widths_arg(text: str) -> list[float]:
     try:
         return parse_widths(text)
@@ -185,28 +200,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     finally:
         destroy()
     return 0
-
-
-def _positive_int(text: str) -> int:
-    """argparse type: a whole number >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    """argparse type: a whole number >= 0."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}")
-    return value
 
 
 def _data_for(model_path: str, payload: dict, data_root: str | None, dataset: str | None):
@@ -572,8 +565,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="N,C,H,W (default 1,C,224,224; 32 px for small-input models)",
     )
-    p.add_argument("--num-classes", type=_positive_int, default=None, help="zoo models only")
-    p.add_argument("--in-channels", type=_positive_int, default=None, help="zoo models only")
+    p.add_argument("--num-classes", type=whole_number(1), default=None, help="zoo models only")
+    p.add_argument("--in-channels", type=whole_number(1), default=None, help="zoo models only")
     p.add_argument("--small-input", action="store_true", help="zoo models only: 28-32 px stem")
     p.add_argument("--json", action="store_true", help="print one JSON list")
     p.set_defaults(func=cmd_profile)
@@ -687,10 +680,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="sweep only these widths (default: every channel configuration)",
     )
     p.add_argument("--device", default="cpu", help="cpu or cuda (latency)")
-    p.add_argument("--threads", type=_positive_int, default=None, help="CPU threads while timing")
-    p.add_argument("--warmup", type=_non_negative_int, default=5, help="untimed runs per width")
+    p.add_argument("--threads", type=whole_number(1), default=None, help="CPU threads while timing")
+    p.add_argument("--warmup", type=whole_number(0), default=5, help="untimed runs per width")
     p.add_argument(
-        "--repeats", type=_positive_int, default=20, help="timed runs per width (median)"
+        "--repeats", type=whole_number(1), default=20, help="timed runs per width (median)"
     )
     p.add_argument(
         "--latency-cache",
