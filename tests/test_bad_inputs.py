@@ -317,3 +317,64 @@ def test_a_wrongly_guessed_input_shape_says_to_pass_input_size():
                        r"registered Conv2d.*pass input_size=\(1, C, H, W\)"):  # fmt: skip
         usnet.slimmable(HeadFirst())
     usnet.slimmable(HeadFirst(), input_size=(1, 3, 8, 8))
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["profile", "us_convnet", "--in-channels", "-1"], "--in-channels: expected a whole number >= 1, got '-1'"),
+        (["profile", "us_convnet", "--num-classes", "0"], "--num-classes: expected a whole number >= 1, got '0'"),
+        (["select", "us_convnet", "--max-latency-ms", "1", "--repeats", "0"], "--repeats: expected a whole number >= 1"),
+        (["select", "us_convnet", "--max-latency-ms", "1", "--warmup", "-2"], "--warmup: expected a whole number >= 0"),
+    ],
+)  # fmt: skip
+def test_counts_in_the_cli_are_checked_when_parsed(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and message in err[-1]
+
+
+def test_select_refuses_a_bad_device_before_profiling(capsys, monkeypatch):
+    def no_profiling(*args, **kwargs):
+        raise AssertionError("profiled before the device was checked")
+
+    monkeypatch.setattr("usnet.select.profile", no_profiling, raising=False)
+    monkeypatch.setattr("usnet.cli._load_checkpoint", no_profiling)
+    code = main(["select", "us_convnet", "--max-latency-ms", "1", "--device", "tpu"])
+    assert "device: invalid value 'tpu'" in one_error_line(capsys, code)
+
+
+def test_a_converted_custom_model_is_profiled_at_its_own_input(tmp_path, capsys):
+    """No zoo record and no conv to guess from: the example input it was converted with is kept."""
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 16), torch.nn.BatchNorm1d(16),
+                              torch.nn.ReLU(), torch.nn.Linear(16, 4))  # fmt: skip
+    model = usnet.slimmable(net, input_size=(2, 3, 2, 2))
+    assert usnet.state.get_state(model).input_size == (1, 3, 2, 2)
+    path = usnet.save(model, tmp_path / "lin.pt")
+    assert usnet.state.get_state(usnet.load(path)).input_size == (1, 3, 2, 2)
+    assert main(["profile", str(path), "--widths", "0.5,1.0"]) == 0
+    assert "1x3x2x2" in capsys.readouterr().out
+
+
+def test_eval_scores_on_the_test_set_also_for_a_run_with_a_validation_split(tmp_path):
+    from usnet.cli import _data_for
+
+    config = load_config(
+        FASHION, ["data.val_split=100", "data.limit_train=1000", "data.limit_test=300"]
+    )
+    payload = {"extra": {"config": config.to_dict()}}
+    _, (train, _, test, _) = _data_for("m.pt", payload, None, None)
+    assert len(test) == 300 and len(train) == 1000  # the test set, and no images held out
+
+
+def test_a_run_continued_in_steps_holds_the_lock_again(tmp_path):
+    config = load_config(FASHION, ["epochs=2", "data.limit_train=128", "batch_size=64",
+                                   "eval.every_epoch=false", "calib.num_images=64"])  # fmt: skip
+    trainer = Trainer(config, tmp_path / "r", **QUIET)
+    assert trainer.run(max_epochs=1) is None and not trainer.lock.held
+    held = []
+    epoch = trainer._train_epoch
+    trainer._train_epoch = lambda: (held.append((tmp_path / "r" / LOCK).exists()), epoch())
+    trainer.run()
+    assert held == [True] and not (tmp_path / "r" / LOCK).exists()

@@ -168,3 +168,13 @@ def test_paper_claims_writes_a_raw_result_for_a_finished_run(tmp_path):
     assert raw["config"]["data"]["val_split"] == 5000 and raw["spectrum"] == points
     assert {"platform", "cpus", "torch", "device"} <= set(raw["machine"])
     assert "90.00 [1]" in report.render(args.results, paper_claims)
+
+
+def test_a_suite_without_results_is_an_error_not_an_empty_report(tmp_path, capsys):
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "logs" / "notes.txt").write_text("not a result")
+    assert report.main([str(tmp_path / "logs")]) == 1
+    assert "holds no usnet-run/1 result files" in capsys.readouterr().err
+    (tmp_path / "logs" / "broken.json").write_text("{cut off")
+    assert report.main([str(tmp_path / "logs")]) == 1
+    assert "broken.json: not a readable JSON file" in capsys.readouterr().err
