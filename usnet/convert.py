@@ -40,8 +40,10 @@ channels and has neither a slimmable counterpart nor a handler.
 
 from __future__ import annotations
 
+import importlib
 import math
 import operator
+import sys
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -56,7 +58,14 @@ from .channels import ChannelGroup, ChannelPlan
 from .errors import UsnetTypeError, UsnetValueError
 from .layers import SLIMMABLE_LAYERS, SlimmableLayer, make_slimmable_
 from .params import is_tensor_attr, slice_parameters_
-from .state import STATE_ATTR, Binding, SlimmableState, is_slimmable, set_width
+from .state import (
+    STATE_ATTR,
+    Binding,
+    ShapeAttribute,
+    SlimmableState,
+    is_slimmable,
+    set_width,
+)
 from .tracing import export_graph
 
 
@@ -249,6 +258,8 @@ def layer_norm(a: "GraphAnalysis", node: fx.Node, norm: nn.LayerNorm) -> Channel
     if dim is None:
         return None
     shape = a.shape(_first_arg(node))
+    if dim.axis < len(shape) - len(norm.normalized_shape):
+        return dim  # over fixed features (per-head q/k norm): channels elsewhere pass through
     if len(norm.normalized_shape) != 1 or dim.axis != len(shape) - 1:
         a.refuse(
             node,
@@ -273,6 +284,30 @@ def transform_layer(a: "GraphAnalysis", node: fx.Node, module: nn.Module) -> Cha
     out = a.new_group(node.target, shape[1])
     a.bind(node, dim, out)
     return out
+
+
+def multihead_attention(a: "GraphAnalysis", node: fx.Node,
+                        mha: nn.MultiheadAttention) -> tuple:  # fmt: skip
+    """``nn.MultiheadAttention``: query, key and value share its embedding channels (last), the
+    output has them too, and they slim in whole heads (divisor a multiple of ``head_dim``)."""
+    if not mha._qkv_same_embed_dim:
+        a.refuse(node, "attention with keys or values of another size than the embedding")
+    dims = [a.value(_arg(node, i, n)) for i, n in enumerate(("query", "key", "value"))]
+    if not all(isinstance(d, ChannelDim) for d in dims):
+        a.refuse(node, "attention whose query, key or value carries no known channels")
+    query = dims[0]
+    if query.axis != len(a.shape(_first_arg(node))) - 1 or any(f != 1 for _, f in query.segments):
+        a.refuse(node, "attention whose embedding is not the last dimension")
+    a.check_size(node, query, mha.embed_dim)
+    for d in dims[1:]:
+        a.tie(query, d, node)
+    for e, _ in a.expand(query).segments:
+        root = a.elements[a.find(e)]
+        if root.size % mha.head_dim:
+            a.refuse(node, f"a segment of {root.size} channels is not whole heads of {mha.head_dim}")
+        root.divisor = math.lcm(root.divisor, mha.head_dim)
+    a.bind(node, query, query)
+    return (query, None)  # (output, attention weights: no channels)
 
 
 _ROLE_HANDLERS = {"transform": transform_layer, "features": features_layer}
@@ -374,10 +409,16 @@ def concatenate(a: "GraphAnalysis", node: fx.Node, module: Any = None) -> Channe
         a.refuse(node, "concatenation of tensors whose channels are at different dimensions")
     if along != axis:
         known = [v for v in values if isinstance(v, ChannelDim)]
-        if len(known) != len(values):
-            a.refuse(node, "concatenation of slimmable channels with constant ones")
         for other in known[1:]:
             a.tie(known[0], other, node)
+        for t, v in zip(tensors, values):
+            if isinstance(v, ChannelDim):
+                continue
+            source = _parameter_source(a, t)  # a class token: self.cls_token.expand(n, -1, -1)
+            if source is None:
+                a.refuse(node, "concatenation of slimmable channels with constant ones")
+            target, rank = source
+            a.bind_parameter(node, target, axis - (len(a.shape(t)) - rank), known[0])
         return known[0]
     segments: list[tuple[int, int]] = []
     for t, v in zip(tensors, values):
@@ -389,6 +430,16 @@ def concatenate(a: "GraphAnalysis", node: fx.Node, module: Any = None) -> Channe
                 (a.new_group(f"{node.name}:{t.name}", size, fixed=True).segments[0][0], 1)
             )
     return ChannelDim(tuple(segments), axis)
+
+
+def _parameter_source(a: "GraphAnalysis", arg: Any) -> tuple[str, int] | None:
+    """``(target, rank)`` of the parameter ``arg`` is, or is an ``expand`` of."""
+    while isinstance(arg, fx.Node) and arg.op == "call_method" and arg.target in ("expand",
+                                                                                 "expand_as"):  # fmt: skip
+        arg = arg.args[0]
+    if isinstance(arg, fx.Node) and arg.op == "get_attr" and is_tensor_attr(a.gm, arg.target):
+        return arg.target, len(a.shape(arg) or ())
+    return None
 
 
 def split(a: "GraphAnalysis", node: fx.Node, module: Any = None) -> Any:
@@ -455,16 +506,19 @@ def getitem(a: "GraphAnalysis", node: fx.Node, module: Any = None) -> Any:
     if isinstance(value, dict):
         return value.get(index)
     if isinstance(value, ChannelDim) and isinstance(index, tuple):
-        # Slices of other dimensions (crops) keep the channels: x[:, :, 1:-1], x[..., :h, :w].
+        # Slices and single positions of other dimensions keep the channels: crops
+        # x[:, :, 1:-1], x[..., :h, :w]; a class token x[:, 0] (that dimension is dropped).
         rank = len(a.shape(source) or ())
-        if all(isinstance(i, slice) for i in index):
+        plain = (slice, int)
+        if all(isinstance(i, plain) for i in index):
             entries = dict(enumerate(index))
-        elif index and index[0] is Ellipsis and all(isinstance(i, slice) for i in index[1:]):
+        elif index and index[0] is Ellipsis and all(isinstance(i, plain) for i in index[1:]):
             entries = {rank - len(index) + 1 + k: i for k, i in enumerate(index[1:])}
         else:
             entries = None
         if entries is not None and entries.get(value.axis, slice(None)) == slice(None):
-            return value
+            dropped = sum(isinstance(i, int) for d, i in entries.items() if d < value.axis)
+            return value.moved(value.axis - dropped)
     a.refuse(node, "indexing a tensor that carries channels")
 
 
@@ -543,25 +597,183 @@ def _refuse_functional(a: "GraphAnalysis", node: fx.Node, module: Any = None) ->
         a.refuse(node, "functional layer on parameters; use the nn.Module layer instead")
 
 
-def _refuse_reshape(a: "GraphAnalysis", node: fx.Node, module: Any = None) -> None:
+def _reshape_sizes(node: fx.Node) -> list[Any]:
+    """The target sizes of a ``reshape``/``view`` node, as written in the code (ints or nodes)."""
+    rest = list(node.args[1:]) or [node.kwargs.get("shape", node.kwargs.get("size"))]
+    if len(rest) == 1 and isinstance(rest[0], (tuple, list, torch.Size)):
+        rest = list(rest[0])
+    return rest
+
+
+def reshape(a: "GraphAnalysis", node: fx.Node, module: Any = None) -> ChannelDim | None:
+    """``reshape``/``view`` of a tensor with channels. The dimensions before and after the
+    channels may be merged or split freely; the channel dimension itself may
+
+    * stay one dimension (``(N, C, H, W) -> (N, C, H*W)``),
+    * be merged with the dimensions after it (each channel becomes that many features,
+      channel-major, as ``flatten`` does: attention heads back into features), or
+    * when channels are the last dimension (tokens), be split into ``(..., heads, head_dim)``:
+      the **last** new dimension is per-head features and stays fixed, the one before it is the
+      heads, which slim as a channel group of whole heads (divisor 1), and any before that are
+      equal pieces (``3`` for q, k, v: the producing group is cut into that many segments).
+
+    A size written as a constant where the channels are (``self.num_heads``, ``self.attn_dim``)
+    must follow the width: :func:`analyze` finds the module attribute it was read from
+    (:class:`~usnet.state.ShapeAttribute`), which ``set_width`` then keeps at the active count."""
     dim = a.value(_first_arg(node))
     if dim is None:
         return None
     before, after = a.shape(_first_arg(node)), a.shape(node)
-    axis = dim.axis
-    if (
-        before is not None and after is not None and len(after) == len(before) + 1
-        and after[:axis] == before[:axis] and after[axis] * after[axis + 1] == before[axis]
+    if before is None or after is None:
+        a.refuse(node, "reshape without shape information")
+    axis, size = dim.axis, before[dim.axis]
+    lead = math.prod(before[:axis])
+    starts = [j for j in range(len(after)) if math.prod(after[:j]) == lead]
+    if not starts:
+        a.refuse(
+            node,
+            f"merges the {size} channels with a preceding dimension of {tuple(before)} -> "
+            f"{tuple(after)} (a channel shuffle, or channels moved into the batch): at a narrower "
+            "width the groups would hold other channels; not supported",
+        )
+    j = max(starts)
+    if after[j] == size:  # the channel dimension stays one dimension
+        out = dim.moved(j)
+    elif after[j] > size:  # merged with the dimensions after it: features, channel-major
+        k = axis + 1
+        while k < len(before) and math.prod(before[axis : k + 1]) < after[j]:
+            k += 1
+        if k >= len(before) or math.prod(before[axis : k + 1]) != after[j]:
+            a.refuse(node, f"reshape {tuple(before)} -> {tuple(after)} cuts across the channels")
+        per = math.prod(before[axis + 1 : k + 1])
+        out = ChannelDim(tuple((e, f * per) for e, f in dim.segments), j)
+    else:
+        out = _split_heads(a, node, dim, before, after, j)
+    sizes = _reshape_sizes(node)
+    if len(sizes) == len(after):
+        a.follow_size(node, out.axis, sizes[out.axis], out)
+    return out
+
+
+def _split_heads(a: "GraphAnalysis", node: fx.Node, dim: ChannelDim, before: tuple,
+                 after: tuple, j: int) -> ChannelDim:  # fmt: skip
+    """Channels (last) split into ``(pieces..., heads, head_dim)``; see :func:`reshape`."""
+    size, end = before[dim.axis], j + 1
+    while end < len(after) and math.prod(after[j:end]) < size:
+        end += 1
+    if dim.axis != len(before) - 1:
+        a.refuse(
+            node,
+            f"splits the {size} channels into {tuple(after[j:end])} (a channel shuffle): at a "
+            "narrower width the groups would hold other channels, and a chunk of the shuffled "
+            "result would cut the active tensor elsewhere than at full width (ShuffleNetV2); "
+            "only channels that are the last dimension (tokens) split into attention heads",
+        )
+    if math.prod(after[j:end]) != size or end - j < 2:
+        a.refuse(node, f"reshape {tuple(before)} -> {tuple(after)} cuts across the channels")
+    head_dim, heads = after[end - 1], after[end - 2]
+    pieces = math.prod(after[j : end - 2])
+    segments = a.expand(dim).segments
+    if len(segments) == 1 and segments[0][1] == 1:
+        a.refine(segments[0][0], pieces, node, factor=head_dim, divisor=1)
+    elif len(segments) == pieces and all(f == 1 for _, f in segments):
+        for e, _ in segments:  # q, k and v from separate layers: one head count for all three
+            a.refine(e, 1, node, factor=head_dim, divisor=1)
+    segments = a.expand(dim).segments
+    roots = {a.find(e) for e, _ in segments}
+    if len(segments) != pieces or any(f != head_dim for _, f in segments) or any(
+        a.elements[r].size != heads for r in roots
     ):  # fmt: skip
         a.refuse(
             node,
-            f"splits the {before[axis]} channels into {after[axis]} groups of {after[axis + 1]} "
-            "(a channel shuffle): at a narrower width the groups would hold other channels, and "
-            "a chunk of the shuffled result would cut the active tensor elsewhere than at full "
-            "width (ShuffleNetV2); not supported",
+            f"splits channels {[a.elements[r].size for r in roots]} into {tuple(after[j:end])}, "
+            "which are not whole heads of the groups that produce them",
         )
-    if a.channel_inputs(node):
-        a.refuse(node, "reshape of channels; use torch.flatten(x, 1) before a Linear layer")
+    first = segments[0][0]
+    for e, _ in segments[1:]:
+        a.union(first, e, a.where(node))
+    return ChannelDim(((a.find(first), 1),), end - 2)
+
+
+def unbind(a: "GraphAnalysis", node: fx.Node, module: Any = None) -> Any:
+    """``unbind`` along another dimension than the channels (q, k, v out of one tensor)."""
+    dim = a.value(_first_arg(node))
+    if dim is None:
+        return None
+    shape = a.shape(_first_arg(node))
+    along = _arg(node, 1, "dim", 0) % len(shape)
+    if along == dim.axis:
+        a.refuse(node, "unbind of the channel dimension")
+    return tuple(dim.moved(dim.axis - (along < dim.axis)) for _ in range(shape[along]))
+
+
+def expand(a: "GraphAnalysis", node: fx.Node, module: Any = None) -> ChannelDim | None:
+    """``expand`` keeps the channels where their size is ``-1`` (or computed at run time)."""
+    dim = a.value(_first_arg(node))
+    if dim is None:
+        return None
+    sizes = _reshape_sizes(node)
+    offset = len(sizes) - len(a.shape(_first_arg(node)))
+    size = sizes[dim.axis + offset] if 0 <= dim.axis + offset < len(sizes) else -1
+    if isinstance(size, int) and size != -1:
+        a.refuse(node, f"expand with the channels' size written as the constant {size}")
+    return dim.moved(dim.axis + offset)
+
+
+def attention(a: "GraphAnalysis", node: fx.Node, module: Any = None) -> ChannelDim | None:
+    """``scaled_dot_product_attention(q, k, v)``: with channels as heads (a batch dimension of
+    the attention) q, k and v have the same active heads and the output has v's; with channels
+    as the last dimension q and k are contracted over them (as a narrower model would be) and
+    the output has v's. Channels along the tokens are refused."""
+    q, k, v = (a.value(_arg(node, i, name)) for i, name in enumerate(("query", "key", "value")))
+    dims = [d for d in (q, k, v) if d is not None]
+    if not dims:
+        return None
+    rank = len(a.shape(node))
+    if any(not isinstance(d, ChannelDim) or d.axis == rank - 2 for d in dims):
+        a.refuse(node, "attention with channels along the tokens")
+    if q is not None and k is not None:
+        a.tie(q, k, node)
+    heads = [d for d in dims if d.axis < rank - 2]
+    for d in heads[1:]:
+        a.tie(heads[0], d, node)
+    if v is None:
+        return heads[0] if heads else None
+    if v.axis == rank - 1 and q is not None and q.axis != rank - 1:
+        a.refuse(node, "attention whose values have channels last but queries as heads")
+    return v
+
+
+def matmul(a: "GraphAnalysis", node: fx.Node, module: Any = None) -> ChannelDim | None:
+    """``x @ y`` of two tensors: channels along the batch dimensions are tied and kept (heads),
+    along the contracted dimension tied and dropped, along x's rows or y's columns kept."""
+    x, y = node.args[0], node.args[1]
+    dx, dy = a.value(x), a.value(y)
+    if dx is None and dy is None:
+        return None
+    sx, sy, out = a.shape(x), a.shape(y), a.shape(node)
+    if sx is None or sy is None or out is None or len(sx) < 2 or len(sy) < 2:
+        a.refuse(node, "matrix product of channels without shape information (or of vectors)")
+    contract_x = isinstance(dx, ChannelDim) and dx.axis == len(sx) - 1
+    contract_y = isinstance(dy, ChannelDim) and dy.axis == len(sy) - 2
+    if contract_x != contract_y:
+        a.refuse(
+            node, "matrix product contracting channels with a constant or another dimension "
+            "(a functional layer: use nn.Linear)"
+        )  # fmt: skip
+    if contract_x:
+        a.tie(dx, dy, node)
+    kept: list[ChannelDim] = []
+    if isinstance(dx, ChannelDim) and not contract_x:
+        kept.append(dx.moved(dx.axis + len(out) - len(sx)))
+    if isinstance(dy, ChannelDim) and not contract_y:
+        last = dy.axis == len(sy) - 1
+        kept.append(dy.moved(len(out) - 1 if last else dy.axis + len(out) - len(sy)))
+    if len({d.axis for d in kept}) > 1:
+        a.refuse(node, "matrix product whose result has channels along two dimensions")
+    for d in kept[1:]:
+        a.tie(kept[0], d, node)
+    return kept[0] if kept else None
 
 
 PASS_THROUGH_MODULES: tuple[type[nn.Module], ...] = (
@@ -611,6 +823,7 @@ register_op(nn.ConvTranspose2d, conv_transpose)
 register_op(nn.GroupNorm, group_norm)
 register_op(nn.InstanceNorm2d, instance_norm)
 register_op(nn.PReLU, prelu)
+register_op(nn.MultiheadAttention, multihead_attention)
 register_op(nn.Flatten, flatten)
 register_op(torch.flatten, flatten)
 register_op("flatten", flatten)
@@ -630,6 +843,13 @@ register_op("unsqueeze", unsqueeze)
 register_op(torch.squeeze, squeeze)
 register_op("squeeze", squeeze)
 register_op(F.pad, pad)
+for _unbind in (torch.unbind, "unbind"):
+    register_op(_unbind, unbind)
+for _expand in ("expand",):
+    register_op(_expand, expand)
+register_op(F.scaled_dot_product_attention, attention)
+for _matmul in (operator.matmul, torch.matmul, torch.bmm, "matmul", "bmm"):
+    register_op(_matmul, matmul)
 register_op(getattr, _builtin_getattr)
 register_op(torch._assert, no_channels)
 for _query in ("size", "dim"):
@@ -638,8 +858,8 @@ for _function in (F.conv1d, F.conv2d, F.conv_transpose2d, F.linear, F.batch_norm
                   F.group_norm):  # fmt: skip
     register_op(_function, _refuse_functional)
 for _method in ("view", "reshape"):
-    register_op(_method, _refuse_reshape)
-register_op(torch.reshape, _refuse_reshape)
+    register_op(_method, reshape)
+register_op(torch.reshape, reshape)
 
 
 # ATen operations, for graphs from the torch.export fallback (usnet.tracing).
@@ -701,7 +921,7 @@ def _register_aten() -> None:
         squeeze: ("squeeze",),
         pad: ("pad", "constant_pad_nd"),
         no_channels: ("sym_size", "_assert_scalar", "_assert_tensor_metadata", "sym_numel"),
-        _refuse_reshape: ("view", "reshape", "_unsafe_view"),
+        reshape: ("view", "reshape", "_unsafe_view"),
         _refuse_functional: (
             "conv2d",
             "conv1d",
@@ -771,6 +991,7 @@ class Analysis:
     bindings: list[Binding]
     layer_names: list[str] = field(default_factory=list)
     sliced_params: dict[str, dict[str, int]] = field(default_factory=dict)
+    shape_attrs: list[ShapeAttribute] = field(default_factory=list)
 
 
 class _Tracer(fx.Tracer):
@@ -806,6 +1027,9 @@ class GraphAnalysis:
         self.refined: dict[int, tuple[tuple[int, int], ...]] = {}  # see refine()
         self.called: set[str] = set()  # modules called in the graph
         self.seen_layers: set[str] = set()
+        # sizes written as constants along channels: (node, position among its sizes, channels)
+        self.constant_sizes: list[tuple[fx.Node, int, ChannelDim]] = []
+        self.shape_attrs: list[tuple[str, str, ChannelDim]] = []  # set by analyze()
 
     # union-find ------------------------------------------------------------------------------
     def new(self, name: str, size: int, **kw) -> int:
@@ -844,9 +1068,11 @@ class GraphAnalysis:
         self.parent_of[b] = a
         return a
 
-    def refine(self, element: int, pieces: int, node: fx.Node) -> None:
+    def refine(self, element: int, pieces: int, node: fx.Node, *, factor: int = 1,
+               divisor: int | None = None) -> None:  # fmt: skip
         """From now on, the channels of ``element`` are ``pieces`` equal segments of one new
-        group (every dimension tied to it, before or after, reads so through :meth:`expand`)."""
+        group (every dimension tied to it, before or after, reads so through :meth:`expand`),
+        each entry of which is ``factor`` channels (whole attention heads of ``factor``)."""
         root = self.find(element)
         e = self.elements[root]
         if e.parent is not None and not e.fixed:
@@ -854,10 +1080,12 @@ class GraphAnalysis:
         for other in self.elements:
             if other.parent is not None and self.find(other.parent) == root:
                 self.refuse(node, "cutting a group that other groups follow at a ratio")
-        if e.size % pieces:
+        if e.size % (pieces * factor):
             self.refuse(node, f"{e.size} channels do not cut into {pieces} equal pieces")
-        part = self.new(f"{e.name}:{pieces}", e.size // pieces, divisor=e.divisor, fixed=e.fixed)
-        self.refined[root] = ((part, 1),) * pieces
+        name = f"{e.name}:{pieces}" if factor == 1 else f"{e.name}:heads"
+        part = self.new(name, e.size // (pieces * factor), divisor=divisor or e.divisor,
+                        fixed=e.fixed)  # fmt: skip
+        self.refined[root] = ((part, factor),) * pieces
 
     def expand(self, value: Any) -> Any:
         """``value`` with refined groups replaced by their segments (see :meth:`refine`)."""
@@ -994,16 +1222,25 @@ class GraphAnalysis:
         self.seen_layers.add(node.target)
         self.layer_dims[node.target] = (inputs, outputs)
 
+    def follow_size(self, node: fx.Node, position: int, size: Any, dim: ChannelDim) -> None:
+        """The size argument ``size`` (the ``position``-th of ``node``'s sizes) is along the
+        channels ``dim``: ``-1`` and sizes computed at run time follow by themselves; a constant
+        must come from a module attribute that ``set_width`` can keep at the active size."""
+        if isinstance(size, int) and not isinstance(size, bool) and size != -1:
+            self.constant_sizes.append((node, position, dim))
+
     def bind_parameter(self, node: fx.Node, target: str, axis: int, dim: ChannelDim) -> None:
         """A parameter read in the forward code whose dimension ``axis`` follows ``dim``."""
         owner, _, name = target.rpartition(".")
         module = self.gm.get_submodule(owner)
         if isinstance(module, SlimmableLayer) or type(module) in SLIMMABLE_LAYERS:
             self.refuse(node, f"parameter {target!r} of a slimmable layer used in the graph")
-        if owner in self.sliced_params:
-            self.refuse(node, f"{owner!r} holds two parameters used along channels")
         if any(f != 1 for _, f in dim.segments):
             self.refuse(node, f"parameter {target!r} along flattened features")
+        if owner in self.sliced_params:  # several parameters of one owner: the same channels
+            self.tie(self.layer_dims[owner][1], dim, node)
+            self.sliced_params[owner][name] = axis
+            return
         if owner in self.seen_layers:
             self.refuse(node, f"{owner!r} is also a layer bound elsewhere")
         self.sliced_params[owner] = {name: axis}
@@ -1112,7 +1349,74 @@ class GraphAnalysis:
             return found[0] if len(found) == 1 else found
 
         bindings = [Binding(layer, named(i), named(o)) for layer, (i, o) in self.layer_dims.items()]
-        return Analysis(plan, bindings, list(self.layer_dims), dict(self.sliced_params))
+        shape_attrs = []
+        for module, attr, dim in self.shape_attrs:
+            dim = self.expand(dim)
+            if all(self.elements[self.find(e)].fixed for e, _ in dim.segments):
+                continue  # never changes
+            for e, _ in dim.segments:
+                if self.find(e) not in names:
+                    raise ConversionError(f"{module}.{attr}: follows channels of no layer")
+            shape_attrs.append(ShapeAttribute(module, attr, named(dim)))
+        return Analysis(plan, bindings, list(self.layer_dims), dict(self.sliced_params),
+                        shape_attrs)  # fmt: skip
+
+
+def _find_size_attributes(model: nn.Module, tracer: fx.Tracer, analyzer: GraphAnalysis) -> None:
+    """Where each constant size along channels (``analyzer.constant_sizes``) comes from: the
+    integer attributes of the modules whose code ran it that hold that value are each given a
+    distinct stand-in value and the model is traced again; an attribute whose stand-in appears
+    in that place is the source (``self.num_heads``), and ``set_width`` will keep it at the
+    active size. A size written as a literal in the code cannot follow the width: refused."""
+    modules = dict(model.named_modules())
+    candidates: dict[tuple[str, str], int] = {}
+    for node, position, _ in analyzer.constant_sizes:
+        value = _reshape_sizes(node)[position]
+        stack = [path for path, _ in node.meta.get("nn_module_stack", {}).values()]
+        for path in [*reversed(stack), ""]:
+            owner = modules.get(path)
+            for attr, v in vars(owner).items() if owner is not None else ():
+                if type(v) is int and v == value:
+                    candidates.setdefault((path, attr), v)
+    taken = {v for v in candidates.values()}
+    stand_ins: dict[tuple[str, str], int] = {}
+    next_value = 10007
+    for key in candidates:
+        while next_value in taken:
+            next_value += 1
+        stand_ins[key] = next_value
+        next_value += 1
+    modes = {m: m.training for m in model.modules()}
+    try:
+        for (path, attr), v in stand_ins.items():
+            modules[path].__dict__[attr] = v
+        model.train()
+        graph = tracer.trace(model)
+    except Exception:  # a stand-in the code could not run with: that size stays unexplained
+        graph = None
+    finally:
+        for (path, attr), v in candidates.items():
+            modules[path].__dict__[attr] = v
+        for module, training in modes.items():
+            module.training = training
+    twins = {n.name: n for n in graph.nodes} if graph is not None else {}
+    found: dict[tuple[str, str], ChannelDim] = {}
+    for node, position, dim in analyzer.constant_sizes:
+        twin = twins.get(node.name)
+        sizes = _reshape_sizes(twin) if twin is not None else []
+        hits = [k for k, v in stand_ins.items() if position < len(sizes) and sizes[position] == v]
+        if len(hits) != 1:
+            analyzer.refuse(
+                node,
+                f"reshapes to the constant size {_reshape_sizes(node)[position]} along channels, "
+                "which are fewer at a narrower width; write -1 there, compute it from the input's "
+                "shape, or read it from a module attribute (self.num_heads), which usnet keeps at "
+                "the active size",
+            )
+        if hits[0] in found:  # one attribute for two sizes: they are always equal
+            analyzer.tie(found[hits[0]], dim, node)
+        found[hits[0]] = dim
+    analyzer.shape_attrs = [(path, attr, dim) for (path, attr), dim in found.items()]
 
 
 def _flatten_args(node: fx.Node) -> tuple[int, int]:
@@ -1191,6 +1495,8 @@ def analyze(
     slim_outputs: bool = False,
 ) -> Analysis:
     """Derive the channel plan of a plain model without changing it."""
+    if "timm" in sys.modules:  # timm's layer classes, once the user's code has imported timm
+        importlib.import_module("usnet.timm_layers")
     ratio_ties, fixed_outputs = set(ratio_ties), set(fixed_outputs)
     names = dict(model.named_modules())
     for what, given in (("ratio_ties", ratio_ties), ("fixed_outputs", fixed_outputs)):
@@ -1206,10 +1512,12 @@ def analyze(
     # and their layers are bound; shapes are then propagated in eval mode.
     model.train()
     tracer = _Tracer(leaf_modules)
+    traced_by_fx = True
     try:
         gm = fx.GraphModule(model, tracer.trace(model))
     except Exception as fx_error:  # fx raises many types; try torch.export, then one clear error
         gm = _export_fallback(model, inputs, tracer, fx_error)
+        traced_by_fx = False
     finally:
         for module, training in modes.items():  # restore each module's own mode
             module.training = training
@@ -1231,6 +1539,12 @@ def analyze(
             module.training = training
     analyzer = GraphAnalysis(gm, divisor, ratio_ties, fixed_outputs, slim_outputs)
     analyzer.run()
+    if analyzer.constant_sizes:
+        if not traced_by_fx:
+            node = analyzer.constant_sizes[0][0]
+            analyzer.refuse(node, "a constant size along channels in a graph from torch.export, "
+                            "which does not say where it came from; make the model fx-traceable")
+        _find_size_attributes(model, tracer, analyzer)
     missing = [
         name
         for name, m in model.named_modules()
@@ -1325,6 +1639,7 @@ def slimmable(
         input_averaging=input_averaging,
         width=analysis.plan.width_range[1],
         input_size=(1, *shown.shape[1:]) if isinstance(shown, torch.Tensor) else None,
+        shape_attrs=analysis.shape_attrs,
     )
     setattr(model, STATE_ATTR, state)
     set_width(model, state.width)

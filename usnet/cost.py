@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from .channels import Width, config_id, format_width, width_value
@@ -34,11 +35,12 @@ class Profile:
 
 
 def profile(model: nn.Module, width: Width | None = None,
-            input_size: Sequence[int] = (1, 3, 224, 224)) -> Profile:  # fmt: skip
-    """Params, MACs and FLOPs of ``model`` at ``width`` for one input of ``input_size``."""
+            input_size: Sequence[int] | None = None) -> Profile:  # fmt: skip
+    """Params, MACs and FLOPs of ``model`` at ``width`` for one input of ``input_size`` (default:
+    the input the model was converted with, else ``(1, 3, 224, 224)``)."""
     state = get_state(model)
     width = state.plan.check_width(state.width if width is None else width)
-    size = _check_input_size(input_size)
+    size = _check_input_size(input_size or state.input_size or (1, 3, 224, 224))
     plain = export(model, width, require_stats=False)
     params, flops = module_cost(plain, size)
     return Profile(
@@ -56,7 +58,10 @@ def module_cost(module: nn.Module, input_size: Sequence[int]) -> tuple[int, int]
     params = sum(p.numel() for p in module.parameters())
     ref = next(module.parameters())
     counter = FlopCounterMode(display=False)
-    with torch.no_grad(), counter:
+    # Attention is counted as its matrix products: PyTorch's fused CPU attention kernels have no
+    # FLOP formula, so attention runs as the math backend's bmm; and grad mode keeps
+    # nn.MultiheadAttention off its fused inference path (no formula either).
+    with torch.enable_grad(), sdpa_kernel(SDPBackend.MATH), counter:
         module(torch.zeros(size, dtype=ref.dtype, device=ref.device))
     return params, int(counter.get_total_flops())
 

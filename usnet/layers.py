@@ -583,7 +583,102 @@ class SlimmableLayerNorm(SlimmableLayer, nn.LayerNorm):
                     new.bias.copy_(bias)
         if type(self) is not SlimmableLayerNorm:  # a subclass of another LayerNorm type
             new.__class__ = type(self).__bases__[-1]
+            own = {"active_features", "active_index", "width_label"}
+            for key, value in vars(self).items():  # its own settings (timm's _fast_norm)
+                if key not in vars(new) and key not in own:
+                    new.__dict__[key] = value
         return new
+
+
+class SlimmableMultiheadAttention(SlimmableLayer, nn.MultiheadAttention):
+    """``nn.MultiheadAttention`` (query, key and value of the embedding size) on its first
+    ``e`` embedding channels with ``e / head_dim`` whole heads: ``nn.MultiheadAttention`` ties
+    its embedding to heads x head_dim, so the embedding group slims in whole heads (the
+    converter makes its divisor a multiple of ``head_dim``) and the head dimension, hence the
+    attention's scale, stays fixed. The inner rows of q, k and v are the first heads of each;
+    the embedding channels may be a prefix or an index (a concatenation)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.init_slimmable()
+
+    def init_slimmable(self, input_averaging: bool = False) -> None:
+        if not self._qkv_same_embed_dim:
+            raise ValueError(
+                f"{type(self).__name__} needs keys and values of the embedding size "
+                f"(kdim=vdim=embed_dim), got kdim={self.kdim}, vdim={self.vdim}"
+            )
+        self.active_embed = self.embed_dim
+        self.active_index: Tensor | None = None
+
+    def active_attrs(self, inputs, outputs, stats_key=None) -> dict[str, Any]:
+        return {"active_embed": outputs.count, "active_index": outputs.index}
+
+    @property
+    def active_heads(self) -> int:
+        return self.active_embed // self.head_dim
+
+    def active_parameters(self) -> dict[str, Tensor | None]:
+        """The parameters of a ``nn.MultiheadAttention(active_embed, active_heads)``."""
+        e, full, index = self.active_embed, self.embed_dim, self.active_index
+        rows = torch.arange(e, device=self.in_proj_weight.device)
+        rows = torch.cat([rows, rows + full, rows + 2 * full])  # the first heads of q, k and v
+        out: dict[str, Tensor | None] = {
+            "in_proj_weight": take(self.in_proj_weight.index_select(0, rows), 1, e, index),
+            "in_proj_bias": None if self.in_proj_bias is None
+            else self.in_proj_bias.index_select(0, rows),
+            "out_proj.weight": take(self.out_proj.weight[:, :e], 0, e, index),
+            "out_proj.bias": None if self.out_proj.bias is None
+            else take(self.out_proj.bias, 0, e, index),
+            "bias_k": None if self.bias_k is None else self.bias_k[..., :e],
+            "bias_v": None if self.bias_v is None else self.bias_v[..., :e],
+        }  # fmt: skip
+        return out
+
+    def forward(self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask=None,
+                need_weights: bool = True, attn_mask=None, average_attn_weights: bool = True,
+                is_causal: bool = False):  # fmt: skip
+        if self.active_embed == self.embed_dim and self.active_index is None:
+            return super().forward(query, key, value, key_padding_mask, need_weights, attn_mask,
+                                   average_attn_weights, is_causal)  # fmt: skip
+        if query.shape[-1] != self.active_embed:
+            raise RuntimeError(
+                f"{type(self).__name__} expects {self.active_embed} active embedding channels "
+                f"last, got query of shape {tuple(query.shape)}"
+            )
+        p = self.active_parameters()
+        batched = query.dim() == 3
+        if self.batch_first and batched:
+            query, key, value = (x.transpose(0, 1) for x in (query, key, value))
+        out, weights = F.multi_head_attention_forward(
+            query, key, value, self.active_embed, self.active_heads, p["in_proj_weight"],
+            p["in_proj_bias"], p["bias_k"], p["bias_v"], self.add_zero_attn, self.dropout,
+            p["out_proj.weight"], p["out_proj.bias"], training=self.training,
+            key_padding_mask=key_padding_mask, need_weights=need_weights, attn_mask=attn_mask,
+            average_attn_weights=average_attn_weights, is_causal=is_causal,
+        )  # fmt: skip
+        if self.batch_first and batched:
+            out = out.transpose(0, 1)
+        return out, weights
+
+    def to_plain(self, require_stats: bool = True) -> nn.Module:
+        p = self.active_parameters()
+        ref = self.in_proj_weight
+        new = nn.MultiheadAttention(
+            self.active_embed, self.active_heads, dropout=self.dropout,
+            bias=self.in_proj_bias is not None, add_bias_kv=self.bias_k is not None,
+            add_zero_attn=self.add_zero_attn, batch_first=self.batch_first,
+            device=ref.device, dtype=ref.dtype,
+        )  # fmt: skip
+        with torch.no_grad():
+            for name, value in p.items():
+                if value is not None:
+                    new.get_parameter(name).copy_(value)
+        new.train(self.training)
+        return new
+
+    def extra_repr(self) -> str:
+        return f"active={self.active_embed} ({self.active_heads} heads)"
 
 
 class SlimmableConvTranspose2d(SlimmableLayer, nn.ConvTranspose2d):
@@ -795,6 +890,7 @@ register_slimmable(nn.ConvTranspose2d, SlimmableConvTranspose2d)
 register_slimmable(nn.GroupNorm, SlimmableGroupNorm)
 register_slimmable(nn.InstanceNorm2d, SlimmableInstanceNorm2d)
 register_slimmable(nn.PReLU, SlimmablePReLU)
+register_slimmable(nn.MultiheadAttention, SlimmableMultiheadAttention)
 
 try:  # torchvision's LayerNorm over dimension 1 of (N, C, H, W) (ConvNeXt)
     from torchvision.models.convnext import LayerNorm2d as _LayerNorm2d

@@ -36,7 +36,9 @@ def export(
         delattr(plain, STATE_ATTR)
     for binding in state.bindings:
         layer = plain.get_submodule(binding.layer)
-        _replace(plain, binding.layer, layer.to_plain(require_stats))
+        new = layer.to_plain(require_stats)
+        if new is not layer:  # owners of sliced parameters (the root too) change in place
+            _replace(plain, binding.layer, new)
     plain.eval()
     if trace:
         plain = fx.symbolic_trace(plain)

@@ -50,6 +50,7 @@ from .layers import (
     SlimmableGroupNorm,
     SlimmableLayerNorm,
     SlimmableLinear,
+    SlimmableMultiheadAttention,
     _PerChannelAffine,
     _SlimmableConvNd,
 )
@@ -148,6 +149,14 @@ def _per_channel_layout(layer: _PerChannelAffine) -> ChannelLayout:
     return ChannelLayout(_affine(scale=False))
 
 
+def _attention_layout(mha: SlimmableMultiheadAttention) -> ChannelLayout:
+    """The embedding channels: in-projection columns and out-projection rows (the heads inside
+    keep their order)."""
+    return ChannelLayout((ChannelTensor("in_proj_weight", 1, "in", weight=True),
+                          ChannelTensor("out_proj.weight", 0, "out", weight=True),
+                          ChannelTensor("out_proj.bias", 0, "out")), input_dim=-1)  # fmt: skip
+
+
 def _sliced_layout(owner: SlicedParameters) -> ChannelLayout:
     sliced = owner.__dict__.get("usnet_sliced", {})
     return ChannelLayout(
@@ -163,6 +172,7 @@ register_channel_tensors(SlimmableLayerNorm, _layer_norm_layout)
 register_channel_tensors(SlimmableGroupNorm, _group_norm_layout)
 register_channel_tensors(_PerChannelAffine, _per_channel_layout)
 register_channel_tensors(SlicedParameters, _sliced_layout)
+register_channel_tensors(SlimmableMultiheadAttention, _attention_layout)
 
 
 def channel_layout(layer: nn.Module) -> ChannelLayout:
@@ -221,6 +231,8 @@ def _sites(model: nn.Module, state: SlimmableState) -> list[_Site]:
 
 
 def _get(layer: nn.Module, name: str) -> Tensor | None:
+    owner_name, _, name = name.rpartition(".")  # "out_proj.weight": a submodule's tensor
+    layer = layer.get_submodule(owner_name) if owner_name else layer
     value = layer._parameters.get(name, layer._buffers.get(name))
     return value if isinstance(value, Tensor) else None
 

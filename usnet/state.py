@@ -79,6 +79,26 @@ class Binding:
         return cls(str(d["layer"]), inputs, _normalized(d["outputs"]))
 
 
+@dataclass
+class ShapeAttribute:
+    """An integer attribute of a module that the model's own code uses as a size along channels
+    (``self.num_heads`` and ``self.attn_dim`` of an attention block, ``self.hidden_dim`` of
+    torchvision's ViT in its reshapes): ``set_width`` keeps it at the active size of
+    ``channels``, so the code runs unchanged at every width and an export holds the value of
+    its width. Found by :func:`usnet.convert.analyze`."""
+
+    module: str
+    attr: str
+    channels: Channels
+
+    def to_dict(self) -> dict:
+        return {"module": self.module, "attr": self.attr, "channels": self.channels}
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> "ShapeAttribute":
+        return cls(str(d["module"]), str(d["attr"]), _normalized(d["channels"]))
+
+
 _LayerUpdate = tuple[nn.Module, str, nn.Module, dict[str, Any]]  # parent, child name, layer, attrs
 
 
@@ -94,6 +114,7 @@ class SlimmableState:
     # converted before it was recorded): what profile/select/export run it at by default.
     input_size: tuple[int, ...] | None = None
     switchable_widths: list[float] = field(default_factory=list)  # switchable-BN baseline
+    shape_attrs: list[ShapeAttribute] = field(default_factory=list)
     width: Width = 1.0
     _applied: tuple[int, ...] | None = field(default=None, repr=False)
     # Per channel configuration: (parent module, child name, layer, attributes set_width gives
@@ -112,6 +133,7 @@ class SlimmableState:
         self.__dict__.update(state)
         self.__dict__.setdefault("_updates", {})  # states pickled before the cache existed
         self.__dict__.setdefault("input_size", None)
+        self.__dict__.setdefault("shape_attrs", [])
 
     @property
     def width_range(self) -> tuple[float, float]:
@@ -129,6 +151,7 @@ class SlimmableState:
             "input_averaging": self.input_averaging,
             "switchable_widths": list(self.switchable_widths),
             "input_size": None if self.input_size is None else list(self.input_size),
+            "shape_attrs": [a.to_dict() for a in self.shape_attrs],
         }
 
     @classmethod
@@ -142,6 +165,7 @@ class SlimmableState:
             input_size=None
             if d.get("input_size") is None
             else tuple(int(v) for v in d["input_size"]),
+            shape_attrs=[ShapeAttribute.from_dict(a) for a in d.get("shape_attrs", [])],
         )
 
 
@@ -187,12 +211,13 @@ def set_width(model: nn.Module, width: Width) -> nn.Module:
     config = state.plan.config(width)
     updates = state._updates.get(config)
     if updates is None or any(
-        parent._modules.get(name) is not layer for parent, name, layer, _ in updates
+        (parent._modules.get(name) if name else model) is not layer
+        for parent, name, layer, _ in updates
     ):
         updates = state._updates[config] = _layer_updates(model, state, config)
     label = _describe(width, config)
     for _, _, layer, _ in updates:
-        if layer.is_calibrating:
+        if getattr(layer, "is_calibrating", False):
             raise RuntimeError("cannot change the width of a model while it is calibrating")
     for _, _, layer, attrs in updates:
         # Plain attributes: writing the instance dict skips nn.Module.__setattr__'s
@@ -235,6 +260,11 @@ def _layer_updates(
         inputs = None if binding.inputs is None else active(binding.inputs, device)
         attrs = layer.active_attrs(inputs, active(binding.outputs, device), stats_key)
         updates.append((parent, name, layer, attrs))
+    for shape_attr in state.shape_attrs:
+        parent_name, _, name = shape_attr.module.rpartition(".")
+        size = sum(channels[g] * f for g, f in segments(shape_attr.channels))
+        updates.append((model.get_submodule(parent_name), name,
+                        model.get_submodule(shape_attr.module), {shape_attr.attr: size}))  # fmt: skip
     return updates
 
 

@@ -15,6 +15,9 @@ from .zoo import (
     us_mobilenet_v2,
     us_resnet18,
     us_resnet50,
+    us_vit,
+    us_vit_small,
+    us_vit_tiny,
 )
 
 __all__ = [
@@ -34,4 +37,7 @@ __all__ = [
     "us_mobilenet_v2",
     "us_resnet18",
     "us_resnet50",
+    "us_vit",
+    "us_vit_small",
+    "us_vit_tiny",
 ]

@@ -31,10 +31,11 @@ class Architecture:
     small_image_size: int = 32  # side with ``small_input=True`` (28-32 px: Fashion-MNIST, CIFAR)
 
     def input_size(
-        self, in_channels: int = 3, small_input: bool = False
+        self, in_channels: int = 3, small_input: bool = False, image_size: int | None = None
     ) -> tuple[int, int, int, int]:
-        """The ``(1, C, H, W)`` input the builder's model takes with these arguments."""
-        side = self.small_image_size if small_input else self.image_size
+        """The ``(1, C, H, W)`` input the builder's model takes with these arguments
+        (``image_size``: a builder argument of models made for one size, the ViTs)."""
+        side = image_size or (self.small_image_size if small_input else self.image_size)
         return (1, in_channels, side, side)
 
 
@@ -82,7 +83,8 @@ def model_input_size(model: nn.Module) -> tuple[int, int, int, int]:
     if arch.get("name") in _ARCHITECTURES:
         kwargs = arch.get("kwargs", {})
         return _ARCHITECTURES[arch["name"]].input_size(int(kwargs.get("in_channels", 3)),
-                                                       bool(kwargs.get("small_input", False)))  # fmt: skip
+                                                       bool(kwargs.get("small_input", False)),
+                                                       kwargs.get("image_size"))  # fmt: skip
     if state.input_size is not None and len(state.input_size) == 4:
         return tuple(state.input_size)  # type: ignore[return-value]
     channels = next(
@@ -230,3 +232,92 @@ def us_convnet(
     return _finish("us_convnet", model, width_range, kwargs,
                    _input_size("us_convnet", in_channels, small_input),
                    input_averaging=input_averaging)  # fmt: skip
+
+
+# --- vision transformers -------------------------------------------------------------------------
+# (hidden_dim, num_heads, mlp_dim, num_layers): timm's vit_tiny / vit_small (head dimension 64).
+VIT_SIZES: dict[str, tuple[int, int, int, int]] = {
+    "tiny": (192, 3, 768, 12),
+    "small": (384, 6, 1536, 12),
+}
+
+
+def _us_vit(name: str, size: str | None, num_classes: int, in_channels: int, width_range,
+            small_input: bool, image_size: int | None, patch_size: int | None,
+            dims: dict[str, int | None], dropout: float, attention_dropout: float) -> nn.Module:  # fmt: skip
+    hidden, heads, mlp, layers = VIT_SIZES[size] if size else (None, None, None, None)
+    hidden, heads = dims.get("hidden_dim") or hidden, dims.get("num_heads") or heads
+    mlp, layers = dims.get("mlp_dim") or mlp, dims.get("num_layers") or layers
+    if None in (hidden, heads, mlp, layers):
+        raise UsnetValueError(f"{name} needs hidden_dim, num_heads, mlp_dim and num_layers")
+    image_size = image_size or (32 if small_input else 224)
+    patch_size = patch_size or (4 if small_input else 16)
+    if image_size % patch_size or hidden % heads:
+        raise UsnetValueError(
+            f"{name}: image_size {image_size} must be a multiple of patch_size {patch_size} and "
+            f"hidden_dim {hidden} of num_heads {heads}"
+        )
+    kwargs = dict(num_classes=num_classes, in_channels=in_channels, small_input=small_input,
+                  image_size=image_size, patch_size=patch_size, hidden_dim=hidden,
+                  num_heads=heads, mlp_dim=mlp, num_layers=layers, dropout=dropout,
+                  attention_dropout=attention_dropout)  # fmt: skip
+    if name != "us_vit":  # the presets record only what was asked of them
+        for key in ("hidden_dim", "num_heads", "mlp_dim", "num_layers"):
+            if dims.get(key) is None:
+                kwargs.pop(key)
+    model = torchvision.models.VisionTransformer(
+        image_size, patch_size, layers, heads, hidden, mlp, dropout, attention_dropout,
+        num_classes,
+    )  # fmt: skip
+    if in_channels != 3:
+        model.conv_proj = nn.Conv2d(in_channels, hidden, patch_size, patch_size)
+        fan_in = in_channels * patch_size * patch_size  # torchvision's initialization of it
+        nn.init.trunc_normal_(model.conv_proj.weight, std=(1 / fan_in) ** 0.5)
+        nn.init.zeros_(model.conv_proj.bias)
+    return _finish(name, model, width_range, kwargs, (1, in_channels, image_size, image_size))
+
+
+@register_model((0.25, 1.0))
+def us_vit(num_classes: int = 1000, in_channels: int = 3,
+           width_range: tuple[float, float] = (0.25, 1.0), small_input: bool = False,
+           image_size: int | None = None, patch_size: int | None = None,
+           hidden_dim: int = 192, num_heads: int = 3, mlp_dim: int = 768, num_layers: int = 12,
+           dropout: float = 0.0, attention_dropout: float = 0.0) -> nn.Module:  # fmt: skip
+    """A universally slimmable torchvision ``VisionTransformer`` of any size.
+
+    One width scales the embedding in whole heads (``nn.MultiheadAttention`` ties the embedding
+    to heads x head dimension, so the head dimension ``hidden_dim / num_heads`` stays fixed and
+    the embedding's divisor is a multiple of it) and each block's MLP (divisor 8). The class
+    token, position embedding and every LayerNorm follow the embedding. ``small_input``: patch 4
+    on 32 px images (``image_size=28`` for Fashion-MNIST). At width w the export is a torchvision
+    ``VisionTransformer`` with ``hidden_dim``, ``num_heads`` and ``mlp_dim`` of that width."""
+    return _us_vit("us_vit", None, num_classes, in_channels, width_range, small_input,
+                   image_size, patch_size, dict(hidden_dim=hidden_dim, num_heads=num_heads,
+                                                mlp_dim=mlp_dim, num_layers=num_layers),
+                   dropout, attention_dropout)  # fmt: skip
+
+
+@register_model((0.25, 1.0))
+def us_vit_tiny(num_classes: int = 1000, in_channels: int = 3,
+                width_range: tuple[float, float] = (0.25, 1.0), small_input: bool = False,
+                image_size: int | None = None, patch_size: int | None = None,
+                num_layers: int | None = None, dropout: float = 0.0,
+                attention_dropout: float = 0.0) -> nn.Module:  # fmt: skip
+    """US-ViT-Tiny: 192 channels, 3 heads of 64, MLP 768, 12 blocks (timm's vit_tiny; 1.26G
+    MACs on 224 px at width 1.0). Whole heads make its embedding 64, 128 or 192 channels."""
+    return _us_vit("us_vit_tiny", "tiny", num_classes, in_channels, width_range, small_input,
+                   image_size, patch_size, dict(num_layers=num_layers), dropout,
+                   attention_dropout)  # fmt: skip
+
+
+@register_model((0.25, 1.0))
+def us_vit_small(num_classes: int = 1000, in_channels: int = 3,
+                 width_range: tuple[float, float] = (0.25, 1.0), small_input: bool = False,
+                 image_size: int | None = None, patch_size: int | None = None,
+                 num_layers: int | None = None, dropout: float = 0.0,
+                 attention_dropout: float = 0.0) -> nn.Module:  # fmt: skip
+    """US-ViT-Small: 384 channels, 6 heads of 64, MLP 1536, 12 blocks (timm's vit_small; 4.6G
+    MACs on 224 px at width 1.0)."""
+    return _us_vit("us_vit_small", "small", num_classes, in_channels, width_range, small_input,
+                   image_size, patch_size, dict(num_layers=num_layers), dropout,
+                   attention_dropout)  # fmt: skip
