@@ -304,7 +304,9 @@ def multihead_attention(a: "GraphAnalysis", node: fx.Node,
     for e, _ in a.expand(query).segments:
         root = a.elements[a.find(e)]
         if root.size % mha.head_dim:
-            a.refuse(node, f"a segment of {root.size} channels is not whole heads of {mha.head_dim}")
+            a.refuse(
+                node, f"a segment of {root.size} channels is not whole heads of {mha.head_dim}"
+            )
         root.divisor = math.lcm(root.divisor, mha.head_dim)
     a.bind(node, query, query)
     return (query, None)  # (output, attention weights: no channels)
@@ -1542,8 +1544,11 @@ def analyze(
     if analyzer.constant_sizes:
         if not traced_by_fx:
             node = analyzer.constant_sizes[0][0]
-            analyzer.refuse(node, "a constant size along channels in a graph from torch.export, "
-                            "which does not say where it came from; make the model fx-traceable")
+            analyzer.refuse(
+                node,
+                "a constant size along channels in a graph from torch.export, "
+                "which does not say where it came from; make the model fx-traceable",
+            )
         _find_size_attributes(model, tracer, analyzer)
     missing = [
         name

@@ -19,7 +19,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from .channels import Width, config_id, format_width, width_value
 from .errors import UsnetValueError
 from .plain import export
-from .state import get_state
+from .state import get_state, input_size_of
 
 
 @dataclass(frozen=True)
@@ -40,7 +40,7 @@ def profile(model: nn.Module, width: Width | None = None,
     the input the model was converted with, else ``(1, 3, 224, 224)``)."""
     state = get_state(model)
     width = state.plan.check_width(state.width if width is None else width)
-    size = _check_input_size(input_size or state.input_size or (1, 3, 224, 224))
+    size = _check_input_size(input_size_of(model, input_size))
     plain = export(model, width, require_stats=False)
     params, flops = module_cost(plain, size)
     return Profile(

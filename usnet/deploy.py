@@ -44,7 +44,7 @@ from .errors import UsnetError, UsnetValueError
 from .evaluation import eval_forward
 from .files import atomic_write_bytes
 from .plain import export
-from .state import get_state
+from .state import get_state, input_size_of
 
 FORMATS: dict[str, str] = {"pt": ".pt2", "torchscript": ".torchscript.pt", "onnx": ".onnx"}
 """Formats and the file suffix :func:`export_widths` gives them."""
@@ -114,9 +114,13 @@ def serialize(module: nn.Module, format: str, example: Tensor) -> bytes:
         elif format == "torchscript":
             torch.jit.save(torch.jit.trace(module, (example,), check_trace=False), buffer)
         else:
-            torch.onnx.export(module, (example,), buffer, dynamo=False, opset_version=ONNX_OPSET,
-                              input_names=["input"], output_names=["logits"],
-                              dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})  # fmt: skip
+            # Grad mode keeps nn.MultiheadAttention off its fused inference kernel, which ONNX
+            # lacks (the artifact is the same function; nothing is trained).
+            with torch.enable_grad():
+                torch.onnx.export(module, (example,), buffer, dynamo=False,
+                                  opset_version=ONNX_OPSET,
+                                  input_names=["input"], output_names=["logits"],
+                                  dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})  # fmt: skip
     return buffer.getvalue()
 
 
@@ -181,7 +185,7 @@ def export_artifact(
     format: str = "pt",
     *,
     fuse_bn: bool = False,
-    input_size: Sequence[int] = (1, 3, 224, 224),
+    input_size: Sequence[int] | None = None,
     tolerance: float | None = None,
     seed: int = 0,
 ) -> ExportResult:
@@ -196,7 +200,7 @@ def export_artifact(
     check_format(format)
     state = get_state(model)
     width = state.plan.check_width(width)
-    size = _check_input_size(input_size)
+    size = _check_input_size(input_size_of(model, input_size))
     tolerance = _check_tolerance(tolerance, fuse_bn)
     if Path(path).is_dir():
         raise FileExistsError(f"{str(path)!r} is a directory; name the file to write "

@@ -41,9 +41,25 @@ def export(
             _replace(plain, binding.layer, new)
     plain.eval()
     if trace:
-        plain = fx.symbolic_trace(plain)
+        plain = _images_only(fx.symbolic_trace(plain))
         plain.eval()
     return plain
+
+
+def _images_only(module: fx.GraphModule) -> fx.GraphModule:
+    """Optional arguments after the images (timm's ``attn_mask``, ``is_causal``) become their
+    defaults in the graph: the traced model takes images only, as deployment formats expect."""
+    inputs = [n for n in module.graph.nodes if n.op == "placeholder"]
+    for node in inputs[1:]:
+        if not node.args:
+            continue  # a required argument: kept
+        default = node.args[0]
+        for user in list(node.users):
+            user.args = fx.node.map_arg(user.args, lambda n: default if n is node else n)
+            user.kwargs = fx.node.map_arg(user.kwargs, lambda n: default if n is node else n)
+        module.graph.erase_node(node)
+    module.recompile()
+    return module
 
 
 def _replace(root: nn.Module, name: str, new: nn.Module) -> None:

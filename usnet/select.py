@@ -44,7 +44,7 @@ from .errors import UsnetValueError
 from .files import atomic_write_bytes
 from .plain import export
 from .reports import plot_selection, progress_bar  # noqa: F401 (plot_selection: re-exported)
-from .state import get_state
+from .state import get_state, input_size_of
 
 SCAN_STEP = 0.001
 
@@ -139,7 +139,7 @@ def select_width(
     max_macs: int | float | None = None,
     max_params: int | float | None = None,
     max_latency_ms: float | None = None,
-    input_size: Sequence[int] = (1, 3, 224, 224),
+    input_size: Sequence[int] | None = None,
     widths: Sequence[float] | None = None,
     spectrum: Sequence[Mapping] | None = None,
     device: str | torch.device = "cpu",
@@ -176,7 +176,7 @@ def select_width(
     for name, value in budgets.items():
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
             raise UsnetValueError(f"{name} must be a positive number, got {value!r}")
-    size = _check_input_size(input_size)
+    size = _check_input_size(input_size_of(model, input_size))
     plan = get_state(model).plan
     preferred = [
         float(r["width"]) for r in spectrum or () if isinstance(r.get("width"), (int, float))

@@ -194,6 +194,14 @@ def get_width(model: nn.Module) -> Width:
     return get_state(model).width
 
 
+def input_size_of(model: nn.Module, input_size: Any = None) -> tuple[int, ...]:
+    """``input_size`` if given, else the ``(1, C, H, W)`` the model was converted with (a ViT
+    takes only its own image size), else ``(1, 3, 224, 224)``."""
+    if input_size is not None:
+        return tuple(input_size)
+    return tuple(get_state(model).input_size or (1, 3, 224, 224))
+
+
 def channels_at(model: nn.Module, width: Width | None = None) -> dict[str, int]:
     """Active channels of every group at ``width`` (default: the current width)."""
     state = get_state(model)
