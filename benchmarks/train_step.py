@@ -30,6 +30,7 @@ Usage::
     python benchmarks/train_step.py --size gpu --device cuda   # the issue's H100 size
     python benchmarks/train_step.py --size cpu --memory
     python benchmarks/train_step.py --size cpu --compile       # slow on CPU: inductor builds
+    python benchmarks/train_step.py --size cpu --model vit     # the Fashion-MNIST US-ViT
 """
 
 from __future__ import annotations
@@ -81,6 +82,18 @@ SIZES = {
     "gpu": Size("us_mobilenet_v2", {"num_classes": 1000, "dropout": 0.0}, 256, 224, 8, 3,
                 ("fp32", "bf16_cl", "fp32+bench", "bf16_cl+bench"), "us_mobilenet_v2",
                 {"num_classes": 1000, "dropout": 0.0}, 256, 224),
+}  # fmt: skip
+
+# --model vit: the Fashion-MNIST US-ViT of configs/fashion_mnist_vit.yaml on the CPU (batch 128,
+# 28 px); US-ViT-Small on 224 px ImageNet-size images on a GPU.
+FASHION_VIT = {"num_classes": 10, "in_channels": 1, "small_input": True, "image_size": 28,
+               "hidden_dim": 96, "num_heads": 6, "mlp_dim": 192, "num_layers": 6}  # fmt: skip
+VIT_SIZES = {
+    "cpu": Size("us_vit", FASHION_VIT, 128, 28, 3, 4, ("fp32", "bf16_cl"), "us_vit",
+                FASHION_VIT, 128, 28),
+    "gpu": Size("us_vit_small", {"num_classes": 1000}, 256, 224, 8, 3,
+                ("fp32", "bf16_cl", "fp32+bench", "bf16_cl+bench"), "us_vit_small",
+                {"num_classes": 1000}, 256, 224),
 }  # fmt: skip
 
 
@@ -329,6 +342,8 @@ def main_memory(args, size: Size, device) -> None:
         "--device",
         str(device),
         "--memory-worker",
+        "--model",
+        args.model,
         "--threads",
         str(torch.get_num_threads()),
     ]
@@ -443,6 +458,9 @@ def main() -> None:
                         help="random widths drawn from about this many distinct widths (0: any "
                              "width; a finite set bounds the one-off warm-up on a GPU, where each "
                              "new shape costs seconds of cuDNN kernel compilation)")  # fmt: skip
+    parser.add_argument("--model", choices=("cnn", "vit"), default="cnn",
+                        help="cnn: US-MobileNetV2 (ConvNet when compiling on the CPU); vit: the "
+                             "Fashion-MNIST US-ViT on the CPU, US-ViT-Small on a GPU")  # fmt: skip
     parser.add_argument("--memory", action="store_true", help="peak memory instead of speed")
     parser.add_argument("--memory-worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--compile", action="store_true", help="torch.compile instead of eager")
@@ -451,7 +469,7 @@ def main() -> None:
                              "fixed middle widths)")  # fmt: skip
     args = parser.parse_args()
     device = resolve_device(args)
-    size = SIZES[args.size]
+    size = (VIT_SIZES if args.model == "vit" else SIZES)[args.size]
     if args.memory_worker:
         memory_worker(args, size, device)
     elif args.memory:
