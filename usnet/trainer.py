@@ -124,7 +124,8 @@ class Trainer:
             )
         self.total_steps = config.epochs * self.steps_per_epoch
         self.optimizer = make_optimizer(self.model, lr=config.lr, momentum=config.momentum,
-                                        weight_decay=config.weight_decay, nesterov=config.nesterov)  # fmt: skip
+                                        weight_decay=config.weight_decay, nesterov=config.nesterov,
+                                        kind=config.optimizer, betas=tuple(config.betas))  # fmt: skip
         self.scheduler = make_scheduler(
             self.optimizer, total_steps=self.total_steps,
             warmup_steps=int(round(config.warmup_epochs * self.steps_per_epoch)),
