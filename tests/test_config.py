@@ -1,10 +1,11 @@
 """Config loading: strict keys and types, overrides, semantics."""
 
+import re
 from pathlib import Path
 
 import pytest
 
-from usnet.config import ConfigError, TrainConfig, load_config, parse_override
+from usnet.config import ConfigError, TrainConfig, config_from_saved, load_config, parse_override
 
 REPO = Path(__file__).resolve().parents[1]
 FASHION = REPO / "configs" / "fashion_mnist.yaml"
@@ -108,3 +109,38 @@ def test_exponent_floats_and_non_finite_numbers(tmp_path):
 def test_out_of_range_values_fail_before_training(override):
     with pytest.raises(ConfigError, match=override.split("=")[0].replace(".", r"\.")):
         load_config(None, [override])
+
+
+def test_optimizer_adamw_with_betas_from_overrides():
+    config = load_config(FASHION, ["optimizer=adamw", "betas=[0.9, 0.95]", "lr=1e-3"])
+    assert config.optimizer == "adamw" and config.betas == [0.9, 0.95] and config.lr == 1e-3
+    default = load_config(FASHION)
+    assert default.optimizer == "sgd" and default.betas == [0.9, 0.999]
+    assert load_config(None, ["optimizer=adamw", "momentum=0.9", "nesterov=true"])  # defaults
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["optimizer=adam"], "optimizer: invalid value 'adam'; valid: sgd, adamw"),
+        (["optimizer=adamw", "momentum=0.5"], "momentum=0.5 applies to optimizer=sgd only"),
+        (["optimizer=adamw", "nesterov=false"], "nesterov=False applies to optimizer=sgd only"),
+        (["betas=[0.9, 0.95]"], "betas=[0.9, 0.95] applies to optimizer=adamw only"),
+        (["optimizer=adamw", "betas=[0.9]"], "betas must be [beta1, beta2]"),
+        (["optimizer=adamw", "betas=[0.9, 1.0]"], "betas must be [beta1, beta2], each in [0, 1)"),
+        (["momentum=0"], "nesterov=true needs momentum > 0"),
+        (["momentum=-0.1", "nesterov=false"], "momentum must not be negative"),
+    ],
+)
+def test_optimizer_settings_of_the_other_optimizer_are_refused(overrides, message):
+    """A setting the chosen optimizer would not use is an error, not silently ignored."""
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(None, overrides)
+
+
+def test_saved_config_from_before_the_optimizer_key_resumes_as_sgd():
+    saved = TrainConfig().to_dict()
+    del saved["optimizer"], saved["betas"]
+    config = config_from_saved(saved)
+    assert config.optimizer == "sgd" and config.betas == [0.9, 0.999]
+    assert config == TrainConfig()

@@ -132,25 +132,66 @@ def _final_state(out):
     return usnet.checkpoint.read_checkpoint(out / CHECKPOINT)
 
 
-def test_resume_reproduces_an_uninterrupted_run(tmp_path):
-    overrides = ("epochs=2", "data.limit_train=640", "eval.every_epoch=false")
+ADAMW = ("optimizer=adamw", "lr=2e-3", "weight_decay=0.05", "betas=[0.9, 0.95]")
+
+
+@pytest.mark.parametrize(
+    "overrides, steps",
+    [
+        (("data.limit_train=640",), 10),
+        # AdamW's moments must come back too; a smaller run keeps the case cheap.
+        (("data.limit_train=256", "data.limit_test=200", "eval.widths=0.25,1.0",
+          "calib.num_images=128", *ADAMW), 4),
+    ],
+    ids=["sgd", "adamw"],
+)  # fmt: skip
+def test_resume_reproduces_an_uninterrupted_run(tmp_path, overrides, steps):
+    overrides = ("epochs=2", "eval.every_epoch=false", *overrides)
     quiet = dict(progress=False, log=lambda s: None)
     Trainer(quick_config(*overrides), tmp_path / "straight", **quiet).run(max_epochs=2)
     first = Trainer(quick_config(*overrides), tmp_path / "resumed", **quiet)
     assert first.run(max_epochs=1) is None  # stopped after one epoch, like a killed run
     resumed = Trainer(quick_config(*overrides), tmp_path / "resumed", resume=True, **quiet)
-    assert resumed.epoch == 1 and resumed.step == 10
+    assert resumed.epoch == 1 and resumed.step == steps
+    assert type(resumed.optimizer) is type(first.optimizer)
+    assert (
+        resumed.optimizer.state_dict()["state"].keys()
+        == first.optimizer.state_dict()["state"].keys()
+    )
     resumed.run(max_epochs=1)
     a, b = _final_state(tmp_path / "straight"), _final_state(tmp_path / "resumed")
     for key, value in a["state_dict"].items():
         assert torch.equal(value, b["state_dict"][key]), key
-    assert a["extra"]["trainer"]["step"] == b["extra"]["trainer"]["step"] == 20
+    assert a["extra"]["trainer"]["step"] == b["extra"]["trainer"]["step"] == 2 * steps
 
     def widths(out):
         records = map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
         return [r["widths"] for r in records if r["kind"] == "train"]
 
     assert widths(tmp_path / "straight") == widths(tmp_path / "resumed")
+
+
+def test_adamw_run_trains_with_adamw_and_the_vit_decay_groups(tmp_path):
+    config = quick_config("epochs=1", "data.limit_train=128", "eval.every_epoch=false",
+                          "calib.num_images=128", *ADAMW)  # fmt: skip
+    trainer = Trainer(config, tmp_path / "r", progress=False, log=lambda s: None)
+    optimizer = trainer.optimizer
+    assert type(optimizer) is torch.optim.AdamW
+    assert [g["weight_decay"] for g in optimizer.param_groups] == [0.05, 0.0]
+    assert all(g["betas"] == (0.9, 0.95) for g in optimizer.param_groups)
+    decayed = {id(p) for p in optimizer.param_groups[0]["params"]}
+    for name, p in trainer.model.named_parameters():  # conv/linear weights only
+        assert (id(p) in decayed) == (name.endswith("weight") and p.dim() > 1), name
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    trainer.run(max_epochs=1)
+    assert optimizer.state_dict()["state"]  # AdamW's moments, saved in the checkpoint
+    saved = _final_state(tmp_path / "r")["extra"]["trainer"]["optimizer"]
+    assert {"exp_avg", "exp_avg_sq"} <= set(next(iter(saved["state"].values())))
+    assert any(not torch.equal(a, b) for a, b in zip(before, trainer.model.parameters()))
+    with pytest.raises(ConfigError, match=r"changed config \(betas, optimizer\)"):
+        Trainer(quick_config("epochs=1", "data.limit_train=128", "eval.every_epoch=false",
+                             "calib.num_images=128", "lr=2e-3", "weight_decay=0.05"),
+                tmp_path / "r", resume=True, progress=False, log=lambda s: None)  # fmt: skip
 
 
 def test_resume_with_changed_config_is_refused(tmp_path):

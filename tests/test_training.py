@@ -524,6 +524,62 @@ def test_make_optimizer():
         assert group["momentum"] == 0.9 and group["nesterov"] and group["lr"] == 0.2
 
 
+def test_make_optimizer_adamw_over_the_same_groups():
+    model = tiny_model()
+    optimizer = make_optimizer(model, lr=1e-3, weight_decay=0.05, kind="adamw", betas=(0.8, 0.95))
+    assert type(optimizer) is torch.optim.AdamW
+    expected = param_groups(model, 0.05)
+    assert [g["weight_decay"] for g in optimizer.param_groups] == [0.05, 0.0]
+    for group, want in zip(optimizer.param_groups, expected):
+        assert group["params"] == want["params"]
+        assert group["betas"] == (0.8, 0.95) and group["lr"] == 1e-3
+    with pytest.raises(
+        usnet.UsnetError, match="unknown optimizer 'adam'; valid optimizers: sgd, adamw"
+    ):
+        make_optimizer(model, lr=1e-3, kind="adam")
+    with pytest.raises(usnet.UsnetError, match="betas must be"):
+        make_optimizer(model, lr=1e-3, kind="adamw", betas=(0.9, 1.5))
+
+
+def test_param_groups_of_a_vision_transformer():
+    """The ViT recipe: decay on the matrices (patch embedding, attention in/out projections, MLP,
+    head); none on LayerNorm, biases, the class token and the position embedding."""
+    import torchvision
+
+    torch.manual_seed(0)
+    model = torchvision.models.VisionTransformer(image_size=32, patch_size=4, num_layers=2,
+                                                 num_heads=4, hidden_dim=64, mlp_dim=128,
+                                                 num_classes=10)  # fmt: skip
+    decay, no_decay = param_groups(model, 0.05)
+    names = {id(p): name for name, p in model.named_parameters()}
+    decayed = {names[id(p)] for p in decay["params"]}
+    not_decayed = {names[id(p)] for p in no_decay["params"]}
+    assert decayed | not_decayed == set(names.values()) and not decayed & not_decayed
+    assert {
+        "class_token",
+        "encoder.pos_embedding",
+        "encoder.ln.weight",
+        "heads.head.bias",
+    } <= not_decayed
+    layer = "encoder.layers.encoder_layer_1."
+    assert {layer + n for n in ("ln_1.weight", "ln_1.bias", "ln_2.weight",
+                                "self_attention.in_proj_bias")} <= not_decayed  # fmt: skip
+    assert decayed == {"conv_proj.weight", "heads.head.weight"} | {
+        f"encoder.layers.encoder_layer_{i}.{n}"
+        for i in range(2)
+        for n in ("self_attention.in_proj_weight", "self_attention.out_proj.weight",
+                  "mlp.0.weight", "mlp.3.weight")
+    }  # fmt: skip
+    assert all(p.dim() >= 2 for p in decay["params"])  # matrices and conv kernels only
+
+    # A subclass of a registered layer inherits its entry (the slimmable layers do).
+    class Projection(nn.Linear):
+        pass
+
+    wrapped = nn.Sequential(Projection(4, 4), nn.LayerNorm(4))
+    assert param_groups(wrapped, 0.1)[0]["params"] == [wrapped[0].weight]
+
+
 # -- schedule --------------------------------------------------------------------------------
 def scheduled_lrs(total, warmup, schedule, base=0.4):
     optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=base)

@@ -10,7 +10,7 @@ Train one network, run it at any width in a continuous range::
 """
 
 from . import models
-from .calibration import calibrate, is_calibrated, sample_images
+from .calibration import calibrate, is_calibrated, needs_calibration, sample_images
 from .channels import (
     ChannelGroup,
     ChannelPlan,
@@ -68,6 +68,7 @@ __all__ = [
     "load_artifact",
     "make_divisible",
     "models",
+    "needs_calibration",
     "parse_widths",
     "profile",
     "register_op",

@@ -7,10 +7,16 @@ accumulates the cumulative average over the sample (momentum ``1/t``, PyTorch's 
 under ``no_grad`` with every weight untouched. It uses its own settings, never the layers'
 ``momentum``/``training`` flags (the reference implementation's calibration silently updated nothing
 because it relied on them).
+
+Models without such statistics (LayerNorm and GroupNorm normalize with the statistics of each
+input: transformers, ConvNeXt-style and GroupNorm networks) need no calibration:
+:func:`needs_calibration` says so, :func:`calibrate` is then a no-op that loads no images, and
+:func:`is_calibrated` holds at every width.
 """
 
 from __future__ import annotations
 
+import logging
 import numbers
 import sys
 import warnings
@@ -29,6 +35,24 @@ from .state import get_state, keep_width_and_mode, set_width
 from .state import width as width_context
 
 DEFAULT_BATCH_SIZE = 128
+
+logger = logging.getLogger(__name__)
+
+
+def _statistics_layers(model: nn.Module) -> list[SlimmableBatchNorm2d]:
+    """The layers holding running statistics per width: slimmable BatchNorm (and subclasses)
+    tracking running statistics. Every other layer normalizes with the statistics of its input."""
+    return [
+        m for m in model.modules() if isinstance(m, SlimmableBatchNorm2d) and m.track_running_stats
+    ]
+
+
+def needs_calibration(model: nn.Module) -> bool:
+    """Whether ``model`` has layers with per-width running statistics (slimmable BatchNorm),
+    which :func:`calibrate` must fill before a width is evaluated. False for a model normalized
+    only by LayerNorm, GroupNorm or BatchNorm without running statistics: every width of it is
+    ready as trained."""
+    return bool(_statistics_layers(model))
 
 
 def sample_images(
@@ -143,6 +167,10 @@ def calibrate(
     Widths that round to the same channel configuration are one network and are calibrated once.
     Returns the configuration keys calibrated. The model's width and train/eval mode are restored.
 
+    A model without BatchNorm statistics (:func:`needs_calibration` is False: LayerNorm,
+    GroupNorm) has nothing to calibrate: the widths are still checked, then nothing is loaded from
+    ``data``, nothing changes, an info line goes to this module's logger and the result is ``[]``.
+
     ``distributed=True`` (inside a ``torch.distributed`` process group; every rank calls it with
     the same arguments): each rank loads and runs only its share of every calibration batch
     (:func:`sample_images` ``shard``), and every BatchNorm layer combines the shares' statistics
@@ -160,11 +188,10 @@ def calibrate(
     for w in widths:
         by_config.setdefault(state.plan.config(w), w)
     # Layers without running statistics always normalize with batch statistics: nothing to do.
-    bns = [
-        m for m in model.modules() if isinstance(m, SlimmableBatchNorm2d) and m.track_running_stats
-    ]
+    bns = _statistics_layers(model)
     if not bns:
-        return [config_key(c) for c in by_config]
+        logger.info("no BatchNorm layers with running statistics: calibration not needed")
+        return []
     from .distributed import rank, world_size
 
     param = next(model.parameters())
@@ -214,13 +241,10 @@ def _calibrate_training_branches(model: nn.Module, idle: list, batches: list, pa
 
 
 def is_calibrated(model: nn.Module, width: Width) -> bool:
-    """Whether every BatchNorm layer has statistics for ``width``."""
+    """Whether every BatchNorm layer has statistics for ``width`` (always, for a model without
+    BatchNorm statistics: see :func:`needs_calibration`)."""
     with width_context(model, width):
-        return all(
-            m.current_stats() is not None
-            for m in model.modules()
-            if isinstance(m, SlimmableBatchNorm2d) and m.track_running_stats
-        )
+        return all(m.current_stats() is not None for m in _statistics_layers(model))
 
 
 def _random_access(dataset: Any) -> bool:

@@ -263,14 +263,26 @@ def _spectrum_widths(payload: dict, model: nn.Module) -> list[float]:
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from . import checkpoint
-    from .calibration import calibrate
+    from .calibration import calibrate, needs_calibration
+    from .state import get_state
 
     payload = checkpoint.read_checkpoint(args.checkpoint)
     out = args.out or args.checkpoint
     replacing = None
-    if args.out is not None and not _same_file(args.out, args.checkpoint):
+    elsewhere = args.out is not None and not _same_file(args.out, args.checkpoint)
+    if elsewhere:
         replacing = check_output(args.out, force=args.force, own=_calibration_of(payload))
     model = checkpoint.model_from_checkpoint(payload, args.checkpoint)
+    if not needs_calibration(model):  # LayerNorm/GroupNorm: every width is ready as trained
+        for w in args.widths:
+            get_state(model).plan.check_width(w)
+        wrote = ""
+        if elsewhere:  # the copy asked for, so a script's next step finds it
+            checkpoint.save(model, out, extra=payload.get("extra"))
+            wrote = f"; wrote {out} unchanged{f' (replacing {replacing})' if replacing else ''}"
+        print(f"nothing to calibrate: {args.checkpoint} has no BatchNorm layers (every width is "
+              f"ready without calibration){wrote}")  # fmt: skip
+        return 0
     config, (_, calib_set, _, info) = _data_for(args.checkpoint, payload, args.data, args.dataset)
     check_data_fits(model, info, args.checkpoint, config.data.name)
     keys = calibrate(model, calib_set, args.widths, num_images=args.images, seed=args.seed,

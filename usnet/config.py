@@ -90,9 +90,14 @@ class TrainConfig:
     lr: float = 0.1
     lr_schedule: Literal["linear", "cosine"] = "cosine"
     warmup_epochs: float = 0.0
+    # sgd: the paper's SGD with (Nesterov) momentum; adamw: AdamW with betas, the usual vision
+    # transformer recipe. momentum/nesterov belong to sgd and betas to adamw: a value changed from
+    # its default for the other optimizer is an error (it would be silently unused).
+    optimizer: Literal["sgd", "adamw"] = "sgd"
     momentum: float = 0.9
     nesterov: bool = True
-    weight_decay: float = 5e-5
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    weight_decay: float = 5e-5  # conv/linear weights only (usnet.training.param_groups)
     amp: Literal["none", "bf16", "fp16"] = "none"
     # CUDA: cuDNN autotuning, with every channel configuration tuned before the first step (a
     # random width then never re-tunes mid-training). On the CPU only the warm-up runs.
@@ -342,6 +347,7 @@ def _check_semantics(c: TrainConfig) -> None:
         )
     if c.warmup_epochs < 0 or c.weight_decay < 0:
         raise ConfigError("warmup_epochs and weight_decay must not be negative")
+    _check_optimizer(c)
     try:
         widths = parse_widths(c.eval.widths)
     except ValueError as err:
@@ -356,6 +362,33 @@ def _check_semantics(c: TrainConfig) -> None:
     if c.teacher == "init" and c.init.checkpoint is None:
         raise ConfigError("teacher=init needs init.checkpoint (the trained model to distil from)")
     check_device_name(c.device)
+
+
+def _check_optimizer(c: TrainConfig) -> None:
+    defaults = TrainConfig()
+    if len(c.betas) != 2 or not all(0.0 <= b < 1.0 for b in c.betas):
+        raise ConfigError(f"betas must be [beta1, beta2], each in [0, 1), got {c.betas}")
+    if c.optimizer == "sgd":
+        if c.momentum < 0:
+            raise ConfigError(f"momentum must not be negative, got {c.momentum}")
+        if c.nesterov and c.momentum == 0:
+            raise ConfigError("nesterov=true needs momentum > 0 (or set nesterov=false)")
+        if c.betas != defaults.betas:
+            raise ConfigError(
+                f"betas={c.betas} applies to optimizer=adamw only; with optimizer=sgd set "
+                "momentum and nesterov instead (or set optimizer=adamw)"
+            )
+        return
+    unused = [
+        f"{key}={getattr(c, key)}"
+        for key in ("momentum", "nesterov")
+        if getattr(c, key) != getattr(defaults, key)
+    ]
+    if unused:
+        raise ConfigError(
+            f"{' and '.join(unused)} applies to optimizer=sgd only; AdamW's momentum terms are "
+            f"betas (now {c.betas}), so remove {' and '.join(k.split('=')[0] for k in unused)}"
+        )
 
 
 def load_run_config(payload: Mapping[str, Any]) -> TrainConfig | None:

@@ -2,7 +2,8 @@
 
 Data flow: config -> datasets -> zoo model -> sandwich-rule steps (``usnet.training``) ->
 per-epoch atomic checkpoint (+ validation at the narrowest and widest widths, calibrated on a
-small sample) -> final BN calibration of every evaluated width -> test accuracy across the width
+small sample) -> final BN calibration of every evaluated width (skipped for models without
+BatchNorm statistics, e.g. LayerNorm transformers) -> test accuracy across the width
 range -> ``spectrum.csv``/``.json``/``.png`` and the final checkpoint (``usnet.save`` format).
 
 Reproducibility: the widths come from the sampler's own seeded generator, the data order and
@@ -34,7 +35,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from . import checkpoint as ckpt
 from . import distributed as dist
-from .calibration import calibrate
+from .calibration import calibrate, needs_calibration
 from .channels import parse_widths
 from .config import ConfigError, TrainConfig, config_diff, config_from_saved, load_run_config
 from .data import DataInfo, TensorBatches, as_tensors, datasets_for
@@ -124,7 +125,10 @@ class Trainer:
             )
         self.total_steps = config.epochs * self.steps_per_epoch
         self.optimizer = make_optimizer(self.model, lr=config.lr, momentum=config.momentum,
-                                        weight_decay=config.weight_decay, nesterov=config.nesterov)  # fmt: skip
+                                        weight_decay=config.weight_decay, nesterov=config.nesterov,
+                                        kind=config.optimizer, betas=tuple(config.betas))  # fmt: skip
+        # LayerNorm/GroupNorm models (transformers) keep no BN statistics: nothing to calibrate.
+        self.calibrates = needs_calibration(self.model)
         self.scheduler = make_scheduler(
             self.optimizer, total_steps=self.total_steps,
             warmup_steps=int(round(config.warmup_epochs * self.steps_per_epoch)),
@@ -456,16 +460,19 @@ class Trainer:
     def _validate_ends(self) -> None:
         c = self.config
         widths = self._end_widths()
-        calibrate(self.model, self.calib_set, widths, num_images=c.eval.epoch_calib_images,
-                  seed=c.seed + self.epoch, batch_size=c.calib.batch_size, progress=False,
-                  distributed=True)  # fmt: skip
+        if self.calibrates:
+            calibrate(self.model, self.calib_set, widths, num_images=c.eval.epoch_calib_images,
+                      seed=c.seed + self.epoch, batch_size=c.calib.batch_size, progress=False,
+                      distributed=True)  # fmt: skip
         results = evaluate(self.model, self.test_loader(), widths, self.device, distributed=True)
         record = {"kind": "val", "step": self.step, "epoch": self.epoch}
         for w, (top1, top5) in zip(widths, results):
             record[f"top1@{w:g}"] = top1
             record[f"top5@{w:g}"] = top5
         self._metric(record)
-        self.log(f"  validation (BN calibrated on {c.eval.epoch_calib_images} images): "
+        how = (f"BN calibrated on {c.eval.epoch_calib_images} images" if self.calibrates
+               else "no BatchNorm: not calibrated")  # fmt: skip
+        self.log(f"  validation ({how}): "
                  + ", ".join(f"width {w:g} top-1 {100 * r[0]:.2f}%" for w, r in zip(widths, results)))  # fmt: skip
 
     def test_loader(self) -> DataLoader:
@@ -495,9 +502,14 @@ class Trainer:
     def _finish(self) -> list[dict]:
         c = self.config
         widths = self.eval_widths()
-        self.log(f"calibrating BN at {len(widths)} widths on {c.calib.num_images} training images")
-        calibrate(self.model, self.calib_set, widths, num_images=c.calib.num_images, seed=c.seed,
-                  batch_size=c.calib.batch_size, progress=self.progress, distributed=True)  # fmt: skip
+        if self.calibrates:
+            self.log(
+                f"calibrating BN at {len(widths)} widths on {c.calib.num_images} training images"
+            )
+            calibrate(self.model, self.calib_set, widths, num_images=c.calib.num_images, seed=c.seed,
+                      batch_size=c.calib.batch_size, progress=self.progress, distributed=True)  # fmt: skip
+        else:
+            self.log(NO_CALIBRATION)
         results = evaluate(self.model, self.test_loader(), widths, self.device, distributed=True)
         rows = spectrum_rows(self.model, widths, results, self.info.input_size)
         set_width(self.model, get_state(self.model).width_range[1])
@@ -531,6 +543,9 @@ class Trainer:
                      f"[{lo}, {hi}]; {len(outside)} outside it are skipped ({listed})")  # fmt: skip
         return widths
 
+
+NO_CALIBRATION = "no BatchNorm layers: calibration not needed"
+"""The log line of a run whose model keeps no BatchNorm statistics (LayerNorm, GroupNorm)."""
 
 # PyTorch 2.14 renamed DDP's broadcast_buffers to forward_sync_buffers (2.11 knows only the former).
 _NO_BUFFER_SYNC = (

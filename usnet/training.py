@@ -22,8 +22,9 @@ Each piece is independent and works in a user's own training loop::
   on the widest width's (detached) predictions: *inplace distillation*.
 * :func:`sandwich_step` runs one optimizer step over the drawn widths, accumulating gradients.
 * :func:`param_groups`, :func:`make_optimizer`, :func:`lr_lambda` and :func:`make_scheduler`
-  reproduce the paper's optimization recipe: SGD with Nesterov momentum, no weight decay on
-  BatchNorm parameters, biases and depthwise convolutions, and a per-iteration linear (or cosine)
+  reproduce the paper's optimization recipe: SGD with Nesterov momentum (or AdamW, the usual
+  vision transformer recipe), no weight decay on normalization parameters, biases, depthwise
+  convolutions, class tokens and position embeddings, and a per-iteration linear (or cosine)
   learning-rate decay after an optional linear warmup.
 
 Nothing here holds global state: the sampler owns its ``torch.Generator`` and the width of a model
@@ -51,7 +52,9 @@ from .state import get_state, is_slimmable, keep_width_and_mode, set_width
 
 __all__ = [
     "DISTILL",
+    "DECAYED_WEIGHTS",
     "LABELS",
+    "OPTIMIZERS",
     "SCHEDULES",
     "TEACHER",
     "TEACHER_INPLACE",
@@ -605,31 +608,55 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
 
 # -- optimizer -----------------------------------------------------------------------------------
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Split the parameters into a weight-decayed and a non-decayed group (the paper's recipe).
+def _conv_weights(module: nn.Module) -> list[str]:
+    depthwise = module.groups > 1 and module.groups == module.in_channels  # type: ignore[attr-defined]
+    return [] if depthwise else ["weight"]
 
-    Weight decay applies only to the weights of convolutions and linear layers. BatchNorm (and any
-    other normalization) parameters, all biases, the weights of depthwise convolutions
-    (``groups == in_channels > 1``) and any other parameter get none. Every parameter of the
-    model (shared ones once) is in exactly one group.
+
+# The packed (or separate q/k/v) input projection is the attention module's own parameter; its
+# output projection is a Linear child, decayed as such.
+_ATTENTION_PROJECTIONS = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
+
+DECAYED_WEIGHTS: dict[type[nn.Module], Callable[[nn.Module], Iterable[str]]] = {
+    nn.modules.conv._ConvNd: _conv_weights,
+    nn.Linear: lambda module: ["weight"],
+    nn.MultiheadAttention: lambda module: _ATTENTION_PROJECTIONS,
+}
+"""Names of the weight-decayed parameters a module holds directly, by module type: the entry of
+the most derived registered class in the module's MRO applies, so subclasses (the slimmable
+layers) inherit their base's. Register a module type holding matrix weights of its own here;
+every parameter no entry names (normalization parameters, biases, class tokens, position
+embeddings, layer scales) gets no weight decay."""
+
+
+def _decayed(module: nn.Module) -> list[nn.Parameter]:
+    for cls in type(module).__mro__:
+        if cls in DECAYED_WEIGHTS:
+            # _parameters, not getattr: a slimmable module may show a slice of the parameter.
+            found = (module._parameters.get(name) for name in DECAYED_WEIGHTS[cls](module))
+            return [p for p in found if p is not None]
+    return []
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Split the parameters into a weight-decayed and a non-decayed group (the paper's recipe,
+    also the usual vision transformer one).
+
+    Weight decay applies only to the matrix weights of convolutions, linear layers and attention
+    input projections (:data:`DECAYED_WEIGHTS`). Normalization parameters (BatchNorm, LayerNorm,
+    GroupNorm), all biases, the weights of depthwise convolutions (``groups == in_channels >
+    1``) and every parameter a module holds directly (a class token, a position embedding, a
+    layer scale) get none. Every parameter of the model (shared ones once) is in exactly one
+    group.
 
     Returns:
         ``[{"params": decayed, "weight_decay": weight_decay},
-        {"params": not_decayed, "weight_decay": 0.0}]``, ready for ``torch.optim.SGD``.
+        {"params": not_decayed, "weight_decay": 0.0}]``, ready for ``torch.optim.SGD`` or
+        ``torch.optim.AdamW``.
     """
     if not weight_decay >= 0:
         raise UsnetValueError(f"weight_decay must be >= 0, got {weight_decay}")
-    decayed_ids: set[int] = set()
-    for module in model.modules():
-        weight = getattr(module, "weight", None)
-        if not isinstance(weight, nn.Parameter):
-            continue
-        if isinstance(module, nn.modules.conv._ConvNd):
-            depthwise = module.groups > 1 and module.groups == module.in_channels
-            if not depthwise:
-                decayed_ids.add(id(weight))
-        elif isinstance(module, nn.Linear):
-            decayed_ids.add(id(weight))
+    decayed_ids = {id(p) for module in model.modules() for p in _decayed(module)}
     decay: list[nn.Parameter] = []
     no_decay: list[nn.Parameter] = []
     for p in model.parameters():  # deduplicated, in registration order
@@ -640,19 +667,41 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     ]
 
 
+OPTIMIZERS = ("sgd", "adamw")
+"""Optimizer kinds of :func:`make_optimizer` (and of the run config's ``optimizer`` key)."""
+
+
 def make_optimizer(
     model: nn.Module,
     lr: float,
     momentum: float = 0.9,
     weight_decay: float = 1e-4,
     nesterov: bool = True,
-) -> torch.optim.SGD:
-    """SGD over :func:`param_groups` (the paper: momentum 0.9, Nesterov, weight decay 1e-4)."""
+    *,
+    kind: str = "sgd",
+    betas: tuple[float, float] = (0.9, 0.999),
+) -> torch.optim.Optimizer:
+    """An optimizer over :func:`param_groups` (weight decay on conv/linear weights only).
+
+    * ``kind="sgd"``: SGD with ``momentum`` and ``nesterov`` (the paper: momentum 0.9,
+      Nesterov, weight decay 1e-4).
+    * ``kind="adamw"``: ``torch.optim.AdamW`` with ``betas`` and decoupled weight decay (the
+      usual vision transformer recipe, e.g. lr 1e-3 and weight decay 0.05 at batch 1024);
+      ``momentum`` and ``nesterov`` are not used.
+    """
+    if kind not in OPTIMIZERS:
+        raise UsnetValueError(
+            f"unknown optimizer {kind!r}; valid optimizers: {', '.join(OPTIMIZERS)}"
+        )
+    groups = param_groups(model, weight_decay)
+    if kind == "adamw":
+        betas = tuple(betas)  # type: ignore[assignment]
+        if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+            raise UsnetValueError(f"betas must be (beta1, beta2), each in [0, 1), got {betas}")
+        return torch.optim.AdamW(groups, lr=lr, betas=betas)
     if nesterov and momentum <= 0:
         raise UsnetValueError(f"nesterov momentum needs momentum > 0, got {momentum}")
-    return torch.optim.SGD(
-        param_groups(model, weight_decay), lr=lr, momentum=momentum, nesterov=nesterov
-    )
+    return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov)
 
 
 # -- learning-rate schedule ----------------------------------------------------------------------
