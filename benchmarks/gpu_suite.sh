@@ -44,6 +44,9 @@ want train_bf16 && run train_bf16 120 benchmarks/train_step.py --size gpu --devi
   --widths fixed,random --variants bf16_cl+bench,bf16_cl --random-choices 6 --steps 4 --rounds 3
 want train_fp32 && run train_fp32 100 benchmarks/train_step.py --size gpu --device cuda \
   --widths fixed,random --variants fp32+bench,fp32 --random-choices 6 --steps 4 --rounds 3
+# US-ViT-Small (issue 14), batch 256, 224 px, n=4: bf16 and fp32 with fixed and random widths.
+want train_vit && run train_vit 150 benchmarks/train_step.py --size gpu --device cuda --model vit \
+  --widths fixed,random --variants bf16_cl,fp32 --random-choices 6 --steps 4 --rounds 3
 want calibrate && run calibrate 45 benchmarks/calibrate.py --size gpu --device cuda --rounds 3
 # torch.compile at the small size (US-ConvNet, batch 64, 28 px): the 224 px graphs take minutes
 # to build on each side.

@@ -10,6 +10,7 @@ over seeds) and the US-Net's whole spectrum::
     python benchmarks/paper_claims.py --quick                            # minutes: a smoke test
     python benchmarks/paper_claims.py --report                           # tables from the raw results
     python benchmarks/paper_claims.py --rows lr_sweep --score-on val     # choose on a validation split
+    python benchmarks/paper_claims.py --config configs/fashion_mnist_vit.yaml --rows us_net,individual
 
 Every run is an ordinary ``usnet train`` in its own directory under ``--out``; finished runs are
 reused and interrupted ones resumed, so the benchmark can be stopped and continued at any time.
@@ -212,7 +213,8 @@ def run_name(name: str, index: int, seed: int) -> str:
 def overrides_for(name: str, index: int, seed: int, args: argparse.Namespace) -> list[str]:
     row = ROWS[name]
     return [*row.runs[index], f"seed={seed}", f"epochs={args.epochs}", f"eval.widths={row.eval_widths}",
-            *(QUICK if args.quick else ()), *(VAL_SPLIT if args.score_on == "val" else ())]  # fmt: skip
+            *(QUICK if args.quick else ()), *(VAL_SPLIT if args.score_on == "val" else ()),
+            *args.set]  # fmt: skip
 
 
 def machine() -> dict:
@@ -224,13 +226,14 @@ def machine() -> dict:
 
 
 def raw_record(suite: str, name: str, index: int, seed: int, overrides: list[str], directory: Path,
-               commit: str, wall_s: float | None, resumed: bool, threads: int) -> dict:  # fmt: skip
+               commit: str, wall_s: float | None, resumed: bool, threads: int,
+               config_path: Path = CONFIG) -> dict:  # fmt: skip
     """The raw result of one finished run (format ``usnet-run/1``, see benchmarks/report.py)."""
     from datetime import datetime, timezone
 
     from usnet.data import datasets_for
 
-    config = load_config(CONFIG, overrides)
+    config = load_config(config_path, overrides)
     spectrum = json.loads((directory / "spectrum.json").read_text())
     points = spectrum["rows"] if isinstance(spectrum, dict) else spectrum
     scored = datasets_for(config)[2]
@@ -247,9 +250,11 @@ def raw_record(suite: str, name: str, index: int, seed: int, overrides: list[str
 
 
 def git_commit() -> str:
-    """The checkout's commit (``-dirty`` with uncommitted changes), recorded with every run."""
-    return subprocess.run(["git", "describe", "--always", "--dirty"], cwd=ROOT, capture_output=True,
-                          text=True).stdout.strip()  # fmt: skip
+    """The checkout's commit (``-dirty`` with uncommitted changes), recorded with every run;
+    ``$USNET_COMMIT`` where the tree is a copy without git history (a lent GPU machine)."""
+    found = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=ROOT,
+                           capture_output=True, text=True).stdout.strip()  # fmt: skip
+    return found or os.environ.get("USNET_COMMIT", "?")
 
 
 def run_usnet_train(
@@ -283,17 +288,18 @@ def train(out: Path, name: str, index: int, seed: int, args: argparse.Namespace)
     raw_file = args.results / f"{run_name(name, index, seed)}.json"
     overrides = overrides_for(name, index, seed, args)
     if result_file.exists():
-        check_trained_as(directory, load_config(CONFIG, overrides).to_dict(), name)
+        check_trained_as(directory, load_config(args.config, overrides).to_dict(), name)
         result = json.loads(result_file.read_text())
         if not raw_file.exists():
             record = raw_record(out.name, name, index, seed, overrides, directory, result.get("commit", "?"),
-                                result.get("wall_s"), bool(result.get("resumed")), args.threads)  # fmt: skip
+                                result.get("wall_s"), bool(result.get("resumed")), args.threads,
+                                args.config)  # fmt: skip
             write_json(raw_file, record)
         return result
     commit = git_commit()
-    wall_s, resumed = run_usnet_train(CONFIG, directory, overrides, args.threads)
+    wall_s, resumed = run_usnet_train(args.config, directory, overrides, args.threads)
     record = raw_record(out.name, name, index, seed, overrides, directory, commit, wall_s,
-                        resumed, args.threads)  # fmt: skip
+                        resumed, args.threads, args.config)  # fmt: skip
     write_json(raw_file, record)
     result = {"name": name, "index": index, "seed": seed, "overrides": overrides, "commit": commit,
               "wall_s": wall_s, "resumed": resumed,
@@ -346,7 +352,7 @@ def calibration_claim(out: Path, args: argparse.Namespace) -> list[dict]:
         return json.loads(result_file.read_text())
     torch.set_num_threads(args.threads)
     model = usnet.load(run_dir(out, CALIBRATION_ROW, 0, 0) / "model.pt")
-    config = load_config(CONFIG, QUICK if args.quick else ())
+    config = load_config(args.config, QUICK if args.quick else ())
     d = config.data
     augmented, calib_set, test_set, _ = build_datasets(d.name, d.root, limit_train=d.limit_train,
                                                        limit_test=d.limit_test, augment=True)  # fmt: skip
@@ -372,6 +378,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rows", default="headline",
                         help=f"comma-separated rows or groups ({', '.join(GROUPS)}, all); rows: {', '.join(ROWS)}")  # fmt: skip
     parser.add_argument("--seeds", default="0", help="comma-separated seeds, e.g. 0,1,2")
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=CONFIG,
+        help="the run config every row starts from (default: the main job's; "
+        "configs/fashion_mnist_vit.yaml: the US-ViT against ViTs trained alone)",
+    )
+    parser.add_argument(
+        "--set",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="overrides for every run, after the row's (e.g. device=cuda)",
+    )
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--quick", action="store_true", help="6000 training images (a smoke test)")
     parser.add_argument("--jobs", type=int, default=1, help="runs at once")
@@ -392,9 +412,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     args.threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
-    suffix = (
-        f"{'-quick' if args.quick else ''}-E{args.epochs}{'-val' if args.score_on == 'val' else ''}"
-    )
+    args.config = args.config.resolve()
+    suffix = (f"{'' if args.config == CONFIG else '-' + args.config.stem}"
+              f"{'-quick' if args.quick else ''}-E{args.epochs}"
+              f"{'-val' if args.score_on == 'val' else ''}")  # fmt: skip
     out = (args.out or ROOT / "runs" / f"paper_claims{suffix}").resolve()
     args.results = (args.results or RESULTS / out.name).resolve()
     if not args.report:

@@ -223,7 +223,12 @@ def render(directory: Path, spec) -> str:
     if unknown:
         parts.append("Rows in the results that paper_claims.py no longer defines: "
                      + ", ".join(f"`{n}`" for n in unknown))  # fmt: skip
+    empty = [g for g, names in spec.GROUPS.items() if not any(n in data for n in names)]
+    if empty:
+        parts.append("Groups without results in this suite: " + ", ".join(f"`{g}`" for g in empty))
     for group, names in spec.GROUPS.items():
+        if group in empty:
+            continue
         group_widths = [width_key(w) for w in spec.CLAIM_WIDTHS] if group == "claims" else widths
         parts.append(f"### {spec.GROUP_TITLES.get(group, group)}")
         parts.append(results_table(data, names, titles, group_widths))
@@ -259,7 +264,8 @@ def plot(directory: Path, path: Path, epochs: int | None = None) -> bool:
     if points("n4"):
         others["US-Net with n=4 (the paper's)"] = points("n4")
     epochs = epochs or next(r["epochs"] for r in runs if r["row"] == "us_net")
-    title = f"us_convnet on Fashion-MNIST, {epochs} epochs, seed {seed}"
+    model = next(r["config"]["model"] for r in runs if r["row"] == "us_net")
+    title = f"{model} on Fashion-MNIST, {epochs} epochs, seed {seed}"
     atomic_write_bytes(path, plot_spectrum(points("us_net"), title, others))
     return True
 
