@@ -251,10 +251,13 @@ def raw_record(suite: str, name: str, index: int, seed: int, overrides: list[str
 
 def git_commit() -> str:
     """The checkout's commit (``-dirty`` with uncommitted changes), recorded with every run;
-    ``$USNET_COMMIT`` where the tree is a copy without git history (a lent GPU machine)."""
+    ``$USNET_COMMIT`` when set (a lent GPU machine's copy of the tree, whose git metadata, if
+    any, is not this checkout's)."""
+    if os.environ.get("USNET_COMMIT"):  # the copy's own git metadata may be stale
+        return os.environ["USNET_COMMIT"]
     found = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=ROOT,
                            capture_output=True, text=True).stdout.strip()  # fmt: skip
-    return found or os.environ.get("USNET_COMMIT", "?")
+    return found or "?"
 
 
 def run_usnet_train(
