@@ -27,7 +27,7 @@ MUST_CONVERT = {
     *(f"efficientnet_b{i}" for i in range(8)), "efficientnet_v2_s",
     "densenet121", "googlenet", "inception_v3", "squeezenet1_0", "squeezenet1_1",
     "convnext_tiny", "convnext_small", "fcn_resnet50", "deeplabv3_mobilenet_v3_large",
-    "lraspp_mobilenet_v3_large",
+    "lraspp_mobilenet_v3_large", "vit_b_16", "vit_b_32",
 }  # fmt: skip
 
 

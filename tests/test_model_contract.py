@@ -28,8 +28,9 @@ def test_builds_with_its_architecture_record(calibrated):
     name, model = calibrated
     record = usnet.models.architecture(name)
     assert record.name == name and get_state(model).plan.width_range == record.default_width_range
+    image_size = get_state(model).arch["kwargs"].get("image_size")  # the ViTs': 28 px
     assert usnet.models.model_input_size(model) == record.input_size(
-        in_channels=1, small_input=True
+        in_channels=1, small_input=True, image_size=image_size
     )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import math
 import sys
 from collections.abc import Iterable
@@ -10,9 +11,16 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torchvision.models import VisionTransformer
 
 import usnet
-from usnet.layers import SlimmableBatchNorm2d, SlimmableConv2d, SlimmableLinear
+from usnet.layers import (
+    SlimmableBatchNorm2d,
+    SlimmableConv2d,
+    SlimmableLinear,
+    SlimmableMultiheadAttention,
+)
+from usnet.params import SlicedParameters
 
 SMALL = dict(small_input=True, in_channels=1, num_classes=10)
 """Zoo builder arguments for the fast 28 px tests."""
@@ -21,7 +29,11 @@ SLIMMABLE_TYPES = (SlimmableConv2d, SlimmableLinear, SlimmableBatchNorm2d)
 
 
 def zoo_model(name: str, **kwargs) -> nn.Module:
-    """A zoo model for 28 px single-channel images (overridable)."""
+    """A zoo model for 28 px single-channel images (overridable). Builders of models made for
+    one image size (the ViTs' position embeddings) get ``image_size=28``."""
+    builder = getattr(usnet.models.zoo, name, None)
+    if builder is not None and "image_size" in inspect.signature(builder).parameters:
+        kwargs.setdefault("image_size", 28)
     return usnet.models.create_model(name, **{**SMALL, **kwargs})
 
 
@@ -69,6 +81,38 @@ def liven(model: nn.Module, seed: int = 0) -> nn.Module:
     return model
 
 
+@torch.no_grad()
+def liven_vit(model: nn.Module, seed: int = 0) -> nn.Module:
+    """O(1) logits that depend on every part: random Linear weights (torchvision's ViT head
+    starts at zero), LayerNorm affines, class token and position embedding (zero or ~0 at init)."""
+    liven(model, seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    for module in model.modules():
+        if isinstance(module, nn.LayerNorm) and module.elementwise_affine:
+            module.weight.copy_(torch.rand(module.weight.shape, generator=gen) + 0.5)
+            module.bias.copy_(torch.randn(module.bias.shape, generator=gen) * 0.1)
+    for name, param in model.named_parameters():
+        if name.rpartition(".")[2] in ("class_token", "pos_embedding", "cls_token", "pos_embed"):
+            param.copy_(torch.randn(param.shape, generator=gen) * 0.5)
+    return model
+
+
+def tv_vit() -> nn.Module:
+    """torchvision's ViT: 32 px, patch 4, 2 blocks of 64 channels in 4 heads, MLP 128."""
+    model = VisionTransformer(image_size=32, patch_size=4, num_layers=2, num_heads=4,
+                              hidden_dim=64, mlp_dim=128, num_classes=10)  # fmt: skip
+    return liven_vit(model).eval()
+
+
+def timm_vit() -> nn.Module:
+    """timm's vit_tiny (192 channels in 3 heads of 64, MLP 768) with 2 blocks on 32 px."""
+    import timm  # a test dependency, imported only where a test needs it
+
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32,
+                              patch_size=4, depth=2, num_classes=10)  # fmt: skip
+    return liven_vit(model).eval()
+
+
 def slimmable_modules(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if isinstance(m, SLIMMABLE_TYPES)]
 
@@ -86,9 +130,25 @@ def active_out(layer: nn.Module) -> int:
         return layer.active_out_channels
     if isinstance(layer, SlimmableLinear):
         return layer.active_out_features
-    if isinstance(layer, SlimmableBatchNorm2d):
+    if isinstance(layer, SlimmableMultiheadAttention):
+        return layer.active_embed
+    if isinstance(layer, SlicedParameters):  # class token, position embedding: their channels
+        active = layer.__dict__["usnet_active"]
+        if active is not None:
+            return active.count
+        name, dim = next(iter(layer.__dict__["usnet_sliced"].items()))
+        return layer.get_parameter(name).shape[dim]
+    if hasattr(layer, "active_features"):  # BatchNorm, LayerNorm, GroupNorm
         return layer.active_features
     raise TypeError(type(layer).__name__)
+
+
+def active_in(layer: nn.Module) -> int:
+    if isinstance(layer, SlimmableConv2d):
+        return layer.active_in_channels
+    if isinstance(layer, SlimmableMultiheadAttention):
+        return layer.active_embed
+    return layer.active_in_features
 
 
 def check_bindings(model: nn.Module) -> None:
@@ -101,12 +161,7 @@ def check_bindings(model: nn.Module) -> None:
         assert active_out(layer) == out, b.layer
         if b.inputs is not None:
             cin = channels[b.inputs[0]] * b.inputs[1]
-            got = (
-                layer.active_in_channels
-                if isinstance(layer, SlimmableConv2d)
-                else layer.active_in_features
-            )
-            assert got == cin, b.layer
+            assert active_in(layer) == cin, b.layer
 
 
 def max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
