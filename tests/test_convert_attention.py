@@ -96,13 +96,9 @@ def test_torchvision_export_loads_strictly_into_a_smaller_vision_transformer(con
     assert len(seen) >= 2  # the random widths cover several head counts
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="descriptive size attributes that the forward code never "
-    "reads (torchvision's mlp_dim and EncoderBlock.num_heads, timm's embed_dim and "
-    "num_features, which reset_classifier uses) keep their full-width values",
-)
 def test_export_descriptive_size_attributes_follow_the_width(converted):
+    """Sizes the forward code never reads (torchvision's mlp_dim and EncoderBlock.num_heads,
+    timm's embed_dim and num_features, which reset_classifier uses) follow the width too."""
     tv = usnet.export(converted["torchvision"][1], 0.5)
     tm = usnet.export(converted["timm"][1], 0.5)
     assert tv.mlp_dim == tv.encoder.layers[0].mlp[0].out_features == 64

@@ -74,15 +74,18 @@ def test_literal_head_count_written_as_minus_one_converts():
 
 
 @pytest.mark.parametrize(
-    "name, op",
-    [("swin_t", "shifted_window_attention"), ("maxvit_t", "einsum")],
+    "name, op, why",
+    [
+        ("swin_t", "shifted_window_attention", "windowed attention (Swin) is not supported"),
+        ("maxvit_t", "einsum", "MaxViT's relative attention"),
+    ],
 )
-def test_windowed_and_multi_axis_attention_are_refused_naming_the_op(name, op):
+def test_windowed_and_multi_axis_attention_are_refused_naming_the_op(name, op, why):
     model = torchvision.models.get_model(name)
     with pytest.raises(usnet.ConversionError) as info:
         usnet.slimmable(model, input_size=(1, 3, 224, 224))
     message = str(info.value)
     assert message.startswith("cannot convert function")
     assert f"{op} at node" in message
-    assert "usnet.register_op" in message  # how to extend the converter
+    assert why in message and "scaled_dot_product_attention" in message  # what would work
     assert not usnet.is_slimmable(model)

@@ -963,11 +963,35 @@ def _aten_slice(a: "GraphAnalysis", node: fx.Node, module: Any = None) -> Channe
 _CHUNKS: set[Any] = {torch.chunk, "chunk"}
 _register_aten()
 
+
+def _refuse_windowed_attention(a: "GraphAnalysis", node: fx.Node, module: Any = None) -> None:
+    if a.channel_inputs(node):
+        a.refuse(
+            node,
+            "windowed attention (Swin) is not supported: its heads, window shifts and relative "
+            "position tables live inside one function over the full channels; plain ViTs "
+            "(nn.MultiheadAttention or a reshape into heads + scaled_dot_product_attention) are",
+        )
+
+
+def _refuse_einsum(a: "GraphAnalysis", node: fx.Node, module: Any = None) -> None:
+    if a.channel_inputs(node):
+        a.refuse(
+            node,
+            f"einsum {node.args[0]!r} over channels is not supported (MaxViT's relative "
+            "attention); write attention as reshape into heads + scaled_dot_product_attention",
+        )
+
+
+register_op(torch.einsum, _refuse_einsum)
+
 # PyTorch-Pruning-style leaves: torchvision's stochastic depth is an fx-wrapped function.
 try:  # pragma: no cover - torchvision is a dependency, but keep the core importable without it
+    from torchvision.models.swin_transformer import shifted_window_attention as _tv_swin
     from torchvision.ops import stochastic_depth as _tv_stochastic_depth
 
     register_op(_tv_stochastic_depth, pass_through)
+    register_op(_tv_swin, _refuse_windowed_attention)
 except ImportError:  # pragma: no cover
     pass
 

@@ -16,6 +16,7 @@ from typing import Any, Union
 import torch
 from torch import nn
 
+from .attributes import size_attributes_of
 from .channels import ChannelPlan, Width, config_key, format_width
 from .errors import UsnetTypeError
 from .layers import ActiveChannels, SlimmableBatchNorm2d, SlimmableLayer
@@ -123,10 +124,14 @@ class SlimmableState:
     _updates: dict[tuple[int, ...], list[_LayerUpdate]] = field(
         default_factory=dict, repr=False, compare=False
     )
+    # (module, rule) of the modules with descriptive size attributes (usnet.attributes); built
+    # with the updates, dropped by copies and pickles like them
+    _size_rules: list | None = field(default=None, repr=False, compare=False)
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
         state["_updates"] = {}
+        state["_size_rules"] = None
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -134,6 +139,7 @@ class SlimmableState:
         self.__dict__.setdefault("_updates", {})  # states pickled before the cache existed
         self.__dict__.setdefault("input_size", None)
         self.__dict__.setdefault("shape_attrs", [])
+        self.__dict__.setdefault("_size_rules", None)
 
     @property
     def width_range(self) -> tuple[float, float]:
@@ -223,6 +229,9 @@ def set_width(model: nn.Module, width: Width) -> nn.Module:
         for parent, name, layer, _ in updates
     ):
         updates = state._updates[config] = _layer_updates(model, state, config)
+        rebuilt = True
+    else:
+        rebuilt = False
     label = _describe(width, config)
     for _, _, layer, _ in updates:
         if getattr(layer, "is_calibrating", False):
@@ -233,6 +242,13 @@ def set_width(model: nn.Module, width: Width) -> nn.Module:
         layer.__dict__.update(attrs)
         if "width_label" in attrs:  # layers that name the width in their errors
             layer.__dict__["width_label"] = label
+    # Descriptive size attributes (usnet.attributes), read from the layers just updated.
+    if state._size_rules is None or rebuilt:
+        state._size_rules = [
+            (m, rule) for m in model.modules() if (rule := size_attributes_of(m)) is not None
+        ]
+    for module, rule in state._size_rules:
+        module.__dict__.update(rule(module))
     state.width = width
     state._applied = config
     return model

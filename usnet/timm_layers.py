@@ -9,7 +9,9 @@ user's code has imported timm, and pickled models find the classes here by name.
 from __future__ import annotations
 
 from timm.layers import LayerNorm as _TimmLayerNorm
+from timm.models.vision_transformer import VisionTransformer as _TimmVisionTransformer
 
+from .attributes import register_size_attributes
 from .convert import layer_norm, register_op
 from .layers import SlimmableLayerNorm, register_slimmable
 
@@ -20,3 +22,16 @@ class SlimmableTimmLayerNorm(SlimmableLayerNorm, _TimmLayerNorm):
 
 register_slimmable(_TimmLayerNorm, SlimmableTimmLayerNorm)
 register_op(_TimmLayerNorm, layer_norm)  # over the last dimension, as nn.LayerNorm
+
+
+def _vision_transformer_sizes(model: _TimmVisionTransformer) -> dict[str, int]:
+    """``embed_dim``, ``num_features``, ``head_hidden_size``: the active embedding (the final
+    norm's features; ``reset_classifier`` builds a new head of that size)."""
+    tokens = model.__dict__.get("usnet_active")  # the class token / position embedding's
+    size = tokens.count if tokens is not None else getattr(model.norm, "active_features", None)
+    if size is None:
+        return {}  # neither is slimmable: the embedding does not slim
+    return {"embed_dim": size, "num_features": size, "head_hidden_size": size}
+
+
+register_size_attributes(_TimmVisionTransformer, _vision_transformer_sizes)
