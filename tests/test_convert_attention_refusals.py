@@ -53,6 +53,58 @@ def test_literal_head_count_is_refused_with_the_fix():
     assert model(torch.zeros(1, 3, 16, 16)).shape == (1, 10)
 
 
+class EmbeddingSizedMerge(nn.Module):
+    """Older timm: the heads merge back to ``C``, the *embedding's* size read from ``x.shape``,
+    which equals the attention's width only at full width when the two slim independently."""
+
+    def __init__(self):
+        super().__init__()
+        self.num_heads, self.head_dim = 4, 16
+        self.qkv = nn.Linear(64, 192)
+        self.proj = nn.Linear(64, 64)
+
+    def forward(self, x):
+        B, N, C = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        x = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, C)
+        return self.proj(x)
+
+
+class HeadDimFromEmbedding(nn.Module):
+    """A head dimension computed from the embedding (``C // self.num_heads``): it would shrink
+    with the width instead of staying fixed."""
+
+    def __init__(self):
+        super().__init__()
+        self.num_heads = 4
+        self.qkv = nn.Linear(64, 192)
+        self.proj = nn.Linear(64, 64)
+
+    def forward(self, x):
+        B, N, C = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        x = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, -1)
+        return self.proj(x)
+
+
+@pytest.mark.parametrize(
+    "attention, pattern",
+    [
+        (EmbeddingSizedMerge, r"size 'getitem_2' along channels is computed at run time.*write -1"),
+        (HeadDimFromEmbedding, r"per-head size .* computed at run time.*self\.head_dim"),
+    ],
+    ids=["merge-to-embedding-size", "head-dim-from-embedding"],
+)
+def test_sizes_computed_from_other_channels_are_refused(attention, pattern):
+    """A run-time size that would not follow the channels it shapes is refused, not trusted."""
+    model = TokenModel(attention())
+    with pytest.raises(usnet.ConversionError, match=pattern):
+        usnet.slimmable(model, input_size=(1, 3, 16, 16))
+    assert not usnet.is_slimmable(model)
+
+
 def test_literal_head_count_written_as_minus_one_converts():
     """The fix the message suggests works: ``-1`` for the head count (the channels follow)."""
 

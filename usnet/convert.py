@@ -657,6 +657,20 @@ def reshape(a: "GraphAnalysis", node: fx.Node, module: Any = None) -> ChannelDim
     return out
 
 
+def _shape_source(size: Any) -> tuple[fx.Node, int] | None:
+    """``(tensor, dim)`` when ``size`` is ``tensor.shape[dim]`` or ``tensor.size(dim)``."""
+    if not isinstance(size, fx.Node):
+        return None
+    if size.op == "call_method" and size.target == "size" and len(size.args) == 2:
+        return size.args[0], int(size.args[1])
+    if size.op == "call_function" and size.target is operator.getitem:
+        shape, index = size.args
+        if (isinstance(shape, fx.Node) and isinstance(index, int) and shape.op == "call_function"
+                and shape.target is getattr and shape.args[1] == "shape"):  # fmt: skip
+            return shape.args[0], index
+    return None
+
+
 def _split_heads(a: "GraphAnalysis", node: fx.Node, dim: ChannelDim, before: tuple,
                  after: tuple, j: int) -> ChannelDim:  # fmt: skip
     """Channels (last) split into ``(pieces..., heads, head_dim)``; see :func:`reshape`."""
@@ -675,6 +689,15 @@ def _split_heads(a: "GraphAnalysis", node: fx.Node, dim: ChannelDim, before: tup
         a.refuse(node, f"reshape {tuple(before)} -> {tuple(after)} cuts across the channels")
     head_dim, heads = after[end - 1], after[end - 2]
     pieces = math.prod(after[j : end - 2])
+    sizes = _reshape_sizes(node)
+    fixed_sizes = sizes[j : end - 2] + sizes[end - 1 : end] if len(sizes) == len(after) else []
+    if any(isinstance(x, fx.Node) for x in fixed_sizes):
+        a.refuse(
+            node,
+            "the per-head size (or the number of pieces) of this split into heads is computed at "
+            "run time, e.g. from the embedding's size: at a narrower width it would change the "
+            "head dimension; write it as a constant or a module attribute (self.head_dim)",
+        )
     segments = a.expand(dim).segments
     if len(segments) == 1 and segments[0][1] == 1:
         a.refine(segments[0][0], pieces, node, factor=head_dim, divisor=1)
@@ -1250,10 +1273,36 @@ class GraphAnalysis:
 
     def follow_size(self, node: fx.Node, position: int, size: Any, dim: ChannelDim) -> None:
         """The size argument ``size`` (the ``position``-th of ``node``'s sizes) is along the
-        channels ``dim``: ``-1`` and sizes computed at run time follow by themselves; a constant
-        must come from a module attribute that ``set_width`` can keep at the active size."""
-        if isinstance(size, int) and not isinstance(size, bool) and size != -1:
-            self.constant_sizes.append((node, position, dim))
+        channels ``dim``: ``-1`` follows by itself; a constant must come from a module attribute
+        that ``set_width`` can keep at the active size (recorded here, found by ``analyze``); a
+        size computed at run time must be the size of a tensor with these very channels
+        (``x.shape[-1]`` of a tensor of the same groups), else it would not follow them."""
+        if isinstance(size, int) and not isinstance(size, bool):
+            if size != -1:
+                self.constant_sizes.append((node, position, dim))
+            return
+        source = _shape_source(size)
+        if source is not None:
+            tensor, axis = source
+            other = self.value(tensor)
+            shape = self.shape(tensor)
+            if (isinstance(other, ChannelDim) and shape is not None
+                    and other.axis == axis % len(shape) and self._same(other, dim)):  # fmt: skip
+                return
+        name = size.name if isinstance(size, fx.Node) else repr(size)
+        self.refuse(
+            node,
+            f"its size {name!r} along channels is computed at run time from something that does "
+            "not have these channels (e.g. the embedding's size used for the attention's width), "
+            "so it would not follow them at a narrower width; write -1 there or read it from a "
+            "module attribute (self.attn_dim), which usnet keeps at the active size",
+        )
+
+    def _same(self, a: ChannelDim, b: ChannelDim) -> bool:
+        a, b = self.expand(a), self.expand(b)
+        return [(self.find(e), f) for e, f in a.segments] == [
+            (self.find(e), f) for e, f in b.segments
+        ]
 
     def bind_parameter(self, node: fx.Node, target: str, axis: int, dim: ChannelDim) -> None:
         """A parameter read in the forward code whose dimension ``axis`` follows ``dim``."""
