@@ -1010,11 +1010,12 @@ register_op(torch.einsum, _refuse_einsum)
 
 # PyTorch-Pruning-style leaves: torchvision's stochastic depth is an fx-wrapped function.
 try:  # pragma: no cover - torchvision is a dependency, but keep the core importable without it
-    from torchvision.models.swin_transformer import shifted_window_attention as _tv_swin
+    from torchvision.models import swin_transformer as _tv_swin
     from torchvision.ops import stochastic_depth as _tv_stochastic_depth
 
     register_op(_tv_stochastic_depth, pass_through)
-    register_op(_tv_swin, _refuse_windowed_attention)
+    register_op(_tv_swin.shifted_window_attention, _refuse_windowed_attention)
+    register_op(_tv_swin._get_relative_position_bias, _refuse_windowed_attention)  # Swin V2
 except ImportError:  # pragma: no cover
     pass
 
