@@ -360,3 +360,33 @@ def test_hand_written_attention_is_recognized_from_the_graph(fused):
     usnet.set_width(model, 1.0)
     with torch.no_grad():
         assert torch.equal(model(x), plain(x))
+
+
+def test_narrow_attention_equals_a_hand_sliced_multihead_attention():
+    """Independent of ``to_plain``: at 32 of 64 channels (2 of 4 heads of 16) the slimmable
+    attention equals an ``nn.MultiheadAttention(32, 2)`` holding the first 32 rows of each of
+    q, k and v (the first two heads of each), the first 32 input columns, and the first 32 rows
+    and columns of the output projection, sliced here by hand."""
+    torch.manual_seed(0)
+    full = nn.MultiheadAttention(64, 4, batch_first=True)
+    for p in full.parameters():
+        nn.init.normal_(p, std=0.2)
+    reference = nn.MultiheadAttention(32, 2, batch_first=True)
+    w, b = full.in_proj_weight.detach(), full.in_proj_bias.detach()
+    rows = [*range(0, 32), *range(64, 96), *range(128, 160)]
+    with torch.no_grad():
+        reference.in_proj_weight.copy_(w[rows][:, :32])
+        reference.in_proj_bias.copy_(b[rows])
+        reference.out_proj.weight.copy_(full.out_proj.weight[:32, :32])
+        reference.out_proj.bias.copy_(full.out_proj.bias[:32])
+    slim = usnet.layers.make_slimmable_(copy.deepcopy(full))
+    active = usnet.layers.ActiveChannels(32)
+    slim.__dict__.update(slim.active_attrs(active, active, None))
+    x = torch.randn(2, 5, 32)
+    got, _ = slim(x, x, x, need_weights=False)
+    expected, _ = reference(x, x, x, need_weights=False)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+    wrong = copy.deepcopy(reference)  # k and v from the query's rows: the shapes stay right
+    with torch.no_grad():
+        wrong.in_proj_weight.copy_(w[[*range(32)] * 3][:, :32])
+    assert (wrong(x, x, x, need_weights=False)[0] - expected).abs().max() > 1e-2

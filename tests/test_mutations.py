@@ -14,6 +14,7 @@ import contextlib
 import pytest
 import test_calibrate
 import test_channels
+import test_convert_attention
 import test_select
 import test_trainer
 import test_training
@@ -22,6 +23,7 @@ from usnet_testing import zoo_model
 
 import usnet.layers
 import usnet.select
+import usnet.state
 import usnet.training
 
 
@@ -91,3 +93,41 @@ def test_unstable_config_id_fails_the_pinned_id(monkeypatch):
     monkeypatch.setattr(test_channels, "config_id",
                         lambda config: f"{hash(('salt', config)) & 0xFFFFFFFFFF:010x}")  # fmt: skip
     fails(test_channels.test_config_and_plan_equality)
+
+
+def _converted_vits() -> dict:
+    return test_convert_attention.converted.__wrapped__()
+
+
+def test_size_attributes_not_kept_fail_the_export_attribute_test(monkeypatch):
+    """``usnet.attributes`` switched off: exports keep full-width mlp_dim / num_heads."""
+    monkeypatch.setattr(usnet.state, "size_attributes_of", lambda module: None)
+    fails(test_convert_attention.test_export_descriptive_size_attributes_follow_the_width,
+          _converted_vits())  # fmt: skip
+
+
+def test_attention_slicing_bug_fails_the_hand_sliced_reference_test(monkeypatch):
+    """``SlimmableMultiheadAttention`` taking k and v from the query's rows: every shape stays
+    right (and the export copies the same bug), so only an independent reference catches it."""
+    monkeypatch.setattr(usnet.layers.SlimmableMultiheadAttention, "active_parameters",
+                        lambda self: _first_heads_of_the_wrong_rows(self))  # fmt: skip
+    fails(test_convert_attention.test_narrow_attention_equals_a_hand_sliced_multihead_attention)
+
+
+def _first_heads_of_the_wrong_rows(mha) -> dict:
+    """q, k and v all from the query rows (a slicing bug that keeps every shape right)."""
+    e, index = mha.active_embed, mha.active_index
+    rows = torch.cat([torch.arange(e)] * 3)
+    take = usnet.layers.take
+    return {
+        "in_proj_weight": take(mha.in_proj_weight.index_select(0, rows), 1, e, index),
+        "in_proj_bias": None
+        if mha.in_proj_bias is None
+        else mha.in_proj_bias.index_select(0, rows),
+        "out_proj.weight": take(mha.out_proj.weight[:, :e], 0, e, index),
+        "out_proj.bias": None
+        if mha.out_proj.bias is None
+        else take(mha.out_proj.bias, 0, e, index),
+        "bias_k": None,
+        "bias_v": None,
+    }
