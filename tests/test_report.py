@@ -146,7 +146,7 @@ def test_paper_claims_writes_a_raw_result_for_a_finished_run(tmp_path):
     from usnet.config import load_config
     from usnet.trainer import FINAL
 
-    args = argparse.Namespace(epochs=4, quick=True, score_on="val", threads=1,
+    args = argparse.Namespace(epochs=4, quick=True, score_on="val", threads=1, set=[], config=paper_claims.CONFIG,
                               results=tmp_path / "results" / "paper_claims-quick-E4-val")  # fmt: skip
     out = tmp_path / "runs" / "paper_claims-quick-E4-val"
     overrides = paper_claims.overrides_for("us_net", 0, 0, args)
