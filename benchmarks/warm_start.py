@@ -46,7 +46,7 @@ SCRATCH_CONFIG = ROOT / "configs" / "fashion_mnist.yaml"
 FINETUNE_CONFIG = ROOT / "configs" / "fashion_mnist_finetune.yaml"
 RESULTS = ROOT / "benchmarks" / "results" / "warm_start"
 WIDTHS = (0.25, 0.5, 0.75, 1.0)
-IMPORTANCES = ("none", "l1", "bn", "taylor", "activation")
+IMPORTANCES = ("none", "l1", "bn", "taylor", "activation", "reconstruction")
 EVAL = "eval.widths=0.25,0.5,0.75,1.0"
 QUICK = ("data.limit_train=2048", "data.limit_test=1000", "calib.num_images=256",
          "eval.epoch_calib_images=256", "eval.every_epoch=false")  # fmt: skip
@@ -84,8 +84,24 @@ def plain(args: argparse.Namespace, seed: int) -> dict:
     """(a) The network alone at width 1.0."""
     overrides = [*common(args, seed), "mode=individual", "width=1.0", "width_range=[1.0,1.0]",
                  f"epochs={args.epochs}"]  # fmt: skip
-    return train("plain", seed, SCRATCH_CONFIG, overrides, args.out / "plain" / f"seed{seed}",
-                 args.results / f"plain-seed{seed}.json", args)  # fmt: skip
+    result_file = args.results / f"plain-seed{seed}.json"
+    recorded = _load(result_file)
+    if recorded and not plain_model(args, seed).exists():
+        # (b) and (c) need the model itself: train it again (a seeded CPU run is deterministic)
+        # and say whether it is the model the recorded rows came from.
+        result_file = result_file.with_suffix(".retrain.json")
+    result = train("plain", seed, SCRATCH_CONFIG, overrides, args.out / "plain" / f"seed{seed}",
+                   result_file, args)  # fmt: skip
+    if recorded and result_file.name.endswith(".retrain.json"):
+        same = result["top1"] == recorded["top1"]
+        print(f"plain seed {seed} trained again: top-1 {result['top1']} "
+              f"{'equals' if same else 'DIFFERS from'} the recorded {recorded['top1']}", flush=True)  # fmt: skip
+        result_file.unlink()
+        if not same:
+            raise SystemExit(f"plain seed {seed}: the retrained model is not the recorded one; "
+                             f"remove {args.results} rows of seed {seed} and run again")  # fmt: skip
+        return recorded
+    return result
 
 
 def plain_model(args: argparse.Namespace, seed: int) -> Path:
@@ -199,6 +215,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--importances", default=",".join(IMPORTANCES), help="step (b)'s importances"
     )
+    parser.add_argument("--finetune-reorder", default=None,
+                        help="step (c)'s importance (default: the best of (b) over --seeds)")  # fmt: skip
     parser.add_argument(
         "--quick", action="store_true", help="2048 training images, 1 epoch: a smoke test"
     )
@@ -232,6 +250,8 @@ def main(argv: list[str] | None = None) -> int:
     if not steps <= {"a", "b", "c", "d"}:
         parser.error(f"--steps takes a, b, c, d; got {args.steps!r}")
     importances = [i.strip() for i in args.importances.split(",")]
+    if args.finetune_reorder not in (None, *IMPORTANCES[1:]):
+        parser.error(f"--finetune-reorder takes {', '.join(IMPORTANCES[1:])}")
     if not set(importances) <= set(IMPORTANCES):
         parser.error(f"--importances takes {', '.join(IMPORTANCES)}")
 
@@ -248,8 +268,8 @@ def main(argv: list[str] | None = None) -> int:
                 for importance in importances:
                     show(zero_shot(args, seed, importance))
         if "c" in steps:
-            best = best_importance(args, seeds)
-            print(f"best importance of (b): {best}", flush=True)
+            best = args.finetune_reorder or best_importance(args, seeds)
+            print(f"(c) reorders by: {best}", flush=True)
             for seed in seeds:
                 for reorder in ("none", best):
                     for teacher in ("none", "init"):

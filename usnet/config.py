@@ -59,8 +59,9 @@ class InitConfig:
     """Start from a trained model (``usnet.warm_start``) instead of random weights."""
 
     checkpoint: str | None = None  # a usnet checkpoint, or a plain state_dict file of the model
-    reorder: Literal["none", "l1", "bn", "taylor", "activation"] = "none"  # usnet.reorder_channels
-    num_images: int = 512  # training images scored by reorder=taylor|activation
+    # usnet.reorder_channels
+    reorder: Literal["none", "l1", "bn", "taylor", "activation", "reconstruction"] = "none"
+    num_images: int = 512  # training images scored by reorder=taylor|activation|reconstruction
 
 
 @dataclass

@@ -20,6 +20,13 @@ Importances (``importance=``):
   2019, "Importance Estimation for Neural Network Pruning"). Needs ``data`` with labels.
 * ``"activation"``: mean |activation| of the channel at the inputs of the layers that see it
   (as Minitron's activation importance and OFA's channel sorting). Needs ``data``.
+* ``"reconstruction"``: a joint order, not a per-channel score: each next channel is the one
+  whose addition best preserves the consuming conv/linear layers' outputs, as the mean over
+  their outputs of ``corr(output from the prefix, full output)^2``, computed exactly from the
+  covariance of the layers' (unfolded) inputs on ``data`` (a greedy prefix reconstruction, in
+  the spirit of ThiNet, Luo et al. 2017; correlation because the BatchNorm after a layer
+  re-normalizes its output at every width). Needs ``data``. Groups without such a consumer use
+  ``bn``. The order every prefix is judged by is the one a slimmable network runs.
 
 Per-layer scores are divided by their mean before they are summed over the layers of a group,
 so that a wide-fan-in layer does not outvote the others. Layers with block structure (non-
@@ -59,8 +66,9 @@ from .state import Channels, SlimmableState, _layer_updates, get_state, segments
 
 logger = logging.getLogger(__name__)
 
-Importance = Literal["l1", "bn", "taylor", "activation"]
-IMPORTANCES: tuple[str, ...] = ("l1", "bn", "taylor", "activation")
+Importance = Literal["l1", "bn", "taylor", "activation", "reconstruction"]
+IMPORTANCES: tuple[str, ...] = ("l1", "bn", "taylor", "activation", "reconstruction")
+NEEDS_DATA: tuple[str, ...] = ("taylor", "activation", "reconstruction")
 
 
 class ReorderError(UsnetValueError):
@@ -360,6 +368,169 @@ def _activation_scores(model: nn.Module, sites: list[_Site], sizes: Mapping[str,
     return scores
 
 
+class _InputCovariance:
+    """Running mean and second moment of a conv/linear layer's inputs as the layer sees them:
+    unfolded ``(in_channels * kernel)`` patches of a conv, feature vectors of a linear layer."""
+
+    ROWS = 16384  # rows per update: bounds the unfolded copy of a conv's input
+
+    def __init__(self, layer: nn.Module) -> None:
+        self.layer = layer
+        self.count = 0
+        self.sum: Tensor | None = None
+        self.outer: Tensor | None = None
+
+    def __call__(self, module: nn.Module, args: tuple) -> None:
+        x = args[0].detach()
+        if isinstance(self.layer, SlimmableLinear):
+            self._add(x.reshape(-1, x.shape[-1]))
+            return
+        per_image = max(1, self.ROWS // max(1, x[0, 0].numel()))
+        for chunk in x.split(per_image):
+            self._add(_patches(chunk, self.layer))
+
+    def _add(self, rows: Tensor) -> None:
+        self.count += rows.shape[0]
+        total = rows.sum(0, dtype=torch.float64)
+        outer = (rows.T @ rows).double()  # float64 sums: the covariance subtracts large terms
+        self.sum = total if self.sum is None else self.sum + total
+        self.outer = outer if self.outer is None else self.outer + outer
+
+    def covariance(self) -> Tensor:
+        mean = self.sum / self.count
+        return self.outer / self.count - torch.outer(mean, mean)
+
+
+def _patches(x: Tensor, conv: nn.Conv2d) -> Tensor:
+    """``(N * L, C * kh * kw)`` input patches of a 2-d conv, ordered as
+    ``weight.reshape(out, -1)`` (zero padding: the statistics need not be exact at the border)."""
+    padding = conv.padding
+    if isinstance(padding, str):  # "valid" / "same"
+        pad = []
+        for k, d in zip(reversed(conv.kernel_size), reversed(conv.dilation)):
+            total = d * (k - 1) if padding == "same" else 0
+            pad += [total // 2, total - total // 2]
+        x, padding = F.pad(x, pad), 0
+    cols = F.unfold(x, conv.kernel_size, conv.dilation, padding, conv.stride)
+    return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+
+
+def _reconstructs(site: _Site) -> bool:
+    """Consumers whose outputs the ``reconstruction`` order preserves: dense 2-d convs (every
+    output sees every input channel) and linear layers."""
+    layer = site.layer
+    if site.side != "in":
+        return False
+    if isinstance(layer, SlimmableLinear):
+        return True
+    return (
+        isinstance(layer, _SlimmableConvNd) and isinstance(layer, nn.Conv2d) and layer.groups == 1
+    )
+
+
+def _greedy_prefix_order(terms: list[tuple[Tensor, Tensor]], size: int) -> Tensor:
+    """Greedy order of ``size`` channels maximizing, per step, the mean over the consumers (and
+    over each consumer's outputs) of ``corr(z_prefix, z)^2``.
+
+    Each term is ``(weight, covariance)`` of one consumer restricted to the group: ``weight``
+    ``(out, size, P)`` and ``covariance`` ``(size, P, size, P)`` of the ``P`` input entries of
+    each channel (kernel positions, flattened positions). With ``z_o = sum_c w_oc . x_c``:
+    ``cov(z_S, z_o) = sum_{c in S} U[c, o]`` and ``var(z_S) = sum_{c, d in S} w_oc S_cd w_od``,
+    updated one channel at a time (``cross``: each candidate's covariance with the prefix).
+    Cost ``size^2 * P^2 * out`` per consumer."""
+    terms_state = []
+    for w, cov in terms:
+        out, _, p = w.shape
+        flat = cov.reshape(size * p, size * p)
+        t = (flat @ w.reshape(out, -1).T).reshape(size, p, out)  # cov(x_c, z_o)
+        w_cpo = w.permute(1, 2, 0).contiguous()  # (size, P, out)
+        u = (w_cpo * t).sum(1)  # (size, out): cov(z_c, z_o), z_c channel c's part of z_o
+        channels = torch.arange(size)
+        blocks = cov[channels, :, channels, :]  # (size, P, P): each channel's own covariance
+        diag = torch.einsum("cpo,cpq,cqo->co", w_cpo, blocks, w_cpo)  # var(z_c)
+        # in units of var(z_o), so that corr^2 = (cov / var)^2 / (var(z_S) / var) needs no var
+        # later; float32 from here: sums of positive terms, no cancellation left
+        scale = u.sum(0).clamp_min(1e-30).rsqrt()  # 1 / std(z_o)
+        u, diag = (u * scale**2).float(), (diag * scale**2).float()
+        w_cpo, cov = (w_cpo * scale).float(), cov.permute(2, 0, 1, 3).float().contiguous()
+        zeros = torch.zeros(out)
+        terms_state.append([w_cpo, cov, u, diag, zeros, zeros, torch.zeros_like(u)])
+    # a channel that adds nothing to any output (zero weights or a constant input) would tie
+    # with the prefix as it is and could come before channels that matter: it goes last
+    silent = sum(term[3].sum(1) for term in terms_state) <= 0
+    chosen = torch.zeros(size, dtype=torch.bool)
+    order = []
+    for _ in range(size):
+        score = torch.zeros(size)
+        for w_cpo, cov, u, diag, a, b, cross in terms_state:
+            den = (b + 2 * cross + diag).clamp_min(1e-30)
+            score += ((a + u).square_() / den).mean(1)
+        score[silent] = -0.5
+        score[chosen] = -1
+        c = int(torch.argmax(score))
+        order.append(c)
+        chosen[c] = True
+        for item in terms_state:
+            w_cpo, cov, u, diag, a, b, cross = item
+            item[4] = a + u[c]
+            item[5] = b + 2 * cross[c] + diag[c]
+            # each candidate's part's covariance with channel c's part, per output
+            item[6] = cross + (w_cpo * (cov[c] @ w_cpo[c])).sum(1)
+    return torch.tensor(order)
+
+
+MAX_OUTPUTS = 256
+"""``reconstruction`` averages over at most this many outputs of a consumer (evenly spaced):
+the greedy order costs ``size^2 * outputs`` per consumer."""
+
+
+def _reconstruction_scores(model: nn.Module, sites: list[_Site], sizes: Mapping[str, int],
+                           data: Iterable, num_images: int | None, device: torch.device
+                           ) -> dict[str, Tensor]:  # fmt: skip
+    consumers = [s for s in sites if _reconstructs(s)]
+    stats = [_InputCovariance(s.layer) for s in consumers]
+    handles = [s.layer.register_forward_pre_hook(c) for s, c in zip(consumers, stats)]
+    batches = 0
+    try:
+        with torch.no_grad():
+            for images, _ in _batches(data, num_images):
+                model(images.to(device))
+                batches += 1
+    finally:
+        for h in handles:
+            h.remove()
+    if not batches:
+        raise UsnetValueError("importance='reconstruction' got no batches from data")
+    terms: dict[str, list[tuple[Tensor, Tensor]]] = {}
+    for site, stat in zip(consumers, stats):
+        if stat.count == 0:
+            continue
+        cov = stat.covariance()
+        weight = site.layer.weight.detach().double()
+        weight = weight.reshape(weight.shape[0], -1)
+        linear = isinstance(site.layer, SlimmableLinear)
+        kernel = 1 if linear else weight.shape[1] // site.layer.in_channels
+        for group, factor, offset in site.spans:
+            size = sizes[group]
+            p = factor * kernel
+            idx = slice(offset * kernel, (offset + size * factor) * kernel)
+            w = weight[:, idx].reshape(-1, size, p)
+            c = cov[idx, idx].reshape(size, p, size, p)
+            terms.setdefault(group, []).append((w, c))
+    scores = {}
+    for group, group_terms in terms.items():
+        subsets = []
+        for w, c in group_terms:
+            if w.shape[0] > MAX_OUTPUTS:  # the mean over outputs, estimated on a subset
+                w = w[torch.linspace(0, w.shape[0] - 1, MAX_OUTPUTS).long()]
+            subsets.append((w, c))
+        order = _greedy_prefix_order(subsets, sizes[group])
+        score = torch.empty(sizes[group])
+        score[order] = torch.arange(sizes[group], 0, -1, dtype=score.dtype)  # first = highest
+        scores[group] = score
+    return scores
+
+
 # --- permutations --------------------------------------------------------------------------------
 def _block_sizes(sites: list[_Site], state: SlimmableState) -> dict[str, int]:
     """Per group, the block size its permutation must keep channels within (gcd over layers)."""
@@ -435,8 +606,10 @@ def reorder_channels(model: nn.Module, importance: Importance = "l1", data: Iter
     important first, in every layer that holds them; the full-width function is unchanged.
 
     Args:
-        importance: ``"l1"``, ``"bn"``, ``"taylor"`` or ``"activation"`` (module docstring).
-        data: batches for ``"taylor"`` (``(images, labels)``) and ``"activation"``: a
+        importance: ``"l1"``, ``"bn"``, ``"taylor"``, ``"activation"`` or ``"reconstruction"``
+            (module docstring).
+        data: batches for ``"taylor"`` (``(images, labels)``), ``"activation"`` and
+            ``"reconstruction"``: a
             ``DataLoader`` or a list of batches, run at full width with dropout off and
             BatchNorm on batch statistics (a converted model need not be calibrated yet).
         num_images: the most images of ``data`` used (None: all).
@@ -450,7 +623,7 @@ def reorder_channels(model: nn.Module, importance: Importance = "l1", data: Iter
     """
     if importance not in IMPORTANCES:
         raise UsnetValueError(f"unknown importance {importance!r}; valid: {', '.join(IMPORTANCES)}")
-    if importance in ("taylor", "activation") and data is None:
+    if importance in NEEDS_DATA and data is None:
         raise UsnetValueError(
             f"importance={importance!r} needs data= (a loader or a list of batches)"
         )
@@ -469,6 +642,9 @@ def reorder_channels(model: nn.Module, importance: Importance = "l1", data: Iter
             scores = _taylor_scores(model, sites, sizes, data, num_images, device)
         elif importance == "activation":
             scores = _activation_scores(model, sites, sizes, data, num_images, device)
+        elif importance == "reconstruction":
+            scores = _magnitude_scores(sites, sizes, "scale")  # groups without a consumer
+            scores.update(_reconstruction_scores(model, sites, sizes, data, num_images, device))
         elif importance == "bn":
             scores = _magnitude_scores(sites, sizes, "scale")
         else:

@@ -132,7 +132,7 @@ def teacher_probs(teacher: nn.Module, images: Tensor, temperature: float,
 
 def reorder_batches(dataset: Dataset, num_images: int, batch_size: int, seed: int) -> DataLoader:
     """A seeded random sample of ``num_images`` training images, for the data-driven
-    importances (``taylor``, ``activation``)."""
+    importances (``taylor``, ``activation``, ``reconstruction``)."""
     gen = torch.Generator().manual_seed(seed)
     index = torch.randperm(len(dataset), generator=gen)[: min(num_images, len(dataset))].tolist()
     return DataLoader(Subset(dataset, index), batch_size=batch_size)
