@@ -77,6 +77,7 @@ def train(name: str, seed: int, config: Path, overrides: list[str], directory: P
 
 def common(args: argparse.Namespace, seed: int) -> list[str]:
     limit = [f"data.limit_train={args.limit_train}"] if args.limit_train else []
+    limit += [f"data.limit_test={args.limit_test}"] if args.limit_test else []
     return [f"model={args.model}", f"seed={seed}", EVAL, *(QUICK if args.quick else ()), *limit]
 
 
@@ -226,6 +227,10 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="train on the first N images only (a short run; the tag says so)",
     )
+    parser.add_argument("--limit-test", type=int, default=None,
+                        help="evaluate on the first N test images only (the tag says so)")  # fmt: skip
+    parser.add_argument("--teachers", default="none,init",
+                        help="step (c)'s teacher settings (comma-separated of none, init)")  # fmt: skip
     parser.add_argument(
         "--threads", type=int, default=0, help="threads per run (default: all cores)"
     )
@@ -241,7 +246,8 @@ def main(argv: list[str] | None = None) -> int:
     args.threads = args.threads or max(1, os.cpu_count() or 1)
     args.epochs = args.epochs or (1 if args.quick else 4)
     tag = (f"{args.model}{'-quick' if args.quick else ''}"
-           f"{f'-N{args.limit_train}' if args.limit_train else ''}-E{args.epochs}")  # fmt: skip
+           f"{f'-N{args.limit_train}' if args.limit_train else ''}"
+           f"{f'-T{args.limit_test}' if args.limit_test else ''}-E{args.epochs}")  # fmt: skip
     args.out = (args.out or ROOT / "runs" / f"warm_start-{tag}").resolve()
     args.results = (args.results or RESULTS / tag).resolve()
     args.results.mkdir(parents=True, exist_ok=True)
@@ -250,6 +256,9 @@ def main(argv: list[str] | None = None) -> int:
     if not steps <= {"a", "b", "c", "d"}:
         parser.error(f"--steps takes a, b, c, d; got {args.steps!r}")
     importances = [i.strip() for i in args.importances.split(",")]
+    teachers = [t.strip() for t in args.teachers.split(",")]
+    if not set(teachers) <= {"none", "init"}:
+        parser.error(f"--teachers takes none, init; got {args.teachers!r}")
     if args.finetune_reorder not in (None, *IMPORTANCES[1:]):
         parser.error(f"--finetune-reorder takes {', '.join(IMPORTANCES[1:])}")
     if not set(importances) <= set(IMPORTANCES):
@@ -272,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"(c) reorders by: {best}", flush=True)
             for seed in seeds:
                 for reorder in ("none", best):
-                    for teacher in ("none", "init"):
+                    for teacher in teachers:
                         show(finetune(args, seed, reorder, teacher))
         if "d" in steps:
             for seed in seeds:
