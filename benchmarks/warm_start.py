@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 
 from paper_claims import git_commit, run_usnet_train
-from report import cell  # mean ± sd [seeds in the cell], as in every benchmark table
+from report import cell, comparison_table, width_key  # the tables' rules, as in paper_claims
 
 from usnet.config import load_config
 from usnet.files import atomic_write_bytes
@@ -180,12 +180,43 @@ def _load(path: Path) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def report(results: Path) -> str:
-    files = sorted(results.glob("*-seed*.json"))
+def _by_name(results: Path) -> dict[str, list[dict]]:
     by_name: dict[str, list[dict]] = {}
-    for path in files:
+    for path in sorted(results.glob("*-seed*.json")):
         data = json.loads(path.read_text())
         by_name.setdefault(data["name"], []).append(data)
+    return by_name
+
+
+def _test_images(result: dict) -> int:
+    if "test_images" in result:
+        return int(result["test_images"])
+    limits = [
+        o.split("=", 1)[1] for o in result.get("overrides", []) if o.startswith("data.limit_test=")
+    ]
+    return int(limits[-1]) if limits else 10000
+
+
+def comparisons(by_name: dict[str, list[dict]]) -> list[tuple[str, str, tuple[float, ...]]]:
+    """(row, reference, widths): each importance against the trained order before training;
+    each fine-tune against the from-scratch US-Net and against no reordering / no teacher."""
+    below = tuple(w for w in WIDTHS if w < 1.0)  # width 1.0 is the same network in (b)
+    pairs = [(f"zero_shot-{i}", "zero_shot-none", below) for i in IMPORTANCES[1:]]
+    finetunes = sorted(n for n in by_name if n.startswith("finetune-"))
+    pairs += [(n, "scratch", WIDTHS) for n in finetunes]
+    for name in finetunes:
+        _, reorder, teacher = name.split("-")
+        if reorder != "none":
+            pairs.append((name, f"finetune-none-{teacher}", WIDTHS))
+        if teacher != "none":
+            pairs.append((name, f"finetune-{reorder}-none", WIDTHS))
+    return [(a, b, w) for a, b, w in pairs if a in by_name and b in by_name]
+
+
+def report(results: Path) -> str:
+    """The table of every row (mean ± sd [seeds in the cell]) and the paired differences over
+    seeds with their standard errors and verdicts (``benchmarks/report.py``'s rule)."""
+    by_name = _by_name(results)
     order = (["plain"] + [f"zero_shot-{i}" for i in IMPORTANCES]
              + sorted(n for n in by_name if n.startswith("finetune-")) + ["scratch"])  # fmt: skip
     head = "| row | seeds | " + " | ".join(f"{w:.2f}" for w in WIDTHS) + " | wall s | teacher s |"
@@ -194,12 +225,71 @@ def report(results: Path) -> str:
     for name in order:
         rows = by_name.get(name)
         if not rows:
+            lines.append(f"| {name} | missing | " + " | ".join("-" for _ in WIDTHS) + " | - | - |")
             continue
         cells = [cell([r["top1"][f"{w:g}"] for r in rows if f"{w:g}" in r["top1"]]) for w in WIDTHS]
         wall = cell([r["wall_s"] for r in rows])
         teacher = cell([r["teacher_s"] for r in rows if r.get("teacher_s")])
-        lines.append(f"| {name} | {len(rows)} | " + " | ".join(cells) + f" | {wall} | {teacher} |")
+        seeds = f"{len(rows)} ({','.join(str(r['seed']) for r in sorted(rows, key=lambda r: r['seed']))})"
+        lines.append(f"| {name} | {seeds} | " + " | ".join(cells) + f" | {wall} | {teacher} |")
+    pairs = comparisons(by_name)
+    if pairs:
+        data = {
+            name: {int(r["seed"]): dict(r["top1"]) for r in rows} for name, rows in by_name.items()
+        }
+        images = min(_test_images(r) for rows in by_name.values() for r in rows)
+        lines += [
+            "",
+            f"Paired differences over seeds (top-1 points; binomial SE on {images} test images):",
+            "",
+        ]
+        tables = [
+            comparison_table(data, [(a, b)], [width_key(w) for w in widths], images)
+            for a, b, widths in pairs
+        ]
+        lines.append(tables[0])
+        lines += [t.split("\n", 2)[2] for t in tables[1:]]  # one table: drop repeated headers
     return "\n".join(lines)
+
+
+def plot(results: Path, path: Path) -> None:
+    """Top-1 against width: (b) every importance before training; (c) the fine-tunes against
+    (d) the from-scratch US-Net. Mean over seeds, bars = seed-to-seed sd."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import io
+
+    import matplotlib.pyplot as plt
+
+    by_name = _by_name(results)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    panels = ((left, [f"zero_shot-{i}" for i in IMPORTANCES], "(b) converted, no training"),
+              (right, sorted(n for n in by_name if n.startswith("finetune-")) + ["scratch"],
+               "(c) 1-epoch fine-tune vs (d) 4-epoch scratch"))  # fmt: skip
+    for axis, names, title in panels:
+        for name in names:
+            rows = by_name.get(name)
+            if not rows:
+                continue
+            xs, means, sds = [], [], []
+            for w in WIDTHS:
+                values = [r["top1"][f"{w:g}"] for r in rows if f"{w:g}" in r["top1"]]
+                if values:
+                    xs.append(w)
+                    means.append(statistics.mean(values))
+                    sds.append(statistics.stdev(values) if len(values) > 1 else 0.0)
+            label = f"{name.removeprefix('zero_shot-')} [{len(rows)} seeds]"
+            axis.errorbar(xs, means, yerr=sds, marker="o", capsize=3, label=label)
+        axis.set(title=title, xlabel="width", ylabel="top-1 %", xticks=list(WIDTHS))
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=8)
+    fig.suptitle(f"warm start: {results.name}")
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    plt.close(fig)
+    atomic_write_bytes(path, buffer.getvalue())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -242,6 +332,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--report", action="store_true", help="only print the tables of finished results"
     )
+    parser.add_argument("--plot", type=Path, default=None, help="also draw the spectra here (PNG)")
     args = parser.parse_args(argv)
     args.threads = args.threads or max(1, os.cpu_count() or 1)
     args.epochs = args.epochs or (1 if args.quick else 4)
@@ -289,6 +380,9 @@ def main(argv: list[str] | None = None) -> int:
     text = report(args.results)
     atomic_write_bytes(args.results / "report.md", (text + "\n").encode())
     print(text)
+    if args.plot is not None:
+        plot(args.results, args.plot)
+        print(f"\nPlot: {args.plot}")
     return 0
 
 
