@@ -156,3 +156,26 @@ def test_reconstruction_needs_data():
         reorder_channels(zoo_model("us_convnet"), "reconstruction")
     with pytest.raises(usnet.UsnetError, match="no batches"):
         reorder_channels(zoo_model("us_convnet"), "reconstruction", data=[])
+
+
+def test_consumers_over_the_input_limit_are_left_out(monkeypatch):
+    """With every consumer over the limit the group falls back to BN scale (no covariance of
+    their inputs is kept)."""
+    import usnet.reorder as reorder
+
+    torch.manual_seed(0)
+    model = usnet.slimmable(_TwoConsumers(), (0.25, 1.0), input_size=(1, 2, 6, 6), divisor=1)
+    scale = torch.tensor([0.1, 0.9, 0.3, 0.7, 0.5, 0.2, 0.8, 0.4])
+    with torch.no_grad():
+        model.bn.weight.copy_(scale)
+    monkeypatch.setattr(reorder, "MAX_INPUTS", 8)  # the fc reads 32 inputs, the conv 72
+    kept = []
+    monkeypatch.setattr(
+        reorder, "_InputCovariance", lambda layer: kept.append(layer) or _InputCovariance(layer)
+    )
+    perms = reorder_channels(
+        model, "reconstruction", data=[torch.randn(4, 2, 6, 6)], log=lambda s: None
+    )
+    assert kept == [model.head]  # the stem reads the fixed input group, the head 6 inputs
+    group = get_state(model).bindings[0].outputs[0]
+    assert perms[group].tolist() == torch.argsort(-scale).tolist()

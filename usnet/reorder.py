@@ -25,8 +25,8 @@ Importances (``importance=``):
   their outputs of ``corr(output from the prefix, full output)^2``, computed exactly from the
   covariance of the layers' (unfolded) inputs on ``data`` (a greedy prefix reconstruction, in
   the spirit of ThiNet, Luo et al. 2017; correlation because the BatchNorm after a layer
-  re-normalizes its output at every width). Needs ``data``. Groups without such a consumer use
-  ``bn``. The order every prefix is judged by is the one a slimmable network runs.
+  re-normalizes its output at every width). Needs ``data``. Groups without such a consumer
+  (or only ones with over :data:`MAX_INPUTS` inputs) use ``bn``.
 
 Per-layer scores are divided by their mean before they are summed over the layers of a group,
 so that a wide-fan-in layer does not outvote the others. Layers with block structure (non-
@@ -484,10 +484,16 @@ MAX_OUTPUTS = 256
 the greedy order costs ``size^2 * outputs`` per consumer."""
 
 
+MAX_INPUTS = 4608
+"""Consumers with more (unfolded) inputs than this (a 3x3 conv on 512 channels) are left out of
+``reconstruction``: their input covariance would take ``inputs^2`` doubles (170 MB here)."""
+
+
 def _reconstruction_scores(model: nn.Module, sites: list[_Site], sizes: Mapping[str, int],
-                           data: Iterable, num_images: int | None, device: torch.device
-                           ) -> dict[str, Tensor]:  # fmt: skip
-    consumers = [s for s in sites if _reconstructs(s)]
+                           movable: set[str], data: Iterable, num_images: int | None,
+                           device: torch.device) -> dict[str, Tensor]:  # fmt: skip
+    consumers = [s for s in sites if _reconstructs(s) and any(g in movable for g, _, _ in s.spans)
+                 and s.layer.weight[0].numel() <= MAX_INPUTS]  # fmt: skip
     stats = [_InputCovariance(s.layer) for s in consumers]
     handles = [s.layer.register_forward_pre_hook(c) for s, c in zip(consumers, stats)]
     batches = 0
@@ -511,6 +517,8 @@ def _reconstruction_scores(model: nn.Module, sites: list[_Site], sizes: Mapping[
         linear = isinstance(site.layer, SlimmableLinear)
         kernel = 1 if linear else weight.shape[1] // site.layer.in_channels
         for group, factor, offset in site.spans:
+            if group not in movable:
+                continue
             size = sizes[group]
             p = factor * kernel
             idx = slice(offset * kernel, (offset + size * factor) * kernel)
@@ -644,7 +652,10 @@ def reorder_channels(model: nn.Module, importance: Importance = "l1", data: Iter
             scores = _activation_scores(model, sites, sizes, data, num_images, device)
         elif importance == "reconstruction":
             scores = _magnitude_scores(sites, sizes, "scale")  # groups without a consumer
-            scores.update(_reconstruction_scores(model, sites, sizes, data, num_images, device))
+            movable = {name for name, g in plan.groups.items() if not g.fixed}
+            scores.update(
+                _reconstruction_scores(model, sites, sizes, movable, data, num_images, device)
+            )
         elif importance == "bn":
             scores = _magnitude_scores(sites, sizes, "scale")
         else:
