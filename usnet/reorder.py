@@ -328,6 +328,23 @@ def _taylor_scores(model: nn.Module, sites: list[_Site], sizes: Mapping[str, int
     return scores
 
 
+def _run_hooked(model: nn.Module, hooks: list[tuple[nn.Module, Callable]], data: Iterable,
+                num_images: int | None, device: torch.device, importance: str) -> None:  # fmt: skip
+    """Run ``data`` through ``model`` (no grad) with forward pre-hooks on the given layers."""
+    handles = [layer.register_forward_pre_hook(hook) for layer, hook in hooks]
+    batches = 0
+    try:
+        with torch.no_grad():
+            for images, _ in _batches(data, num_images):
+                model(images.to(device))
+                batches += 1
+    finally:
+        for h in handles:
+            h.remove()
+    if not batches:
+        raise UsnetValueError(f"importance={importance!r} got no batches from data")
+
+
 def _activation_scores(model: nn.Module, sites: list[_Site], sizes: Mapping[str, int], data: Iterable,
                        num_images: int | None, device: torch.device) -> dict[str, Tensor]:  # fmt: skip
     watched = [s for s in sites if s.layout.input_dim is not None
@@ -342,21 +359,8 @@ def _activation_scores(model: nn.Module, sites: list[_Site], sizes: Mapping[str,
 
         return record
 
-    handles = [
-        s.layer.register_forward_pre_hook(hook(i, s.layout.input_dim))
-        for i, s in enumerate(watched)
-    ]
-    batches = 0
-    try:
-        with torch.no_grad():
-            for images, _ in _batches(data, num_images):
-                model(images.to(device))
-                batches += 1
-    finally:
-        for h in handles:
-            h.remove()
-    if not batches:
-        raise UsnetValueError("importance='activation' got no batches from data")
+    hooks = [(s.layer, hook(i, s.layout.input_dim)) for i, s in enumerate(watched)]
+    _run_hooked(model, hooks, data, num_images, device, "activation")
     scores: dict[str, Tensor] = {}
     for i, site in enumerate(watched):
         if i not in sums:
@@ -495,18 +499,8 @@ def _reconstruction_scores(model: nn.Module, sites: list[_Site], sizes: Mapping[
     consumers = [s for s in sites if _reconstructs(s) and any(g in movable for g, _, _ in s.spans)
                  and s.layer.weight[0].numel() <= MAX_INPUTS]  # fmt: skip
     stats = [_InputCovariance(s.layer) for s in consumers]
-    handles = [s.layer.register_forward_pre_hook(c) for s, c in zip(consumers, stats)]
-    batches = 0
-    try:
-        with torch.no_grad():
-            for images, _ in _batches(data, num_images):
-                model(images.to(device))
-                batches += 1
-    finally:
-        for h in handles:
-            h.remove()
-    if not batches:
-        raise UsnetValueError("importance='reconstruction' got no batches from data")
+    hooks = [(s.layer, stat) for s, stat in zip(consumers, stats)]
+    _run_hooked(model, hooks, data, num_images, device, "reconstruction")
     terms: dict[str, list[tuple[Tensor, Tensor]]] = {}
     for site, stat in zip(consumers, stats):
         if stat.count == 0:
