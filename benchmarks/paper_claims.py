@@ -196,7 +196,7 @@ COMPARISONS = {
 }
 CLAIM_WIDTHS = (0.05, 0.15, 0.25, 0.35, 0.5, 0.75, 1.0)
 SPECTRUM_ROWS = ("us_net", "n4")
-CALIBRATION_ROW = "n4"  # claim (d) was measured on the n=4 US-Net, the default at the time
+CALIBRATION_ROW = "us_net"  # claim (d) is measured on the default recipe's seed-0 US-Net
 QUICK = ("data.limit_train=6000", "data.limit_test=2000", "calib.num_images=256",
          "eval.epoch_calib_images=256", "eval.every_epoch=false")  # fmt: skip
 
@@ -343,7 +343,8 @@ def check_trained_as(directory: Path, expected: dict, name: str) -> None:
 
 
 def calibration_claim(out: Path, args: argparse.Namespace) -> list[dict]:
-    """Claim (d): top-1 of a seed-0 US-Net recalibrated from samples of 128 to 8192 images."""
+    """Claim (d): top-1 of the seed-0 ``CALIBRATION_ROW`` US-Net recalibrated from samples of 128
+    to 8192 images. Each record names the run it recalibrated."""
     import torch
 
     import usnet
@@ -354,7 +355,11 @@ def calibration_claim(out: Path, args: argparse.Namespace) -> list[dict]:
     if result_file.exists():
         return json.loads(result_file.read_text())
     torch.set_num_threads(args.threads)
-    model = usnet.load(run_dir(out, CALIBRATION_ROW, 0, 0) / "model.pt")
+    model_file = run_dir(out, CALIBRATION_ROW, 0, 0) / "model.pt"
+    if not model_file.exists():
+        raise FileNotFoundError(f"claim (d) recalibrates {model_file}: train it first "
+                                f"(--rows {CALIBRATION_ROW} --seeds 0)")  # fmt: skip
+    model, commit = usnet.load(model_file), git_commit()
     config = load_config(args.config, QUICK if args.quick else ())
     d = config.data
     augmented, calib_set, test_set, _ = build_datasets(d.name, d.root, limit_train=d.limit_train,
@@ -368,7 +373,8 @@ def calibration_claim(out: Path, args: argparse.Namespace) -> list[dict]:
                 usnet.calibrate(model, dataset, WIDTHS, num_images=size, seed=100 + sample_seed,
                                 batch_size=128, progress=False)  # fmt: skip
                 top1 = [100 * t1 for t1, _ in evaluate(model, loader, WIDTHS, torch.device("cpu"))]
-                results.append({"source": source, "images": size, "seed": sample_seed,
+                results.append({"row": CALIBRATION_ROW, "model_seed": 0, "commit": commit,
+                                "source": source, "images": size, "seed": sample_seed,
                                 "top1": dict(zip(map("{:g}".format, WIDTHS), top1))})  # fmt: skip
                 print(f"calibration {source}, {size} images, seed {sample_seed}: "
                       + " / ".join(f"{t:.2f}" for t in top1), flush=True)  # fmt: skip

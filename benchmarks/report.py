@@ -193,7 +193,10 @@ def spectrum_lines(runs: Iterable[Mapping], names: Sequence[str]) -> list[str]:
 
 
 def calibration_table(results: Sequence[Mapping], widths: Sequence[str], row: str) -> str:
-    lines = [f"### (d) Calibration sample (seed-0 `{row}` US-Net, top-1 %, mean ± sd over samples [samples])",
+    """Claim (d)'s table. ``row`` names the recalibrated run where the records do not (files
+    written before they named it)."""
+    row = ", ".join(f"`{r}`" for r in dict.fromkeys(r.get("row", row) for r in results))
+    lines = [f"### (d) Calibration sample (seed-0 {row} US-Net, top-1 %, mean ± sd over samples [samples])",
              "| source | images | " + " | ".join(f"{float(w):.2f}" for w in widths) + " |",
              "|---|---|" + "---|" * len(widths)]  # fmt: skip
     for source, size in dict.fromkeys((r["source"], r["images"]) for r in results):

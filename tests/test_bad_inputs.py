@@ -369,8 +369,9 @@ def test_eval_scores_on_the_test_set_also_for_a_run_with_a_validation_split(tmp_
 
 
 def test_a_run_continued_in_steps_holds_the_lock_again(tmp_path):
-    config = load_config(FASHION, ["epochs=2", "data.limit_train=128", "batch_size=64",
-                                   "eval.every_epoch=false", "calib.num_images=64"])  # fmt: skip
+    config = load_config(FASHION, ["epochs=2", "data.limit_train=128", "data.limit_test=128",
+                                   "batch_size=64", "eval.every_epoch=false", "eval.widths=0.25,1.0",
+                                   "calib.num_images=64"])  # fmt: skip
     trainer = Trainer(config, tmp_path / "r", **QUIET)
     assert trainer.run(max_epochs=1) is None and not trainer.lock.held
     held = []

@@ -75,10 +75,16 @@ def test_cells_count_their_seeds_and_missing_rows_are_listed(suite):
         for name in dict.fromkeys(names):
             assert f"(`{name}`) |" in text, (group, name)
     assert (
-        "### (d) Calibration sample" in text
+        "### (d) Calibration sample (seed-0 `us_net` US-Net" in text
         and "| eval transforms | 128 | 90.50 ± 0.71 [2]" in text
     )
     assert "10000 images" in text and "commits abc1234" in text
+
+
+def test_calibration_table_names_the_run_its_records_recalibrated(suite):
+    records = json.loads((suite / "calibration.json").read_text())
+    (suite / "calibration.json").write_text(json.dumps([{**r, "row": "n4"} for r in records]))
+    assert "(seed-0 `n4` US-Net" in report.render(suite, paper_claims)
 
 
 def test_paired_differences_standard_errors_and_words(suite):
