@@ -173,7 +173,7 @@ COMPARISONS = {
         ("n4", "individual"),
         ("us_net", "no_distill_n5"),
         ("n4", "no_distill"),
-        ("n4", "n2"),
+        ("us_net", "n2"),  # n2 is the default recipe with n=2
     ],
     "recipe": [
         ("us_net", "n4"),

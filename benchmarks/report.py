@@ -245,7 +245,7 @@ def render(directory: Path, spec) -> str:
 
 
 def plot(directory: Path, path: Path, epochs: int | None = None) -> bool:
-    """The US-Net's spectrum of its lowest seed against the individual networks (and n=4), as
+    """The US-Net's spectrum of its lowest seed against the individual networks (and n=4, n=2), as
     the README shows it. False when the suite has no ``us_net`` spectrum."""
     from usnet.files import atomic_write_bytes
     from usnet.reports import plot_spectrum
@@ -266,6 +266,8 @@ def plot(directory: Path, path: Path, epochs: int | None = None) -> bool:
     others = {"trained alone at one width": points("individual")}
     if points("n4"):
         others["US-Net with n=4 (the paper's)"] = points("n4")
+    if points("n2"):
+        others["US-Net with n=2 (the two ends only)"] = points("n2")
     epochs = epochs or next(r["epochs"] for r in runs if r["row"] == "us_net")
     model = next(r["config"]["model"] for r in runs if r["row"] == "us_net")
     title = f"{model} on Fashion-MNIST, {epochs} epochs, seed {seed}"

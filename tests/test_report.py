@@ -16,12 +16,12 @@ paper_claims = load_benchmark("paper_claims")
 
 
 def write_run(directory: Path, row: str, seed: int, top1: dict[float, float], *, index: int = 0,
-              scored_on: str = "test", images: int = 10000) -> None:  # fmt: skip
+              scored_on: str = "test", images: int = 10000, config: dict | None = None) -> None:  # fmt: skip
     """One synthetic raw result: top-1 in percent per width."""
     name = f"{row}-{index}-seed{seed}" if len(top1) == 1 else f"{row}-seed{seed}"
     record = {"format": report.FORMAT, "suite": directory.name, "run": name, "row": row,
               "index": index, "seed": seed, "epochs": 4, "overrides": [f"seed={seed}"],
-              "config": {}, "commit": "abc1234", "scored_on": scored_on, "scored_images": images,
+              "config": config or {"model": "us_convnet"}, "commit": "abc1234", "scored_on": scored_on, "scored_images": images,
               "spectrum": [{"width": w, "config_id": "x", "params": 1, "macs": int(1e6 * w),
                             "top1": t / 100, "top5": 1.0} for w, t in top1.items()],
               "machine": {"cpus": 2}, "threads": 1, "wall_s": 1.0, "resumed": False,
@@ -79,6 +79,36 @@ def test_cells_count_their_seeds_and_missing_rows_are_listed(suite):
         and "| eval transforms | 128 | 90.50 ± 0.71 [2]" in text
     )
     assert "10000 images" in text and "commits abc1234" in text
+
+
+def test_plot_draws_the_lowest_seed_against_the_networks_trained_alone(
+    suite, tmp_path, monkeypatch
+):
+    import usnet.reports
+
+    drawn = {}
+
+    def fake_plot(points, title, others):
+        drawn.update(points=points, title=title, others=others)
+        return b"png"
+
+    monkeypatch.setattr(usnet.reports, "plot_spectrum", fake_plot)
+    assert report.plot(suite, tmp_path / "p.png") and (tmp_path / "p.png").read_bytes() == b"png"
+    assert drawn["title"] == "us_convnet on Fashion-MNIST, 4 epochs, seed 0"
+    assert [p["top1"] for p in drawn["points"]] == [0.90, 0.91, 0.915, 0.92]  # seed 0, not 1 or 2
+    # the one-width runs of seed 0 merged into one curve; n4 drawn, n2 (not run) left out
+    alone = drawn["others"]["trained alone at one width"]
+    assert [(p["width"], p["top1"]) for p in alone] == [(0.25, 0.89), (0.5, 0.9105), (0.75, 0.915),
+                                                         (1.0, 0.90)]  # fmt: skip
+    assert list(drawn["others"]) == ["trained alone at one width", "US-Net with n=4 (the paper's)"]
+    write_run(suite, "n2", 0, {0.25: 90.0, 0.5: 85.0, 1.0: 92.0})
+    report.plot(suite, tmp_path / "p.png")
+    assert [p["top1"] for p in drawn["others"]["US-Net with n=2 (the two ends only)"]] == [
+        0.90,
+        0.85,
+        0.92,
+    ]
+    assert not report.plot(tmp_path / "empty", tmp_path / "q.png")
 
 
 def test_calibration_table_names_the_run_its_records_recalibrated(suite):
