@@ -3,7 +3,7 @@ next to the sandwich step they feed, measured side by side in one run.
 
 *loader*: ``DataLoader`` over Fashion-MNIST, one ``__getitem__`` per image, collated, copied to
 the device (``pin_memory`` on CUDA), ``--workers`` worker processes: what the trainer did before.
-*tensor batches*: :class:`usnet.data.TensorBatches`, the whole training set on the device once,
+*tensor batches*: :class:`usnet.train.data.TensorBatches`, the whole training set on the device once,
 each batch one index operation: what the trainer does now for in-memory datasets without
 augmentation. *step*: one sandwich step (n=5, in-place distillation, SGD) of the main job's
 US-ConvNet on the same batch size. A loader slower than a step leaves the device idle.
@@ -26,8 +26,9 @@ from _common import add_common_args, header, resolve_device, sync, table
 from torch.utils.data import DataLoader, RandomSampler
 
 import usnet
-from usnet.data import FashionMNIST, TensorBatches, as_tensors
-from usnet.training import InplaceDistillationLoss, WidthSampler, make_optimizer, sandwich_step
+from usnet.train.data import FashionMNIST, TensorBatches, as_tensors
+from usnet.train.recipe import make_optimizer
+from usnet.train.sandwich import InplaceDistillationLoss, WidthSampler, sandwich_step
 
 
 def ms_per_batch(batches, device: torch.device, count: int) -> float:

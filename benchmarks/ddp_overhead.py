@@ -37,10 +37,11 @@ import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
 
 from usnet import distributed
-from usnet.config import TrainConfig, load_config
 from usnet.models import create_model
-from usnet.trainer import _NO_BUFFER_SYNC
-from usnet.training import InplaceDistillationLoss, WidthSampler, make_optimizer, sandwich_step
+from usnet.train.config import TrainConfig, load_config
+from usnet.train.recipe import make_optimizer
+from usnet.train.sandwich import InplaceDistillationLoss, WidthSampler, sandwich_step
+from usnet.train.trainer import _NO_BUFFER_SYNC
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "fashion_mnist.yaml"
 

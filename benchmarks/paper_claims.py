@@ -37,8 +37,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from usnet.checkpoint import atomic_write_bytes
-from usnet.config import load_config
+from usnet.files import atomic_write_bytes
+from usnet.train.config import load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "configs" / "fashion_mnist.yaml"
@@ -231,7 +231,7 @@ def raw_record(suite: str, name: str, index: int, seed: int, overrides: list[str
     """The raw result of one finished run (format ``usnet-run/1``, see benchmarks/report.py)."""
     from datetime import datetime, timezone
 
-    from usnet.data import datasets_for
+    from usnet.train.data import datasets_for
 
     config = load_config(config_path, overrides)
     spectrum = json.loads((directory / "spectrum.json").read_text())
@@ -328,8 +328,8 @@ def check_trained_as(directory: Path, expected: dict, name: str) -> None:
     (``eval``) and logged may differ, as may the sandwich settings of an individual network:
     they do not change the trained network."""
     from usnet.checkpoint import read_checkpoint
-    from usnet.config import config_diff, load_run_config
-    from usnet.rundir import FINAL
+    from usnet.train.config import config_diff, load_run_config
+    from usnet.train.rundir import FINAL
 
     trained = load_run_config(read_checkpoint(directory / FINAL)).to_dict()
     ignored = ("eval", "log_every", *(SANDWICH_ONLY if expected["mode"] == "individual" else ()))
@@ -348,8 +348,8 @@ def calibration_claim(out: Path, args: argparse.Namespace) -> list[dict]:
     import torch
 
     import usnet
-    from usnet.data import build_datasets
     from usnet.evaluation import evaluate
+    from usnet.train.data import build_datasets
 
     result_file = args.results / "calibration.json"
     if result_file.exists():

@@ -247,8 +247,8 @@ def render(directory: Path, spec) -> str:
 def plot(directory: Path, path: Path, epochs: int | None = None) -> bool:
     """The US-Net's spectrum of its lowest seed against the individual networks (and n=4, n=2), as
     the README shows it. False when the suite has no ``us_net`` spectrum."""
+    from usnet.deploy.spectrum import plot_spectrum
     from usnet.files import atomic_write_bytes
-    from usnet.reports import plot_spectrum
 
     runs = load_runs(directory)
     seeds = sorted(r["seed"] for r in runs if r["row"] == "us_net")

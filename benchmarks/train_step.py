@@ -1,6 +1,6 @@
 """One sandwich-rule training step against its physical limit, measured side by side in one run.
 
-*slimmable*: :func:`usnet.training.sandwich_step` on a zoo model (n=4 widths, in-place distillation,
+*slimmable*: :func:`usnet.train.sandwich.sandwich_step` on a zoo model (n=4 widths, in-place distillation,
 one SGD step). *limit*: the same widths as separate plain networks of exactly those shapes
 (``usnet.export`` at each width, BatchNorm on batch statistics like the slimmable one), the same
 batch, the same loss (the widest width's detached softmax teaches the others), and **one** SGD
@@ -11,10 +11,10 @@ slimmable / limit is what slimmability costs.
 
 Variants: ``fixed`` widths (the issue's 1.0, 0.35, 0.6, 0.8 for US-MobileNetV2; the range's top,
 bottom and two widths between for other models) or ``random`` widths (a seeded
-:class:`~usnet.training.WidthSampler`; both sides see the same draws); ``fp32`` eager,
+:class:`~usnet.train.sandwich.WidthSampler`; both sides see the same draws); ``fp32`` eager,
 ``bf16_cl`` (bf16 autocast + channels_last), and on CUDA the same with
 ``torch.backends.cudnn.benchmark`` on (``+bench``). Random widths warm every distinct channel
-configuration they will draw first (:func:`usnet.training.warm_up_widths`; the plain networks
+configuration they will draw first (:func:`usnet.train.sandwich.warm_up_widths`; the plain networks
 are warmed too), so the steady state is measured; the warm-up time is printed. Rounds alternate
 the order (slimmable first, then limit first, ...).
 
@@ -50,10 +50,10 @@ from _common import PeakMemory, add_common_args, header, resolve_device, sync, t
 from torch import nn
 
 import usnet
-from usnet.training import (
+from usnet.train.recipe import make_optimizer
+from usnet.train.sandwich import (
     InplaceDistillationLoss,
     WidthSampler,
-    make_optimizer,
     sandwich_step,
     warm_up_widths,
 )

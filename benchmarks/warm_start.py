@@ -38,8 +38,8 @@ from pathlib import Path
 from paper_claims import git_commit, run_usnet_train
 from report import cell, comparison_table, width_key  # the tables' rules, as in paper_claims
 
-from usnet.config import load_config
 from usnet.files import atomic_write_bytes
+from usnet.train.config import load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRATCH_CONFIG = ROOT / "configs" / "fashion_mnist.yaml"
@@ -117,9 +117,9 @@ def zero_shot(args: argparse.Namespace, seed: int, importance: str) -> dict:
     import torch
 
     import usnet
-    from usnet.data import datasets_for
     from usnet.evaluation import evaluate
-    from usnet.warm_start import load_init, reorder_batches
+    from usnet.train.data import datasets_for
+    from usnet.train.warm_start import load_init, reorder_batches
 
     torch.set_num_threads(args.threads)
     config = load_config(

@@ -14,10 +14,10 @@ import torch
 
 import usnet
 from usnet.cli import main
-from usnet.config import ConfigError, load_config
 from usnet.errors import DataError, RunDirectoryError, UsnetError
-from usnet.rundir import LOCK, RunLock
-from usnet.trainer import Trainer
+from usnet.train.config import ConfigError, load_config
+from usnet.train.rundir import LOCK, RunLock
+from usnet.train.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
 FASHION = REPO / "configs" / "fashion_mnist.yaml"
@@ -83,7 +83,7 @@ def test_a_stale_lock_and_temporary_files_of_a_killed_run_are_cleaned_up(tmp_pat
 
 def test_the_lock_is_exclusive_and_released_after_the_run(tmp_path):
     code = (
-        "import sys, time; from usnet.rundir import RunLock\n"
+        "import sys, time; from usnet.train.rundir import RunLock\n"
         "RunLock(sys.argv[1]).acquire(); print('locked', flush=True); time.sleep(60)\n"
     )
     holder = subprocess.Popen(
@@ -172,7 +172,7 @@ def test_outputs_that_cannot_be_written_are_reported_before_any_work(tmp_path, c
 
 def test_a_full_disk_leaves_the_old_file_and_no_temporary(tmp_path, monkeypatch):
     path = tmp_path / "model.pt"
-    usnet.checkpoint.atomic_write_bytes(path, b"the good checkpoint")
+    usnet.files.atomic_write_bytes(path, b"the good checkpoint")
 
     def full(fd):
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -192,10 +192,10 @@ def test_corrupt_gzip_idx_file_is_named(tmp_path):
     with pytest.raises(
         DataError, match=r"train-images-idx3-ubyte.gz' is a truncated or corrupt gzip"
     ):
-        usnet.data.FashionMNIST(tmp_path, train=True)
+        usnet.train.data.FashionMNIST(tmp_path, train=True)
     (tmp_path / "train-images-idx3-ubyte.gz").write_bytes(b"not gzip at all")
     with pytest.raises(DataError, match="truncated or corrupt gzip"):
-        usnet.data.FashionMNIST(tmp_path, train=True)
+        usnet.train.data.FashionMNIST(tmp_path, train=True)
 
 
 def image_folder(root: Path, classes=("a", "b"), per_class: int = 2) -> Path:
@@ -214,13 +214,13 @@ def test_an_image_folder_with_one_class_is_refused(tmp_path):
     with pytest.raises(
         DataError, match=r"holds 1 class subdirectories \[only\]; a classifier needs at least 2"
     ):
-        usnet.data.build_datasets("imagefolder", str(root), image_size=8)
+        usnet.train.data.build_datasets("imagefolder", str(root), image_size=8)
 
 
 def test_a_corrupt_image_is_named(tmp_path):
     root = image_folder(tmp_path)
     (root / "train" / "b" / "1.png").write_bytes(b"\x89PNG truncated")
-    train, _, _, _ = usnet.data.build_datasets("imagefolder", str(root), image_size=8)
+    train, _, _, _ = usnet.train.data.build_datasets("imagefolder", str(root), image_size=8)
     train[0]
     with pytest.raises(DataError, match=r"image '.*train/b/1.png' cannot be read.*does not skip"):
         train[3]
@@ -298,7 +298,7 @@ def test_latency_cache_pointing_at_a_file(tmp_path, capsys):
     message = one_error_line(capsys, main(args))
     assert "is a file, not a directory" in message and "--latency-cache" in message
     with pytest.raises(UsnetError, match="is a file, not a directory"):
-        usnet.select.check_cache_dir(cache)
+        usnet.deploy.select.check_cache_dir(cache)
 
 
 def test_a_wrongly_guessed_input_shape_says_to_pass_input_size():
@@ -339,7 +339,7 @@ def test_select_refuses_a_bad_device_before_profiling(capsys, monkeypatch):
     def no_profiling(*args, **kwargs):
         raise AssertionError("profiled before the device was checked")
 
-    monkeypatch.setattr("usnet.select.profile", no_profiling, raising=False)
+    monkeypatch.setattr("usnet.deploy.select.profile", no_profiling, raising=False)
     monkeypatch.setattr("usnet.cli._load_checkpoint", no_profiling)
     code = main(["select", "us_convnet", "--max-latency-ms", "1", "--device", "tpu"])
     assert "device: invalid value 'tpu'" in one_error_line(capsys, code)

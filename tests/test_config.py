@@ -5,7 +5,13 @@ from pathlib import Path
 
 import pytest
 
-from usnet.config import ConfigError, TrainConfig, config_from_saved, load_config, parse_override
+from usnet.train.config import (
+    ConfigError,
+    TrainConfig,
+    config_from_saved,
+    load_config,
+    parse_override,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 FASHION = REPO / "configs" / "fashion_mnist.yaml"

@@ -18,7 +18,8 @@ from torchvision.models import VisionTransformer
 from usnet_testing import grid, group_of, liven_vit, timm_vit, tv_vit
 
 import usnet
-from usnet.layers import SlimmableLayerNorm, SlimmableMultiheadAttention
+from usnet.nn.attention import SlimmableMultiheadAttention
+from usnet.nn.norm import SlimmableLayerNorm
 from usnet.state import get_state
 
 SIZE = (1, 3, 32, 32)
@@ -379,8 +380,8 @@ def test_narrow_attention_equals_a_hand_sliced_multihead_attention():
         reference.in_proj_bias.copy_(b[rows])
         reference.out_proj.weight.copy_(full.out_proj.weight[:32, :32])
         reference.out_proj.bias.copy_(full.out_proj.bias[:32])
-    slim = usnet.layers.make_slimmable_(copy.deepcopy(full))
-    active = usnet.layers.ActiveChannels(32)
+    slim = usnet.nn.base.make_slimmable_(copy.deepcopy(full))
+    active = usnet.nn.base.ActiveChannels(32)
     slim.__dict__.update(slim.active_attrs(active, active, None))
     x = torch.randn(2, 5, 32)
     got, _ = slim(x, x, x, need_weights=False)

@@ -85,7 +85,7 @@ def test_export_equals_the_slimmable_model(width):
     model = _CONVERTED
     usnet.calibrate(model, [torch.randn(8, 3, 8, 8) for _ in range(2)], [width], num_images=16)
     plain = usnet.export(model, width)
-    assert not any(isinstance(m, usnet.layers.SlimmableLayer) for m in plain.modules())
+    assert not any(isinstance(m, usnet.nn.base.SlimmableLayer) for m in plain.modules())
     x = torch.randn(2, 3, 8, 8)
     with torch.no_grad(), usnet.width(model, width):
         assert torch.allclose(model(x), plain(x), atol=1e-5)

@@ -14,7 +14,7 @@ from torch import nn
 from torchvision.models.convnext import CNBlock, LayerNorm2d
 
 import usnet
-from usnet.layers import SlimmableLayerNorm, SlimmableLayerNorm2d
+from usnet.nn.norm import SlimmableLayerNorm, SlimmableLayerNorm2d
 
 
 class Block(nn.Module):

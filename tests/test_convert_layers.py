@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import usnet
-from usnet.layers import SlimmableLayer
+from usnet.nn.base import SlimmableLayer
 
 
 class Seq1d(nn.Module):

@@ -24,7 +24,7 @@ from usnet_testing import liven, zoo_model
 import usnet
 from usnet.cli import main
 from usnet.evaluation import eval_forward
-from usnet.training import InplaceDistillationLoss, sandwich_step
+from usnet.train.sandwich import InplaceDistillationLoss, sandwich_step
 
 pytestmark = [
     pytest.mark.cuda,
@@ -167,8 +167,8 @@ def test_calibration_on_cuda_equals_the_cpu():
     for w in widths:
         ref = eval_forward(cpu, w, probe)
         assert relative(eval_forward(moved, w, probe.to(CUDA)).cpu(), ref) < 1e-4, w
-    cpu_bns = [m for m in cpu.modules() if isinstance(m, usnet.layers.SlimmableBatchNorm2d)]
-    gpu_bns = [m for m in gpu.modules() if isinstance(m, usnet.layers.SlimmableBatchNorm2d)]
+    cpu_bns = [m for m in cpu.modules() if isinstance(m, usnet.nn.norm.SlimmableBatchNorm2d)]
+    gpu_bns = [m for m in gpu.modules() if isinstance(m, usnet.nn.norm.SlimmableBatchNorm2d)]
     for w in widths[:2]:
         with usnet.width(cpu, w), usnet.width(gpu, w):
             for a, b in zip(cpu_bns, gpu_bns):

@@ -1,4 +1,4 @@
-"""The trainer's in-memory batches (usnet.data.TensorBatches) are the DataLoader's batches."""
+"""The trainer's in-memory batches (usnet.train.data.TensorBatches) are the DataLoader's batches."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
-from usnet.config import load_config
-from usnet.data import FashionMNIST, TensorBatches, as_tensors
-from usnet.trainer import Trainer
+from usnet.train.config import load_config
+from usnet.train.data import FashionMNIST, TensorBatches, as_tensors
+from usnet.train.trainer import Trainer
 
 FASHION = Path(__file__).resolve().parents[1] / "configs" / "fashion_mnist.yaml"
 

@@ -19,7 +19,7 @@ from usnet_testing import liven, max_abs_diff, zoo_model
 
 import usnet
 from usnet.cli import main
-from usnet.deploy import FORMATS, VerificationError, deployable
+from usnet.deploy.artifact import FORMATS, VerificationError, deployable
 
 MODELS = {
     # name: (builder, input size, widths)

@@ -29,10 +29,17 @@ from usnet_testing import liven, tiny_slimmable
 
 import usnet
 from usnet import distributed
-from usnet.config import ConfigError, load_config
-from usnet.layers import SlimmableBatchNorm2d
-from usnet.trainer import _NO_BUFFER_SYNC, CHECKPOINT, FINAL, METRICS, Trainer, saved_run_config
-from usnet.training import InplaceDistillationLoss, sandwich_step
+from usnet.nn.norm import SlimmableBatchNorm2d
+from usnet.train.config import ConfigError, load_config
+from usnet.train.sandwich import InplaceDistillationLoss, sandwich_step
+from usnet.train.trainer import (
+    _NO_BUFFER_SYNC,
+    CHECKPOINT,
+    FINAL,
+    METRICS,
+    Trainer,
+    saved_run_config,
+)
 
 pytestmark = pytest.mark.distributed
 

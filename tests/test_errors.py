@@ -29,7 +29,7 @@ def test_library_errors_are_usnet_errors_and_value_errors():
     with pytest.raises(UsnetError) as info:
         usnet.models.create_model("us_vgg")
     assert isinstance(info.value, ValueError)
-    from usnet.config import ConfigError
+    from usnet.train.config import ConfigError
 
     assert issubclass(ConfigError, UsnetError) and issubclass(ConfigError, ValueError)
     with pytest.raises(UsnetError, match="outside the width range"):

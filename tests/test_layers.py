@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from usnet import SlimmableBatchNorm2d, SlimmableConv2d, SlimmableLinear, UncalibratedWidthError
-from usnet.layers import make_slimmable_
+from usnet.nn.base import make_slimmable_
 
 
 def assert_close(a, b):

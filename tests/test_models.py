@@ -78,10 +78,10 @@ def test_plan_structure(name):
     # the image input and the logits never slim
     assert {g.size for g in fixed} >= {1, 10}
     bound = {b.layer for b in state.bindings}
-    slim = {n for n, m in model.named_modules() if usnet.layers.is_slimmable_layer(m)}
+    slim = {n for n, m in model.named_modules() if usnet.nn.base.is_slimmable_layer(m)}
     assert bound == slim and len(bound) > 10
     # every Conv2d / Linear / BatchNorm2d was converted
-    assert not [n for n, m in model.named_modules() if type(m) in usnet.layers.SLIMMABLE_LAYERS]
+    assert not [n for n, m in model.named_modules() if type(m) in usnet.nn.base.SLIMMABLE_LAYERS]
     # full width is the plain network the model was built from
     assert plan.width_range[1] == 1.0
     assert plan.config(1.0) == tuple(g.size for g in plan.groups.values())

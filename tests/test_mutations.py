@@ -22,11 +22,11 @@ import test_training
 import torch
 from usnet_testing import zoo_model
 
-import usnet.layers
-import usnet.reorder
-import usnet.select
+import usnet.deploy.select
+import usnet.nn.norm
 import usnet.state
-import usnet.training
+import usnet.train.reorder
+import usnet.train.sandwich
 
 
 def fails(test, *args) -> str:
@@ -47,7 +47,7 @@ def test_autocast_ignored_fails_the_bf16_and_fp16_tests(monkeypatch):
 
 
 def test_scaler_ignored_fails_the_grad_scaler_test(monkeypatch):
-    step = usnet.training.sandwich_step
+    step = usnet.train.sandwich.sandwich_step
     monkeypatch.setattr(test_training, "sandwich_step",
                         lambda *args, scaler=None, **kwargs: step(*args, **kwargs))  # fmt: skip
     fails(test_training.test_grad_scaler_scales_the_backward_and_unscales_the_step)
@@ -72,20 +72,20 @@ def test_trainer_ignoring_amp_fails_the_dtype_check(monkeypatch, tmp_path):
 
 
 def test_constant_latency_fails_the_real_latency_test(monkeypatch, tmp_path):
-    monkeypatch.setattr(usnet.select, "measure_latency",
+    monkeypatch.setattr(usnet.deploy.select, "measure_latency",
                         lambda module, input_size, **kwargs: [1.0] * kwargs.get("repeats", 1))  # fmt: skip
     fails(test_select.test_real_latency_measurement_orders_widths_and_chooses_by_it,
           zoo_model("us_convnet"), tmp_path)  # fmt: skip
 
 
 def test_biased_calibration_fails_the_every_layer_check(monkeypatch):
-    stats = usnet.layers._cpu_batch_stats
+    stats = usnet.nn.norm._cpu_batch_stats
 
     def shifted(input):
         out = stats(input)
         return None if out is None else (out[0] + 1e-3, out[1], out[2])
 
-    monkeypatch.setattr(usnet.layers, "_cpu_batch_stats", shifted)
+    monkeypatch.setattr(usnet.nn.norm, "_cpu_batch_stats", shifted)
     fails(
         test_calibrate.test_every_bn_layer_equals_pytorch_cumulative_batchnorm, "us_resnet18", 0.4
     )
@@ -111,7 +111,7 @@ def test_size_attributes_not_kept_fail_the_export_attribute_test(monkeypatch):
 def test_attention_slicing_bug_fails_the_hand_sliced_reference_test(monkeypatch):
     """``SlimmableMultiheadAttention`` taking k and v from the query's rows: every shape stays
     right (and the export copies the same bug), so only an independent reference catches it."""
-    monkeypatch.setattr(usnet.layers.SlimmableMultiheadAttention, "active_parameters",
+    monkeypatch.setattr(usnet.nn.attention.SlimmableMultiheadAttention, "active_parameters",
                         lambda self: _first_heads_of_the_wrong_rows(self))  # fmt: skip
     fails(test_convert_attention.test_narrow_attention_equals_a_hand_sliced_multihead_attention)
 
@@ -120,7 +120,7 @@ def _first_heads_of_the_wrong_rows(mha) -> dict:
     """q, k and v all from the query rows (a slicing bug that keeps every shape right)."""
     e, index = mha.active_embed, mha.active_index
     rows = torch.cat([torch.arange(e)] * 3)
-    take = usnet.layers.take
+    take = usnet.nn.base.take
     return {
         "in_proj_weight": take(mha.in_proj_weight.index_select(0, rows), 1, e, index),
         "in_proj_bias": None
@@ -150,7 +150,7 @@ def _per_channel_order(terms, size):
 
 
 def test_per_channel_scores_fail_the_reconstruction_brute_force_tests(monkeypatch):
-    monkeypatch.setattr(usnet.reorder, "_greedy_prefix_order", _per_channel_order)
+    monkeypatch.setattr(usnet.train.reorder, "_greedy_prefix_order", _per_channel_order)
     monkeypatch.setattr(test_reorder_reconstruction, "_greedy_prefix_order", _per_channel_order)
     fails(test_reorder_reconstruction.test_greedy_order_equals_brute_force_on_a_covariance)
     fails(test_reorder_reconstruction.test_model_order_equals_brute_force_on_the_consumers_outputs)
@@ -159,6 +159,6 @@ def test_per_channel_scores_fail_the_reconstruction_brute_force_tests(monkeypatc
 def test_uncentered_covariance_fails_the_reconstruction_model_test(monkeypatch):
     """The second moment instead of the covariance: ReLU outputs have large means, so the order
     changes (correlation is about centered outputs, as BatchNorm centres them)."""
-    monkeypatch.setattr(usnet.reorder._InputCovariance, "covariance",
+    monkeypatch.setattr(usnet.train.reorder._InputCovariance, "covariance",
                         lambda self: self.outer / self.count)  # fmt: skip
     fails(test_reorder_reconstruction.test_model_order_equals_brute_force_on_the_consumers_outputs)

@@ -16,8 +16,8 @@ from usnet_testing import tiny_slimmable
 
 import usnet
 from usnet.cli import main
-from usnet.config import load_config
-from usnet.trainer import FINAL, NO_CALIBRATION, Trainer
+from usnet.train.config import load_config
+from usnet.train.trainer import FINAL, NO_CALIBRATION, Trainer
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE = (1, 1, 28, 28)
@@ -88,12 +88,12 @@ def test_search_on_a_model_without_batchnorm():
 
 
 def test_train_skips_calibration_and_the_checkpoint_works(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(usnet.trainer, "create_model", lambda name, **kw: layer_norm_net())
+    monkeypatch.setattr(usnet.train.trainer, "create_model", lambda name, **kw: layer_norm_net())
 
     def no_calibration(*args, **kwargs):
         raise AssertionError("usnet train calibrated a model without BatchNorm")
 
-    monkeypatch.setattr(usnet.trainer, "calibrate", no_calibration)
+    monkeypatch.setattr(usnet.train.trainer, "calibrate", no_calibration)
     config = load_config(
         REPO / "configs" / "fashion_mnist.yaml",
         ["epochs=1", "data.limit_train=256", "data.limit_test=200", "batch_size=64",

@@ -8,7 +8,7 @@ import contextlib
 import pytest
 from usnet_testing import load_benchmark
 
-from usnet.config import load_config
+from usnet.train.config import load_config
 
 paper_claims = load_benchmark("paper_claims")
 
@@ -37,7 +37,7 @@ def test_groups_name_rows():
 def test_a_finished_run_trained_otherwise_is_refused(tmp_path):
     """A result is reused only while its row still describes it (by the run's own saved config)."""
     import usnet
-    from usnet.trainer import FINAL
+    from usnet.train.trainer import FINAL
 
     def finished(name: str, overrides: list[str]) -> dict:
         config = load_config(paper_claims.CONFIG, overrides)

@@ -17,12 +17,14 @@ from torch import nn
 from usnet_testing import liven, zoo_model
 
 import usnet
-from usnet.layers import SlimmableBatchNorm2d, SlimmableConv2d, SlimmableLinear
+from usnet.nn.conv import SlimmableConv2d
+from usnet.nn.linear import SlimmableLinear
+from usnet.nn.norm import SlimmableBatchNorm2d
 from usnet.state import get_state
-from usnet.training import (
+from usnet.train.recipe import make_optimizer
+from usnet.train.sandwich import (
     InplaceDistillationLoss,
     WidthSampler,
-    make_optimizer,
     sandwich_step,
     warm_up_widths,
 )
@@ -219,7 +221,7 @@ def test_warm_up_widths_leaves_training_unchanged():
 
 def test_full_width_stats_written_through_data_are_seen():
     """``.data`` writes bump no version counter: a cached "not set" must not outlive them."""
-    from usnet.layers import SlimmableBatchNorm2d, UncalibratedWidthError
+    from usnet.nn.norm import SlimmableBatchNorm2d, UncalibratedWidthError
 
     bn = SlimmableBatchNorm2d(4).eval()
     x = torch.randn(2, 4, 3, 3)
@@ -244,7 +246,7 @@ def _calibrated_stats(model: nn.Module, batches, widths) -> dict[str, torch.Tens
 
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_fast_calibration_statistics_equal_native_kernel(monkeypatch, channels_last):
-    import usnet.layers
+    import usnet.nn.norm
 
     torch.manual_seed(0)
     model = liven(zoo_model("us_mobilenet_v2", num_classes=10))
@@ -253,14 +255,14 @@ def test_fast_calibration_statistics_equal_native_kernel(monkeypatch, channels_l
     batches = [torch.randn(6, 1, 32, 32).contiguous(memory_format=fmt) for _ in range(3)]
     widths = [0.35, 0.6, 1.0]
     calls = []
-    fast = usnet.layers._cpu_batch_stats
+    fast = usnet.nn.norm._cpu_batch_stats
     monkeypatch.setattr(
-        usnet.layers, "_cpu_batch_stats", lambda x: calls.append(fast(x)) or calls[-1]
+        usnet.nn.norm, "_cpu_batch_stats", lambda x: calls.append(fast(x)) or calls[-1]
     )
     fast_stats = _calibrated_stats(model, batches, widths)
     used = sum(c is not None for c in calls)
     assert (used > 0) != channels_last  # NCHW takes the row reductions, channels-last never
-    monkeypatch.setattr(usnet.layers, "_cpu_batch_stats", lambda x: None)
+    monkeypatch.setattr(usnet.nn.norm, "_cpu_batch_stats", lambda x: None)
     native = copy.deepcopy(model)
     native_stats = _calibrated_stats(native, batches, widths)
     assert fast_stats.keys() == native_stats.keys()
@@ -281,7 +283,7 @@ def test_fast_calibration_statistics_equal_native_kernel(monkeypatch, channels_l
 
 
 def test_fast_calibration_statistics_refuse_ill_conditioned_channels():
-    from usnet.layers import _cpu_batch_stats
+    from usnet.nn.norm import _cpu_batch_stats
 
     torch.manual_seed(0)
     x = torch.randn(4, 3, 8, 8, dtype=torch.float64)

@@ -8,7 +8,7 @@ from torch import nn
 
 import usnet
 from usnet.convert import MODULE_OPS, pass_through
-from usnet.layers import SLIMMABLE_LAYERS, ActiveChannels, SlimmableLayer, take
+from usnet.nn.base import SLIMMABLE_LAYERS, ActiveChannels, SlimmableLayer, take
 
 
 class Scale(nn.Module):

@@ -11,8 +11,8 @@ from torch import nn
 from usnet_testing import liven, zoo_model
 
 import usnet
-from usnet.reorder import IMPORTANCES, ReorderError, _sites, reorder_channels
 from usnet.state import get_state
+from usnet.train.reorder import IMPORTANCES, ReorderError, _sites, reorder_channels
 
 
 def _randomized(model: nn.Module, seed: int = 0) -> nn.Module:

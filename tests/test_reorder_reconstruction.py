@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 import usnet
-from usnet.reorder import _greedy_prefix_order, _InputCovariance, _patches, reorder_channels
 from usnet.state import get_state
+from usnet.train.reorder import _greedy_prefix_order, _InputCovariance, _patches, reorder_channels
 
 
 def _brute_force_greedy(consumer_outputs, size: int) -> list[int]:
@@ -161,7 +161,7 @@ def test_reconstruction_needs_data():
 def test_consumers_over_the_input_limit_are_left_out(monkeypatch):
     """With every consumer over the limit the group falls back to BN scale (no covariance of
     their inputs is kept)."""
-    import usnet.reorder as reorder
+    import usnet.train.reorder as reorder
 
     torch.manual_seed(0)
     model = usnet.slimmable(_TwoConsumers(), (0.25, 1.0), input_size=(1, 2, 6, 6), divisor=1)

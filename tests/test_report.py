@@ -84,7 +84,7 @@ def test_cells_count_their_seeds_and_missing_rows_are_listed(suite):
 def test_plot_draws_the_lowest_seed_against_the_networks_trained_alone(
     suite, tmp_path, monkeypatch
 ):
-    import usnet.reports
+    import usnet.deploy.spectrum
 
     drawn = {}
 
@@ -92,7 +92,7 @@ def test_plot_draws_the_lowest_seed_against_the_networks_trained_alone(
         drawn.update(points=points, title=title, others=others)
         return b"png"
 
-    monkeypatch.setattr(usnet.reports, "plot_spectrum", fake_plot)
+    monkeypatch.setattr(usnet.deploy.spectrum, "plot_spectrum", fake_plot)
     assert report.plot(suite, tmp_path / "p.png") and (tmp_path / "p.png").read_bytes() == b"png"
     assert drawn["title"] == "us_convnet on Fashion-MNIST, 4 epochs, seed 0"
     assert [p["top1"] for p in drawn["points"]] == [0.90, 0.91, 0.915, 0.92]  # seed 0, not 1 or 2
@@ -179,8 +179,8 @@ def test_paper_claims_writes_a_raw_result_for_a_finished_run(tmp_path):
     """A finished run directory (checkpoint + spectrum) gets its raw file, with the split it was
     scored on and its size; the report reads it back."""
     import usnet
-    from usnet.config import load_config
-    from usnet.trainer import FINAL
+    from usnet.train.config import load_config
+    from usnet.train.trainer import FINAL
 
     args = argparse.Namespace(epochs=4, quick=True, score_on="val", threads=1, set=[], config=paper_claims.CONFIG,
                               results=tmp_path / "results" / "paper_claims-quick-E4-val")  # fmt: skip

@@ -10,8 +10,8 @@ from usnet_testing import liven, zoo_model
 
 import usnet
 from usnet.cli import main
-from usnet.layers import SlimmableBatchNorm2d
-from usnet.search import search_width
+from usnet.deploy.search import search_width
+from usnet.nn.norm import SlimmableBatchNorm2d
 
 SIZE = (1, 1, 28, 28)
 

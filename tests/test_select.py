@@ -10,10 +10,10 @@ from torch import nn
 from usnet_testing import zoo_model
 
 import usnet
-import usnet.select as select_module
+import usnet.deploy.select as select_module
 from usnet.channels import make_divisible
 from usnet.cli import main
-from usnet.select import config_candidates, parse_count, select_width
+from usnet.deploy.select import config_candidates, parse_count, select_width
 
 SIZE = (1, 1, 28, 28)
 STAGES = (

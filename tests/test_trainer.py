@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import usnet
-from usnet.config import ConfigError, load_config
-from usnet.trainer import CHECKPOINT, FINAL, Trainer, TrainingError
+from usnet.train.config import ConfigError, load_config
+from usnet.train.trainer import CHECKPOINT, FINAL, Trainer, TrainingError
 
 REPO = Path(__file__).resolve().parents[1]
 FASHION = REPO / "configs" / "fashion_mnist.yaml"
@@ -235,7 +235,7 @@ def test_resume_of_a_checkpoint_from_before_newer_config_fields(tmp_path):
             quick_config(*base), tmp_path / "r", resume=True, progress=False, log=lambda s: None
         )
     # Without CONFIG (usnet train --resume) the same completed config comes back.
-    assert usnet.trainer.saved_run_config(tmp_path / "r") == old_run
+    assert usnet.train.trainer.saved_run_config(tmp_path / "r") == old_run
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
@@ -440,10 +440,10 @@ def test_result_files_honour_the_umask(tmp_path):
     umask = os.umask(0o022)
     try:
         path = tmp_path / "f.bin"
-        usnet.checkpoint.atomic_write_bytes(path, b"a")
+        usnet.files.atomic_write_bytes(path, b"a")
         assert stat.S_IMODE(path.stat().st_mode) == 0o644
         path.chmod(0o640)
-        usnet.checkpoint.atomic_write_bytes(path, b"b")  # replacing keeps the file's mode
+        usnet.files.atomic_write_bytes(path, b"b")  # replacing keeps the file's mode
         assert stat.S_IMODE(path.stat().st_mode) == 0o640 and path.read_bytes() == b"b"
     finally:
         os.umask(umask)

@@ -12,17 +12,13 @@ import torch.nn.functional as F
 from torch import nn
 
 import usnet
-from usnet.training import (
+from usnet.train.recipe import SCHEDULES, lr_lambda, make_optimizer, make_scheduler, param_groups
+from usnet.train.sandwich import (
     DISTILL,
     LABELS,
-    SCHEDULES,
     InplaceDistillationLoss,
     StepResult,
     WidthSampler,
-    lr_lambda,
-    make_optimizer,
-    make_scheduler,
-    param_groups,
     sandwich_step,
     soft_cross_entropy,
 )
@@ -92,7 +88,7 @@ def test_sandwich_step_accumulates_exactly_the_drawn_widths():
     before = copy.deepcopy(model.state_dict())
     images, labels = batch()
     sampler = WidthSampler(RANGE, num_widths=4, seed=3)
-    criterion = InplaceDistillationLoss(label_smoothing=0.1, temperature=2.0)
+    criterion = InplaceDistillationLoss(label_smoothing=0.1, temperature=2.0, label_weight=0.0)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
 
     result = sandwich_step(model, images, labels, optimizer, sampler, criterion)
@@ -132,9 +128,11 @@ def test_sandwich_step_fixed_widths_and_losses_match_forward():
     teacher = F.softmax(ref(images), dim=1)
     assert result.losses[0] == pytest.approx(F.cross_entropy(ref(images), labels).item(), abs=1e-6)
     usnet.set_width(ref, 0.25)
-    assert result.losses[2] == pytest.approx(
-        soft_cross_entropy(ref(images), teacher).item(), abs=1e-6
-    )
+    narrow = ref(images)
+    # the default recipe: half distillation from the widest, half the labels
+    expected = 0.5 * soft_cross_entropy(narrow, teacher) + 0.5 * F.cross_entropy(narrow, labels)
+    assert result.losses[2] == pytest.approx(expected.item(), abs=1e-6)
+    assert result.narrowest_loss == result.losses[2] and result.widest_loss == result.losses[0]
     assert result.total_loss == pytest.approx(sum(result.losses))
 
 
@@ -150,7 +148,7 @@ def test_teacher_is_detached():
     model = tiny_model()
     images, labels = batch()
     params = list(model.parameters())
-    criterion = InplaceDistillationLoss(temperature=1.5)
+    criterion = InplaceDistillationLoss(temperature=1.5, label_weight=0.0)
 
     def narrow_grads(teacher_of):
         usnet.set_width(model, 1.0)
@@ -468,7 +466,7 @@ def test_inplace_distillation_loss_kinds_and_values():
     g = torch.Generator().manual_seed(2)
     logits, wide = torch.randn(8, 5, generator=g), torch.randn(8, 5, generator=g)
     labels = torch.randint(0, 5, (8,), generator=g)
-    criterion = InplaceDistillationLoss(label_smoothing=0.2, temperature=2.0)
+    criterion = InplaceDistillationLoss(label_smoothing=0.2, temperature=2.0, label_weight=0.0)
     teacher = criterion.teacher_probs(wide.requires_grad_())
     assert not teacher.requires_grad
     assert torch.allclose(teacher, F.softmax(wide.detach() / 2.0, dim=1))
@@ -648,7 +646,7 @@ def test_distillation_label_weight_mixes_the_two_losses():
     torch.manual_seed(0)
     logits, teacher_logits = torch.randn(6, 5), torch.randn(6, 5)
     labels = torch.randint(0, 5, (6,))
-    plain = InplaceDistillationLoss()
+    plain = InplaceDistillationLoss(label_weight=0.0)
     teacher = plain.teacher_probs(teacher_logits)
     distill = plain(logits, labels, teacher)
     labels_only = F.cross_entropy(logits, labels)
@@ -661,3 +659,24 @@ def test_distillation_label_weight_mixes_the_two_losses():
     assert torch.allclose(InplaceDistillationLoss(label_weight=0.25)(logits, labels), labels_only)
     with pytest.raises(ValueError, match="label_weight must be in"):
         InplaceDistillationLoss(label_weight=1.5)
+
+
+def test_python_api_and_run_config_share_one_distillation_default():
+    from usnet.train.config import TrainConfig
+
+    assert InplaceDistillationLoss().label_weight == TrainConfig().distill_label_weight == 0.5
+
+
+@pytest.mark.parametrize("ends", ["both", "max", "min", "none"])
+def test_narrowest_loss_is_the_narrowest_widths_whatever_the_order(ends):
+    """The trainer logs ``loss_narrowest`` from it: with ``sandwich_ends`` other than "both" the
+    widths come sorted widest first, so the narrowest is not the second."""
+    model = tiny_model()
+    images, labels = batch()
+    sampler = WidthSampler(RANGE, num_widths=4, seed=1, ends=ends)
+    result = sandwich_step(model, images, labels, torch.optim.SGD(model.parameters(), lr=0.0),
+                           sampler, InplaceDistillationLoss())  # fmt: skip
+    narrowest = result.widths.index(min(result.widths))
+    assert result.narrowest_loss == result.losses[narrowest]
+    if ends != "both":
+        assert narrowest == 3

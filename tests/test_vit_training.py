@@ -10,10 +10,12 @@ import pytest
 import torch
 
 import usnet
-from usnet.config import load_config
-from usnet.layers import SlimmableLinear, SlimmableMultiheadAttention
-from usnet.trainer import Trainer
-from usnet.training import InplaceDistillationLoss, WidthSampler, make_optimizer, sandwich_step
+from usnet.nn.attention import SlimmableMultiheadAttention
+from usnet.nn.linear import SlimmableLinear
+from usnet.train.config import load_config
+from usnet.train.recipe import make_optimizer
+from usnet.train.sandwich import InplaceDistillationLoss, WidthSampler, sandwich_step
+from usnet.train.trainer import Trainer
 
 VIT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "fashion_mnist_vit.yaml"
 SMALL = ("model_kwargs={in_channels: 1, num_classes: 10, small_input: true, image_size: 28, "

@@ -10,16 +10,16 @@ import torch
 import torchvision
 
 import usnet
-from usnet.config import ConfigError, load_config
-from usnet.trainer import FINAL, Trainer
-from usnet.training import (
+from usnet.train.config import ConfigError, load_config
+from usnet.train.sandwich import (
     TEACHER,
     TEACHER_INPLACE,
     InplaceDistillationLoss,
     sandwich_step,
     soft_cross_entropy,
 )
-from usnet.warm_start import check_init_matches, make_teacher
+from usnet.train.trainer import FINAL, Trainer
+from usnet.train.warm_start import check_init_matches, make_teacher
 
 REPO = Path(__file__).resolve().parents[1]
 FINETUNE = REPO / "configs" / "fashion_mnist_finetune.yaml"

@@ -147,7 +147,7 @@ def test_models_have_independent_widths():
 
 def test_set_width_follows_a_replaced_layer():
     """A new head (fine-tuning) is bound like the one it replaces, also for cached widths."""
-    from usnet.layers import SlimmableLinear
+    from usnet.nn.linear import SlimmableLinear
 
     model = usnet.models.us_convnet()
     usnet.set_width(model, 0.25)

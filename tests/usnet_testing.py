@@ -14,13 +14,11 @@ from torch import nn
 from torchvision.models import VisionTransformer
 
 import usnet
-from usnet.layers import (
-    SlimmableBatchNorm2d,
-    SlimmableConv2d,
-    SlimmableLinear,
-    SlimmableMultiheadAttention,
-)
-from usnet.params import SlicedParameters
+from usnet.nn.attention import SlimmableMultiheadAttention
+from usnet.nn.conv import SlimmableConv2d
+from usnet.nn.linear import SlimmableLinear
+from usnet.nn.norm import SlimmableBatchNorm2d
+from usnet.nn.params import SlicedParameters
 
 SMALL = dict(small_input=True, in_channels=1, num_classes=10)
 """Zoo builder arguments for the fast 28 px tests."""

@@ -9,34 +9,23 @@ Train one network, run it at any width in a continuous range::
     small = usnet.export(model, 0.6)
 """
 
-from . import models
+from . import models, plugins  # plugins: loaders of third-party layer plugins (timm)
 from .calibration import calibrate, is_calibrated, needs_calibration, sample_images
-from .channels import (
-    ChannelGroup,
-    ChannelPlan,
-    config_id,
-    config_key,
-    make_divisible,
-    parse_widths,
-)
+from .channels import ChannelGroup, ChannelPlan, config_id, config_key, make_divisible, parse_widths
 from .checkpoint import load, save
 from .convert import ConversionError, analyze, register_op, slimmable
-from .cost import Profile, profile
-from .deploy import VerificationError, export_artifact, export_widths, load_artifact
-from .errors import UsnetError
-from .layers import (
-    SlimmableBatchNorm2d,
-    SlimmableConv2d,
-    SlimmableLayer,
-    SlimmableLinear,
-    UncalibratedWidthError,
-    register_slimmable,
-)
-from .plain import export
-from .reorder import reorder_channels
-from .search import search_width
-from .select import select_width
+from .deploy.artifact import VerificationError, export_artifact, export_widths, load_artifact
+from .deploy.cost import Profile, profile
+from .deploy.plain import export
+from .deploy.search import search_width
+from .deploy.select import select_width
+from .errors import UncalibratedWidthError, UsnetError
+from .nn.base import SlimmableLayer, register_slimmable
+from .nn.conv import SlimmableConv2d
+from .nn.linear import SlimmableLinear
+from .nn.norm import SlimmableBatchNorm2d
 from .state import channel_plan, channels_at, get_width, is_slimmable, set_width, width
+from .train.reorder import reorder_channels
 
 __version__ = "0.1.0"
 
@@ -70,6 +59,7 @@ __all__ = [
     "models",
     "needs_calibration",
     "parse_widths",
+    "plugins",
     "profile",
     "register_op",
     "register_slimmable",

@@ -29,8 +29,8 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from .channels import Width, config_key
 from .errors import UsnetTypeError, UsnetValueError
-from .layers import SlimmableBatchNorm2d
-from .reports import progress_bar
+from .nn.norm import SlimmableBatchNorm2d
+from .progress import progress_bar
 from .state import get_state, keep_width_and_mode, set_width
 from .state import width as width_context
 
@@ -192,7 +192,7 @@ def calibrate(
     if not bns:
         logger.info("no BatchNorm layers with running statistics: calibration not needed")
         return []
-    from .distributed import rank, world_size
+    from .process_group import rank, world_size
 
     param = next(model.parameters())
     shard = (rank(), world_size()) if distributed else (0, 1)
@@ -210,8 +210,7 @@ def calibrate(
                         bn.start_calibration(distributed=shard[1] > 1)
                     for images in batches:
                         model(images.to(device=param.device, dtype=param.dtype, non_blocking=True))
-                        if bar is not None:
-                            bar.update(1)
+                        bar.update(1)
                     idle = [bn for bn in bns if bn.calibration_batches == 0]
                     for bn in bns:
                         if bn not in idle:
@@ -221,8 +220,7 @@ def calibrate(
         finally:
             for bn in bns:  # before the width is restored: no width changes while calibrating
                 bn.cancel_calibration()
-            if bar is not None:
-                bar.close()
+            bar.close()
     return [config_key(c) for c in by_config]
 
 

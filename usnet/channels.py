@@ -83,7 +83,7 @@ class ChannelPlan:
     """The ordered channel groups of one model, and the arithmetic from width to channels."""
 
     def __init__(self, groups: list[ChannelGroup], width_range: tuple[float, float]):
-        lo, hi = _check_range(width_range)
+        lo, hi = check_range(width_range)
         self.width_range = (lo, hi)
         self.groups: dict[str, ChannelGroup] = {}
         for group in groups:
@@ -310,7 +310,7 @@ def _check_value(value: object, lo: float, hi: float, what: str) -> float:
     return min(max(value, lo), hi)
 
 
-def _check_range(width_range: object) -> tuple[float, float]:
+def check_range(width_range: object) -> tuple[float, float]:
     try:
         lo, hi = (float(v) for v in width_range)  # type: ignore[union-attr]
     except (TypeError, ValueError):

@@ -9,7 +9,10 @@ from the pickled module stored with them (loading those runs pickle: load only f
 
 from __future__ import annotations
 
+import importlib
 import os
+import pickle
+import types
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -17,15 +20,45 @@ from typing import Any
 import torch
 from torch import nn
 
-from .bn_stats import load_serialized as load_bn_stats
-from .bn_stats import serialize as serialize_bn_stats
 from .channels import width_value
 from .errors import UsnetValueError
-from .files import atomic_torch_save, atomic_write_bytes  # noqa: F401 (re-exported)
+from .files import atomic_torch_save
+from .nn.bn_stats import load_serialized as load_bn_stats
+from .nn.bn_stats import serialize as serialize_bn_stats
 from .state import SlimmableState, enable_switchable_bn, get_state, set_width
 
 FORMAT = "usnet-checkpoint"
 VERSION = 1
+
+
+MOVED_MODULES: dict[str, tuple[str, ...]] = {
+    "usnet.layers": ("usnet.nn.base", "usnet.nn.conv", "usnet.nn.linear", "usnet.nn.norm",
+                     "usnet.nn.attention", "usnet.nn.activation", "usnet.errors"),
+    "usnet.params": ("usnet.nn.params",),
+    "usnet.bn_stats": ("usnet.nn.bn_stats",),
+    "usnet.attributes": ("usnet.nn.attributes",),
+    "usnet.timm_layers": ("usnet.plugins.timm",),
+    "usnet.training": ("usnet.train.sandwich", "usnet.train.recipe"),
+}  # fmt: skip
+"""Where the classes of modules that the package redesign moved live now: checkpoints written
+before it pickle the old class paths (``usnet.layers.SlimmableConv2d``)."""
+
+
+class _MovedClassUnpickler(pickle.Unpickler):
+    """An unpickler that finds classes pickled under a module path :data:`MOVED_MODULES` lists
+    in the module that holds them now."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        for new in MOVED_MODULES.get(module, ()):
+            found = getattr(importlib.import_module(new), name, None)
+            if found is not None:
+                return found
+        return super().find_class(module, name)
+
+
+_moved_classes = types.SimpleNamespace(Unpickler=_MovedClassUnpickler, load=pickle.load,
+                                       __name__="usnet.checkpoint._moved_classes")  # fmt: skip
+"""A ``pickle_module`` for ``torch.load``: pickle with :class:`_MovedClassUnpickler`."""
 
 
 def checkpoint_dict(model: nn.Module, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
@@ -63,7 +96,8 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception:
         try:  # checkpoints of converted custom models hold the pickled module
-            payload = torch.load(path, map_location="cpu", weights_only=False)
+            payload = torch.load(path, map_location="cpu", weights_only=False,
+                                 pickle_module=_moved_classes)  # fmt: skip
         except Exception as err:
             raise UsnetValueError(
                 f"{str(path)!r} is not a readable checkpoint ({type(err).__name__}: {err})"

@@ -89,7 +89,7 @@ def default_input_size(model: nn.Module) -> tuple[int, int, int, int]:
 
 
 def cmd_profile(args: argparse.Namespace) -> int:
-    from .cost import format_profiles, profile
+    from .deploy.cost import format_profiles, profile
 
     if Path(args.model).is_file():  # the run's input size, as eval, select and export use
         model, payload = _load_checkpoint(args.model)
@@ -97,17 +97,15 @@ def cmd_profile(args: argparse.Namespace) -> int:
     else:
         model = load_model_arg(args.model, args.num_classes, args.in_channels, args.small_input)
         input_size = args.input_size or default_input_size(model)
-    from .reports import progress_bar
+    from .progress import progress_bar
 
     widths = _distinct_widths(model, args.widths, "profiling")
     bar = progress_bar(len(widths), len(widths) > 20 and sys.stderr.isatty(), "profiling", "width")
     rows = []
     for w in widths:
         rows.append(profile(model, w, input_size))
-        if bar is not None:
-            bar.update(1)
-    if bar is not None:
-        bar.close()
+        bar.update(1)
+    bar.close()
     if args.json:
         print(json.dumps([r.to_dict() for r in rows]))
     else:
@@ -153,8 +151,8 @@ def model_io(model: nn.Module, input_size) -> tuple[int, int]:
     build arguments, else from one forward pass of its plain export on a zero image."""
     import torch
 
+    from .deploy.plain import export
     from .models import model_input_size
-    from .plain import export
     from .state import get_state
 
     state = get_state(model)
@@ -172,9 +170,9 @@ def model_io(model: nn.Module, input_size) -> tuple[int, int]:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .config import load_config
     from .distributed import destroy, init_from_env, join_group_for_any_device
-    from .trainer import Trainer, saved_run_config
+    from .train.config import load_config
+    from .train.trainer import Trainer, saved_run_config
 
     overrides = [item for group in args.set for item in group]
     if args.config is None:
@@ -203,8 +201,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _data_for(model_path: str, payload: dict, data_root: str | None, dataset: str | None):
-    from .config import TrainConfig, load_run_config
-    from .data import datasets_for
+    from .train.config import TrainConfig, load_run_config
+    from .train.data import datasets_for
 
     config = load_run_config(payload)
     if config is None:
@@ -227,8 +225,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     from . import checkpoint
     from .calibration import calibrate, is_calibrated
+    from .deploy.spectrum import format_spectrum, spectrum_rows
     from .evaluation import evaluate
-    from .reports import format_spectrum, spectrum_rows
 
     payload = checkpoint.read_checkpoint(args.checkpoint)
     model = checkpoint.model_from_checkpoint(payload, args.checkpoint)
@@ -347,7 +345,7 @@ def width_spec(text: str):
 
 
 def count_arg(text: str) -> int:
-    from .select import parse_count
+    from .deploy.select import parse_count
 
     try:
         return parse_count(text)
@@ -371,7 +369,7 @@ def _input_size_of(model: nn.Module, payload: dict) -> tuple[int, ...]:
 
     Only ``data.name``/``data.image_size`` are read (not the whole config, validated), so a
     checkpoint whose config has keys this version does not know still exports."""
-    from .data import dataset_input_size
+    from .train.data import dataset_input_size
 
     data = ((payload.get("extra") or {}).get("config") or {}).get("data") or {}
     if isinstance(data, dict) and data.get("name"):
@@ -381,8 +379,8 @@ def _input_size_of(model: nn.Module, payload: dict) -> tuple[int, ...]:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from .calibration import calibrate, is_calibrated
-    from .cost import format_count
-    from .deploy import check_format, earlier_export_rows, export_artifact, export_widths
+    from .deploy.artifact import check_format, earlier_export_rows, export_artifact, export_widths
+    from .deploy.cost import format_count
     from .state import get_state
 
     check_format(args.format)
@@ -451,7 +449,7 @@ def _export_in(format: str):
     def own(path: Path) -> str | None:
         import zipfile
 
-        from .deploy import load_artifact
+        from .deploy.artifact import load_artifact
 
         if format in ("pt", "torchscript") and not zipfile.is_zipfile(path):
             return None  # both are zip archives (and torch logs a warning loading anything else)
@@ -465,9 +463,8 @@ def _export_in(format: str):
 
 
 def cmd_select(args: argparse.Namespace) -> int:
+    from .deploy.select import check_cache_dir, format_selection, plot_selection, select_width
     from .files import atomic_write_bytes
-    from .reports import plot_selection
-    from .select import check_cache_dir, format_selection, select_width
 
     if args.plot:
         check_writable(args.plot, "--plot")
@@ -500,9 +497,9 @@ def cmd_search(args: argparse.Namespace) -> int:
     from torch.utils.data import DataLoader, Subset
 
     from . import checkpoint
+    from .deploy.search import format_search, search_data, search_width
     from .evaluation import evaluate
     from .files import atomic_write_bytes
-    from .search import format_search, search_data, search_width
 
     payload = checkpoint.read_checkpoint(args.checkpoint)
     replacing = {}  # checked before the search, which may take long

@@ -35,9 +35,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .bn_stats import global_batch_stats  # noqa: F401 (public here: usnet.distributed.global_batch_stats)
 from .device import resolve_device
 from .errors import ConfigError, UsnetValueError
+from .nn.bn_stats import global_batch_stats
+from .nn.norm import SlimmableBatchNorm2d
+from .process_group import is_distributed, rank, world_size
 
 __all__ = [
     "convert_sync_batchnorm",
@@ -127,20 +129,6 @@ def destroy() -> None:
         dist.destroy_process_group()
 
 
-def is_distributed() -> bool:
-    """Whether a default process group exists."""
-    return dist.is_available() and dist.is_initialized()
-
-
-def rank() -> int:
-    return dist.get_rank() if is_distributed() else 0
-
-
-def world_size(group=None) -> int:
-    """Processes in ``group`` (None: the default group); 1 outside a process group."""
-    return dist.get_world_size(group) if is_distributed() else 1
-
-
 def is_main_process() -> bool:
     """Rank 0, the only rank that writes files (checkpoints, metrics, plots)."""
     return rank() == 0
@@ -202,8 +190,6 @@ def convert_sync_batchnorm(module: nn.Module, process_group: Any = None) -> nn.M
     (:func:`global_batch_stats`), so a per-GPU batch of 16 behaves like the global batch. It is
     a no-op in a single process and in eval mode. Returns ``module``.
     """
-    from .layers import SlimmableBatchNorm2d
-
     found = False
     for m in module.modules():
         if isinstance(m, SlimmableBatchNorm2d):

@@ -12,6 +12,7 @@ __all__ = [
     "DataError",
     "RunDirectoryError",
     "TrainingError",
+    "UncalibratedWidthError",
     "UsnetError",
     "UsnetTypeError",
     "UsnetValueError",
@@ -44,3 +45,7 @@ class TrainingError(UsnetError, RuntimeError):
 
 class ConfigError(UsnetValueError):
     """A configuration key or value is invalid; the message names it and the valid choices."""
+
+
+class UncalibratedWidthError(UsnetError, RuntimeError):
+    """Eval-mode forward at a width whose BatchNorm statistics were never calibrated."""

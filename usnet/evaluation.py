@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from . import distributed as dist
 from .channels import Width
 from .errors import UsnetValueError
-from .reports import progress_bar
+from .progress import progress_bar
 from .state import keep_width_and_mode, set_width
 
 __all__ = ["eval_forward", "evaluate"]
@@ -58,11 +58,9 @@ def evaluate(model: nn.Module, data: Iterable[tuple[Tensor, Tensor]], widths: Se
                     correct5[i] += int(hits.any(dim=1).sum())
                     if loss:
                         losses[i] += float(F.cross_entropy(logits.float(), labels, reduction="sum"))
-                if bar is not None:
-                    bar.update(1)
+                bar.update(1)
         finally:
-            if bar is not None:
-                bar.close()
+            bar.close()
     if distributed:
         summed = dist.all_reduce_sum([total, *correct1, *correct5])
         total, correct1 = summed[0], summed[1 : 1 + len(widths)]

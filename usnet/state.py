@@ -16,10 +16,11 @@ from typing import Any, Union
 import torch
 from torch import nn
 
-from .attributes import size_attributes_of
 from .channels import ChannelPlan, Width, config_key, format_width
 from .errors import UsnetTypeError
-from .layers import ActiveChannels, SlimmableBatchNorm2d, SlimmableLayer
+from .nn.attributes import size_attributes_of
+from .nn.base import ActiveChannels, SlimmableLayer
+from .nn.norm import SlimmableBatchNorm2d
 
 Dim = tuple[str, int]
 """A channel dimension: (group name, factor). Active size = active(group) * factor."""
@@ -228,7 +229,7 @@ def set_width(model: nn.Module, width: Width) -> nn.Module:
         (parent._modules.get(name) if name else model) is not layer
         for parent, name, layer, _ in updates
     ):
-        updates = state._updates[config] = _layer_updates(model, state, config)
+        updates = state._updates[config] = layer_updates(model, state, config)
         rebuilt = True
     else:
         rebuilt = False
@@ -254,7 +255,7 @@ def set_width(model: nn.Module, width: Width) -> nn.Module:
     return model
 
 
-def _layer_updates(
+def layer_updates(
     model: nn.Module, state: SlimmableState, config: tuple[int, ...]
 ) -> list[_LayerUpdate]:
     """The active-channel attributes of every bound layer at one channel configuration."""

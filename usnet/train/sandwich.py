@@ -3,8 +3,8 @@
 Each piece is independent and works in a user's own training loop::
 
     import usnet
-    from usnet.training import (InplaceDistillationLoss, WidthSampler, make_optimizer,
-                                make_scheduler, sandwich_step)
+    from usnet.train.recipe import make_optimizer, make_scheduler
+    from usnet.train.sandwich import InplaceDistillationLoss, WidthSampler, sandwich_step
 
     model = usnet.models.us_mobilenet_v1(num_classes=10)
     sampler = WidthSampler(usnet.channel_plan(model).width_range, num_widths=4, seed=0)
@@ -21,11 +21,7 @@ Each piece is independent and works in a user's own training loop::
 * :class:`InplaceDistillationLoss` trains the widest width on the labels and every narrower width
   on the widest width's (detached) predictions: *inplace distillation*.
 * :func:`sandwich_step` runs one optimizer step over the drawn widths, accumulating gradients.
-* :func:`param_groups`, :func:`make_optimizer`, :func:`lr_lambda` and :func:`make_scheduler`
-  reproduce the paper's optimization recipe: SGD with Nesterov momentum (or AdamW, the usual
-  vision transformer recipe), no weight decay on normalization parameters, biases, depthwise
-  convolutions, class tokens and position embeddings, and a per-iteration linear (or cosine)
-  learning-rate decay after an optional linear warmup.
+* :mod:`usnet.train.recipe` holds the paper's optimization recipe (optimizer, schedule).
 
 Nothing here holds global state: the sampler owns its ``torch.Generator`` and the width of a model
 is the model's own state (:func:`usnet.set_width`).
@@ -34,39 +30,37 @@ is the model's own state (:func:`usnet.set_width`).
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
 import numbers
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, Union
+from typing import Any, Protocol, Union, runtime_checkable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.optim.lr_scheduler import LambdaLR
 
-from .channels import Width, _check_range, format_width, width_value
-from .errors import UsnetTypeError, UsnetValueError
-from .state import get_state, is_slimmable, keep_width_and_mode, set_width
+from ..channels import Width, check_range, format_width, width_value
+from ..errors import UsnetTypeError, UsnetValueError
+from ..process_group import is_distributed, world_size
+from ..state import get_state, is_slimmable, keep_width_and_mode, set_width
 
 __all__ = [
     "DISTILL",
-    "DECAYED_WEIGHTS",
     "LABELS",
-    "OPTIMIZERS",
-    "SCHEDULES",
     "TEACHER",
     "TEACHER_INPLACE",
+    "DISTILL_LABEL_WEIGHT",
+    "FixedWidths",
     "InplaceDistillationLoss",
+    "Sampler",
     "StepResult",
     "WidthSampler",
-    "lr_lambda",
-    "make_optimizer",
-    "make_scheduler",
-    "param_groups",
     "sandwich_step",
+    "draw_widths",
     "soft_cross_entropy",
+    "soft_targets",
+    "unwrap",
     "warm_up_widths",
 ]
 
@@ -84,12 +78,12 @@ TEACHER_INPLACE = "teacher+inplace"
 """Loss kind: soft cross-entropy with the mean of the external teacher's and the widest width's
 predictions (both distillations, equally weighted)."""
 
-SCHEDULES = ("linear", "cosine")
-"""Learning-rate decay shapes accepted by :func:`lr_lambda` and :func:`make_scheduler`."""
-
-
 # -- width sampling ------------------------------------------------------------------------------
 SANDWICH_ENDS = ("both", "max", "min", "none")
+
+DISTILL_LABEL_WEIGHT = 0.5
+"""The default weight of the labels in the narrower widths' loss, for the Python API and the
+run config alike (``distill_label_weight``)."""
 
 
 class FixedWidths:
@@ -155,7 +149,7 @@ class WidthSampler:
         choices: Sequence[float] | None = None,
         ends: str = "both",
     ):
-        self.width_range: tuple[float, float] = _check_range(width_range)
+        self.width_range: tuple[float, float] = check_range(width_range)
         self.choices: list[float] | None = _check_choices(choices, self.width_range)
         if ends not in SANDWICH_ENDS:
             raise UsnetValueError(
@@ -220,7 +214,7 @@ class WidthSampler:
                 f"malformed WidthSampler state: ends {ends!r}, expected one of "
                 f"{', '.join(map(repr, SANDWICH_ENDS))}"
             )
-        width_range = _check_range(state_dict.get("width_range", self.width_range))
+        width_range = check_range(state_dict.get("width_range", self.width_range))
         num_widths = int(state_dict.get("num_widths", self.num_widths))
         if num_widths < 2:
             raise UsnetValueError(f"malformed WidthSampler state: num_widths {num_widths} < 2")
@@ -317,8 +311,9 @@ class InplaceDistillationLoss(nn.Module):
         temperature: distillation temperature ``T > 0`` (the paper uses 1).
         enabled: ``False`` trains every width on the labels (no inplace distillation).
         label_weight: weight ``λ`` of the labels in the narrower widths' loss,
-            ``(1 - λ) * distillation + λ * cross-entropy`` (0, the paper: distillation only). Early
-            in a short schedule the widest width is a poor teacher; some label signal helps there.
+            ``(1 - λ) * distillation + λ * cross-entropy``; default :data:`DISTILL_LABEL_WEIGHT`
+            (0.5, the ``usnet train`` config's default too; 0 is the paper's pure distillation).
+            Early in a short schedule the widest width is a poor teacher; label signal helps.
     """
 
     def __init__(
@@ -326,7 +321,7 @@ class InplaceDistillationLoss(nn.Module):
         label_smoothing: float = 0.0,
         temperature: float = 1.0,
         enabled: bool = True,
-        label_weight: float = 0.0,
+        label_weight: float = DISTILL_LABEL_WEIGHT,
     ) -> None:
         super().__init__()
         if not 0.0 <= label_smoothing < 1.0:
@@ -351,12 +346,9 @@ class InplaceDistillationLoss(nn.Module):
     def forward(
         self, logits: Tensor, labels: Tensor, teacher_probs: Tensor | None = None
     ) -> Tensor:
-        labels_loss = lambda: F.cross_entropy(  # noqa: E731
-            logits.float(), labels, label_smoothing=self.label_smoothing
-        )
         if teacher_probs is not None and self.enabled:
             return self.distill_loss(logits, labels, teacher_probs)
-        return labels_loss()
+        return F.cross_entropy(logits.float(), labels, label_smoothing=self.label_smoothing)
 
     def distill_loss(self, logits: Tensor, labels: Tensor, teacher_probs: Tensor) -> Tensor:
         """``(1 - λ) * soft cross-entropy with teacher_probs + λ * cross-entropy with labels``,
@@ -394,16 +386,86 @@ class StepResult:
     loss_kinds: list[str] = field(default_factory=list)
 
     @property
+    def narrowest_loss(self) -> float:
+        """The loss of the narrowest width of the step (wherever the sampler put it: the
+        sandwich rule puts it second, other ``ends`` sort the widths widest first)."""
+        return self.losses[min(range(len(self.widths)), key=self.widths.__getitem__)]
+
+    @property
+    def widest_loss(self) -> float:
+        return self.losses[0]
+
+    @property
     def total_loss(self) -> float:
         """The sum of the widths' losses: the objective whose gradient the step followed."""
         return float(sum(self.losses))
 
 
-class _Sampler(Protocol):
+@runtime_checkable
+class Sampler(Protocol):
+    """Anything that draws the widths of one step, widest first (:class:`WidthSampler`,
+    :class:`FixedWidths`)."""
+
     def sample(self) -> Sequence[Width]: ...
 
 
 Criterion = Union[InplaceDistillationLoss, Callable[[Tensor, Tensor], Tensor]]
+
+
+def draw_widths(sampler: Sampler | Iterable[Width]) -> list[Width]:
+    """The widths of one step: ``sampler.sample()``, or the sequence itself; the first must be
+    the widest (the teacher of the others)."""
+    widths = list(sampler.sample() if isinstance(sampler, Sampler) else sampler)
+    if not widths:
+        raise UsnetValueError("the sampler gave no widths")
+    values = [width_value(w) for w in widths]
+    uniform = [v for w, v in zip(widths, values) if not isinstance(w, Mapping)]
+    if len(uniform) == len(widths) and values[0] < max(uniform):
+        raise UsnetValueError(
+            f"the first width must be the widest (the teacher of the others), got {widths}"
+        )
+    return widths
+
+
+def soft_targets(external: Tensor | None, inplace: Tensor | None) -> tuple[Tensor | None, str]:
+    """What a width distils from, and the loss kind that names it: an external teacher's soft
+    targets, the widest width's (in-place), the mean of both, or neither (the labels)."""
+    if external is None:
+        return (None, LABELS) if inplace is None else (inplace, DISTILL)
+    if inplace is None:
+        return external, TEACHER
+    return (external + inplace) / 2, TEACHER_INPLACE
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
+
+
+def _ranks_mean(model: nn.Module, losses: Tensor) -> Tensor:
+    """The mean of each width's loss over the ranks of a DDP ``model`` (unchanged outside one):
+    every rank then sees a non-finite loss of any rank, and all refuse the step together (DDP
+    already averaged the gradients, NaNs included)."""
+    if getattr(model, "no_sync", None) is None or not is_distributed():
+        return losses
+    group = getattr(model, "process_group", None)
+    torch.distributed.all_reduce(losses, group=group)
+    return losses / world_size(group)
+
+
+def _check_finite(widths: Sequence[Width], values: Sequence[float]) -> None:
+    for w, value in zip(widths, values):
+        if not math.isfinite(value):
+            raise FloatingPointError(
+                f"non-finite loss ({value}) at width {format_width(w)}; the optimizer did not step"
+            )
+
+
+def _optimizer_step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None) -> None:
+    if scaler is None:
+        optimizer.step()
+    else:
+        scaler.step(optimizer)
+        scaler.update()
 
 
 def sandwich_step(
@@ -411,7 +473,7 @@ def sandwich_step(
     images: Tensor,
     labels: Tensor,
     optimizer: torch.optim.Optimizer,
-    sampler: _Sampler | Iterable[Width],
+    sampler: Sampler | Iterable[Width],
     criterion: Criterion,
     *,
     scaler: torch.amp.GradScaler | None = None,
@@ -463,80 +525,39 @@ def sandwich_step(
         FloatingPointError: a width's loss is NaN or infinite. The error names the width; the
             optimizer did not step (the gradients of the failed step are left in ``.grad``).
     """
-    inner = _unwrap(model)
-    draw = getattr(sampler, "sample", None)
-    widths = list(draw() if callable(draw) else sampler)  # type: ignore[arg-type]
-    if not widths:
-        raise UsnetValueError("the sampler gave no widths")
-    uniform = [w for w in widths if not isinstance(w, Mapping)]
-    if len(uniform) == len(widths) and widths[0] < max(uniform):  # type: ignore[operator]
-        raise UsnetValueError(
-            f"the first width must be the widest (the teacher of the others), got {widths}"
-        )
-    distill = isinstance(criterion, InplaceDistillationLoss)
-    if teacher_probs is not None and not distill:
+    inner = unwrap(model)
+    widths = draw_widths(sampler)
+    distiller = criterion if isinstance(criterion, InplaceDistillationLoss) else None
+    if teacher_probs is not None and distiller is None:
         raise UsnetTypeError(
             "sandwich_step: teacher_probs needs an InplaceDistillationLoss criterion"
         )
-
-    def autocast() -> contextlib.AbstractContextManager:
-        if autocast_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=images.device.type, dtype=autocast_dtype)
-
     no_sync = getattr(model, "no_sync", None)
-
     optimizer.zero_grad(set_to_none=True)
     losses: list[Tensor] = []
     kinds: list[str] = []
-    teacher: Tensor | None = None
+    inplace: Tensor | None = None  # the widest width's soft targets, once it has run
     try:
         for i, w in enumerate(widths):
             set_width(inner, w)
             last = i == len(widths) - 1
-            sync = contextlib.nullcontext() if last or no_sync is None else no_sync()
-            with sync:
-                with autocast():
+            with contextlib.nullcontext() if last or no_sync is None else no_sync():
+                with _autocast(images.device, autocast_dtype):
                     logits = model(images)
-                    if teacher_probs is not None:
-                        targets, kind = teacher_probs, TEACHER
-                        if teacher is not None:
-                            targets, kind = (teacher + teacher_probs) / 2, TEACHER_INPLACE
-                        loss = criterion.distill_loss(logits, labels, targets)  # type: ignore[union-attr]
-                        kinds.append(kind)
-                    elif distill:
-                        loss = criterion(logits, labels, teacher)
-                        kinds.append(criterion.loss_kind(teacher))  # type: ignore[union-attr]
-                    else:
+                    targets, kind = soft_targets(teacher_probs, inplace)
+                    if targets is None or distiller is None:
                         loss = criterion(logits, labels)
-                        kinds.append(LABELS)
-                if distill and i == 0 and criterion.enabled:  # type: ignore[union-attr]
-                    teacher = criterion.teacher_probs(logits)  # type: ignore[union-attr]
-                (scaler.scale(loss) if scaler is not None else loss).backward()
+                    else:
+                        loss = distiller.distill_loss(logits, labels, targets)
+                if i == 0 and distiller is not None and distiller.enabled:
+                    inplace = distiller.teacher_probs(logits)
+                (loss if scaler is None else scaler.scale(loss)).backward()
             losses.append(loss.detach().float())
+            kinds.append(kind)
             del logits, loss
-        stacked = torch.stack(losses)
-        if (
-            no_sync is not None
-            and torch.distributed.is_available()
-            and torch.distributed.is_initialized()
-        ):
-            # The mean over ranks: every rank then sees a non-finite loss of any rank, and all
-            # of them refuse the step together (DDP already averaged the gradients, NaNs included).
-            group = getattr(model, "process_group", None)
-            torch.distributed.all_reduce(stacked, group=group)
-            stacked = stacked / torch.distributed.get_world_size(group)
-        values = stacked.tolist()  # one device sync per step
-        for w, value in zip(widths, values):
-            if not math.isfinite(value):
-                raise FloatingPointError(
-                    f"non-finite loss ({value}) at width {format_width(w)}; the optimizer did not step"
-                )
-        if scaler is not None:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
+        values = _ranks_mean(model, torch.stack(losses)).tolist()  # one device sync per step
+        _check_finite(widths, values)
+        _optimizer_step(optimizer, scaler)
     finally:
         set_width(inner, widths[0])
     return StepResult(widths=[width_value(w) for w in widths], losses=values, loss_kinds=kinds)
@@ -563,7 +584,7 @@ def warm_up_widths(
     slimmable BatchNorm uses batch statistics); the gradients are set to ``None``; the random
     state (dropout) and the model's width are restored. Returns the number of configurations run.
     """
-    inner = _unwrap(model)
+    inner = unwrap(model)
     state = get_state(inner)
     seen: set[tuple[int, ...]] = set()
     devices = [images.device] if images.device.type != "cpu" else []
@@ -590,7 +611,7 @@ def warm_up_widths(
     return len(seen)
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
+def unwrap(model: nn.Module) -> nn.Module:
     """The slimmable module inside a DDP / DataParallel / ``torch.compile`` wrapper."""
     current = model
     for _ in range(4):
@@ -605,151 +626,3 @@ def _unwrap(model: nn.Module) -> nn.Module:
             break
     get_state(model)  # raises the standard "not a slimmable model" error
     return model  # pragma: no cover
-
-
-# -- optimizer -----------------------------------------------------------------------------------
-def _conv_weights(module: nn.Module) -> list[str]:
-    depthwise = module.groups > 1 and module.groups == module.in_channels  # type: ignore[attr-defined]
-    return [] if depthwise else ["weight"]
-
-
-# The packed (or separate q/k/v) input projection is the attention module's own parameter; its
-# output projection is a Linear child, decayed as such.
-_ATTENTION_PROJECTIONS = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
-
-DECAYED_WEIGHTS: dict[type[nn.Module], Callable[[nn.Module], Iterable[str]]] = {
-    nn.modules.conv._ConvNd: _conv_weights,
-    nn.Linear: lambda module: ["weight"],
-    nn.MultiheadAttention: lambda module: _ATTENTION_PROJECTIONS,
-}
-"""Names of the weight-decayed parameters a module holds directly, by module type: the entry of
-the most derived registered class in the module's MRO applies, so subclasses (the slimmable
-layers) inherit their base's. Register a module type holding matrix weights of its own here;
-every parameter no entry names (normalization parameters, biases, class tokens, position
-embeddings, layer scales) gets no weight decay."""
-
-
-def _decayed(module: nn.Module) -> list[nn.Parameter]:
-    for cls in type(module).__mro__:
-        if cls in DECAYED_WEIGHTS:
-            # _parameters, not getattr: a slimmable module may show a slice of the parameter.
-            found = (module._parameters.get(name) for name in DECAYED_WEIGHTS[cls](module))
-            return [p for p in found if p is not None]
-    return []
-
-
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Split the parameters into a weight-decayed and a non-decayed group (the paper's recipe,
-    also the usual vision transformer one).
-
-    Weight decay applies only to the matrix weights of convolutions, linear layers and attention
-    input projections (:data:`DECAYED_WEIGHTS`). Normalization parameters (BatchNorm, LayerNorm,
-    GroupNorm), all biases, the weights of depthwise convolutions (``groups == in_channels >
-    1``) and every parameter a module holds directly (a class token, a position embedding, a
-    layer scale) get none. Every parameter of the model (shared ones once) is in exactly one
-    group.
-
-    Returns:
-        ``[{"params": decayed, "weight_decay": weight_decay},
-        {"params": not_decayed, "weight_decay": 0.0}]``, ready for ``torch.optim.SGD`` or
-        ``torch.optim.AdamW``.
-    """
-    if not weight_decay >= 0:
-        raise UsnetValueError(f"weight_decay must be >= 0, got {weight_decay}")
-    decayed_ids = {id(p) for module in model.modules() for p in _decayed(module)}
-    decay: list[nn.Parameter] = []
-    no_decay: list[nn.Parameter] = []
-    for p in model.parameters():  # deduplicated, in registration order
-        (decay if id(p) in decayed_ids else no_decay).append(p)
-    return [
-        {"params": decay, "weight_decay": float(weight_decay)},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-
-
-OPTIMIZERS = ("sgd", "adamw")
-"""Optimizer kinds of :func:`make_optimizer` (and of the run config's ``optimizer`` key)."""
-
-
-def make_optimizer(
-    model: nn.Module,
-    lr: float,
-    momentum: float = 0.9,
-    weight_decay: float = 1e-4,
-    nesterov: bool = True,
-    *,
-    kind: str = "sgd",
-    betas: tuple[float, float] = (0.9, 0.999),
-) -> torch.optim.Optimizer:
-    """An optimizer over :func:`param_groups` (weight decay on conv/linear weights only).
-
-    * ``kind="sgd"``: SGD with ``momentum`` and ``nesterov`` (the paper: momentum 0.9,
-      Nesterov, weight decay 1e-4).
-    * ``kind="adamw"``: ``torch.optim.AdamW`` with ``betas`` and decoupled weight decay (the
-      usual vision transformer recipe, e.g. lr 1e-3 and weight decay 0.05 at batch 1024);
-      ``momentum`` and ``nesterov`` are not used.
-    """
-    if kind not in OPTIMIZERS:
-        raise UsnetValueError(
-            f"unknown optimizer {kind!r}; valid optimizers: {', '.join(OPTIMIZERS)}"
-        )
-    groups = param_groups(model, weight_decay)
-    if kind == "adamw":
-        betas = tuple(betas)  # type: ignore[assignment]
-        if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
-            raise UsnetValueError(f"betas must be (beta1, beta2), each in [0, 1), got {betas}")
-        return torch.optim.AdamW(groups, lr=lr, betas=betas)
-    if nesterov and momentum <= 0:
-        raise UsnetValueError(f"nesterov momentum needs momentum > 0, got {momentum}")
-    return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov)
-
-
-# -- learning-rate schedule ----------------------------------------------------------------------
-def lr_lambda(
-    step: int, total_steps: int, warmup_steps: int = 0, schedule: str = "linear"
-) -> float:
-    """The learning-rate factor of iteration ``step`` (0-based), for ``LambdaLR``.
-
-    * Warmup: ``(step + 1) / warmup_steps`` for ``step < warmup_steps``, from ``1/warmup_steps``
-      up to 1.
-    * Decay, with ``p = (step - warmup_steps) / (total_steps - warmup_steps)`` going from 0 to 1:
-      ``1 - p`` (``"linear"``, the paper's per-iteration linear decay) or ``(1 + cos(pi p)) / 2``
-      (``"cosine"``). The factor is 1 right after warmup and 0 from ``step = total_steps`` on.
-    """
-    _check_schedule(total_steps, warmup_steps, schedule)
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    if step >= total_steps:
-        return 0.0
-    progress = (step - warmup_steps) / (total_steps - warmup_steps)
-    if schedule == "linear":
-        return 1.0 - progress
-    return 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def make_scheduler(
-    optimizer: torch.optim.Optimizer,
-    total_steps: int,
-    warmup_steps: int = 0,
-    schedule: str = "linear",
-) -> LambdaLR:
-    """A per-iteration ``LambdaLR`` following :func:`lr_lambda`: call ``scheduler.step()`` after
-    every optimizer step (not every epoch)."""
-    _check_schedule(total_steps, warmup_steps, schedule)
-    fn = functools.partial(
-        lr_lambda, total_steps=total_steps, warmup_steps=warmup_steps, schedule=schedule
-    )
-    return LambdaLR(optimizer, fn)
-
-
-def _check_schedule(total_steps: int, warmup_steps: int, schedule: str) -> None:
-    if schedule not in SCHEDULES:
-        raise UsnetValueError(
-            f"unknown schedule {schedule!r}; valid schedules: {', '.join(SCHEDULES)}"
-        )
-    if total_steps < 1:
-        raise UsnetValueError(f"total_steps must be >= 1, got {total_steps}")
-    if not 0 <= warmup_steps <= total_steps:
-        raise UsnetValueError(
-            f"warmup_steps must be in [0, total_steps={total_steps}], got {warmup_steps}"
-        )

@@ -11,7 +11,8 @@ running accumulation, the fast CPU statistics and the combination across ranks.
 * :func:`cpu_batch_stats` is the fast route for CPU batches; :func:`global_batch_stats` the
   statistics of a batch sharded across ranks (SyncBN in training, distributed calibration).
 
-Nothing here imports the layers or :mod:`usnet.distributed`, which both use it.
+Nothing here imports the layers or :mod:`usnet.distributed`, which both use it; the process
+group is :mod:`usnet.process_group`'s.
 """
 
 from __future__ import annotations
@@ -23,6 +24,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+
+from ..errors import UsnetValueError
+from ..process_group import world_size
 
 __all__ = [
     "Calibration",
@@ -147,7 +151,6 @@ def load_serialized(
     model: nn.Module, entries: Mapping[str, Mapping[str, Any]], source: str = "checkpoint"
 ) -> None:
     """Load :func:`serialize`'s output into ``model`` (onto its device)."""
-    from .errors import UsnetValueError
 
     modules = dict(model.named_modules())
     device = next(model.parameters()).device
@@ -161,13 +164,6 @@ def load_serialized(
 
 
 # --- batch statistics ------------------------------------------------------------------------------
-def world_size(group: Any = None) -> int:
-    """Processes in ``group`` (None: the default group); 1 outside a process group."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size(group)
-    return 1
-
-
 # Above this ratio of squared mean to variance, E[x^2] - E[x]^2 from float32 sums loses more than
 # about 1e-5 of the variance to cancellation; such channels take the exact two-pass kernel.
 _MAX_MEAN_SQUARED_TO_VAR = 100.0

@@ -38,13 +38,13 @@ import torch
 import torch.fx as fx
 from torch import Tensor, nn
 
-from .channels import Width, config_id, format_width, width_value
-from .cost import _check_input_size, module_cost
-from .errors import UsnetError, UsnetValueError
-from .evaluation import eval_forward
-from .files import atomic_write_bytes
+from ..channels import Width, config_id, format_width, width_value
+from ..errors import UsnetError, UsnetValueError
+from ..evaluation import eval_forward
+from ..files import atomic_write_bytes
+from ..state import get_state, input_size_of
+from .cost import check_input_size, module_cost
 from .plain import export
-from .state import get_state, input_size_of
 
 FORMATS: dict[str, str] = {"pt": ".pt2", "torchscript": ".torchscript.pt", "onnx": ".onnx"}
 """Formats and the file suffix :func:`export_widths` gives them."""
@@ -200,7 +200,7 @@ def export_artifact(
     check_format(format)
     state = get_state(model)
     width = state.plan.check_width(width)
-    size = _check_input_size(input_size_of(model, input_size))
+    size = check_input_size(input_size_of(model, input_size))
     tolerance = _check_tolerance(tolerance, fuse_bn)
     if Path(path).is_dir():
         raise FileExistsError(f"{str(path)!r} is a directory; name the file to write "
@@ -302,7 +302,7 @@ def earlier_export_rows(out: Path, format: str, options: Mapping) -> list[dict]:
     fuse_bn = bool(options.get("fuse_bn", defaults["fuse_bn"]))
     now = {
         "format": format,
-        "input_size": list(_check_input_size(options.get("input_size", defaults["input_size"]))),
+        "input_size": list(check_input_size(options.get("input_size", defaults["input_size"]))),
         "fused_bn": fuse_bn,
         "tolerance": _check_tolerance(options.get("tolerance", defaults["tolerance"]), fuse_bn),
     }

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .layers import ActiveChannels, SlimmableLayer, take
+from .base import ActiveChannels, ChannelLayout, ChannelTensor, SlimmableLayer, take
 
 _PREFIX = "Sliced__"
 _DOT = "_o_"  # '.' is not allowed in a class name that pickle looks up by attribute
@@ -52,6 +52,12 @@ class SlicedParameters(SlimmableLayer):
             self._parameters[name] = nn.Parameter(part.detach().clone(), full.requires_grad)
         self.__class__ = self.__class__.__bases__[1]
         return self
+
+    def channel_layout(self) -> ChannelLayout:
+        sliced = self.__dict__.get("usnet_sliced", {})
+        return ChannelLayout(
+            tuple(ChannelTensor(n, d, "out") for n, d in sliced.items()), input_dim=None
+        )
 
 
 def slice_parameters_(module: nn.Module, sliced: dict[str, int]) -> nn.Module:

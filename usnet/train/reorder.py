@@ -33,8 +33,8 @@ so that a wide-fan-in layer does not outvote the others. Layers with block struc
 depthwise grouped convs, GroupNorm) keep every channel in its block: the group is sorted within
 blocks. A depthwise conv with a channel multiplier gives its output group the order of its input.
 
-Layer types are handled through :data:`CHANNEL_TENSORS` (:func:`register_channel_tensors`):
-which of a layer's tensors hold its input and output channels along which dimension.
+Each layer class says which of its tensors hold its input and output channels along which
+dimension (``SlimmableLayer.channel_layout``, :class:`usnet.nn.ChannelLayout`).
 """
 
 from __future__ import annotations
@@ -49,20 +49,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .bn_stats import WidthStats
-from .errors import UsnetValueError
-from .layers import (
-    SlimmableBatchNorm2d,
-    SlimmableConvTranspose2d,
-    SlimmableGroupNorm,
-    SlimmableLayerNorm,
-    SlimmableLinear,
-    SlimmableMultiheadAttention,
-    _PerChannelAffine,
-    _SlimmableConvNd,
-)
-from .params import SlicedParameters
-from .state import Channels, SlimmableState, _layer_updates, get_state, segments, set_width
+from ..errors import UsnetValueError
+from ..nn.base import ChannelLayout, ChannelTensor, SlimmableLayer
+from ..nn.bn_stats import WidthStats
+from ..nn.conv import _SlimmableConvNd
+from ..nn.linear import SlimmableLinear
+from ..nn.norm import SlimmableBatchNorm2d
+from ..state import Channels, SlimmableState, get_state, layer_updates, segments, set_width
 
 logger = logging.getLogger(__name__)
 
@@ -75,123 +68,15 @@ class ReorderError(UsnetValueError):
     """The model's channels cannot be reordered (the message names the layer and why)."""
 
 
-# --- which tensors hold a layer's channels -----------------------------------------------------
-@dataclass(frozen=True)
-class ChannelTensor:
-    """One tensor of a layer that holds channels: attribute ``name``, tensor dimension ``dim``,
-    on the layer's ``side`` (``"in"`` or ``"out"``; a "features" layer has only ``"out"``).
-    ``grouped``: a grouped conv's weight, whose input dimension holds ``in / groups`` channels
-    of each conv group. ``weight``: counts for the ``l1`` importance (conv/linear weights);
-    ``scale``: counts for the ``bn`` importance (norm scales)."""
-
-    name: str
-    dim: int
-    side: Literal["in", "out"]
-    grouped: int = 1
-    weight: bool = False
-    scale: bool = False
-
-
-@dataclass(frozen=True)
-class ChannelLayout:
-    """A layer's channel tensors, where its input's channels are (``input_dim``, for the
-    ``activation`` importance), and the block size its channels must stay within (0: none)."""
-
-    tensors: tuple[ChannelTensor, ...]
-    input_dim: int | None = 1
-    in_block: int = 0
-    out_block: int = 0
-
-
-CHANNEL_TENSORS: dict[type, Callable[[nn.Module], ChannelLayout]] = {}
-"""Registry: slimmable layer type -> its :class:`ChannelLayout` (looked up along the MRO)."""
-
-
-def register_channel_tensors(
-    layer_type: type, layout: Callable[[nn.Module], ChannelLayout]
-) -> None:
-    """Teach :func:`reorder_channels` a slimmable layer type: ``layout(layer)`` says which of its
-    tensors hold its channels."""
-    CHANNEL_TENSORS[layer_type] = layout
-
-
-def _conv_layout(conv: _SlimmableConvNd) -> ChannelLayout:
-    out = [ChannelTensor("weight", 0, "out", weight=True), ChannelTensor("bias", 0, "out")]
-    if conv.is_depthwise:  # one input channel per output (group): no input dimension to permute
-        return ChannelLayout(tuple(out))
-    g = conv.groups
-    out.append(ChannelTensor("weight", 1, "in", grouped=g, weight=True))
-    blocks = (conv.in_channels // g, conv.out_channels // g) if g > 1 else (0, 0)
-    return ChannelLayout(tuple(out), 1, *blocks)
-
-
-def _linear_layout(linear: SlimmableLinear) -> ChannelLayout:
-    return ChannelLayout((ChannelTensor("weight", 0, "out", weight=True), ChannelTensor("bias", 0, "out"),
-                          ChannelTensor("weight", 1, "in", weight=True)), input_dim=-1)  # fmt: skip
-
-
-def _conv_transpose_layout(conv: SlimmableConvTranspose2d) -> ChannelLayout:
-    return ChannelLayout((ChannelTensor("weight", 1, "out", weight=True), ChannelTensor("bias", 0, "out"),
-                          ChannelTensor("weight", 0, "in", weight=True)))  # fmt: skip
-
-
-def _affine(scale: bool = True) -> tuple[ChannelTensor, ...]:
-    return (ChannelTensor("weight", 0, "out", scale=scale), ChannelTensor("bias", 0, "out"))
-
-
-def _bn_layout(bn: SlimmableBatchNorm2d) -> ChannelLayout:
-    stats = (ChannelTensor("running_mean", 0, "out"), ChannelTensor("running_var", 0, "out"))
-    return ChannelLayout(_affine() + stats)
-
-
-def _layer_norm_layout(norm: SlimmableLayerNorm) -> ChannelLayout:
-    channels_last = type(norm).forward is SlimmableLayerNorm.forward
-    return ChannelLayout(_affine(), input_dim=-1 if channels_last else 1)
-
-
-def _group_norm_layout(norm: SlimmableGroupNorm) -> ChannelLayout:
-    return ChannelLayout(_affine(), out_block=norm.group_size)
-
-
-def _per_channel_layout(layer: _PerChannelAffine) -> ChannelLayout:
-    return ChannelLayout(_affine(scale=False))
-
-
-def _attention_layout(mha: SlimmableMultiheadAttention) -> ChannelLayout:
-    """The embedding channels: in-projection columns and out-projection rows (the heads inside
-    keep their order)."""
-    return ChannelLayout((ChannelTensor("in_proj_weight", 1, "in", weight=True),
-                          ChannelTensor("out_proj.weight", 0, "out", weight=True),
-                          ChannelTensor("out_proj.bias", 0, "out")), input_dim=-1)  # fmt: skip
-
-
-def _sliced_layout(owner: SlicedParameters) -> ChannelLayout:
-    sliced = owner.__dict__.get("usnet_sliced", {})
-    return ChannelLayout(
-        tuple(ChannelTensor(n, d, "out") for n, d in sliced.items()), input_dim=None
-    )
-
-
-register_channel_tensors(_SlimmableConvNd, _conv_layout)
-register_channel_tensors(SlimmableLinear, _linear_layout)
-register_channel_tensors(SlimmableConvTranspose2d, _conv_transpose_layout)
-register_channel_tensors(SlimmableBatchNorm2d, _bn_layout)
-register_channel_tensors(SlimmableLayerNorm, _layer_norm_layout)
-register_channel_tensors(SlimmableGroupNorm, _group_norm_layout)
-register_channel_tensors(_PerChannelAffine, _per_channel_layout)
-register_channel_tensors(SlicedParameters, _sliced_layout)
-register_channel_tensors(SlimmableMultiheadAttention, _attention_layout)
-
-
 def channel_layout(layer: nn.Module) -> ChannelLayout:
-    """The :class:`ChannelLayout` of a slimmable layer (its most specific registered type)."""
-    for cls in type(layer).__mro__:
-        if cls in CHANNEL_TENSORS:
-            return CHANNEL_TENSORS[cls](layer)
-    raise ReorderError(
-        f"cannot reorder the channels of a {type(layer).__name__}: its channel tensors are unknown "
-        "(usnet.reorder.register_channel_tensors can add it)"
-    )
+    """Which tensors of a slimmable layer hold its channels: its class's ``channel_layout``."""
+    layout = layer.channel_layout() if isinstance(layer, SlimmableLayer) else None
+    if layout is None:
+        raise ReorderError(
+            f"cannot reorder the channels of a {type(layer).__name__}: its channel tensors are "
+            "unknown (implement SlimmableLayer.channel_layout on its class)"
+        )
+    return layout
 
 
 # --- the layers of the model, as (layer, side, segments with offsets) --------------------------
@@ -694,7 +579,7 @@ def reorder_channels(model: nn.Module, importance: Importance = "l1", data: Iter
 
 def run_full_width(model: nn.Module, state: SlimmableState) -> None:
     """Every layer at its full channels (also when the width range stops below 1.0)."""
-    for parent, name, layer, attrs in _layer_updates(model, state, state.full_config):
+    for parent, name, layer, attrs in layer_updates(model, state, state.full_config):
         layer.__dict__.update(attrs)
         if "width_label" in attrs:
             layer.__dict__["width_label"] = "full width"
@@ -712,5 +597,4 @@ def _drop_width_stats(model: nn.Module) -> int:
     return count
 
 
-__all__ = ["CHANNEL_TENSORS", "ChannelLayout", "ChannelTensor", "IMPORTANCES", "ReorderError",
-           "register_channel_tensors", "reorder_channels"]  # fmt: skip
+__all__ = ["IMPORTANCES", "ReorderError", "channel_layout", "reorder_channels"]  # fmt: skip

@@ -17,6 +17,9 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from ..nn import SLIMMABLE_LAYERS
+from .registry import MODULE_OPS, ConversionError, pass_through
+
 
 def export_graph(
     model: nn.Module, inputs: Sequence[torch.Tensor], is_leaf: Callable[[nn.Module], bool]
@@ -79,3 +82,41 @@ def _collapse(graph: fx.Graph, owner: str, nodes: list[fx.Node]) -> None:
     for node in reversed(nodes):
         if not node.users:
             graph.erase_node(node)
+
+
+class Tracer(fx.Tracer):
+    def __init__(self, leaves: Sequence[type[nn.Module]]):
+        super().__init__()
+        self._extra_leaves = tuple(leaves)
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        kind = type(m)
+        if kind in SLIMMABLE_LAYERS or kind in MODULE_OPS or isinstance(m, self._extra_leaves):
+            return True
+        return super().is_leaf_module(m, qualname)
+
+
+def export_fallback(model: nn.Module, inputs: tuple, tracer: "Tracer",
+                     fx_error: Exception) -> fx.GraphModule:  # fmt: skip
+    """The graph of ``model`` from non-strict ``torch.export`` when ``torch.fx`` cannot trace it
+    (Python control flow over shapes), in the form the handlers expect (usnet.tracing)."""
+    try:
+        with torch.no_grad():
+            return export_graph(
+                model, inputs, lambda m: tracer.is_leaf_module(m, "") and _is_layer(m)
+            )
+    except Exception as err:
+        raise ConversionError(
+            f"cannot trace {type(model).__name__} with torch.fx ({type(fx_error).__name__}: "
+            f"{str(fx_error).splitlines()[0] if str(fx_error) else ''}) nor with torch.export "
+            f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
+            "data-dependent control flow is unsupported; make the module that holds it a leaf "
+            "with usnet.register_op(ModuleClass, handler) or leaf_modules=..."
+        ) from err
+
+
+def _is_layer(module: nn.Module) -> bool:
+    """Leaves that export collapses back into modules: not torch.nn containers or activations
+    (fx's default leaves), whose ATen operations the function handlers know."""
+    kind = type(module)
+    return kind in SLIMMABLE_LAYERS or MODULE_OPS.get(kind, pass_through) is not pass_through

@@ -24,6 +24,7 @@ another's timings. Cache files are written atomically.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import math
 import os
@@ -36,15 +37,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .channels import ChannelPlan, config_id, config_key
-from .cost import _check_input_size, format_count, profile
-from .deploy import spectrum_top1
-from .device import device_name, resolve_device
-from .errors import UsnetValueError
-from .files import atomic_write_bytes
+from ..channels import ChannelPlan, config_id, config_key
+from ..device import device_name, resolve_device
+from ..errors import UsnetValueError
+from ..files import atomic_write_bytes
+from ..progress import progress_bar
+from ..state import get_state, input_size_of
+from .artifact import spectrum_top1
+from .cost import check_input_size, format_count, profile
 from .plain import export
-from .reports import plot_selection, progress_bar  # noqa: F401 (plot_selection: re-exported)
-from .state import get_state, input_size_of
 
 SCAN_STEP = 0.001
 
@@ -176,7 +177,7 @@ def select_width(
     for name, value in budgets.items():
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
             raise UsnetValueError(f"{name} must be a positive number, got {value!r}")
-    size = _check_input_size(input_size_of(model, input_size))
+    size = check_input_size(input_size_of(model, input_size))
     plan = get_state(model).plan
     preferred = [
         float(r["width"]) for r in spectrum or () if isinstance(r.get("width"), (int, float))
@@ -227,7 +228,7 @@ def measure_candidates(
     for name, value, least in (("warmup", warmup, 0), ("repeats", repeats, 1)):
         if isinstance(value, bool) or not isinstance(value, int) or value < least:
             raise UsnetValueError(f"{name} must be an integer >= {least}, got {value!r}")
-    size = _check_input_size(input_size)
+    size = check_input_size(input_size)
     if use_cache:
         check_cache_dir(cache_dir)
     dtype = next(model.parameters()).dtype
@@ -263,10 +264,8 @@ def measure_candidates(
                 "median_ms": statistics.median(samples),
                 "samples_ms": samples,
             }
-            if bar is not None:
-                bar.update(1)
-        if bar is not None:
-            bar.close()
+            bar.update(1)
+        bar.close()
         if todo and use_cache:
             payload = {"key": key, "latency_ms": entries}
             atomic_write_bytes(path, (json.dumps(payload, indent=1) + "\n").encode())
@@ -349,7 +348,7 @@ def format_selection(selection: Selection) -> str:
     if c.top1 is not None:
         parts.append(f"top-1 {100 * c.top1:.2f}%")
     budgets = ", ".join(
-        f"{k.removeprefix('max_')} <= {_budget_text(k, v)}" for k, v in selection.budgets.items()
+        f"{k.removeprefix('max_')} <= {budget_text(k, v)}" for k, v in selection.budgets.items()
     )
     lines = [
         ", ".join(parts),
@@ -378,7 +377,7 @@ def _nothing_fits(narrowest: Candidate, budgets: Mapping) -> str:
     return f"no width fits the budget: the narrowest, width {narrowest.width:g}, needs {detail}"
 
 
-def _budget_text(key: str, value: float) -> str:
+def budget_text(key: str, value: float) -> str:
     return f"{value:g} ms" if key.endswith("latency_ms") else format_count(value)
 
 
@@ -398,3 +397,52 @@ def _read_cache(path: Path, key: Mapping) -> dict:
         return {}
     entries = payload.get("latency_ms")
     return dict(entries) if isinstance(entries, dict) else {}
+
+
+def plot_selection(selection: Selection, title: str = "") -> bytes:
+    """PNG: the budgeted cost (latency if measured, else MACs or params) against width with the
+    budget line and the chosen width, and top-1 where known."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    budgets = selection.budgets
+    if "max_latency_ms" in budgets:
+        key, label, budget = "latency_ms", "latency (ms, median)", budgets["max_latency_ms"]
+    elif "max_macs" in budgets:
+        key, label, budget = "macs", "MACs", budgets["max_macs"]
+    else:
+        key, label, budget = "params", "parameters", budgets["max_params"]
+    rows = [c for c in selection.candidates if getattr(c, key) is not None]
+    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=120)
+    # Each configuration is a step of the staircase: a flat segment over the widths giving it.
+    ax.hlines([getattr(c, key) for c in rows], [c.width_interval[0] for c in rows],
+              [c.width_interval[1] for c in rows], color="C0", lw=2)  # fmt: skip
+    ax.plot(
+        [c.width for c in rows], [getattr(c, key) for c in rows], "o", ms=3, color="C0", label=label
+    )
+    ax.axhline(
+        budget, color="C3", ls="--", lw=1, label=f"budget {budget_text('max_' + key, budget)}"
+    )
+    ax.axvline(selection.width, color="C2", ls=":", lw=1, label=f"chosen width {selection.width:g}")
+    ax.set_xlabel("width")
+    ax.set_ylabel(label)
+    handles, labels = ax.get_legend_handles_labels()
+    accurate = [c for c in selection.candidates if c.top1 is not None]
+    if accurate:
+        ax2 = ax.twinx()
+        ax2.plot([c.width for c in accurate], [100 * c.top1 for c in accurate], "s-", ms=3, color="C1",
+                 label="top-1 (%)")  # fmt: skip
+        ax2.set_ylabel("top-1 (%)")
+        h2, l2 = ax2.get_legend_handles_labels()
+        handles, labels = handles + h2, labels + l2
+    ax.legend(handles, labels, loc="upper left", fontsize=8)
+    ax.grid(alpha=0.3)
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    return buffer.getvalue()

@@ -20,9 +20,9 @@ import socket
 from pathlib import Path
 from typing import Any
 
-from . import checkpoint as ckpt
-from .errors import RunDirectoryError, UsnetValueError
-from .files import atomic_write_bytes, remove_stale_temporaries
+from .. import checkpoint as ckpt
+from ..errors import RunDirectoryError, UsnetValueError
+from ..files import atomic_write_bytes, remove_stale_temporaries
 
 CHECKPOINT = "checkpoint.pt"  # latest epoch, with trainer state: what --resume reads
 FINAL = "model.pt"  # calibrated final model

@@ -33,18 +33,21 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
-from . import checkpoint as ckpt
-from . import distributed as dist
-from .calibration import calibrate, needs_calibration
-from .channels import parse_widths
-from .config import ConfigError, TrainConfig, config_diff, config_from_saved, load_run_config
+from .. import checkpoint as ckpt
+from .. import distributed as dist
+from ..calibration import calibrate, needs_calibration
+from ..channels import parse_widths
+from ..deploy.spectrum import format_spectrum, spectrum_rows, write_spectrum
+from ..device import rank_device
+from ..errors import ConfigError, DataError, TrainingError
+from ..evaluation import evaluate
+from ..files import check_writable
+from ..models import create_model
+from ..progress import step_bar
+from ..state import enable_switchable_bn, get_state, set_width
+from .config import TrainConfig, config_diff, config_from_saved, load_run_config
 from .data import DataInfo, TensorBatches, as_tensors, datasets_for
-from .device import rank_device
-from .errors import DataError, TrainingError
-from .evaluation import evaluate
-from .files import check_writable
-from .models import create_model
-from .reports import format_spectrum, spectrum_rows, step_bar, write_spectrum
+from .recipe import make_optimizer, make_scheduler
 from .rundir import (
     CHECKPOINT,
     FINAL,
@@ -55,13 +58,10 @@ from .rundir import (
     resumable_checkpoint,
     truncate_metrics,
 )
-from .state import enable_switchable_bn, get_state, set_width
-from .training import (
+from .sandwich import (
     FixedWidths,
     InplaceDistillationLoss,
     WidthSampler,
-    make_optimizer,
-    make_scheduler,
     sandwich_step,
     warm_up_widths,
 )
@@ -417,21 +417,18 @@ class Trainer:
             self.step += 1
             seen += images.shape[0] * self.world_size
             rate = seen / max(time.perf_counter() - start, 1e-9)
-            if bar is not None:
-                bar.set_postfix(loss=f"{result.losses[0]:.3f}", img_s=f"{rate:.0f}", refresh=False)
-                bar.update(1)
+            bar.set_postfix(loss=f"{result.widest_loss:.3f}", img_s=f"{rate:.0f}", refresh=False)
+            bar.update(1)
             if self.step % c.log_every == 0 or self.step == 1:
                 record = {"kind": "train", "step": self.step, "epoch": self.epoch + 1,
                           "lr": self.optimizer.param_groups[0]["lr"], "images_per_s": rate,
-                          "loss_widest": result.losses[0], "loss_narrowest": result.losses[-1],
+                          "loss_widest": result.widest_loss,
+                          "loss_narrowest": result.narrowest_loss,
                           "widths": result.widths, "loss_kinds": result.loss_kinds}  # fmt: skip
-                if c.mode == "universal":
-                    record["loss_narrowest"] = result.losses[1]
                 if self.teacher is not None:
                     record["teacher_s"] = self.teacher_seconds
                 self._metric(record)
-        if bar is not None:
-            bar.close()
+        bar.close()
         if self.teacher is not None:  # the teacher's cost, for benchmarks/warm_start.py
             self._metric({"kind": "teacher", "step": self.step, "epoch": self.epoch + 1,
                           "teacher_s": self.teacher_seconds})  # fmt: skip

@@ -2,8 +2,9 @@
 
 timm subclasses ``nn.LayerNorm`` (its ``forward`` calls ``F.layer_norm`` on the parameters, which
 the converter cannot slice); the registry is by exact type, so each such class gets a slimmable
-subclass here. This module imports timm: :func:`usnet.convert.analyze` imports it only once the
-user's code has imported timm, and pickled models find the classes here by name.
+subclass here. This module imports timm: :func:`usnet.convert.analyze` loads it only once the
+user's code has imported timm (:mod:`usnet.plugins`), and pickled models find the classes here by
+name.
 """
 
 from __future__ import annotations
@@ -11,9 +12,9 @@ from __future__ import annotations
 from timm.layers import LayerNorm as _TimmLayerNorm
 from timm.models.vision_transformer import VisionTransformer as _TimmVisionTransformer
 
-from .attributes import register_size_attributes
-from .convert import layer_norm, register_op
-from .layers import SlimmableLayerNorm, register_slimmable
+from ..convert import layer_norm, register_op
+from ..nn import SlimmableLayerNorm, register_slimmable
+from ..nn.attributes import register_size_attributes
 
 
 class SlimmableTimmLayerNorm(SlimmableLayerNorm, _TimmLayerNorm):

@@ -14,8 +14,8 @@ import copy
 import torch.fx as fx
 from torch import nn
 
-from .channels import Width
-from .state import STATE_ATTR, get_state, keep_width_and_mode
+from ..channels import Width
+from ..state import STATE_ATTR, get_state, keep_width_and_mode
 
 
 def export(

@@ -16,10 +16,10 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from .channels import Width, config_id, format_width, width_value
-from .errors import UsnetValueError
+from ..channels import Width, config_id, format_width, width_value
+from ..errors import UsnetValueError
+from ..state import get_state, input_size_of
 from .plain import export
-from .state import get_state, input_size_of
 
 
 @dataclass(frozen=True)
@@ -40,7 +40,7 @@ def profile(model: nn.Module, width: Width | None = None,
     the input the model was converted with, else ``(1, 3, 224, 224)``)."""
     state = get_state(model)
     width = state.plan.check_width(state.width if width is None else width)
-    size = _check_input_size(input_size_of(model, input_size))
+    size = check_input_size(input_size_of(model, input_size))
     plain = export(model, width, require_stats=False)
     params, flops = module_cost(plain, size)
     return Profile(
@@ -54,7 +54,7 @@ def profile(model: nn.Module, width: Width | None = None,
 
 def module_cost(module: nn.Module, input_size: Sequence[int]) -> tuple[int, int]:
     """(parameters, FLOPs) of any plain module run once on a zero input of ``input_size``."""
-    size = _check_input_size(input_size)
+    size = check_input_size(input_size)
     params = sum(p.numel() for p in module.parameters())
     ref = next(module.parameters())
     counter = FlopCounterMode(display=False)
@@ -85,7 +85,7 @@ def format_profiles(rows: Iterable[Profile]) -> str:
     return "\n".join(lines)
 
 
-def _check_input_size(input_size: Sequence[int]) -> tuple[int, ...]:
+def check_input_size(input_size: Sequence[int]) -> tuple[int, ...]:
     try:
         size = tuple(int(s) for s in input_size)
     except (TypeError, ValueError):

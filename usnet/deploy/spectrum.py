@@ -1,7 +1,5 @@
-"""Reports: the accuracy/cost spectrum (CSV, JSON, PNG), the selection plot and progress bars.
-
-What ``usnet train`` and ``usnet eval`` print and write about a model across its widths, and the
-transient progress bars of long steps (tqdm, on stderr). Plots are PNG bytes (matplotlib's Agg
+"""The accuracy/cost spectrum of a model across its widths (CSV, JSON, PNG): what ``usnet train``
+and ``usnet eval`` print and write. Plots are PNG bytes (matplotlib's Agg
 backend, no display needed), written by the caller atomically.
 """
 
@@ -11,53 +9,23 @@ import csv
 import io
 import json
 import math
-import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from torch import nn
 
-from .channels import config_id
+from ..channels import config_id
+from ..files import atomic_write_bytes
+from ..state import get_state
 from .cost import format_count, profile
-from .files import atomic_write_bytes
-from .state import get_state
-
-if TYPE_CHECKING:
-    from .select import Selection
 
 __all__ = [
     "SPECTRUM_FIELDS",
     "format_spectrum",
-    "plot_selection",
     "plot_spectrum",
-    "progress_bar",
     "spectrum_rows",
-    "step_bar",
     "write_spectrum",
 ]
-
-
-def progress_bar(total: int, show: bool, desc: str = "calibrating", unit: str = "batch"):
-    """A transient tqdm bar, or None when not shown or there is nothing to do."""
-    if not show or total == 0:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, unit=unit, leave=False)
-
-
-def step_bar(total: int, desc: str, show: bool | None):
-    """The training epoch's bar: None when ``show`` is False; on a terminal a transient bar, else
-    (a log file) one line every 30 s that stays."""
-    if show is False:
-        return None
-    from tqdm.auto import tqdm
-
-    tty = sys.stderr.isatty()
-    return tqdm(
-        total=total, desc=desc, unit="step", leave=tty is False, mininterval=1 if tty else 30
-    )
 
 
 # --- the spectrum ---------------------------------------------------------------------------------
@@ -126,58 +94,6 @@ def plot_spectrum(rows: Sequence[dict], title: str = "",
     ax.grid(alpha=0.3)
     buffer = io.BytesIO()
     fig.tight_layout()
-    fig.savefig(buffer, format="png")
-    plt.close(fig)
-    return buffer.getvalue()
-
-
-# --- selection --------------------------------------------------------------------------------------
-def plot_selection(selection: "Selection", title: str = "") -> bytes:
-    """PNG: the budgeted cost (latency if measured, else MACs or params) against width with the
-    budget line and the chosen width, and top-1 where known."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from .select import _budget_text
-
-    budgets = selection.budgets
-    if "max_latency_ms" in budgets:
-        key, label, budget = "latency_ms", "latency (ms, median)", budgets["max_latency_ms"]
-    elif "max_macs" in budgets:
-        key, label, budget = "macs", "MACs", budgets["max_macs"]
-    else:
-        key, label, budget = "params", "parameters", budgets["max_params"]
-    rows = [c for c in selection.candidates if getattr(c, key) is not None]
-    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=120)
-    # Each configuration is a step of the staircase: a flat segment over the widths giving it.
-    ax.hlines([getattr(c, key) for c in rows], [c.width_interval[0] for c in rows],
-              [c.width_interval[1] for c in rows], color="C0", lw=2)  # fmt: skip
-    ax.plot(
-        [c.width for c in rows], [getattr(c, key) for c in rows], "o", ms=3, color="C0", label=label
-    )
-    ax.axhline(
-        budget, color="C3", ls="--", lw=1, label=f"budget {_budget_text('max_' + key, budget)}"
-    )
-    ax.axvline(selection.width, color="C2", ls=":", lw=1, label=f"chosen width {selection.width:g}")
-    ax.set_xlabel("width")
-    ax.set_ylabel(label)
-    handles, labels = ax.get_legend_handles_labels()
-    accurate = [c for c in selection.candidates if c.top1 is not None]
-    if accurate:
-        ax2 = ax.twinx()
-        ax2.plot([c.width for c in accurate], [100 * c.top1 for c in accurate], "s-", ms=3, color="C1",
-                 label="top-1 (%)")  # fmt: skip
-        ax2.set_ylabel("top-1 (%)")
-        h2, l2 = ax2.get_legend_handles_labels()
-        handles, labels = handles + h2, labels + l2
-    ax.legend(handles, labels, loc="upper left", fontsize=8)
-    ax.grid(alpha=0.3)
-    if title:
-        ax.set_title(title)
-    fig.tight_layout()
-    buffer = io.BytesIO()
     fig.savefig(buffer, format="png")
     plt.close(fig)
     return buffer.getvalue()

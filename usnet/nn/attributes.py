@@ -12,8 +12,12 @@ channels, so the slimmable model and every export describe the width they run at
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 from torch import nn
+from torchvision.models.vision_transformer import EncoderBlock, VisionTransformer
+
+from .base import lookup_by_class
 
 SizeAttributes = Callable[[nn.Module], dict[str, int]]
 
@@ -22,27 +26,28 @@ SIZE_ATTRIBUTES: dict[type, SizeAttributes] = {}
 values of its size attributes at the width its layers are set to."""
 
 
-def register_size_attributes(module_type: type, sizes: SizeAttributes) -> SizeAttributes:
+def register_size_attributes(module_type: type, sizes: SizeAttributes | None = None) -> Any:
     """Keep ``module_type``'s descriptive size attributes at the active width: ``sizes(module)``
-    returns ``{attribute: value}`` read from its (already updated) layers. Returns ``sizes``."""
+    returns ``{attribute: value}`` read from its (already updated) layers. Returns ``sizes``;
+    without it, a decorator of ``sizes``."""
     if not (isinstance(module_type, type) and issubclass(module_type, nn.Module)):
         raise TypeError(f"register_size_attributes: {module_type!r} is not an nn.Module class")
+    if sizes is None:
+        return lambda fn: register_size_attributes(module_type, fn)
     SIZE_ATTRIBUTES[module_type] = sizes
     return sizes
 
 
 def size_attributes_of(module: nn.Module) -> SizeAttributes | None:
     """The rule of ``module``'s class (or of the class a generated slimmable subclass wraps)."""
-    for cls in type(module).__mro__:
-        if cls in SIZE_ATTRIBUTES:
-            return SIZE_ATTRIBUTES[cls]
-    return None
+    return lookup_by_class(SIZE_ATTRIBUTES, type(module))
 
 
 def _features(layer: nn.Module, attr: str, active: str) -> int:
     return int(getattr(layer, active, getattr(layer, attr)))
 
 
+@register_size_attributes(VisionTransformer)
 def _torchvision_vit(model: nn.Module) -> dict[str, int]:
     # mlp_dim: one value when every block has the same MLP (a uniform width); with per-block
     # widths, the largest (the layers hold each block's own).
@@ -51,15 +56,7 @@ def _torchvision_vit(model: nn.Module) -> dict[str, int]:
     return {"mlp_dim": max(sizes)} if sizes else {}
 
 
+@register_size_attributes(EncoderBlock)
 def _torchvision_encoder_block(block: nn.Module) -> dict[str, int]:
     attention = block.self_attention
     return {"num_heads": int(getattr(attention, "active_heads", attention.num_heads))}
-
-
-try:
-    from torchvision.models.vision_transformer import EncoderBlock, VisionTransformer
-
-    register_size_attributes(VisionTransformer, _torchvision_vit)
-    register_size_attributes(EncoderBlock, _torchvision_encoder_block)
-except ImportError:  # pragma: no cover - torchvision is a dependency
-    pass

@@ -30,13 +30,13 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from . import bn_stats
-from .calibration import calibrate
-from .channels import ChannelPlan, config_id, config_key
-from .cost import _check_input_size, format_count, profile
-from .errors import UsnetValueError
-from .evaluation import evaluate
-from .state import get_state, keep_width_and_mode
+from ..calibration import calibrate
+from ..channels import ChannelPlan, config_id, config_key
+from ..errors import UsnetValueError
+from ..evaluation import evaluate
+from ..nn import bn_stats
+from ..state import get_state, keep_width_and_mode
+from .cost import check_input_size, format_count, profile
 
 
 @dataclass(frozen=True)
@@ -97,7 +97,7 @@ def search_width(
         raise UsnetValueError(f"step must be in (0, {hi - lo:g}] (the width range), got {step!r}")
     batches = [calib_images] if isinstance(calib_images, Tensor) else list(calib_images)
     num_calib = sum(b.shape[0] for b in batches)
-    input_size = (1, *_check_input_size(input_size)[1:])
+    input_size = (1, *check_input_size(input_size)[1:])
     images, labels = heldout
     if images.shape[0] == 0 or images.shape[0] != labels.shape[0]:
         raise UsnetValueError(

@@ -20,9 +20,10 @@ from typing import Any, Literal, Union
 
 import yaml
 
-from .channels import parse_widths
-from .device import check_device_name, resolve_device  # noqa: F401 (resolve_device: re-exported)
-from .errors import ConfigError
+from ..channels import parse_widths
+from ..device import check_device_name
+from ..errors import ConfigError
+from .sandwich import DISTILL_LABEL_WEIGHT
 
 
 @dataclass
@@ -80,7 +81,9 @@ class TrainConfig:
     )
     inplace_distill: bool = True
     distill_temperature: float = 1.0
-    distill_label_weight: float = 0.5  # narrower widths: (1-λ)·distillation + λ·labels
+    distill_label_weight: float = (
+        DISTILL_LABEL_WEIGHT  # narrower widths: (1-λ)·distillation + λ·labels
+    )
     distill_warmup_epochs: float = 0.0  # λ falls linearly from 1 to distill_label_weight over these
     label_smoothing: float = 0.0
     epochs: int = 4
