@@ -209,7 +209,7 @@ def calibration_table(results: Sequence[Mapping], widths: Sequence[str], row: st
 def render(directory: Path, spec) -> str:
     """Markdown for one suite. ``spec`` supplies ``ROWS`` (name -> object with ``title``),
     ``GROUPS`` (group -> row names), ``GROUP_TITLES``, ``COMPARISONS`` (group -> (a, b) pairs),
-    ``WIDTHS``, ``CLAIM_WIDTHS``, ``SPECTRUM_ROWS`` and ``CALIBRATION_ROW`` (paper_claims.py)."""
+    ``WIDTHS``, ``CLAIM_WIDTHS``, ``SPECTRUM_ROWS`` and ``CALIBRATION_ROW`` (claims_rows.py)."""
     directory = Path(directory)
     runs = load_runs(directory)
     data = by_row(runs)
@@ -286,14 +286,14 @@ def main(argv: list[str] | None = None) -> int:
     if not directory.is_dir():
         parser.error(f"no results directory {args.suite!r} (nor {RESULTS / args.suite})")
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    import paper_claims
+    import claims_rows
 
     try:
         if not load_runs(directory):
             raise ReportError(
                 f"{str(directory)!r} holds no {FORMAT} result files: nothing to report"
             )
-        print(render(directory, paper_claims))
+        print(render(directory, claims_rows))
         if args.plot is not None and plot(directory, args.plot):
             print(f"\nPlot: {args.plot}")
     except ReportError as err:

@@ -14,14 +14,14 @@ import contextlib
 import pytest
 import test_calibrate
 import test_channels
-import test_convert_attention
-import test_reorder_reconstruction
-import test_select
-import test_trainer
-import test_training
 import torch
+from convert import test_convert_attention
+from deploy import test_select
+from train import test_reorder_reconstruction, test_trainer
+from train import test_sandwich as test_training
 from usnet_testing import zoo_model
 
+import usnet.checkpoint
 import usnet.deploy.select
 import usnet.nn.norm
 import usnet.state
@@ -162,3 +162,19 @@ def test_uncentered_covariance_fails_the_reconstruction_model_test(monkeypatch):
     monkeypatch.setattr(usnet.train.reorder._InputCovariance, "covariance",
                         lambda self: self.outer / self.count)  # fmt: skip
     fails(test_reorder_reconstruction.test_model_order_equals_brute_force_on_the_consumers_outputs)
+
+
+def test_narrowest_loss_read_from_the_second_width_fails_its_test(monkeypatch):
+    """The old trainer bug: ``losses[1]`` is the narrowest only under the plain sandwich rule."""
+    monkeypatch.setattr(usnet.train.sandwich.StepResult, "narrowest_loss",
+                        property(lambda self: self.losses[1]))  # fmt: skip
+    fails(test_training.test_narrowest_loss_is_the_narrowest_widths_whatever_the_order, "max")
+
+
+def test_old_checkpoints_fail_to_load_without_the_moved_class_map(monkeypatch):
+    """tests/test_checkpoint_fixtures.py proves something only if the fixture needs the map."""
+    import test_checkpoint_fixtures
+
+    monkeypatch.setattr(usnet.checkpoint, "MOVED_MODULES", {})
+    with pytest.raises(usnet.UsnetError, match="not a readable checkpoint"):
+        test_checkpoint_fixtures.test_old_checkpoint_loads_with_identical_outputs("converted")

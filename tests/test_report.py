@@ -13,6 +13,7 @@ from usnet_testing import load_benchmark
 
 report = load_benchmark("report")
 paper_claims = load_benchmark("paper_claims")
+claims_rows = load_benchmark("claims_rows")
 
 
 def write_run(directory: Path, row: str, seed: int, top1: dict[float, float], *, index: int = 0,
@@ -58,7 +59,7 @@ def rows_of(text: str, prefix: str) -> list[str]:
 
 
 def test_cells_count_their_seeds_and_missing_rows_are_listed(suite):
-    text = report.render(suite, paper_claims)
+    text = report.render(suite, claims_rows)
     [us_row] = [r for r in rows_of(text, "| US-Net, default recipe (n=5) (`us_net`)")][:1]
     assert us_row.split(" | ")[1] == "3 (0,1,2)"
     assert "90.20 ± 0.20 [3]" in us_row  # 0.25: mean and sd of 90.0, 90.2, 90.4
@@ -71,7 +72,7 @@ def test_cells_count_their_seeds_and_missing_rows_are_listed(suite):
     missing = rows_of(text, "| US-Net with only max + min (n=2) (`n2`)")[0]
     assert missing.split(" | ")[1] == "missing"
     # every row of every group is listed, run or not
-    for group, names in paper_claims.GROUPS.items():
+    for group, names in claims_rows.GROUPS.items():
         for name in dict.fromkeys(names):
             assert f"(`{name}`) |" in text, (group, name)
     assert (
@@ -114,11 +115,11 @@ def test_plot_draws_the_lowest_seed_against_the_networks_trained_alone(
 def test_calibration_table_names_the_run_its_records_recalibrated(suite):
     records = json.loads((suite / "calibration.json").read_text())
     (suite / "calibration.json").write_text(json.dumps([{**r, "row": "n4"} for r in records]))
-    assert "(seed-0 `n4` US-Net" in report.render(suite, paper_claims)
+    assert "(seed-0 `n4` US-Net" in report.render(suite, claims_rows)
 
 
 def test_paired_differences_standard_errors_and_words(suite):
-    text = report.render(suite, paper_claims)
+    text = report.render(suite, claims_rows)
     lines = {line.split(" | ")[1]: line for line in rows_of(text, "| `us_net` - `individual` |")}
     # width 1.0: differences 2.0 / 1.8 / 1.8 -> mean 1.87, SE 0.07: far beyond noise
     cols = [c.strip() for c in lines["1.00"].strip("|").split("|")]
@@ -151,12 +152,12 @@ def test_conflicting_or_mixed_results_are_refused(tmp_path):
     write_run(d, "us_net", 0, {0.25: 90.0})
     write_run(d, "us_net", 0, {0.25: 91.0}, index=1)  # a second file with the same width
     with pytest.raises(report.ReportError, match="width 0.25 measured twice"):
-        report.render(d, paper_claims)
+        report.render(d, claims_rows)
     e = tmp_path / "t"
     write_run(e, "us_net", 0, {0.25: 90.0})
     write_run(e, "individual", 0, {0.25: 90.0}, scored_on="val", images=5000)
     with pytest.raises(report.ReportError, match="scored on different sets"):
-        report.render(e, paper_claims)
+        report.render(e, claims_rows)
     (e / "broken.json").write_text(json.dumps({"format": report.FORMAT, "row": "x"}))
     with pytest.raises(report.ReportError, match="without 'seed'"):
         report.load_runs(e)
@@ -203,7 +204,7 @@ def test_paper_claims_writes_a_raw_result_for_a_finished_run(tmp_path):
     assert raw["scored_on"] == "val" and raw["scored_images"] == 5000
     assert raw["config"]["data"]["val_split"] == 5000 and raw["spectrum"] == points
     assert {"platform", "cpus", "torch", "device"} <= set(raw["machine"])
-    assert "90.00 [1]" in report.render(args.results, paper_claims)
+    assert "90.00 [1]" in report.render(args.results, claims_rows)
 
 
 def test_a_suite_without_results_is_an_error_not_an_empty_report(tmp_path, capsys):

@@ -22,6 +22,7 @@ from torch import nn
 from .channels import format_width, parse_widths
 from .errors import UsnetError, UsnetValueError
 from .files import check_output, check_writable
+from .models import model_input_size
 
 USER_ERRORS = (UsnetError, OSError, argparse.ArgumentError, argparse.ArgumentTypeError)
 """What the command line reports as one line (exit 2); every other exception is a failure."""
@@ -81,13 +82,6 @@ def load_model_arg(spec: str, num_classes: int | None = None, in_channels: int |
     )
 
 
-def default_input_size(model: nn.Module) -> tuple[int, int, int, int]:
-    """The input the model was built for (its zoo architecture record)."""
-    from .models import model_input_size
-
-    return model_input_size(model)
-
-
 def cmd_profile(args: argparse.Namespace) -> int:
     from .deploy.cost import format_profiles, profile
 
@@ -96,7 +90,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
         input_size = args.input_size or _input_size_of(model, payload)
     else:
         model = load_model_arg(args.model, args.num_classes, args.in_channels, args.small_input)
-        input_size = args.input_size or default_input_size(model)
+        input_size = args.input_size or model_input_size(model)
     from .progress import progress_bar
 
     widths = _distinct_widths(model, args.widths, "profiling")
@@ -152,7 +146,6 @@ def model_io(model: nn.Module, input_size) -> tuple[int, int]:
     import torch
 
     from .deploy.plain import export
-    from .models import model_input_size
     from .state import get_state
 
     state = get_state(model)
@@ -374,7 +367,7 @@ def _input_size_of(model: nn.Module, payload: dict) -> tuple[int, ...]:
     data = ((payload.get("extra") or {}).get("config") or {}).get("data") or {}
     if isinstance(data, dict) and data.get("name"):
         return dataset_input_size(str(data["name"]), int(data.get("image_size", 224)))
-    return default_input_size(model)
+    return model_input_size(model)
 
 
 def cmd_export(args: argparse.Namespace) -> int:

@@ -1,7 +1,7 @@
 """Device names: what a config, a command-line option or a torchrun rank means by a device.
 
 One place for config validation, the trainer, :mod:`usnet.distributed` and latency measurement
-(:mod:`usnet.select`), so none of them needs the training config to name a device.
+(:mod:`usnet.deploy.select`), so none of them needs the training config to name a device.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ US-Net-specific lives here:
 * :func:`convert_sync_batchnorm`: synchronized batch statistics for *slimmable* BatchNorm.
   ``torch.nn.SyncBatchNorm.convert_sync_batchnorm`` would replace our layers (and lose the
   per-width statistics), and torch's fused SyncBN kernels exist only for accelerators; instead
-  each :class:`~usnet.layers.SlimmableBatchNorm2d` can compute its batch statistics over all
+  each :class:`~usnet.nn.SlimmableBatchNorm2d` can compute its batch statistics over all
   ranks with :func:`global_batch_stats`, differentiably, on its active channels.
 * :func:`global_batch_stats`: per-channel mean and variance of a batch sharded across ranks. Each
   rank computes its local mean and variance (two-pass, float32), one ``all_gather`` collects
@@ -181,7 +181,7 @@ def _collective_device(group: Any = None) -> torch.device:
 
 
 def convert_sync_batchnorm(module: nn.Module, process_group: Any = None) -> nn.Module:
-    """Make every :class:`~usnet.layers.SlimmableBatchNorm2d` of ``module`` synchronize its
+    """Make every :class:`~usnet.nn.SlimmableBatchNorm2d` of ``module`` synchronize its
     training-mode batch statistics across ``process_group`` (default: all ranks), in place.
 
     The slimmable counterpart of ``torch.nn.SyncBatchNorm.convert_sync_batchnorm``: the layers,

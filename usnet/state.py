@@ -9,7 +9,7 @@ has its own width.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Union
 
@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .channels import ChannelPlan, Width, config_key, format_width
-from .errors import UsnetTypeError
+from .errors import UsnetTypeError, UsnetValueError
 from .nn.attributes import size_attributes_of
 from .nn.base import ActiveChannels, SlimmableLayer
 from .nn.norm import SlimmableBatchNorm2d
@@ -125,7 +125,7 @@ class SlimmableState:
     _updates: dict[tuple[int, ...], list[_LayerUpdate]] = field(
         default_factory=dict, repr=False, compare=False
     )
-    # (module, rule) of the modules with descriptive size attributes (usnet.attributes); built
+    # (module, rule) of the modules with descriptive size attributes (usnet.nn.attributes); built
     # with the updates, dropped by copies and pickles like them
     _size_rules: list | None = field(default=None, repr=False, compare=False)
 
@@ -202,11 +202,24 @@ def get_width(model: nn.Module) -> Width:
 
 
 def input_size_of(model: nn.Module, input_size: Any = None) -> tuple[int, ...]:
-    """``input_size`` if given, else the ``(1, C, H, W)`` the model was converted with (a ViT
-    takes only its own image size), else ``(1, 3, 224, 224)``."""
+    """The ``(N, C, H, W)`` to profile or export ``model`` at: ``input_size`` if given (checked),
+    else the example input the model was converted with (a ViT takes only its own image size),
+    else ``(1, 3, 224, 224)``."""
     if input_size is not None:
-        return tuple(input_size)
+        return check_input_size(input_size)
     return tuple(get_state(model).input_size or (1, 3, 224, 224))
+
+
+def check_input_size(input_size: Sequence[int]) -> tuple[int, ...]:
+    try:
+        size = tuple(int(s) for s in input_size)
+    except (TypeError, ValueError):
+        raise UsnetValueError(
+            f"input_size must be a sequence of ints like (1, 3, 224, 224), got {input_size!r}"
+        ) from None
+    if len(size) != 4 or min(size) < 1:
+        raise UsnetValueError(f"input_size must be (N, C, H, W) with positive sizes, got {size}")
+    return size
 
 
 def channels_at(model: nn.Module, width: Width | None = None) -> dict[str, int]:
@@ -229,7 +242,7 @@ def set_width(model: nn.Module, width: Width) -> nn.Module:
         (parent._modules.get(name) if name else model) is not layer
         for parent, name, layer, _ in updates
     ):
-        updates = state._updates[config] = layer_updates(model, state, config)
+        updates = state._updates[config] = _layer_updates(model, state, config)
         rebuilt = True
     else:
         rebuilt = False
@@ -243,7 +256,7 @@ def set_width(model: nn.Module, width: Width) -> nn.Module:
         layer.__dict__.update(attrs)
         if "width_label" in attrs:  # layers that name the width in their errors
             layer.__dict__["width_label"] = label
-    # Descriptive size attributes (usnet.attributes), read from the layers just updated.
+    # Descriptive size attributes (usnet.nn.attributes), read from the layers just updated.
     if state._size_rules is None or rebuilt:
         state._size_rules = [
             (m, rule) for m in model.modules() if (rule := size_attributes_of(m)) is not None
@@ -255,7 +268,7 @@ def set_width(model: nn.Module, width: Width) -> nn.Module:
     return model
 
 
-def layer_updates(
+def _layer_updates(
     model: nn.Module, state: SlimmableState, config: tuple[int, ...]
 ) -> list[_LayerUpdate]:
     """The active-channel attributes of every bound layer at one channel configuration."""
@@ -291,6 +304,15 @@ def layer_updates(
         updates.append((model.get_submodule(parent_name), name,
                         model.get_submodule(shape_attr.module), {shape_attr.attr: size}))  # fmt: skip
     return updates
+
+
+def run_full_width(model: nn.Module, state: SlimmableState) -> None:
+    """Every layer at its full channels (also when the width range stops below 1.0)."""
+    for parent, name, layer, attrs in _layer_updates(model, state, state.full_config):
+        layer.__dict__.update(attrs)
+        if "width_label" in attrs:
+            layer.__dict__["width_label"] = "full width"
+    state._applied = state.full_config
 
 
 @contextlib.contextmanager

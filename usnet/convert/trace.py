@@ -99,7 +99,7 @@ class Tracer(fx.Tracer):
 def export_fallback(model: nn.Module, inputs: tuple, tracer: "Tracer",
                      fx_error: Exception) -> fx.GraphModule:  # fmt: skip
     """The graph of ``model`` from non-strict ``torch.export`` when ``torch.fx`` cannot trace it
-    (Python control flow over shapes), in the form the handlers expect (usnet.tracing)."""
+    (Python control flow over shapes), in the form the handlers expect (usnet.convert.trace)."""
     try:
         with torch.no_grad():
             return export_graph(

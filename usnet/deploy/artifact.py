@@ -42,8 +42,8 @@ from ..channels import Width, config_id, format_width, width_value
 from ..errors import UsnetError, UsnetValueError
 from ..evaluation import eval_forward
 from ..files import atomic_write_bytes
-from ..state import get_state, input_size_of
-from .cost import check_input_size, module_cost
+from ..state import check_input_size, get_state, input_size_of
+from .cost import module_cost
 from .plain import export
 
 FORMATS: dict[str, str] = {"pt": ".pt2", "torchscript": ".torchscript.pt", "onnx": ".onnx"}
@@ -200,7 +200,7 @@ def export_artifact(
     check_format(format)
     state = get_state(model)
     width = state.plan.check_width(width)
-    size = check_input_size(input_size_of(model, input_size))
+    size = input_size_of(model, input_size)
     tolerance = _check_tolerance(tolerance, fuse_bn)
     if Path(path).is_dir():
         raise FileExistsError(f"{str(path)!r} is a directory; name the file to write "

@@ -17,8 +17,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from ..channels import Width, config_id, format_width, width_value
-from ..errors import UsnetValueError
-from ..state import get_state, input_size_of
+from ..state import check_input_size, get_state, input_size_of
 from .plain import export
 
 
@@ -40,7 +39,7 @@ def profile(model: nn.Module, width: Width | None = None,
     the input the model was converted with, else ``(1, 3, 224, 224)``)."""
     state = get_state(model)
     width = state.plan.check_width(state.width if width is None else width)
-    size = check_input_size(input_size_of(model, input_size))
+    size = input_size_of(model, input_size)
     plain = export(model, width, require_stats=False)
     params, flops = module_cost(plain, size)
     return Profile(
@@ -83,15 +82,3 @@ def format_profiles(rows: Iterable[Profile]) -> str:
             f"{format_count(r.flops):>10}  {r.config_id}"
         )
     return "\n".join(lines)
-
-
-def check_input_size(input_size: Sequence[int]) -> tuple[int, ...]:
-    try:
-        size = tuple(int(s) for s in input_size)
-    except (TypeError, ValueError):
-        raise UsnetValueError(
-            f"input_size must be a sequence of ints like (1, 3, 224, 224), got {input_size!r}"
-        ) from None
-    if len(size) != 4 or min(size) < 1:
-        raise UsnetValueError(f"input_size must be (N, C, H, W) with positive sizes, got {size}")
-    return size

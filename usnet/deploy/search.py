@@ -35,8 +35,8 @@ from ..channels import ChannelPlan, config_id, config_key
 from ..errors import UsnetValueError
 from ..evaluation import evaluate
 from ..nn import bn_stats
-from ..state import get_state, keep_width_and_mode
-from .cost import check_input_size, format_count, profile
+from ..state import check_input_size, get_state, keep_width_and_mode
+from .cost import format_count, profile
 
 
 @dataclass(frozen=True)

@@ -42,9 +42,9 @@ from ..device import device_name, resolve_device
 from ..errors import UsnetValueError
 from ..files import atomic_write_bytes
 from ..progress import progress_bar
-from ..state import get_state, input_size_of
+from ..state import check_input_size, get_state, input_size_of
 from .artifact import spectrum_top1
-from .cost import check_input_size, format_count, profile
+from .cost import format_count, profile
 from .plain import export
 
 SCAN_STEP = 0.001
@@ -177,7 +177,7 @@ def select_width(
     for name, value in budgets.items():
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
             raise UsnetValueError(f"{name} must be a positive number, got {value!r}")
-    size = check_input_size(input_size_of(model, input_size))
+    size = input_size_of(model, input_size)
     plan = get_state(model).plan
     preferred = [
         float(r["width"]) for r in spectrum or () if isinstance(r.get("width"), (int, float))

@@ -6,11 +6,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import _PerChannelAffine, register_slimmable
+from .base import PerChannelAffine, register_slimmable
 
 
 @register_slimmable(nn.PReLU)
-class SlimmablePReLU(_PerChannelAffine, nn.PReLU):
+class SlimmablePReLU(PerChannelAffine, nn.PReLU):
     """``nn.PReLU`` with one slope per channel (dimension 1), on its active channels."""
 
     def __init__(self, *args, **kwargs):

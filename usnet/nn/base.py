@@ -119,7 +119,7 @@ class SlimmableLayer:
         return ()
 
 
-def _copy_into(new: nn.Module, weight: Tensor, bias: Tensor | None, training: bool) -> nn.Module:
+def copy_into(new: nn.Module, weight: Tensor, bias: Tensor | None, training: bool) -> nn.Module:
     with torch.no_grad():
         new.weight.copy_(weight)
         if bias is not None:
@@ -128,14 +128,14 @@ def _copy_into(new: nn.Module, weight: Tensor, bias: Tensor | None, training: bo
     return new
 
 
-def _scaled(weight: Tensor, bias: Tensor | None, scale: float) -> tuple[Tensor, Tensor | None]:
+def scaled_by(weight: Tensor, bias: Tensor | None, scale: float) -> tuple[Tensor, Tensor | None]:
     """Weight and bias times the input-averaging scale (a no-op at scale 1)."""
     if scale == 1.0:
         return weight, bias
     return weight * scale, None if bias is None else bias * scale
 
 
-class _PerChannelAffine(SlimmableLayer):
+class PerChannelAffine(SlimmableLayer):
     """A "features" layer whose parameters are per channel (dimension 0 of ``weight``/``bias``)."""
 
     channel_role = "features"

@@ -12,14 +12,14 @@ from .base import (
     ChannelLayout,
     ChannelTensor,
     SlimmableLayer,
-    _copy_into,
-    _scaled,
+    copy_into,
     register_slimmable,
+    scaled_by,
     take,
 )
 
 
-class _SlimmableConvNd(SlimmableLayer):
+class SlimmableConvNd(SlimmableLayer):
     """A convolution (standard, grouped or depthwise) running on its first channels.
 
     A depthwise conv (``groups == in_channels``) keeps ``groups == active_in_channels``; any other
@@ -51,7 +51,7 @@ class _SlimmableConvNd(SlimmableLayer):
             self.padding, self.dilation, self.active_groups, bias is not None, self.padding_mode,
             device=weight.device, dtype=weight.dtype,
         )  # fmt: skip
-        return _copy_into(new, weight, bias, self.training)
+        return copy_into(new, weight, bias, self.training)
 
     @property
     def is_depthwise(self) -> bool:
@@ -78,7 +78,7 @@ class _SlimmableConvNd(SlimmableLayer):
         else:
             weight = take(weight, 1, cin // groups, getattr(self, "active_in_index", None))
         bias = None if self.bias is None else take(self.bias, 0, cout, out_index)
-        return _scaled(weight, bias, self.averaging_scale())
+        return scaled_by(weight, bias, self.averaging_scale())
 
     def averaging_scale(self) -> float:
         if not self.input_averaging:
@@ -120,7 +120,7 @@ class _SlimmableConvNd(SlimmableLayer):
 
 
 @register_slimmable(nn.Conv2d)
-class SlimmableConv2d(_SlimmableConvNd, nn.Conv2d):
+class SlimmableConv2d(SlimmableConvNd, nn.Conv2d):
     """``nn.Conv2d`` (standard, grouped or depthwise) running on its first channels.
 
     A depthwise conv (``groups == in_channels``) keeps ``groups == active_in_channels``; any other
@@ -133,7 +133,7 @@ class SlimmableConv2d(_SlimmableConvNd, nn.Conv2d):
 
 
 @register_slimmable(nn.Conv1d)
-class SlimmableConv1d(_SlimmableConvNd, nn.Conv1d):
+class SlimmableConv1d(SlimmableConvNd, nn.Conv1d):
     """``nn.Conv1d`` on ``(N, C, L)``, like :class:`SlimmableConv2d`."""
 
     _plain_type = nn.Conv1d
@@ -168,7 +168,7 @@ class SlimmableConvTranspose2d(SlimmableLayer, nn.ConvTranspose2d):
         bias = None if self.bias is None else take(
             self.bias, 0, self.active_out_channels, self.active_out_index)  # fmt: skip
         scale = self.in_channels / self.active_in_channels if self.input_averaging else 1.0
-        return _scaled(weight, bias, scale)
+        return scaled_by(weight, bias, scale)
 
     def forward(self, input: Tensor, output_size: list[int] | None = None) -> Tensor:
         if input.dim() < 3 or input.shape[-3] != self.active_in_channels:
@@ -190,7 +190,7 @@ class SlimmableConvTranspose2d(SlimmableLayer, nn.ConvTranspose2d):
             self.padding, self.output_padding, 1, bias is not None, self.dilation,
             self.padding_mode, device=weight.device, dtype=weight.dtype,
         )  # fmt: skip
-        return _copy_into(new, weight, bias, self.training)
+        return copy_into(new, weight, bias, self.training)
 
     def channel_layout(self) -> ChannelLayout:
         return ChannelLayout((ChannelTensor("weight", 1, "out", weight=True),

@@ -11,9 +11,9 @@ from .base import (
     ChannelLayout,
     ChannelTensor,
     SlimmableLayer,
-    _copy_into,
-    _scaled,
+    copy_into,
     register_slimmable,
+    scaled_by,
     take,
 )
 
@@ -43,7 +43,7 @@ class SlimmableLinear(SlimmableLayer, nn.Linear):
         weight, bias = self.active_weight_and_bias()
         new = nn.Linear(self.active_in_features, self.active_out_features, bias is not None,
                         device=weight.device, dtype=weight.dtype)  # fmt: skip
-        return _copy_into(new, weight, bias, self.training)
+        return copy_into(new, weight, bias, self.training)
 
     def averaging_scale(self) -> float:
         return self.in_features / self.active_in_features if self.input_averaging else 1.0
@@ -55,7 +55,7 @@ class SlimmableLinear(SlimmableLayer, nn.Linear):
         bias = (
             None if self.bias is None else take(self.bias, 0, self.active_out_features, out_index)
         )
-        return _scaled(weight, bias, self.averaging_scale())
+        return scaled_by(weight, bias, self.averaging_scale())
 
     def forward(self, input: Tensor) -> Tensor:
         if input.shape[-1] != self.active_in_features:

@@ -16,8 +16,8 @@ from ..errors import UncalibratedWidthError
 from .base import (
     ChannelLayout,
     ChannelTensor,
+    PerChannelAffine,
     SlimmableLayer,
-    _PerChannelAffine,
     affine_channels,
     register_slimmable,
     take,
@@ -384,7 +384,7 @@ class SlimmableBatchNorm1d(SlimmableBatchNorm2d, nn.BatchNorm1d):
 
 
 @register_slimmable(nn.GroupNorm)
-class SlimmableGroupNorm(_PerChannelAffine, nn.GroupNorm):
+class SlimmableGroupNorm(PerChannelAffine, nn.GroupNorm):
     """``nn.GroupNorm`` whose **group size** (channels per group) stays fixed: at any width the
     active channels form ``active // group_size`` groups, each channel in the group it belongs to
     at full width, so a fully active group is normalized exactly as at full width. (Keeping the
@@ -427,7 +427,7 @@ class SlimmableGroupNorm(_PerChannelAffine, nn.GroupNorm):
 
 
 @register_slimmable(nn.InstanceNorm2d)
-class SlimmableInstanceNorm2d(_PerChannelAffine, nn.InstanceNorm2d):
+class SlimmableInstanceNorm2d(PerChannelAffine, nn.InstanceNorm2d):
     """``nn.InstanceNorm2d`` with per-channel affine parameters (statistics are per image and
     channel, so only the parameters slim). Running statistics are not supported."""
 
@@ -470,7 +470,7 @@ class SlimmableLayerNorm2d(SlimmableLayerNorm, _LayerNorm2d):
 
 
 @register_slimmable(_FrozenBatchNorm2d)
-class SlimmableFrozenBatchNorm2d(_PerChannelAffine, _FrozenBatchNorm2d):
+class SlimmableFrozenBatchNorm2d(PerChannelAffine, _FrozenBatchNorm2d):
     """torchvision's ``FrozenBatchNorm2d`` (detection backbones) on its active channels: its
     statistics are fixed buffers, so every width uses the full-width ones of its active
     channels."""

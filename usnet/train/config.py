@@ -101,7 +101,7 @@ class TrainConfig:
     momentum: float = 0.9
     nesterov: bool = True
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    weight_decay: float = 5e-5  # conv/linear weights only (usnet.training.param_groups)
+    weight_decay: float = 5e-5  # conv/linear weights only (usnet.train.recipe.param_groups)
     amp: Literal["none", "bf16", "fp16"] = "none"
     # CUDA: cuDNN autotuning, with every channel configuration tuned before the first step (a
     # random width then never re-tunes mid-training). On the CPU only the warm-up runs.

@@ -344,7 +344,7 @@ def _limit(dataset: Dataset, limit: int | None) -> Dataset:
 
 def datasets_for(config) -> tuple[Dataset, Dataset, Dataset, DataInfo]:
     """(train, calibration, test) datasets of a run config's ``data`` section (a
-    :class:`~usnet.config.TrainConfig`; augmentation, if on, applies to the training set only).
+    :class:`~usnet.train.config.TrainConfig`; augmentation, if on, applies to the training set only).
     With ``data.val_split`` the third is the validation set held out from the training images,
     and the first two hold the rest."""
     d = config.data

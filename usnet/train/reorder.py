@@ -52,10 +52,10 @@ from torch import Tensor, nn
 from ..errors import UsnetValueError
 from ..nn.base import ChannelLayout, ChannelTensor, SlimmableLayer
 from ..nn.bn_stats import WidthStats
-from ..nn.conv import _SlimmableConvNd
+from ..nn.conv import SlimmableConvNd
 from ..nn.linear import SlimmableLinear
 from ..nn.norm import SlimmableBatchNorm2d
-from ..state import Channels, SlimmableState, get_state, layer_updates, segments, set_width
+from ..state import Channels, SlimmableState, get_state, run_full_width, segments, set_width
 
 logger = logging.getLogger(__name__)
 
@@ -312,9 +312,7 @@ def _reconstructs(site: _Site) -> bool:
         return False
     if isinstance(layer, SlimmableLinear):
         return True
-    return (
-        isinstance(layer, _SlimmableConvNd) and isinstance(layer, nn.Conv2d) and layer.groups == 1
-    )
+    return isinstance(layer, SlimmableConvNd) and isinstance(layer, nn.Conv2d) and layer.groups == 1
 
 
 def _greedy_prefix_order(terms: list[tuple[Tensor, Tensor]], size: int) -> Tensor:
@@ -452,7 +450,7 @@ def _induced(state: SlimmableState, sites: list[_Site]) -> dict[str, tuple[str, 
         by_layer.setdefault(s.name, {})[s.side] = s.spans
     for site in sites:
         layer = site.layer
-        if site.side == "out" and isinstance(layer, _SlimmableConvNd) and layer.is_depthwise:
+        if site.side == "out" and isinstance(layer, SlimmableConvNd) and layer.is_depthwise:
             ((child, _, _),) = site.spans
             ((parent, _, _),) = by_layer[site.name]["in"]
             if parent != child:
@@ -575,15 +573,6 @@ def reorder_channels(model: nn.Module, importance: Importance = "l1", data: Iter
                   if dropped else ""))  # fmt: skip
     (log or logger.info)(message)
     return perms
-
-
-def run_full_width(model: nn.Module, state: SlimmableState) -> None:
-    """Every layer at its full channels (also when the width range stops below 1.0)."""
-    for parent, name, layer, attrs in layer_updates(model, state, state.full_config):
-        layer.__dict__.update(attrs)
-        if "width_label" in attrs:
-            layer.__dict__["width_label"] = "full width"
-    state._applied = state.full_config
 
 
 def _drop_width_stats(model: nn.Module) -> int:

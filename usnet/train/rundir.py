@@ -8,7 +8,7 @@ files the killed run left behind are removed.
 
 Layout: ``checkpoint.pt`` (latest epoch, with the trainer state that ``--resume`` reads),
 ``model.pt`` (the calibrated final model), ``metrics.jsonl`` (one JSON record per line),
-``spectrum.csv``/``.json``/``.png`` (:mod:`usnet.reports`) and ``tensorboard/``.
+``spectrum.csv``/``.json``/``.png`` (:mod:`usnet.deploy.spectrum`) and ``tensorboard/``.
 """
 
 from __future__ import annotations

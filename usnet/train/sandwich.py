@@ -277,7 +277,7 @@ def soft_cross_entropy(logits: Tensor, soft_targets: Tensor, temperature: float 
     Args:
         logits: ``(N, C)`` unnormalized scores.
         soft_targets: ``(N, C)`` target probabilities (rows sum to 1); never differentiated
-            through by this function's callers in :mod:`usnet.training`.
+            through by this function's callers in :mod:`usnet.train.sandwich`.
         temperature: softmax temperature ``T > 0``.
     """
     if not temperature > 0:

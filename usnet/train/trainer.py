@@ -1,6 +1,6 @@
 """``usnet train``: the training run from config to calibrated checkpoint and spectrum.
 
-Data flow: config -> datasets -> zoo model -> sandwich-rule steps (``usnet.training``) ->
+Data flow: config -> datasets -> zoo model -> sandwich-rule steps (``usnet.train.sandwich``) ->
 per-epoch atomic checkpoint (+ validation at the narrowest and widest widths, calibrated on a
 small sample) -> final BN calibration of every evaluated width (skipped for models without
 BatchNorm statistics, e.g. LayerNorm transformers) -> test accuracy across the width
@@ -424,7 +424,8 @@ class Trainer:
                           "lr": self.optimizer.param_groups[0]["lr"], "images_per_s": rate,
                           "loss_widest": result.widest_loss,
                           "loss_narrowest": result.narrowest_loss,
-                          "widths": result.widths, "loss_kinds": result.loss_kinds}  # fmt: skip
+                          "widths": result.widths, "width_losses": result.losses,
+                          "loss_kinds": result.loss_kinds}  # fmt: skip
                 if self.teacher is not None:
                     record["teacher_s"] = self.teacher_seconds
                 self._metric(record)

@@ -22,8 +22,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from ..checkpoint import FORMAT
 from ..errors import ConfigError
 from ..nn.norm import SlimmableBatchNorm2d
-from ..state import get_state
-from .reorder import run_full_width
+from ..state import get_state, run_full_width
 
 
 def read_init_weights(path: str | os.PathLike) -> tuple[dict[str, Tensor], str | None]:

@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from ..graph import GraphAnalysis
 
 
-# ATen operations, for graphs from the torch.export fallback (usnet.tracing).
+# ATen operations, for graphs from the torch.export fallback (usnet.convert.trace).
 def _register_aten() -> None:
     aten = torch.ops.aten
 

@@ -12,7 +12,7 @@ from usnet.train.config import load_config
 from usnet.train.data import FashionMNIST, TensorBatches, as_tensors
 from usnet.train.trainer import Trainer
 
-FASHION = Path(__file__).resolve().parents[1] / "configs" / "fashion_mnist.yaml"
+FASHION = Path(__file__).resolve().parents[2] / "configs" / "fashion_mnist.yaml"
 
 
 def loader_batches(dataset, sampler, batch_size):

@@ -17,7 +17,7 @@ from usnet.train.recipe import make_optimizer
 from usnet.train.sandwich import InplaceDistillationLoss, WidthSampler, sandwich_step
 from usnet.train.trainer import Trainer
 
-VIT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "fashion_mnist_vit.yaml"
+VIT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "fashion_mnist_vit.yaml"
 SMALL = ("model_kwargs={in_channels: 1, num_classes: 10, small_input: true, image_size: 28, "
          "patch_size: 7, hidden_dim: 64, num_heads: 8, mlp_dim: 128, num_layers: 2}")  # fmt: skip
 

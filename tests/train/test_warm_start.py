@@ -21,7 +21,7 @@ from usnet.train.sandwich import (
 from usnet.train.trainer import FINAL, Trainer
 from usnet.train.warm_start import check_init_matches, make_teacher
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 FINETUNE = REPO / "configs" / "fashion_mnist_finetune.yaml"
 QUICK = [
     "data.limit_train=1024", "data.limit_test=500", "batch_size=64", "eval.widths=0.25,1.0",

@@ -12,7 +12,7 @@ import usnet
 from usnet.train.config import ConfigError, load_config
 from usnet.train.trainer import CHECKPOINT, FINAL, Trainer, TrainingError
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 FASHION = REPO / "configs" / "fashion_mnist.yaml"
 QUICK = [
     "data.limit_train=2048", "data.limit_test=1000", "batch_size=64", "eval.widths=0.25:1.0:0.25",
@@ -95,6 +95,22 @@ def test_distillation_switch_is_logged(tmp_path):
     ]
     train = next(r for r in records if r["kind"] == "train")
     assert train["loss_kinds"] == ["labels"] * trainer.config.num_widths
+
+
+def test_loss_narrowest_is_logged_for_the_narrowest_width(tmp_path):
+    """With ``sandwich_ends: max`` the step's widths come widest first, so the narrowest is the
+    last; the trainer once logged the second as ``loss_narrowest``."""
+    trainer = Trainer(quick_config("epochs=1", "sandwich_ends=max", "data.limit_train=256",
+                                   "log_every=1", "eval.every_epoch=false"), tmp_path / "r",
+                      progress=False, log=lambda s: None)  # fmt: skip
+    trainer.run()
+    lines = (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()
+    train = [r for r in map(json.loads, lines) if r["kind"] == "train"]
+    assert train
+    for record in train:
+        widths = record["widths"]
+        assert widths == sorted(widths, reverse=True) and widths[1] != widths[-1]
+        assert record["loss_narrowest"] == record["width_losses"][widths.index(min(widths))]
 
 
 def test_distillation_warmup_moves_the_label_weight_from_labels_to_the_teacher(tmp_path):

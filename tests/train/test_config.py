@@ -13,7 +13,7 @@ from usnet.train.config import (
     parse_override,
 )
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 FASHION = REPO / "configs" / "fashion_mnist.yaml"
 
 

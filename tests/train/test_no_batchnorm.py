@@ -19,7 +19,7 @@ from usnet.cli import main
 from usnet.train.config import load_config
 from usnet.train.trainer import FINAL, NO_CALIBRATION, Trainer
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SIZE = (1, 1, 28, 28)
 
 
