@@ -27,8 +27,10 @@ from torch.utils.data import DataLoader, RandomSampler
 
 import usnet
 from usnet.train.data import FashionMNIST, TensorBatches, as_tensors
+from usnet.train.distill import InplaceDistillationLoss
 from usnet.train.recipe import make_optimizer
-from usnet.train.sandwich import InplaceDistillationLoss, WidthSampler, sandwich_step
+from usnet.train.samplers import WidthSampler
+from usnet.train.sandwich import sandwich_step
 
 
 def ms_per_batch(batches, device: torch.device, count: int) -> float:

@@ -39,8 +39,10 @@ from torch.nn.parallel import DistributedDataParallel
 from usnet import distributed
 from usnet.models import create_model
 from usnet.train.config import TrainConfig, load_config
+from usnet.train.distill import InplaceDistillationLoss
 from usnet.train.recipe import make_optimizer
-from usnet.train.sandwich import InplaceDistillationLoss, WidthSampler, sandwich_step
+from usnet.train.samplers import WidthSampler
+from usnet.train.sandwich import sandwich_step
 from usnet.train.trainer import _NO_BUFFER_SYNC
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "fashion_mnist.yaml"

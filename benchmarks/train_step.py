@@ -11,7 +11,7 @@ slimmable / limit is what slimmability costs.
 
 Variants: ``fixed`` widths (the issue's 1.0, 0.35, 0.6, 0.8 for US-MobileNetV2; the range's top,
 bottom and two widths between for other models) or ``random`` widths (a seeded
-:class:`~usnet.train.sandwich.WidthSampler`; both sides see the same draws); ``fp32`` eager,
+:class:`~usnet.train.samplers.WidthSampler`; both sides see the same draws); ``fp32`` eager,
 ``bf16_cl`` (bf16 autocast + channels_last), and on CUDA the same with
 ``torch.backends.cudnn.benchmark`` on (``+bench``). Random widths warm every distinct channel
 configuration they will draw first (:func:`usnet.train.sandwich.warm_up_widths`; the plain networks
@@ -50,13 +50,10 @@ from _common import PeakMemory, add_common_args, header, resolve_device, sync, t
 from torch import nn
 
 import usnet
+from usnet.train.distill import InplaceDistillationLoss
 from usnet.train.recipe import make_optimizer
-from usnet.train.sandwich import (
-    InplaceDistillationLoss,
-    WidthSampler,
-    sandwich_step,
-    warm_up_widths,
-)
+from usnet.train.samplers import WidthSampler
+from usnet.train.sandwich import sandwich_step, warm_up_widths
 
 
 @dataclass

@@ -24,7 +24,8 @@ from usnet_testing import liven, zoo_model
 import usnet
 from usnet.cli import main
 from usnet.evaluation import eval_forward
-from usnet.train.sandwich import InplaceDistillationLoss, sandwich_step
+from usnet.train.distill import InplaceDistillationLoss
+from usnet.train.sandwich import sandwich_step
 
 pytestmark = [
     pytest.mark.cuda,

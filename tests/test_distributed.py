@@ -31,7 +31,8 @@ import usnet
 from usnet import distributed
 from usnet.nn.norm import SlimmableBatchNorm2d
 from usnet.train.config import ConfigError, load_config
-from usnet.train.sandwich import InplaceDistillationLoss, sandwich_step
+from usnet.train.distill import InplaceDistillationLoss
+from usnet.train.sandwich import sandwich_step
 from usnet.train.trainer import (
     _NO_BUFFER_SYNC,
     CHECKPOINT,

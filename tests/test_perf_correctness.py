@@ -21,13 +21,10 @@ from usnet.nn.conv import SlimmableConv2d
 from usnet.nn.linear import SlimmableLinear
 from usnet.nn.norm import SlimmableBatchNorm2d
 from usnet.state import get_state
+from usnet.train.distill import InplaceDistillationLoss
 from usnet.train.recipe import make_optimizer
-from usnet.train.sandwich import (
-    InplaceDistillationLoss,
-    WidthSampler,
-    sandwich_step,
-    warm_up_widths,
-)
+from usnet.train.samplers import WidthSampler
+from usnet.train.sandwich import sandwich_step, warm_up_widths
 
 ACTIVE_ATTRS = ("active_in_channels", "active_out_channels", "active_in_features",
                 "active_out_features", "active_features", "stats_key", "width_label")  # fmt: skip

@@ -25,7 +25,11 @@ from .nn.conv import SlimmableConv2d
 from .nn.linear import SlimmableLinear
 from .nn.norm import SlimmableBatchNorm2d
 from .state import channel_plan, channels_at, get_width, is_slimmable, set_width, width
+from .train.distill import InplaceDistillationLoss, soft_cross_entropy
+from .train.recipe import make_optimizer, make_scheduler, param_groups
 from .train.reorder import reorder_channels
+from .train.samplers import FixedWidths, WidthSampler
+from .train.sandwich import SandwichRule, StepResult, sandwich_step, warm_up_widths
 
 __version__ = "0.1.0"
 
@@ -33,14 +37,19 @@ __all__ = [
     "ChannelGroup",
     "ChannelPlan",
     "ConversionError",
+    "FixedWidths",
+    "InplaceDistillationLoss",
     "Profile",
+    "SandwichRule",
     "SlimmableBatchNorm2d",
     "SlimmableConv2d",
     "SlimmableLayer",
     "SlimmableLinear",
+    "StepResult",
     "UncalibratedWidthError",
     "UsnetError",
     "VerificationError",
+    "WidthSampler",
     "analyze",
     "calibrate",
     "channel_plan",
@@ -56,8 +65,11 @@ __all__ = [
     "load",
     "load_artifact",
     "make_divisible",
+    "make_optimizer",
+    "make_scheduler",
     "models",
     "needs_calibration",
+    "param_groups",
     "parse_widths",
     "plugins",
     "profile",
@@ -65,10 +77,13 @@ __all__ = [
     "register_slimmable",
     "reorder_channels",
     "sample_images",
+    "sandwich_step",
     "save",
     "search_width",
     "select_width",
     "set_width",
     "slimmable",
+    "soft_cross_entropy",
+    "warm_up_widths",
     "width",
 ]

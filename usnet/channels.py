@@ -181,7 +181,7 @@ class ChannelPlan:
 
         A uniform random width is always one of these networks, so this finite list is the set
         of shapes a US-Net trains at: warming per-shape caches (cuDNN autotuning, compiled
-        graphs) over it covers every width. A :class:`~usnet.train.sandwich.WidthSampler` with
+        graphs) over it covers every width. A :class:`~usnet.train.samplers.WidthSampler` with
         ``choices`` set to it draws the same set of networks as a continuous one, but uniformly
         over configurations, not weighted by the length of each one's width interval.
         """

@@ -38,7 +38,8 @@ MOVED_MODULES: dict[str, tuple[str, ...]] = {
     "usnet.bn_stats": ("usnet.nn.bn_stats",),
     "usnet.attributes": ("usnet.nn.attributes",),
     "usnet.timm_layers": ("usnet.plugins.timm",),
-    "usnet.training": ("usnet.train.sandwich", "usnet.train.recipe"),
+    "usnet.training": ("usnet.train.samplers", "usnet.train.distill", "usnet.train.sandwich",
+                       "usnet.train.recipe"),
 }  # fmt: skip
 """Where the classes of modules that the package redesign moved live now: checkpoints written
 before it pickle the old class paths (``usnet.layers.SlimmableConv2d``)."""

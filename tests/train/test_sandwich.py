@@ -12,16 +12,10 @@ import torch.nn.functional as F
 from torch import nn
 
 import usnet
+from usnet.train.distill import DISTILL, LABELS, InplaceDistillationLoss, soft_cross_entropy
 from usnet.train.recipe import SCHEDULES, lr_lambda, make_optimizer, make_scheduler, param_groups
-from usnet.train.sandwich import (
-    DISTILL,
-    LABELS,
-    InplaceDistillationLoss,
-    StepResult,
-    WidthSampler,
-    sandwich_step,
-    soft_cross_entropy,
-)
+from usnet.train.samplers import WidthSampler
+from usnet.train.sandwich import StepResult, sandwich_step
 
 RANGE = (0.25, 1.0)
 NUM_CLASSES = 4
@@ -680,3 +674,53 @@ def test_narrowest_loss_is_the_narrowest_widths_whatever_the_order(ends):
     assert result.narrowest_loss == result.losses[narrowest]
     if ends != "both":
         assert narrowest == 3
+
+
+# -- the public training API -------------------------------------------------------------------
+def norm_free_model(seed: int = 0) -> nn.Module:
+    """No BatchNorm: a batch's gradient is then the mean of its halves' (micro-batches)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = nn.Sequential(
+            nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, NUM_CLASSES),
+        )  # fmt: skip
+    return usnet.slimmable(model, RANGE, input_size=(1, 1, 8, 8), divisor=4).train()
+
+
+def test_sandwich_rule_step_is_the_hand_computed_sandwich_gradient():
+    model = tiny_model()
+    images, labels = batch()
+    rule = usnet.SandwichRule(model, num_widths=4, seed=3, label_weight=0.0,
+                              label_smoothing=0.1, temperature=2.0)  # fmt: skip
+    widths = usnet.WidthSampler(RANGE, num_widths=4, seed=3).sample()
+    expected = hand_gradients(tiny_model(), images, labels, widths, 0.1, 2.0)
+    result = rule.step(images, labels, torch.optim.SGD(model.parameters(), lr=0.0))
+    assert result.widths == widths and result.loss_kinds == [LABELS] + [DISTILL] * 3
+    assert max_diff(grads(model), expected) <= 1e-6
+
+
+def test_sandwich_rule_accumulation_equals_one_step_on_the_whole_batch():
+    images, labels = batch(16, seed=1)
+    whole, parts = norm_free_model(), norm_free_model()
+    opt_whole = torch.optim.SGD(whole.parameters(), lr=0.5)
+    opt_parts = torch.optim.SGD(parts.parameters(), lr=0.5)
+    rule_whole = usnet.SandwichRule(whole, num_widths=3, seed=5)
+    rule_parts = usnet.SandwichRule(parts, num_widths=3, seed=5, accumulation_steps=2)
+    for _ in range(2):  # two optimizer steps: the widths are drawn once per optimizer step
+        expected = rule_whole.step(images, labels, opt_whole)
+        assert rule_parts.step(images[:8], labels[:8], opt_parts) is None  # no step yet
+        got = rule_parts.step(images[8:], labels[8:], opt_parts)
+        assert got.widths == expected.widths
+        assert got.losses == pytest.approx(expected.losses, abs=1e-5)
+    for a, b in zip(whole.parameters(), parts.parameters()):
+        assert (a - b).abs().max() <= 1e-5
+    # and the steps moved the weights (a test of "nothing happened" would pass too)
+    assert (next(whole.parameters()) - next(norm_free_model().parameters())).abs().max() > 1e-3
+
+
+def test_sandwich_rule_refuses_bad_arguments():
+    with pytest.raises(ValueError, match="accumulation_steps must be an integer >= 1"):
+        usnet.SandwichRule(tiny_model(), accumulation_steps=0)
+    with pytest.raises(TypeError, match="not a slimmable model|not slimmable"):
+        usnet.SandwichRule(nn.Linear(2, 2))

@@ -13,8 +13,10 @@ import usnet
 from usnet.nn.attention import SlimmableMultiheadAttention
 from usnet.nn.linear import SlimmableLinear
 from usnet.train.config import load_config
+from usnet.train.distill import InplaceDistillationLoss
 from usnet.train.recipe import make_optimizer
-from usnet.train.sandwich import InplaceDistillationLoss, WidthSampler, sandwich_step
+from usnet.train.samplers import WidthSampler
+from usnet.train.sandwich import sandwich_step
 from usnet.train.trainer import Trainer
 
 VIT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "fashion_mnist_vit.yaml"

@@ -11,13 +11,13 @@ import torchvision
 
 import usnet
 from usnet.train.config import ConfigError, load_config
-from usnet.train.sandwich import (
+from usnet.train.distill import (
     TEACHER,
     TEACHER_INPLACE,
     InplaceDistillationLoss,
-    sandwich_step,
     soft_cross_entropy,
 )
+from usnet.train.sandwich import sandwich_step
 from usnet.train.trainer import FINAL, Trainer
 from usnet.train.warm_start import check_init_matches, make_teacher
 

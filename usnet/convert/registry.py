@@ -77,6 +77,18 @@ def register_op(target: type[nn.Module] | Callable | str, handler: OpHandler) ->
     return handler
 
 
+def handles(*targets: type[nn.Module] | Callable | str) -> Callable[[OpHandler], OpHandler]:
+    """:func:`register_op` as a decorator on the handler, for one or several targets:
+    ``@handles(nn.Conv2d, nn.Conv1d)``."""
+
+    def register(handler: OpHandler) -> OpHandler:
+        for target in targets:
+            register_op(target, handler)
+        return handler
+
+    return register
+
+
 def pass_through(a: "GraphAnalysis", node: fx.Node, module: Any = None) -> Any:
     """The output has the channels of the first argument (activations, pooling, casts, ...)."""
     return a.value(first_arg(node))

@@ -1,26 +1,20 @@
-"""Training building blocks for universally slimmable networks (US-Nets, Yu & Huang, ICCV 2019).
-
-Each piece is independent and works in a user's own training loop::
+"""The US-Net training step (Yu & Huang, ICCV 2019), for ``usnet train`` and users' own loops.
 
     import usnet
-    from usnet.train.recipe import make_optimizer, make_scheduler
-    from usnet.train.sandwich import InplaceDistillationLoss, WidthSampler, sandwich_step
 
     model = usnet.models.us_mobilenet_v1(num_classes=10)
-    sampler = WidthSampler(usnet.channel_plan(model).width_range, num_widths=4, seed=0)
-    criterion = InplaceDistillationLoss(label_smoothing=0.1)
-    optimizer = make_optimizer(model, lr=0.1)
-    scheduler = make_scheduler(optimizer, total_steps=epochs * len(loader), warmup_steps=500)
+    rule = usnet.SandwichRule(model, num_widths=4, seed=0, label_smoothing=0.1)
+    optimizer = usnet.make_optimizer(model, lr=0.1)
+    scheduler = usnet.make_scheduler(optimizer, total_steps=epochs * len(loader), warmup_steps=500)
     model.train()
     for images, labels in loader:
-        result = sandwich_step(model, images, labels, optimizer, sampler, criterion)
+        result = rule.step(images, labels, optimizer)
         scheduler.step()
 
-* :class:`WidthSampler` draws the widths of one step by the *sandwich rule*: the widest, the
-  narrowest and ``n - 2`` random widths, from its own seeded generator.
-* :class:`InplaceDistillationLoss` trains the widest width on the labels and every narrower width
-  on the widest width's (detached) predictions: *inplace distillation*.
-* :func:`sandwich_step` runs one optimizer step over the drawn widths, accumulating gradients.
+* :class:`SandwichRule` holds a model's sampler and loss and runs :func:`sandwich_step` per batch
+  (with gradient accumulation over micro-batches if asked).
+* :func:`sandwich_step` runs one optimizer step over the drawn widths (:mod:`.samplers`),
+  accumulating gradients; the losses are :mod:`.distill`'s.
 * :mod:`usnet.train.recipe` holds the paper's optimization recipe (optimizer, schedule).
 
 Nothing here holds global state: the sampler owns its ``torch.Generator`` and the width of a model
@@ -31,343 +25,28 @@ from __future__ import annotations
 
 import contextlib
 import math
-import numbers
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, Union, runtime_checkable
+from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..channels import Width, check_range, format_width, width_value
+from ..channels import Width, format_width, width_value
 from ..errors import UsnetTypeError, UsnetValueError
 from ..process_group import is_distributed, world_size
 from ..state import get_state, is_slimmable, keep_width_and_mode, set_width
+from .distill import DISTILL_LABEL_WEIGHT, Criterion, InplaceDistillationLoss, soft_targets
+from .samplers import Sampler, WidthSampler, draw_widths
 
 __all__ = [
-    "DISTILL",
-    "LABELS",
-    "TEACHER",
-    "TEACHER_INPLACE",
-    "DISTILL_LABEL_WEIGHT",
-    "FixedWidths",
-    "InplaceDistillationLoss",
-    "Sampler",
+    "SandwichRule",
     "StepResult",
-    "WidthSampler",
+    "backward_widths",
     "sandwich_step",
-    "draw_widths",
-    "soft_cross_entropy",
-    "soft_targets",
     "unwrap",
     "warm_up_widths",
 ]
-
-LABELS = "labels"
-"""Loss kind: cross-entropy with the ground-truth labels."""
-
-DISTILL = "distill"
-"""Loss kind: soft cross-entropy with the widest width's predictions (inplace distillation)."""
-
-TEACHER = "teacher"
-"""Loss kind: soft cross-entropy with an external teacher's predictions (``teacher_probs`` of
-:func:`sandwich_step`, e.g. the trained model a US-Net is fine-tuned from)."""
-
-TEACHER_INPLACE = "teacher+inplace"
-"""Loss kind: soft cross-entropy with the mean of the external teacher's and the widest width's
-predictions (both distillations, equally weighted)."""
-
-# -- width sampling ------------------------------------------------------------------------------
-SANDWICH_ENDS = ("both", "max", "min", "none")
-
-DISTILL_LABEL_WEIGHT = 0.5
-"""The default weight of the labels in the narrower widths' loss, for the Python API and the
-run config alike (``distill_label_weight``)."""
-
-
-class FixedWidths:
-    """A sampler that always returns the same widths, widest first (the individual and
-    slimmable-network baselines)."""
-
-    def __init__(self, widths: Sequence[float]):
-        self.widths = sorted(widths, reverse=True)
-
-    def sample(self) -> list[float]:
-        return list(self.widths)
-
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        pass
-
-
-class WidthSampler:
-    r"""Draws the widths of one training step by the sandwich rule.
-
-    :meth:`sample` returns ``[max, min, w_1, ..., w_{n-2}]``: the top and the bottom of
-    ``width_range`` (the "bread", which bound the performance of every width in between) followed
-    by ``num_widths - 2`` widths drawn uniformly from the range. The widest comes first because
-    inplace distillation uses its predictions as the soft targets of the others.
-
-    The random widths come from the sampler's own ``torch.Generator`` seeded with ``seed``; the
-    global RNG is never used. A run is therefore reproducible, every distributed rank created with
-    the same seed draws the same widths (which data-parallel training requires: all ranks must run
-    the same sub-networks in a step), and :meth:`state_dict` / :meth:`load_state_dict` let a
-    resumed run continue the exact same sequence.
-
-    Args:
-        width_range: ``(lo, hi)`` with ``0 < lo <= hi <= 1``, usually
-            ``usnet.channel_plan(model).width_range``.
-        num_widths: widths per step, at least 2 (the paper uses 4).
-        seed: seed of the sampler's generator.
-        ends: which ends of the range every step trains: ``"both"`` (the sandwich rule),
-            ``"max"`` or ``"min"`` (only one end, for the paper's ablation of the rule) or
-            ``"none"`` (all widths random). The other widths are random; a step's widths are then
-            returned widest first, so the widest of the step is the distillation teacher.
-        choices: optional finite set of widths in the range; the random widths are then drawn
-            uniformly from it instead of from the whole interval. With
-            ``usnet.channel_plan(model).distinct_widths()`` the sampler draws exactly the networks a
-            continuous one can (one width per distinct channel configuration, uniformly over
-            configurations); a shorter list bounds the shapes training ever sees, e.g. the graphs
-            ``torch.compile`` builds (one per configuration).
-
-    Example::
-
-        >>> sampler = WidthSampler((0.25, 1.0), num_widths=4, seed=0)
-        >>> widths = sampler.sample()
-        >>> widths[:2]
-        [1.0, 0.25]
-    """
-
-    def __init__(
-        self,
-        width_range: tuple[float, float],
-        num_widths: int = 4,
-        seed: int = 0,
-        choices: Sequence[float] | None = None,
-        ends: str = "both",
-    ):
-        self.width_range: tuple[float, float] = check_range(width_range)
-        self.choices: list[float] | None = _check_choices(choices, self.width_range)
-        if ends not in SANDWICH_ENDS:
-            raise UsnetValueError(
-                f"ends must be one of {', '.join(map(repr, SANDWICH_ENDS))}, got {ends!r}"
-            )
-        self.ends = ends
-        if isinstance(num_widths, bool) or not isinstance(num_widths, numbers.Integral):
-            raise UsnetTypeError(f"num_widths must be an integer >= 2, got {num_widths!r}")
-        if num_widths < 2:
-            raise UsnetValueError(
-                f"num_widths must be an integer >= 2 (the widest and the narrowest width, plus "
-                f"any number of random ones; the paper uses 4), got {num_widths}"
-            )
-        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
-            raise UsnetTypeError(f"seed must be an integer, got {seed!r}")
-        self.num_widths = int(num_widths)
-        self.seed = int(seed)
-        self.generator = torch.Generator(device="cpu")
-        self.generator.manual_seed(self.seed)
-
-    def sample(self) -> list[float]:
-        """The widths of the next step: ``[max, min]`` and ``num_widths - 2`` uniform draws
-        (with ``ends`` other than ``"both"``: the fixed ends and uniform draws, widest first)."""
-        lo, hi = self.width_range
-        fixed = {"both": [hi, lo], "max": [hi], "min": [lo], "none": []}[self.ends]
-        count = self.num_widths - len(fixed)
-        if self.choices is not None:
-            picks = torch.randint(len(self.choices), (count,), generator=self.generator)
-            random = [self.choices[i] for i in picks.tolist()]
-        else:
-            draws = torch.rand(count, generator=self.generator, dtype=torch.float64)
-            random = [min(hi, lo + (hi - lo) * float(u)) for u in draws]
-        if self.ends == "both":
-            return fixed + random
-        return sorted(fixed + random, reverse=True)
-
-    def state_dict(self) -> dict[str, Any]:
-        """The sampler's settings and generator state, for checkpoints."""
-        return {
-            "width_range": list(self.width_range),
-            "num_widths": self.num_widths,
-            "seed": self.seed,
-            "ends": self.ends,
-            "choices": None if self.choices is None else list(self.choices),
-            "generator": self.generator.get_state(),
-        }
-
-    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
-        """Restore a state from :meth:`state_dict`, so the next draws continue that sequence."""
-        try:
-            generator_state = state_dict["generator"]
-        except (KeyError, TypeError):
-            raise UsnetValueError("malformed WidthSampler state: no 'generator' entry") from None
-        if not isinstance(generator_state, Tensor) or generator_state.dtype != torch.uint8:
-            raise UsnetValueError(
-                "malformed WidthSampler state: 'generator' must be a uint8 tensor"
-            )
-        # Validate everything before changing anything: a bad state leaves the sampler as it was.
-        ends = state_dict.get("ends", "both")  # states saved before the option: the sandwich rule
-        if ends not in SANDWICH_ENDS:
-            raise UsnetValueError(
-                f"malformed WidthSampler state: ends {ends!r}, expected one of "
-                f"{', '.join(map(repr, SANDWICH_ENDS))}"
-            )
-        width_range = check_range(state_dict.get("width_range", self.width_range))
-        num_widths = int(state_dict.get("num_widths", self.num_widths))
-        if num_widths < 2:
-            raise UsnetValueError(f"malformed WidthSampler state: num_widths {num_widths} < 2")
-        choices = (
-            _check_choices(state_dict["choices"], width_range)
-            if "choices" in state_dict
-            else self.choices
-        )
-        self.ends, self.width_range, self.num_widths, self.choices = (
-            ends,
-            width_range,
-            num_widths,
-            choices,
-        )
-        self.seed = int(state_dict.get("seed", self.seed))
-        self.generator.set_state(generator_state.cpu())
-
-    def __repr__(self) -> str:
-        return (
-            f"{type(self).__name__}(width_range={self.width_range}, "
-            f"num_widths={self.num_widths}, seed={self.seed}, ends={self.ends!r}"
-            + ("" if self.choices is None else f", choices={len(self.choices)} widths")
-            + ")"
-        )
-
-
-def _check_choices(
-    choices: Sequence[float] | None, width_range: tuple[float, float]
-) -> list[float] | None:
-    if choices is None:
-        return None
-    lo, hi = width_range
-    values = []
-    for c in choices:
-        if (
-            isinstance(c, bool)
-            or not isinstance(c, numbers.Real)
-            or not lo - 1e-9 <= c <= hi + 1e-9
-        ):
-            raise UsnetValueError(f"WidthSampler choices must be widths in [{lo}, {hi}], got {c!r}")
-        values.append(min(hi, max(lo, float(c))))
-    if not values:
-        raise UsnetValueError(f"WidthSampler choices must hold at least one width in [{lo}, {hi}]")
-    return values
-
-
-# -- losses --------------------------------------------------------------------------------------
-def soft_cross_entropy(logits: Tensor, soft_targets: Tensor, temperature: float = 1.0) -> Tensor:
-    r"""Cross-entropy of ``logits`` against a probability distribution, averaged over the batch.
-
-    .. math::
-        \ell = \frac{T^2}{N} \sum_n -\sum_c p_{n,c} \log \operatorname{softmax}(z_n / T)_c
-
-    ``soft_targets`` are probabilities over the last dimension (for distillation, the teacher's
-    softmax taken at the same temperature ``T``). The loss is multiplied by ``T**2`` (Hinton et
-    al., 2015): the gradient of the softened softmax scales as ``1/T**2``, so the factor keeps the
-    gradient magnitude independent of ``T`` and a loss comparable to the labels' cross-entropy. At
-    ``T = 1`` the factor is 1 and, for one-hot targets, the result equals ``F.cross_entropy``.
-
-    Args:
-        logits: ``(N, C)`` unnormalized scores.
-        soft_targets: ``(N, C)`` target probabilities (rows sum to 1); never differentiated
-            through by this function's callers in :mod:`usnet.train.sandwich`.
-        temperature: softmax temperature ``T > 0``.
-    """
-    if not temperature > 0:
-        raise UsnetValueError(f"temperature must be > 0, got {temperature}")
-    if logits.shape != soft_targets.shape:
-        raise UsnetValueError(
-            f"logits {tuple(logits.shape)} and soft_targets {tuple(soft_targets.shape)} must have "
-            "the same shape"
-        )
-    log_probs = F.log_softmax(logits.float() / temperature, dim=-1)
-    per_sample = -(soft_targets.to(log_probs.dtype) * log_probs).sum(dim=-1)
-    return per_sample.mean() * (temperature**2)
-
-
-class InplaceDistillationLoss(nn.Module):
-    r"""The US-Nets loss: labels for the widest width, its predictions for the others.
-
-    * Without ``teacher_probs`` (the widest width), or with ``enabled=False``: cross-entropy with
-      ``labels``, with optional label smoothing.
-    * With ``teacher_probs`` (narrower widths): :func:`soft_cross_entropy` against them at
-      ``temperature``. :meth:`teacher_probs` makes them from the widest width's logits: a softmax
-      at ``temperature`` of the **detached** logits, so the narrower widths' losses train only the
-      narrower sub-networks and never pull the widest one towards them.
-
-    Call it as ``criterion(logits, labels, teacher_probs)`` (or ``criterion.loss(...)``), and
-    :meth:`loss_kind` with the same ``teacher_probs`` says which loss that call used
-    (:data:`LABELS` or :data:`DISTILL`), for the run log.
-
-    Args:
-        label_smoothing: label smoothing of the labels' cross-entropy, in ``[0, 1)``.
-        temperature: distillation temperature ``T > 0`` (the paper uses 1).
-        enabled: ``False`` trains every width on the labels (no inplace distillation).
-        label_weight: weight ``λ`` of the labels in the narrower widths' loss,
-            ``(1 - λ) * distillation + λ * cross-entropy``; default :data:`DISTILL_LABEL_WEIGHT`
-            (0.5, the ``usnet train`` config's default too; 0 is the paper's pure distillation).
-            Early in a short schedule the widest width is a poor teacher; label signal helps.
-    """
-
-    def __init__(
-        self,
-        label_smoothing: float = 0.0,
-        temperature: float = 1.0,
-        enabled: bool = True,
-        label_weight: float = DISTILL_LABEL_WEIGHT,
-    ) -> None:
-        super().__init__()
-        if not 0.0 <= label_smoothing < 1.0:
-            raise UsnetValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
-        if not 0.0 <= label_weight <= 1.0:
-            raise UsnetValueError(f"label_weight must be in [0, 1], got {label_weight}")
-        self.label_weight = float(label_weight)
-        if not temperature > 0:
-            raise UsnetValueError(f"temperature must be > 0, got {temperature}")
-        self.label_smoothing = float(label_smoothing)
-        self.temperature = float(temperature)
-        self.enabled = bool(enabled)
-
-    def teacher_probs(self, logits: Tensor) -> Tensor:
-        """Soft targets from the widest width's logits: detached float32 softmax at ``T``."""
-        return F.softmax(logits.detach().float() / self.temperature, dim=-1)
-
-    def loss_kind(self, teacher_probs: Tensor | None = None) -> str:
-        """:data:`DISTILL` if a call with these ``teacher_probs`` distills, else :data:`LABELS`."""
-        return DISTILL if self.enabled and teacher_probs is not None else LABELS
-
-    def forward(
-        self, logits: Tensor, labels: Tensor, teacher_probs: Tensor | None = None
-    ) -> Tensor:
-        if teacher_probs is not None and self.enabled:
-            return self.distill_loss(logits, labels, teacher_probs)
-        return F.cross_entropy(logits.float(), labels, label_smoothing=self.label_smoothing)
-
-    def distill_loss(self, logits: Tensor, labels: Tensor, teacher_probs: Tensor) -> Tensor:
-        """``(1 - λ) * soft cross-entropy with teacher_probs + λ * cross-entropy with labels``,
-        also when in-place distillation is off (an external teacher's targets)."""
-        distill = soft_cross_entropy(logits, teacher_probs, self.temperature)
-        if self.label_weight == 0.0:
-            return distill
-        labels_loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.label_smoothing)
-        return (1.0 - self.label_weight) * distill + self.label_weight * labels_loss
-
-    def loss(self, logits: Tensor, labels: Tensor, teacher_probs: Tensor | None = None) -> Tensor:
-        """Same as calling the module."""
-        return self(logits, labels, teacher_probs)
-
-    def extra_repr(self) -> str:
-        return (
-            f"label_smoothing={self.label_smoothing}, temperature={self.temperature}, "
-            f"enabled={self.enabled}, label_weight={self.label_weight}"
-        )
 
 
 # -- the training step ---------------------------------------------------------------------------
@@ -399,42 +78,6 @@ class StepResult:
     def total_loss(self) -> float:
         """The sum of the widths' losses: the objective whose gradient the step followed."""
         return float(sum(self.losses))
-
-
-@runtime_checkable
-class Sampler(Protocol):
-    """Anything that draws the widths of one step, widest first (:class:`WidthSampler`,
-    :class:`FixedWidths`)."""
-
-    def sample(self) -> Sequence[Width]: ...
-
-
-Criterion = Union[InplaceDistillationLoss, Callable[[Tensor, Tensor], Tensor]]
-
-
-def draw_widths(sampler: Sampler | Iterable[Width]) -> list[Width]:
-    """The widths of one step: ``sampler.sample()``, or the sequence itself; the first must be
-    the widest (the teacher of the others)."""
-    widths = list(sampler.sample() if isinstance(sampler, Sampler) else sampler)
-    if not widths:
-        raise UsnetValueError("the sampler gave no widths")
-    values = [width_value(w) for w in widths]
-    uniform = [v for w, v in zip(widths, values) if not isinstance(w, Mapping)]
-    if len(uniform) == len(widths) and values[0] < max(uniform):
-        raise UsnetValueError(
-            f"the first width must be the widest (the teacher of the others), got {widths}"
-        )
-    return widths
-
-
-def soft_targets(external: Tensor | None, inplace: Tensor | None) -> tuple[Tensor | None, str]:
-    """What a width distils from, and the loss kind that names it: an external teacher's soft
-    targets, the widest width's (in-place), the mean of both, or neither (the labels)."""
-    if external is None:
-        return (None, LABELS) if inplace is None else (inplace, DISTILL)
-    if inplace is None:
-        return external, TEACHER
-    return (external + inplace) / 2, TEACHER_INPLACE
 
 
 def _autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
@@ -527,40 +170,209 @@ def sandwich_step(
     """
     inner = unwrap(model)
     widths = draw_widths(sampler)
-    distiller = criterion if isinstance(criterion, InplaceDistillationLoss) else None
-    if teacher_probs is not None and distiller is None:
-        raise UsnetTypeError(
-            "sandwich_step: teacher_probs needs an InplaceDistillationLoss criterion"
-        )
-    no_sync = getattr(model, "no_sync", None)
     optimizer.zero_grad(set_to_none=True)
-    losses: list[Tensor] = []
-    kinds: list[str] = []
-    inplace: Tensor | None = None  # the widest width's soft targets, once it has run
     try:
-        for i, w in enumerate(widths):
-            set_width(inner, w)
-            last = i == len(widths) - 1
-            with contextlib.nullcontext() if last or no_sync is None else no_sync():
-                with _autocast(images.device, autocast_dtype):
-                    logits = model(images)
-                    targets, kind = soft_targets(teacher_probs, inplace)
-                    if targets is None or distiller is None:
-                        loss = criterion(logits, labels)
-                    else:
-                        loss = distiller.distill_loss(logits, labels, targets)
-                if i == 0 and distiller is not None and distiller.enabled:
-                    inplace = distiller.teacher_probs(logits)
-                (loss if scaler is None else scaler.scale(loss)).backward()
-            losses.append(loss.detach().float())
-            kinds.append(kind)
-            del logits, loss
+        losses, kinds = backward_widths(model, images, labels, widths, criterion, scaler=scaler,
+                                        autocast_dtype=autocast_dtype, teacher_probs=teacher_probs)  # fmt: skip
         values = _ranks_mean(model, torch.stack(losses)).tolist()  # one device sync per step
         _check_finite(widths, values)
         _optimizer_step(optimizer, scaler)
     finally:
         set_width(inner, widths[0])
     return StepResult(widths=[width_value(w) for w in widths], losses=values, loss_kinds=kinds)
+
+
+def backward_widths(
+    model: nn.Module,
+    images: Tensor,
+    labels: Tensor,
+    widths: Sequence[Width],
+    criterion: Criterion,
+    *,
+    scaler: torch.amp.GradScaler | None = None,
+    autocast_dtype: torch.dtype | None = None,
+    teacher_probs: Tensor | None = None,
+    sync: bool = True,
+    loss_scale: float = 1.0,
+) -> tuple[list[Tensor], list[str]]:
+    """The forward and backward passes of one batch at each of ``widths`` (widest first),
+    adding to the gradients already there: the heart of :func:`sandwich_step`, without its
+    ``zero_grad`` and optimizer step (for gradient accumulation). ``loss_scale`` multiplies each
+    loss before ``backward`` (``1 / micro-batches``); the returned losses are unscaled. Under DDP
+    the gradients are synchronized in the last width's backward only if ``sync``. The model is
+    left at the last width. Returns each width's detached loss and its loss kind."""
+    inner = unwrap(model)
+    distiller = criterion if isinstance(criterion, InplaceDistillationLoss) else None
+    if teacher_probs is not None and distiller is None:
+        raise UsnetTypeError("teacher_probs needs an InplaceDistillationLoss criterion")
+    no_sync = getattr(model, "no_sync", None)
+    losses: list[Tensor] = []
+    kinds: list[str] = []
+    inplace: Tensor | None = None  # the widest width's soft targets, once it has run
+    for i, w in enumerate(widths):
+        set_width(inner, w)
+        synced = sync and i == len(widths) - 1
+        with contextlib.nullcontext() if synced or no_sync is None else no_sync():
+            with _autocast(images.device, autocast_dtype):
+                logits = model(images)
+                targets, kind = soft_targets(teacher_probs, inplace)
+                if targets is None or distiller is None:
+                    loss = criterion(logits, labels)
+                else:
+                    loss = distiller.distill_loss(logits, labels, targets)
+            if i == 0 and distiller is not None and distiller.enabled:
+                inplace = distiller.teacher_probs(logits)
+            scaled = loss * loss_scale if loss_scale != 1.0 else loss
+            (scaled if scaler is None else scaler.scale(scaled)).backward()
+        losses.append(loss.detach().float())
+        kinds.append(kind)
+        del logits, loss, scaled
+    return losses, kinds
+
+
+class SandwichRule:
+    """The paper's training step for a user's own loop: the sandwich rule and in-place
+    distillation over one slimmable model, one call per batch.
+
+    ::
+
+        model = usnet.slimmable(timm.create_model("resnet18", num_classes=10), (0.25, 1.0),
+                                input_size=(1, 3, 32, 32))
+        rule = usnet.SandwichRule(model, num_widths=4, seed=0)
+        optimizer = usnet.make_optimizer(model, lr=0.1)
+        for images, labels in loader:
+            result = rule.step(images, labels, optimizer)  # StepResult: widths, losses, kinds
+
+    Each :meth:`step` draws the widths (widest, narrowest, ``num_widths - 2`` random, from the
+    rule's own seeded :class:`WidthSampler`), runs each width's forward and backward (the widest
+    on the labels, the others on its detached soft targets mixed with the labels by
+    ``label_weight``), accumulating their gradients, and takes one optimizer step: the same
+    implementation ``usnet train`` runs (:func:`sandwich_step`).
+
+    Args:
+        model: a slimmable model, or a ``DistributedDataParallel`` / ``torch.compile`` wrapper
+            of one (gradients are then synchronized once per optimizer step).
+        num_widths: widths per step (the paper uses 4); ignored with ``sampler``.
+        seed: seed of the width sampler (every rank must use the same).
+        sampler: widths of each step instead of the sandwich rule (a :class:`WidthSampler`,
+            :class:`FixedWidths`, or anything with ``sample()``).
+        criterion: the loss; default an :class:`InplaceDistillationLoss` built from
+            ``distill``, ``label_smoothing``, ``temperature`` and ``label_weight``.
+        distill: in-place distillation on (the narrower widths learn from the widest).
+        scaler: a ``torch.amp.GradScaler`` (float16 training).
+        autocast_dtype: ``torch.bfloat16`` / ``torch.float16`` forward passes under autocast.
+        accumulation_steps: micro-batches per optimizer step: the widths are drawn once per
+            optimizer step and kept for its micro-batches, each loss is divided by the count,
+            and only the last micro-batch steps the optimizer (and synchronizes DDP).
+
+    The rule's :meth:`state_dict` holds its sampler's state, so a resumed run draws the same
+    widths.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        num_widths: int = 4,
+        seed: int = 0,
+        sampler: Sampler | None = None,
+        criterion: Criterion | None = None,
+        distill: bool = True,
+        label_smoothing: float = 0.0,
+        temperature: float = 1.0,
+        label_weight: float = DISTILL_LABEL_WEIGHT,
+        scaler: torch.amp.GradScaler | None = None,
+        autocast_dtype: torch.dtype | None = None,
+        accumulation_steps: int = 1,
+    ) -> None:
+        inner = unwrap(model)
+        if (
+            isinstance(accumulation_steps, bool)
+            or not isinstance(accumulation_steps, int)
+            or accumulation_steps < 1
+        ):
+            raise UsnetValueError(
+                f"accumulation_steps must be an integer >= 1, got {accumulation_steps!r}"
+            )
+        self.model = model
+        self.sampler: Sampler = (
+            sampler
+            if sampler is not None
+            else WidthSampler(get_state(inner).plan.width_range, num_widths=num_widths, seed=seed)
+        )
+        self.criterion: Criterion = (
+            criterion
+            if criterion is not None
+            else InplaceDistillationLoss(
+                label_smoothing=label_smoothing,
+                temperature=temperature,
+                enabled=distill,
+                label_weight=label_weight,
+            )
+        )
+        self.scaler = scaler
+        self.autocast_dtype = autocast_dtype
+        self.accumulation_steps = accumulation_steps
+        self._pending: list[Width] | None = None  # widths of the optimizer step in progress
+        self._micro = 0
+        self._losses: list[Tensor] = []
+
+    def step(
+        self,
+        images: Tensor,
+        labels: Tensor,
+        optimizer: torch.optim.Optimizer,
+        *,
+        teacher_probs: Tensor | None = None,
+    ) -> StepResult | None:
+        """Train one batch at the step's widths. With ``accumulation_steps == 1`` (default) this
+        is :func:`sandwich_step`. With more, each call adds one micro-batch's gradients and the
+        call that completes the optimizer step returns its :class:`StepResult` (losses averaged
+        over the micro-batches); the others return None.
+
+        Raises ``FloatingPointError`` (the optimizer did not step) on a non-finite loss."""
+        if self.accumulation_steps == 1:
+            return sandwich_step(self.model, images, labels, optimizer, self.sampler,
+                                 self.criterion, scaler=self.scaler,
+                                 autocast_dtype=self.autocast_dtype, teacher_probs=teacher_probs)  # fmt: skip
+        inner = unwrap(self.model)
+        if self._pending is None:
+            self._pending = draw_widths(self.sampler)
+            self._micro, self._losses = 0, []
+            optimizer.zero_grad(set_to_none=True)
+        widths = self._pending
+        self._micro += 1
+        last = self._micro == self.accumulation_steps
+        try:
+            losses, kinds = backward_widths(
+                self.model, images, labels, widths, self.criterion, scaler=self.scaler,
+                autocast_dtype=self.autocast_dtype, teacher_probs=teacher_probs, sync=last,
+                loss_scale=1.0 / self.accumulation_steps,
+            )  # fmt: skip
+            self._losses.append(torch.stack(losses))
+            if not last:
+                return None
+            mean = torch.stack(self._losses).mean(0)
+            values = _ranks_mean(self.model, mean).tolist()
+            self._pending = None
+            _check_finite(widths, values)
+            _optimizer_step(optimizer, self.scaler)
+        except BaseException:
+            self._pending = None  # the next call starts a new optimizer step
+            raise
+        finally:
+            set_width(inner, widths[0])
+        return StepResult(widths=[width_value(w) for w in widths], losses=values, loss_kinds=kinds)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The sampler's state (for checkpoints)."""
+        state = getattr(self.sampler, "state_dict", None)
+        return {"sampler": state() if callable(state) else {}}
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        load = getattr(self.sampler, "load_state_dict", None)
+        if callable(load):
+            load(state_dict.get("sampler", {}))
 
 
 def warm_up_widths(

@@ -47,6 +47,7 @@ from ..progress import step_bar
 from ..state import enable_switchable_bn, get_state, set_width
 from .config import TrainConfig, config_diff, config_from_saved, load_run_config
 from .data import DataInfo, TensorBatches, as_tensors, datasets_for
+from .distill import InplaceDistillationLoss
 from .recipe import make_optimizer, make_scheduler
 from .rundir import (
     CHECKPOINT,
@@ -58,13 +59,8 @@ from .rundir import (
     resumable_checkpoint,
     truncate_metrics,
 )
-from .sandwich import (
-    FixedWidths,
-    InplaceDistillationLoss,
-    WidthSampler,
-    sandwich_step,
-    warm_up_widths,
-)
+from .samplers import FixedWidths, WidthSampler
+from .sandwich import SandwichRule, warm_up_widths
 from .warm_start import teacher_probs
 
 
@@ -150,7 +146,7 @@ class Trainer:
         self.tb = None
         if saved is not None:
             self._restore(saved)
-        # What sandwich_step runs: DDP in a process group (its construction broadcasts rank 0's
+        # What the step runs: DDP in a process group (its construction broadcasts rank 0's
         # weights, so every rank starts equal), else the model itself. Buffers are not
         # broadcast: BN keeps no running statistics in training (calibrated per width instead).
         # Switchable BN's private parameters of the other widths are unused in the last
@@ -161,6 +157,9 @@ class Trainer:
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 find_unused_parameters=config.mode == "slimmable", **_NO_BUFFER_SYNC,
             )  # fmt: skip
+        # The step itself: the public training API (usnet.SandwichRule), one implementation.
+        self.rule = SandwichRule(self.train_model, sampler=self.sampler, criterion=self.criterion,
+                                 scaler=self.scaler, autocast_dtype=self.autocast_dtype)  # fmt: skip
 
     # -- setup ---------------------------------------------------------------------------------
     def _check_out_dir(self, resume: bool) -> dict | None:
@@ -405,9 +404,7 @@ class Trainer:
                     torch.cuda.synchronize(images.device)
                 self.teacher_seconds += time.perf_counter() - tick
             try:
-                result = sandwich_step(self.train_model, images, labels, self.optimizer,
-                                       self.sampler, self.criterion, scaler=self.scaler,
-                                       autocast_dtype=self.autocast_dtype, **extra)  # fmt: skip
+                result = self.rule.step(images, labels, self.optimizer, **extra)
             except FloatingPointError as err:
                 raise TrainingError(
                     f"stopped at epoch {self.epoch + 1}, step {self.step + 1}: {err}; the last good "

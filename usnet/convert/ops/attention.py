@@ -13,7 +13,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from ..nodes import node_arg, reshape_sizes
-from ..registry import ChannelDim, pass_through, register_op
+from ..registry import ChannelDim, handles, pass_through, register_op
 
 if TYPE_CHECKING:
     from ..graph import GraphAnalysis
@@ -68,6 +68,7 @@ def split_heads(a: "GraphAnalysis", node: fx.Node, dim: ChannelDim, before: tupl
     return ChannelDim(((a.find(first), 1),), end - 2)
 
 
+@handles(F.scaled_dot_product_attention)
 def attention(a: "GraphAnalysis", node: fx.Node, module: Any = None) -> ChannelDim | None:
     """``scaled_dot_product_attention(q, k, v)``: with channels as heads (a batch dimension of
     the attention) q, k and v have the same active heads and the output has v's; with channels
@@ -92,6 +93,7 @@ def attention(a: "GraphAnalysis", node: fx.Node, module: Any = None) -> ChannelD
     return v
 
 
+@handles(operator.matmul, torch.matmul, torch.bmm, "matmul", "bmm")
 def matmul(a: "GraphAnalysis", node: fx.Node, module: Any = None) -> ChannelDim | None:
     """``x @ y`` of two tensors: channels along the batch dimensions are tied and kept (heads),
     along the contracted dimension tied and dropped, along x's rows or y's columns kept."""
@@ -134,6 +136,7 @@ def _refuse_windowed_attention(a: "GraphAnalysis", node: fx.Node, module: Any = 
         )
 
 
+@handles(torch.einsum)
 def _refuse_einsum(a: "GraphAnalysis", node: fx.Node, module: Any = None) -> None:
     if a.channel_inputs(node):
         a.refuse(
@@ -142,13 +145,6 @@ def _refuse_einsum(a: "GraphAnalysis", node: fx.Node, module: Any = None) -> Non
             "attention); write attention as reshape into heads + scaled_dot_product_attention",
         )
 
-
-register_op(F.scaled_dot_product_attention, attention)
-
-for _matmul in (operator.matmul, torch.matmul, torch.bmm, "matmul", "bmm"):
-    register_op(_matmul, matmul)
-
-register_op(torch.einsum, _refuse_einsum)
 
 # PyTorch-Pruning-style leaves: torchvision's stochastic depth is an fx-wrapped function.
 try:  # pragma: no cover - torchvision is a dependency, but keep the core importable without it

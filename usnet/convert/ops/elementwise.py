@@ -14,7 +14,7 @@ from torch import nn
 
 from ...nn.params import is_tensor_attr
 from ..nodes import first_arg, node_arg
-from ..registry import ChannelDim, no_channels, pass_through, register_op
+from ..registry import ChannelDim, handles, no_channels, pass_through, register_op
 
 if TYPE_CHECKING:
     from ..graph import GraphAnalysis
@@ -62,6 +62,7 @@ def binary(a: "GraphAnalysis", node: fx.Node, module: Any = None) -> ChannelDim 
     return first.moved(out_axis)
 
 
+@handles(torch.mean, torch.sum, torch.amax, "mean", "sum", "amax")
 def reduce(a: "GraphAnalysis", node: fx.Node, module: Any = None) -> ChannelDim | None:
     dim = a.value(first_arg(node))
     if dim is None:
@@ -76,6 +77,7 @@ def reduce(a: "GraphAnalysis", node: fx.Node, module: Any = None) -> ChannelDim 
     return dim if keepdim else dim.moved(dim.axis - sum(d < dim.axis for d in dims))
 
 
+@handles(F.pad)
 def pad(a: "GraphAnalysis", node: fx.Node, module: Any = None) -> ChannelDim | None:
     """Padding the trailing (spatial) dimensions keeps the channels."""
     dim = a.value(first_arg(node))
@@ -134,11 +136,6 @@ for _function in BINARY_FUNCTIONS:
 
 for _method in BINARY_METHODS:
     register_op(_method, binary)
-
-for _reduce in (torch.mean, torch.sum, torch.amax, "mean", "sum", "amax"):
-    register_op(_reduce, reduce)
-
-register_op(F.pad, pad)
 
 
 register_op(torch._assert, no_channels)

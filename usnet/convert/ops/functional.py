@@ -9,17 +9,13 @@ from typing import TYPE_CHECKING, Any
 import torch.fx as fx
 import torch.nn.functional as F
 
-from ..registry import register_op
+from ..registry import handles
 
 if TYPE_CHECKING:
     from ..graph import GraphAnalysis
 
 
+@handles(F.conv1d, F.conv2d, F.conv_transpose2d, F.linear, F.batch_norm, F.layer_norm, F.group_norm)
 def refuse_functional(a: "GraphAnalysis", node: fx.Node, module: Any = None) -> None:
     if a.channel_inputs(node):
         a.refuse(node, "functional layer on parameters; use the nn.Module layer instead")
-
-
-for _function in (F.conv1d, F.conv2d, F.conv_transpose2d, F.linear, F.batch_norm, F.layer_norm,
-                  F.group_norm):  # fmt: skip
-    register_op(_function, refuse_functional)

@@ -11,12 +11,13 @@ import torch.fx as fx
 from torch import nn
 
 from ..nodes import first_arg, node_arg
-from ..registry import ROLE_HANDLERS, ChannelDim, pass_through, register_op
+from ..registry import ROLE_HANDLERS, ChannelDim, handles, pass_through
 
 if TYPE_CHECKING:
     from ..graph import GraphAnalysis
 
 
+@handles(nn.Conv2d, nn.Conv1d)
 def _conv(a: "GraphAnalysis", node: fx.Node, conv: nn.Conv2d) -> ChannelDim:
     dim = a.single_input(node)
     a.check_size(node, dim, conv.in_channels)
@@ -50,6 +51,7 @@ def _conv(a: "GraphAnalysis", node: fx.Node, conv: nn.Conv2d) -> ChannelDim:
     return out
 
 
+@handles(nn.Linear)
 def _linear(a: "GraphAnalysis", node: fx.Node, linear: nn.Linear) -> ChannelDim:
     dim = a.single_input(node, axis=-1)
     shape = a.shape(first_arg(node))
@@ -71,6 +73,7 @@ def _linear(a: "GraphAnalysis", node: fx.Node, linear: nn.Linear) -> ChannelDim:
     return out
 
 
+@handles(nn.BatchNorm2d)
 def features_layer(a: "GraphAnalysis", node: fx.Node, module: nn.Module) -> ChannelDim:
     """A layer acting on each channel at dimension 1 (norms): its features are its input's."""
     dim = a.single_input(node)
@@ -84,6 +87,7 @@ def features_layer(a: "GraphAnalysis", node: fx.Node, module: nn.Module) -> Chan
     return dim
 
 
+@handles(nn.GroupNorm)
 def group_norm(a: "GraphAnalysis", node: fx.Node, norm: nn.GroupNorm) -> ChannelDim:
     """GroupNorm keeps its group size: every segment is whole groups, and the group size divides
     its active channels (a plan divisor)."""
@@ -97,16 +101,19 @@ def group_norm(a: "GraphAnalysis", node: fx.Node, norm: nn.GroupNorm) -> Channel
     return dim
 
 
+@handles(nn.InstanceNorm2d)
 def instance_norm(a: "GraphAnalysis", node: fx.Node, norm: nn.InstanceNorm2d) -> Any:
     if norm.track_running_stats:
         a.refuse(node, "InstanceNorm2d with running statistics is not slimmable")
     return features_layer(a, node, norm) if norm.affine else pass_through(a, node)
 
 
+@handles(nn.PReLU)
 def prelu(a: "GraphAnalysis", node: fx.Node, act: nn.PReLU) -> Any:
     return features_layer(a, node, act) if act.num_parameters > 1 else pass_through(a, node)
 
 
+@handles(nn.ConvTranspose2d)
 def conv_transpose(a: "GraphAnalysis", node: fx.Node, conv: nn.ConvTranspose2d) -> ChannelDim:
     dim = a.single_input(node)
     a.check_size(node, dim, conv.in_channels)
@@ -127,6 +134,7 @@ def _features_of(module: nn.Module, default: int) -> int:
     return shape[0] if shape is not None and len(shape) == 1 else default
 
 
+@handles(nn.LayerNorm)
 def layer_norm(a: "GraphAnalysis", node: fx.Node, norm: nn.LayerNorm) -> ChannelDim | None:
     """``nn.LayerNorm(C)`` over the channels, which must be the last dimension."""
     dim = a.value(first_arg(node))
@@ -161,6 +169,7 @@ def transform_layer(a: "GraphAnalysis", node: fx.Node, module: nn.Module) -> Cha
     return out
 
 
+@handles(nn.MultiheadAttention)
 def multihead_attention(a: "GraphAnalysis", node: fx.Node,
                         mha: nn.MultiheadAttention) -> tuple:  # fmt: skip
     """``nn.MultiheadAttention``: query, key and value share its embedding channels (last), the
@@ -188,23 +197,3 @@ def multihead_attention(a: "GraphAnalysis", node: fx.Node,
 
 
 ROLE_HANDLERS.update(transform=transform_layer, features=features_layer)
-
-register_op(nn.Conv2d, _conv)
-
-register_op(nn.Linear, _linear)
-
-register_op(nn.BatchNorm2d, features_layer)
-
-register_op(nn.LayerNorm, layer_norm)
-
-register_op(nn.Conv1d, _conv)
-
-register_op(nn.ConvTranspose2d, conv_transpose)
-
-register_op(nn.GroupNorm, group_norm)
-
-register_op(nn.InstanceNorm2d, instance_norm)
-
-register_op(nn.PReLU, prelu)
-
-register_op(nn.MultiheadAttention, multihead_attention)

@@ -14,13 +14,14 @@ from torch import nn
 
 from ...nn.params import is_tensor_attr
 from ..nodes import first_arg, flatten_args, node_arg, reshape_sizes
-from ..registry import ChannelDim, register_op
+from ..registry import ChannelDim, handles
 from .attention import split_heads
 
 if TYPE_CHECKING:
     from ..graph import GraphAnalysis
 
 
+@handles(nn.Flatten, torch.flatten, "flatten")
 def flatten(a: "GraphAnalysis", node: fx.Node, module: Any = None) -> ChannelDim | None:
     """``flatten(start, end)`` over the channel dimension and the ones after it: each channel
     becomes ``prod(sizes after it)`` features, channel-major, so a prefix stays a prefix."""
@@ -46,6 +47,7 @@ def flatten(a: "GraphAnalysis", node: fx.Node, module: Any = None) -> ChannelDim
     return ChannelDim(tuple((e, f * spatial) for e, f in dim.segments), start)
 
 
+@handles(torch.cat, torch.concat)
 def concatenate(a: "GraphAnalysis", node: fx.Node, module: Any = None) -> ChannelDim | None:
     """``torch.cat`` along channels: the output's segments are its inputs', in order (each input
     stays active on its own prefix); along any other dimension: the inputs' channels are tied."""
@@ -97,6 +99,7 @@ def _parameter_source(a: "GraphAnalysis", arg: Any) -> tuple[str, int] | None:
 CHUNKS: set[Any] = {torch.chunk, "chunk"}
 
 
+@handles(torch.split, torch.chunk, "split", "chunk")
 def split(a: "GraphAnalysis", node: fx.Node, module: Any = None) -> Any:
     """``split``/``chunk`` along a non-channel dimension keep the channels; along channels they
     are exact only where the pieces are segments (splitting a concatenation back into its
@@ -151,6 +154,7 @@ def split(a: "GraphAnalysis", node: fx.Node, module: Any = None) -> Any:
     return tuple(pieces)
 
 
+@handles(operator.getitem)
 def getitem(a: "GraphAnalysis", node: fx.Node, module: Any = None) -> Any:
     source, index = node.args[0], node.args[1]
     value = a.value(source)
@@ -177,6 +181,7 @@ def getitem(a: "GraphAnalysis", node: fx.Node, module: Any = None) -> Any:
     a.refuse(node, "indexing a tensor that carries channels")
 
 
+@handles(torch.permute, "permute")
 def permute(a: "GraphAnalysis", node: fx.Node, module: Any = None) -> ChannelDim | None:
     dim = a.value(first_arg(node))
     if dim is None:
@@ -188,6 +193,7 @@ def permute(a: "GraphAnalysis", node: fx.Node, module: Any = None) -> ChannelDim
     return dim.moved([d % rank for d in order].index(dim.axis))
 
 
+@handles(torch.transpose, "transpose")
 def transpose(a: "GraphAnalysis", node: fx.Node, module: Any = None) -> ChannelDim | None:
     dim = a.value(first_arg(node))
     if dim is None:
@@ -197,6 +203,7 @@ def transpose(a: "GraphAnalysis", node: fx.Node, module: Any = None) -> ChannelD
     return dim.moved(d1 if dim.axis == d0 else d0 if dim.axis == d1 else dim.axis)
 
 
+@handles(torch.unsqueeze, "unsqueeze")
 def unsqueeze(a: "GraphAnalysis", node: fx.Node, module: Any = None) -> ChannelDim | None:
     dim = a.value(first_arg(node))
     if dim is None:
@@ -205,6 +212,7 @@ def unsqueeze(a: "GraphAnalysis", node: fx.Node, module: Any = None) -> ChannelD
     return dim.moved(dim.axis + 1) if d <= dim.axis else dim
 
 
+@handles(torch.squeeze, "squeeze")
 def squeeze(a: "GraphAnalysis", node: fx.Node, module: Any = None) -> ChannelDim | None:
     dim = a.value(first_arg(node))
     if dim is None:
@@ -229,12 +237,14 @@ def make_tuple(a: "GraphAnalysis", node: fx.Node, module: Any = None) -> tuple:
     return tuple(a.value(x) for x in (*node.args, *node.kwargs.values()))
 
 
+@handles(getattr)
 def _builtin_getattr(a: "GraphAnalysis", node: fx.Node, module: Any = None) -> Any:
     if node.args[1] in ("T", "mT", "H", "mH", "real", "imag"):
         return a.refuse(node, f"tensor attribute .{node.args[1]} of channels")
     return None  # shape, ndim, dtype, device: queries
 
 
+@handles("view", "reshape", torch.reshape)
 def reshape(a: "GraphAnalysis", node: fx.Node, module: Any = None) -> ChannelDim | None:
     """``reshape``/``view`` of a tensor with channels. The dimensions before and after the
     channels may be merged or split freely; the channel dimension itself may
@@ -285,6 +295,7 @@ def reshape(a: "GraphAnalysis", node: fx.Node, module: Any = None) -> ChannelDim
     return out
 
 
+@handles(torch.unbind, "unbind")
 def unbind(a: "GraphAnalysis", node: fx.Node, module: Any = None) -> Any:
     """``unbind`` along another dimension than the channels (q, k, v out of one tensor)."""
     dim = a.value(first_arg(node))
@@ -297,6 +308,7 @@ def unbind(a: "GraphAnalysis", node: fx.Node, module: Any = None) -> Any:
     return tuple(dim.moved(dim.axis - (along < dim.axis)) for _ in range(shape[along]))
 
 
+@handles("expand")
 def expand(a: "GraphAnalysis", node: fx.Node, module: Any = None) -> ChannelDim | None:
     """``expand`` keeps the channels where their size is ``-1`` (or computed at run time)."""
     dim = a.value(first_arg(node))
@@ -308,47 +320,3 @@ def expand(a: "GraphAnalysis", node: fx.Node, module: Any = None) -> ChannelDim 
     if isinstance(size, int) and size != -1:
         a.refuse(node, f"expand with the channels' size written as the constant {size}")
     return dim.moved(dim.axis + offset)
-
-
-register_op(nn.Flatten, flatten)
-
-register_op(torch.flatten, flatten)
-
-register_op("flatten", flatten)
-
-register_op(torch.cat, concatenate)
-
-register_op(torch.concat, concatenate)
-
-for _split in (torch.split, torch.chunk, "split", "chunk"):
-    register_op(_split, split)
-
-register_op(operator.getitem, getitem)
-
-register_op(torch.permute, permute)
-
-register_op("permute", permute)
-
-register_op(torch.transpose, transpose)
-
-register_op("transpose", transpose)
-
-register_op(torch.unsqueeze, unsqueeze)
-
-register_op("unsqueeze", unsqueeze)
-
-register_op(torch.squeeze, squeeze)
-
-register_op("squeeze", squeeze)
-
-for _unbind in (torch.unbind, "unbind"):
-    register_op(_unbind, unbind)
-
-for _expand in ("expand",):
-    register_op(_expand, expand)
-
-for _method in ("view", "reshape"):
-    register_op(_method, reshape)
-
-register_op(torch.reshape, reshape)
-register_op(getattr, _builtin_getattr)
