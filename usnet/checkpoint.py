@@ -129,9 +129,9 @@ def model_from_checkpoint(payload: Mapping[str, Any], source: str = "checkpoint"
     if "module" in payload:
         model = payload["module"]
     elif saved.arch is not None:
-        from .models import create_model
+        from .models.sources import rebuild
 
-        model = create_model(saved.arch["name"], **saved.arch["kwargs"])
+        model = rebuild(saved.arch)
         if saved.switchable_widths:
             enable_switchable_bn(model, saved.switchable_widths)
     else:

@@ -88,7 +88,7 @@ def test_search_on_a_model_without_batchnorm():
 
 
 def test_train_skips_calibration_and_the_checkpoint_works(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(usnet.train.trainer, "create_model", lambda name, **kw: layer_norm_net())
+    monkeypatch.setattr(usnet.train.trainer, "build_model", lambda spec, **kw: layer_norm_net())
 
     def no_calibration(*args, **kwargs):
         raise AssertionError("usnet train calibrated a model without BatchNorm")

@@ -56,6 +56,18 @@ class CalibConfig:
 
 
 @dataclass
+class ConvertConfig:
+    """The converter's options (``usnet.slimmable``) for a model converted on the fly
+    (``model: torchvision:NAME``, ``timm:NAME``, ``package.module:callable``)."""
+
+    fixed_outputs: list[str] = field(default_factory=list)  # layers whose outputs never slim
+    ratio_ties: list[str] = field(default_factory=list)  # layers following their input at a ratio
+    divisor: int = 8  # active channel counts are multiples of this
+    slim_outputs: bool = False  # let the model's outputs slim (a backbone)
+    input_averaging: bool = False  # scale outputs by full/active fan-in
+
+
+@dataclass
 class InitConfig:
     """Start from a trained model (``usnet.warm_start``) instead of random weights."""
 
@@ -67,8 +79,10 @@ class InitConfig:
 
 @dataclass
 class TrainConfig:
+    # a zoo model (us_convnet), torchvision:NAME, timm:NAME or package.module:callable
     model: str = "us_convnet"
     model_kwargs: dict[str, Any] = field(default_factory=dict)
+    convert: ConvertConfig = field(default_factory=ConvertConfig)  # for models converted on the fly
     width_range: list[float] = field(default_factory=lambda: [0.25, 1.0])
     mode: Literal["universal", "individual", "slimmable"] = "universal"
     width: float | None = None  # mode=individual: the one width trained
@@ -366,6 +380,28 @@ def _check_semantics(c: TrainConfig) -> None:
     if c.teacher == "init" and c.init.checkpoint is None:
         raise ConfigError("teacher=init needs init.checkpoint (the trained model to distil from)")
     check_device_name(c.device)
+    _check_model(c)
+
+
+def _check_model(c: TrainConfig) -> None:
+    """The model's name and keyword arguments, before any work (no model is built here)."""
+    from ..models.sources import ConvertOptions, check_model, parse_model
+
+    try:
+        check_model(parse_model(c.model, c.model_kwargs))
+    except ValueError as err:
+        raise ConfigError(f"model: {err}") from None
+    spec = parse_model(c.model, c.model_kwargs)
+    if c.convert.divisor < 1:
+        raise ConfigError(f"convert.divisor must be >= 1, got {c.convert.divisor}")
+    if (
+        spec.source == "zoo"
+        and ConvertOptions.from_dict(dataclasses.asdict(c.convert)) != ConvertOptions()
+    ):
+        raise ConfigError(
+            f"convert options apply to models converted on the fly (torchvision:NAME, timm:NAME, "
+            f"module:callable); the zoo model {c.model!r} sets its own"
+        )
 
 
 def _check_optimizer(c: TrainConfig) -> None:

@@ -22,6 +22,7 @@ counts, and only rank 0 writes files. ``--resume`` reads the checkpoint on rank 
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import time
 from collections.abc import Callable
@@ -37,12 +38,13 @@ from .. import checkpoint as ckpt
 from .. import distributed as dist
 from ..calibration import calibrate, needs_calibration
 from ..channels import parse_widths
+from ..convert import ConversionError
 from ..deploy.spectrum import format_spectrum, spectrum_rows, write_spectrum
 from ..device import rank_device
 from ..errors import ConfigError, DataError, TrainingError
 from ..evaluation import evaluate
 from ..files import check_writable
-from ..models import create_model
+from ..models.sources import ConvertOptions, build_model, parse_model
 from ..progress import step_bar
 from ..state import enable_switchable_bn, get_state, set_width
 from .config import TrainConfig, config_diff, config_from_saved, load_run_config
@@ -199,12 +201,16 @@ class Trainer:
     def _build_model(self, info: DataInfo) -> nn.Module:
         c = self.config
         width_range = (c.width, c.width) if c.mode == "individual" else tuple(c.width_range)
-        kwargs = {"num_classes": info.num_classes, "in_channels": info.in_channels,
-                  "small_input": info.small_input, "width_range": width_range, **c.model_kwargs}  # fmt: skip
+        spec = parse_model(c.model, c.model_kwargs)
         try:
-            return create_model(c.model, **kwargs)
-        except TypeError as err:
+            return build_model(spec, num_classes=info.num_classes, in_channels=info.in_channels,
+                               input_size=info.input_size, width_range=width_range,
+                               convert=ConvertOptions.from_dict(dataclasses.asdict(c.convert)),
+                               small_input=info.small_input)  # fmt: skip
+        except TypeError as err:  # a zoo builder's keyword arguments
             raise ConfigError(f"model_kwargs for {c.model!r}: {err}") from None
+        except ConversionError as err:
+            raise ConfigError(f"model {c.model!r} cannot be made slimmable: {err}") from None
 
     def _apply_init(self, fresh: bool) -> nn.Module | None:
         """``init``: load the trained weights (and reorder their channels) into a new run's model;

@@ -42,7 +42,10 @@ def read_init_weights(path: str | os.PathLike) -> tuple[dict[str, Tensor], str |
         ) from None
     arch = None
     if isinstance(payload, Mapping) and payload.get("format") == FORMAT:
-        arch = ((payload.get("usnet") or {}).get("arch") or {}).get("name")
+        record = (payload.get("usnet") or {}).get("arch") or {}
+        arch = record.get("name")
+        if arch is not None and record.get("source") in ("torchvision", "timm"):
+            arch = f"{record['source']}:{arch}"  # as the config names it
         payload = payload.get("state_dict")
     elif isinstance(payload, Mapping):
         for key in ("state_dict", "model"):
