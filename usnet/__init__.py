@@ -37,6 +37,7 @@ from .reorder import reorder_channels
 from .search import search_width
 from .select import select_width
 from .state import channel_plan, channels_at, get_width, is_slimmable, set_width, width
+from .switchable import Switchable, SwitchableArtifact, export_switchable
 
 __version__ = "0.1.0"
 
@@ -49,6 +50,8 @@ __all__ = [
     "SlimmableConv2d",
     "SlimmableLayer",
     "SlimmableLinear",
+    "Switchable",
+    "SwitchableArtifact",
     "UncalibratedWidthError",
     "UsnetError",
     "VerificationError",
@@ -60,6 +63,7 @@ __all__ = [
     "config_key",
     "export",
     "export_artifact",
+    "export_switchable",
     "export_widths",
     "get_width",
     "is_calibrated",

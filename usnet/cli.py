@@ -91,6 +91,10 @@ def default_input_size(model: nn.Module) -> tuple[int, int, int, int]:
 def cmd_profile(args: argparse.Namespace) -> int:
     from .cost import format_profiles, profile
 
+    if args.latency:  # a switchable artifact: latency per entry, written into the file
+        from . import switchable_cli
+
+        return switchable_cli.profile(args)
     if Path(args.model).is_file():  # the run's input size, as eval, select and export use
         model, payload = _load_checkpoint(args.model)
         input_size = args.input_size or _input_size_of(model, payload)
@@ -385,6 +389,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     from .deploy import check_format, earlier_export_rows, export_artifact, export_widths
     from .state import get_state
 
+    if args.switchable or args.entry:  # one file, every width
+        from . import switchable_cli
+
+        return switchable_cli.export(args)
     check_format(args.format)
     if (args.width is None) == (args.widths is None):
         raise UsnetValueError(
@@ -469,6 +477,10 @@ def cmd_select(args: argparse.Namespace) -> int:
     from .reports import plot_selection
     from .select import check_cache_dir, format_selection, select_width
 
+    if str(args.checkpoint).endswith(".onnx"):  # a switchable artifact and its latency table
+        from . import switchable_cli
+
+        return switchable_cli.select(args)
     if args.plot:
         check_writable(args.plot, "--plot")
     if args.latency_cache and args.max_latency_ms is not None:
@@ -558,6 +570,8 @@ def _search_result(path: Path) -> str | None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import switchable_cli
+
     parser = argparse.ArgumentParser(
         prog="usnet", description="Universally slimmable networks: train once, run at any width."
     )
@@ -581,6 +595,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--in-channels", type=whole_number(1), default=None, help="zoo models only")
     p.add_argument("--small-input", action="store_true", help="zoo models only: 28-32 px stem")
     p.add_argument("--json", action="store_true", help="print one JSON list")
+    switchable_cli.add_profile_arguments(p)
     p.set_defaults(func=cmd_profile)
 
     p = sub.add_parser("train", help="train a US-Net from a YAML config")
@@ -666,6 +681,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", default=None, help="dataset name (default: the run's data.name)")
     p.add_argument("--calib-images", type=int, default=1024, help="calibration images")
     p.add_argument("--json", action="store_true", help="print JSON")
+    switchable_cli.add_export_arguments(p)
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("select", help="the widest width within a MACs, params or latency budget")

@@ -129,7 +129,9 @@ def load_artifact(
 ) -> Callable[[Tensor], Tensor]:
     """A callable ``images -> logits`` (CPU tensors) running an artifact with its own runtime.
 
-    ``source`` is a file (format from its suffix unless given) or the artifact's bytes.
+    ``source`` is a file (format from its suffix unless given) or the artifact's bytes. A
+    switchable ONNX file (:func:`usnet.export_switchable`) gives a
+    :class:`~usnet.switchable.SwitchableArtifact`, called as ``artifact(images, width=0.5)``.
     """
     if format is None:
         if isinstance(source, bytes):
@@ -140,10 +142,14 @@ def load_artifact(
     check_format(format)
     data = source if isinstance(source, bytes) else Path(source).read_bytes()
     if format == "onnx":
-        import onnx
         import onnxruntime
 
-        onnx.checker.check_model(onnx.load_from_string(data), full_check=True)
+        from .switchable import SwitchableArtifact, read_onnx, switchable_metadata
+
+        name = "the given bytes" if isinstance(source, bytes) else repr(str(source))
+        proto = read_onnx(data, name)  # a truncated or foreign file: an error naming it
+        if switchable_metadata(proto) is not None:  # every width in one file: takes width=
+            return SwitchableArtifact(proto, name)
         session = onnxruntime.InferenceSession(data, providers=["CPUExecutionProvider"])
 
         def run_onnx(images: Tensor) -> Tensor:
