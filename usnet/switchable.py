@@ -468,7 +468,8 @@ class Switchable(EntryTable):
         self.modules: list[nn.Module] = []
         rows = []
         for index, (name, width) in enumerate(entries):
-            module = export(model, width)
+            with torch.inference_mode(False):  # copies made in inference mode have no versions
+                module = export(model, width)
             if device is not None:
                 module = module.to(device)
             self.modules.append(module)
