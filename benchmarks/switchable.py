@@ -8,7 +8,7 @@ For 8 widths of US-MobileNetV2 (1000 classes, 224 px) and of the main job's US-C
 * onnxruntime latency of every entry against the standalone export of that width, at 1 and 2
   threads, batch 1 and 32 (target <= 1.05x): the file's own graph (``If`` nodes choose the entry,
   as in a runtime without usnet) and usnet's loader (``usnet.load_artifact``: one session per
-  entry built from the file). Interleaved rounds (switchable graph, loader, standalone, ...);
+  entry built from the file). Interleaved rounds, in a rotating order;
   ms are medians over rounds, ratios the median of the per-round ratios (min-max printed);
 * the PyTorch runtime (``usnet.Switchable``) per width against ``usnet.export`` of that width
   (target <= 1.05x), its switch time (a lookup, target < 1 ms) and memory;
@@ -62,12 +62,19 @@ def build(name: str) -> torch.nn.Module:
     return model.eval()
 
 
+def options(threads: int):
+    """The same settings for every session. Spinning off: a process holding a dozen sessions
+    would otherwise have their idle pool threads spin against the one being timed."""
+    opts = onnxruntime.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.log_severity_level = 3
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return opts
+
+
 def session(path: str | bytes, threads: int):
-    options = onnxruntime.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.log_severity_level = 3
-    return onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    return onnxruntime.InferenceSession(path, options(threads), providers=["CPUExecutionProvider"])
 
 
 def per_call_ms(fn, calls: int) -> float:
@@ -82,9 +89,10 @@ def interleave(fns: dict, calls: int, rounds: int, base: str) -> dict:
     times = {k: [] for k in fns}
     for fn in fns.values():
         fn()  # warm-up
-    for _ in range(rounds):
-        for k, fn in fns.items():
-            times[k].append(per_call_ms(fn, calls))
+    names = list(fns)
+    for r in range(rounds):
+        for k in names[r % len(names) :] + names[: r % len(names)]:  # each order in turn
+            times[k].append(per_call_ms(fns[k], calls))
     out = {"ms": {k: statistics.median(v) for k, v in times.items()}}
     for k in fns:
         if k != base:
@@ -123,7 +131,7 @@ def run_model(name: str, rounds: int, tmp: Path) -> dict:
     out["max_abs_diff"] = diffs
     out["onnxruntime"] = []
     for threads in THREADS:
-        loader = load_switchable(tmp / f"{name}.onnx", threads=threads)
+        loader = load_switchable(tmp / f"{name}.onnx", options=options(threads))
         graph = session(str(tmp / f"{name}.onnx"), threads)
         standalone = {w: session(str(files[w]), threads) for w in widths}
         for batch in BATCHES:

@@ -354,7 +354,7 @@ class SwitchableArtifact(EntryTable):
     """
 
     def __init__(self, proto, source: str, *, threads: int | None = None,
-                 dispatch: str = "entries"):  # fmt: skip
+                 dispatch: str = "entries", options=None):  # fmt: skip
         import onnxruntime
 
         from .switchable_onnx import entry_model
@@ -371,8 +371,9 @@ class SwitchableArtifact(EntryTable):
         self.latency: list[dict] = meta.get("latency", [])
         self.threads = threads
         self.dispatch = dispatch
-        options = onnxruntime.SessionOptions()
-        options.log_severity_level = 3  # not the overridable-initializer warning of `entry`
+        if options is None:  # else the caller's onnxruntime.SessionOptions, as they are
+            options = onnxruntime.SessionOptions()
+            options.log_severity_level = 3  # not the overridable-initializer warning of `entry`
         if threads is not None:
             options.intra_op_num_threads = threads
         providers = ["CPUExecutionProvider"]
@@ -438,11 +439,13 @@ class SwitchableArtifact(EntryTable):
 
 
 def load_switchable(source: str | os.PathLike | bytes, *, threads: int | None = None,
-                    dispatch: str = "entries") -> SwitchableArtifact:  # fmt: skip
-    """Open a switchable ONNX file (or its bytes) for onnxruntime; errors name the file."""
+                    dispatch: str = "entries", options=None) -> SwitchableArtifact:  # fmt: skip
+    """Open a switchable ONNX file (or its bytes) for onnxruntime (``options``: an
+    ``onnxruntime.SessionOptions`` for every session); errors name the file."""
     name = "the given bytes" if isinstance(source, bytes) else repr(str(source))
     data = source if isinstance(source, bytes) else Path(source).read_bytes()
-    return SwitchableArtifact(read_onnx(data, name), name, threads=threads, dispatch=dispatch)
+    return SwitchableArtifact(read_onnx(data, name), name, threads=threads, dispatch=dispatch,
+                              options=options)  # fmt: skip
 
 
 def _is_number(value) -> bool:
