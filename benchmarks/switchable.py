@@ -136,12 +136,11 @@ def run_model(name: str, rounds: int, tmp: Path) -> dict:
         standalone = {w: session(str(files[w]), threads) for w in widths}
         for batch in BATCHES:
             x = np.random.default_rng(2).standard_normal((batch, *size[1:])).astype(np.float32)
-            xt = torch.from_numpy(x)
             for w in widths:
                 feed = {"input": x, "width": np.array(w, np.float32)}
                 fns = {
                     "graph": lambda: graph.run(None, feed),  # noqa: B023 (used in this iteration)
-                    "loader": lambda: loader(xt, width=w),  # noqa: B023
+                    "loader": lambda: loader(x, width=w),  # noqa: B023
                     "standalone": lambda: standalone[w].run(None, {"input": x}),  # noqa: B023
                 }
                 ms_one = per_call_ms(fns["standalone"], 1)

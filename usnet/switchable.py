@@ -18,6 +18,7 @@ device, thread count and batch size. :func:`usnet.load_artifact` opens it as a
 
 from __future__ import annotations
 
+import bisect
 import json
 import math
 import os
@@ -331,9 +332,8 @@ class EntryTable:
                 f"{min(self.widths, default=0):g} the narrowest entry runs); entries: "
                 f"{self.describe_entries()}"
             )
-        at_most = [i for i, e in enumerate(self.entries)
-                   if _is_number(e["width"]) and e["width"] <= width]  # fmt: skip
-        return at_most[-1] if at_most else 0
+        # the uniform entries come first, narrowest first (resolve_entries)
+        return max(bisect.bisect_right(self.widths, width) - 1, 0)
 
     def describe_entries(self) -> str:
         return ", ".join(f"{e['name']}" + (f" (width {e['width']:g})" if _is_number(e["width"]) else "")
@@ -393,7 +393,12 @@ class SwitchableArtifact(EntryTable):
 
     def check_images(self, images) -> np.ndarray:
         c, h, w = self.input_size[1:]
-        array = images.detach().cpu().numpy() if isinstance(images, Tensor) else images
+        array = images
+        if isinstance(images, Tensor):
+            try:
+                array = images.numpy()  # the common case, without a copy or a detach
+            except RuntimeError:  # on a GPU, or requiring grad
+                array = images.detach().cpu().numpy()
         if (
             not isinstance(array, np.ndarray)
             or array.dtype != np.float32
