@@ -22,7 +22,7 @@ from usnet_testing import liven, max_abs_diff, zoo_model
 
 import usnet
 from usnet.cli import main
-from usnet.switchable import META_KEY, SwitchableArtifact, load_switchable
+from usnet.switchable import META_KEY, SwitchableArtifact, _set_metadata, load_switchable
 from usnet.switchable_latency import profile_latency, select_entry
 
 SIZE = (1, 1, 28, 28)
@@ -254,15 +254,20 @@ def test_latency_table_round_trip(tmp_path):
     assert table["threads"] == 1 and table["device"].startswith("cpu:")
     assert table["entries"] == [f"w{w}" for w in WIDTHS] and all(m > 0 for m in table["median_ms"])
     assert usnet.load_artifact(path).latency == tables
-    # select reads the stored table: a budget between two stored medians picks the entry below
-    budget = (table["median_ms"][1] + table["median_ms"][2]) / 2
-    if table["median_ms"][1] < budget < table["median_ms"][2]:
-        chosen = select_entry(path, max_latency_ms=budget)
-        assert chosen["latency"]["source"] == "stored" and chosen["chosen"]["name"] == "w0.5"
+    # select reads the stored table: with medians 1, 2, 3, 4 ms stored for this machine, a
+    # 2.5 ms budget picks the second entry (measuring would give ~0.05-0.5 ms: all fit)
+    proto = onnx.load(str(path))
+    meta["latency"][0]["median_ms"] = [1.0, 2.0, 3.0, 4.0]
+    _set_metadata(proto, meta)
+    path.write_bytes(proto.SerializeToString())
+    chosen = select_entry(path, max_latency_ms=2.5)
+    assert chosen["latency"]["source"] == "stored" and chosen["chosen"]["name"] == "w0.5"
+    assert [e["latency_ms"] for e in chosen["entries"]] == [1.0, 2.0, 3.0, 4.0]
     # measuring again replaces the table of the same key and keeps the others
     again = profile_latency(path, threads=[1], batch_sizes=[2], warmup=0, repeats=1)
     latency = usnet.load_artifact(path).latency
     assert [t["batch_size"] for t in latency] == [1, 2] and latency[1] == again[0]
+    assert latency[0]["median_ms"] == [1.0, 2.0, 3.0, 4.0]  # the other table is kept as it was
     # another thread count: measured now, the file is not changed
     data = path.read_bytes()
     other = select_entry(path, max_latency_ms=1e6, threads=2, warmup=0, repeats=1)
