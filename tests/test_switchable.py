@@ -359,3 +359,27 @@ def test_readme_snippet_runs_without_usnet(tmp_path):
                           capture_output=True, text=True, timeout=120)  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["(8,", "10)", "0.5", "1"]
+
+
+def test_every_batchnorm_is_folded_even_where_the_exporter_deduplicates(tmp_path):
+    """A fresh model's BatchNorms all hold weight 1 and bias 0: torch.onnx.export writes such
+    equal tensors once and the others as Identity of it. Each entry still folds its own
+    statistics (no BatchNormalization left for onnxruntime to fold with another formula), so
+    it equals the standalone export to the last bit."""
+    torch.manual_seed(0)
+    model = zoo_model("us_convnet")
+    usnet.calibrate(model, [images(16, seed=3)], widths=[0.25, 1.0], num_images=16)
+    result = usnet.export_switchable(model, [0.25, 1.0], tmp_path / "m.onnx", input_size=SIZE)
+    proto = onnx.load(str(tmp_path / "m.onnx"))
+    ops = []
+
+    def walk(graph):
+        for node in graph.node:
+            ops.append(node.op_type)
+            for attr in node.attribute:
+                if attr.type == attr.GRAPH:
+                    walk(attr.g)
+
+    walk(proto.graph)
+    assert ops.count("Conv") == 10 and "BatchNormalization" not in ops
+    assert [e["max_abs_diff"] for e in result.entries] == [0.0, 0.0]

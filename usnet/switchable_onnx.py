@@ -264,7 +264,11 @@ def _entry_branch(graph, values, shared, prefix: str, *, fuse_bn: bool):
         )
         new.attribute.extend(node.attribute)
         body.append(new)
-    body, inits, nodes = _fold_batchnorm(body, inits, nodes, consts, fx_formula=fuse_bn)
+    for node in body:  # the exporter writes equal tensors once, the others as Identity of it
+        if node.op_type == "Identity" and node.input[0] in consts:
+            consts[node.output[0]] = consts[node.input[0]]
+    body, inits, nodes = _fold_batchnorm(body, inits, nodes, consts, {rename[graph.output[0].name]},
+                                         fx_formula=fuse_bn)  # fmt: skip
     output = helper.make_value_info(rename[graph.output[0].name], graph.output[0].type)
     branch = helper.make_graph(nodes + body, prefix.rstrip("/"), [], [output], initializer=inits)
     stored = sum(numpy_helper.to_array(t).nbytes for t in inits)
@@ -295,7 +299,7 @@ def fold_scale_bias(gamma, beta, mean, var, eps, conv_b, *, fx: bool):
     return scale.numpy(), beta.add(conv_b.sub(mean).mul(scale)).numpy()
 
 
-def _fold_batchnorm(body, inits, slicing, consts, *, fx_formula: bool):
+def _fold_batchnorm(body, inits, slicing, consts, graph_outputs, *, fx_formula: bool):
     """Conv -> BatchNormalization becomes Conv(x, Slice(w) * scale, folded bias), the entry's
     own statistics folded as :func:`fold_scale_bias` says."""
     from onnx import helper, numpy_helper
@@ -334,7 +338,12 @@ def _fold_batchnorm(body, inits, slicing, consts, *, fx_formula: bool):
         conv.output[0] = node.output[0]
         drop.add(id(node))
     out = [node for node in body if id(node) not in drop]
-    used = {i for n in out for i in n.input}
+    while True:  # Identity nodes that only fed a folded BatchNorm
+        used = {i for n in out for i in n.input} | set(graph_outputs)
+        dead = {id(n) for n in out if n.op_type == "Identity" and n.output[0] not in used}
+        if not dead:
+            break
+        out = [n for n in out if id(n) not in dead]
     kept = []
     for node in reversed(slicing):  # Mul nodes come after the Slice nodes they read
         if any(o in used for o in node.output):
