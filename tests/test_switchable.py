@@ -343,6 +343,24 @@ def test_cli_round_trip_and_force(checkpoint, tmp_path, capsys):
     assert code == 2 and "no entry of" in err and "the cheapest, 'w0.250'" in err
 
 
+def test_cli_named_non_uniform_entry(checkpoint, tmp_path, capsys):
+    model, nu = calibrated()
+    spec = tmp_path / "searched.json"  # what usnet search --out writes: {"width": {...}, ...}
+    spec.write_text(json.dumps({"width": nu, "test_top1": {}}))
+    out = tmp_path / "m.onnx"
+    code, stdout, err = run(["export", checkpoint, "--widths", "0.25,1.0", "--entry",
+                             f"searched={spec}", "--switchable", "--format", "onnx", "--out", out,
+                             "--input-size", "1,1,28,28"], capsys)  # fmt: skip
+    assert code == 0, err
+    art = usnet.load_artifact(out)
+    assert art.names == ["w0.250", "w1.000", "searched"] and art.entries[2]["width"] == nu
+    x = images()
+    assert max_abs_diff(art(x, entry="searched"), plain_torch(nu, x)) <= 1e-4
+    code, _, err = run(["export", checkpoint, "--entry", "bad", "--switchable", "--format", "onnx",
+                        "--out", tmp_path / "n.onnx"], capsys)  # fmt: skip
+    assert code == 2 and "--entry takes NAME=WIDTH, got 'bad'" in err
+
+
 def test_readme_snippet_runs_without_usnet(tmp_path):
     text = README.read_text()
     section = text[text.index("**One file, any width at run time**") :]

@@ -94,7 +94,6 @@ def build_switchable(
     full: Mapping[str, Tensor],
     *,
     fuse_bn: bool,
-    bn_eps: Mapping[str, float] | None = None,
 ) -> tuple["onnx.ModelProto", SharingReport]:  # noqa: F821
     """One ONNX model running any of ``entries`` (uniform ones first, sorted by width), sharing
     every weight that equals a prefix slice of the tensor of the same name in ``full``."""
