@@ -340,7 +340,7 @@ def test_select_refuses_a_bad_device_before_profiling(capsys, monkeypatch):
         raise AssertionError("profiled before the device was checked")
 
     monkeypatch.setattr("usnet.deploy.select.profile", no_profiling, raising=False)
-    monkeypatch.setattr("usnet.cli._load_checkpoint", no_profiling)
+    monkeypatch.setattr("usnet.cli.commands.load_checkpoint_arg", no_profiling)
     code = main(["select", "us_convnet", "--max-latency-ms", "1", "--device", "tpu"])
     assert "device: invalid value 'tpu'" in one_error_line(capsys, code)
 
@@ -358,13 +358,13 @@ def test_a_converted_custom_model_is_profiled_at_its_own_input(tmp_path, capsys)
 
 
 def test_eval_scores_on_the_test_set_also_for_a_run_with_a_validation_split(tmp_path):
-    from usnet.cli import _data_for
+    from usnet.cli.common import data_for
 
     config = load_config(
         FASHION, ["data.val_split=100", "data.limit_train=1000", "data.limit_test=300"]
     )
     payload = {"extra": {"config": config.to_dict()}}
-    _, (train, _, test, _) = _data_for("m.pt", payload, None, None)
+    _, (train, _, test, _) = data_for("m.pt", payload, None, None)
     assert len(test) == 300 and len(train) == 1000  # the test set, and no images held out
 
 

@@ -14,11 +14,13 @@ from .calibration import calibrate, is_calibrated, needs_calibration, sample_ima
 from .channels import ChannelGroup, ChannelPlan, config_id, config_key, make_divisible, parse_widths
 from .checkpoint import load, save
 from .convert import ConversionError, analyze, register_op, slimmable
-from .deploy.artifact import VerificationError, export_artifact, export_widths, load_artifact
+from .deploy.artifact import VerificationError, export_artifact, export_widths
 from .deploy.cost import Profile, profile
+from .deploy.load import load_artifact
 from .deploy.plain import export
 from .deploy.search import search_width
 from .deploy.select import select_width
+from .deploy.switchable import Switchable, SwitchableArtifact, export_switchable
 from .errors import UncalibratedWidthError, UsnetError
 from .nn.base import SlimmableLayer, register_slimmable
 from .nn.conv import SlimmableConv2d
@@ -30,8 +32,7 @@ from .train.recipe import make_optimizer, make_scheduler, param_groups
 from .train.reorder import reorder_channels
 from .train.samplers import FixedWidths, WidthSampler
 from .train.sandwich import SandwichRule, StepResult, sandwich_step, warm_up_widths
-
-__version__ = "0.1.0"
+from .version import __version__ as __version__
 
 __all__ = [
     "ChannelGroup",
@@ -46,6 +47,8 @@ __all__ = [
     "SlimmableLayer",
     "SlimmableLinear",
     "StepResult",
+    "Switchable",
+    "SwitchableArtifact",
     "UncalibratedWidthError",
     "UsnetError",
     "VerificationError",
@@ -58,6 +61,7 @@ __all__ = [
     "config_key",
     "export",
     "export_artifact",
+    "export_switchable",
     "export_widths",
     "get_width",
     "is_calibrated",

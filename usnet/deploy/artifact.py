@@ -44,6 +44,7 @@ from ..evaluation import eval_forward
 from ..files import atomic_write_bytes
 from ..state import check_input_size, get_state, input_size_of
 from .cost import module_cost
+from .onnx_file import read_onnx
 from .plain import export
 
 FORMATS: dict[str, str] = {"pt": ".pt2", "torchscript": ".torchscript.pt", "onnx": ".onnx"}
@@ -124,26 +125,25 @@ def serialize(module: nn.Module, format: str, example: Tensor) -> bytes:
     return buffer.getvalue()
 
 
-def load_artifact(
+def load_single(
     source: str | os.PathLike | bytes, format: str | None = None
 ) -> Callable[[Tensor], Tensor]:
-    """A callable ``images -> logits`` (CPU tensors) running an artifact with its own runtime.
-
-    ``source`` is a file (format from its suffix unless given) or the artifact's bytes.
-    """
+    """A callable ``images -> logits`` (CPU tensors) running a one-width artifact with its own
+    runtime. ``source`` is a file (format from its suffix unless given) or the artifact's bytes.
+    (:func:`usnet.load_artifact` opens switchable files too.)"""
     if format is None:
         if isinstance(source, bytes):
             raise UsnetValueError(
-                f"load_artifact needs format= for bytes; valid: {', '.join(FORMATS)}"
+                f"loading an artifact's bytes needs format=; valid: {', '.join(FORMATS)}"
             )
         format = format_of(source)
     check_format(format)
     data = source if isinstance(source, bytes) else Path(source).read_bytes()
     if format == "onnx":
-        import onnx
         import onnxruntime
 
-        onnx.checker.check_model(onnx.load_from_string(data), full_check=True)
+        name = "the given bytes" if isinstance(source, bytes) else repr(str(source))
+        read_onnx(data, name)  # a truncated or foreign file: an error naming it
         session = onnxruntime.InferenceSession(data, providers=["CPUExecutionProvider"])
 
         def run_onnx(images: Tensor) -> Tensor:
@@ -203,7 +203,7 @@ def export_artifact(
     state = get_state(model)
     width = state.plan.check_width(width)
     size = input_size_of(model, input_size)
-    tolerance = _check_tolerance(tolerance, fuse_bn)
+    tolerance = check_tolerance(tolerance, fuse_bn)
     if Path(path).is_dir():
         raise FileExistsError(f"{str(path)!r} is a directory; name the file to write "
                               "(export_widths / --widths write a directory)")  # fmt: skip
@@ -212,9 +212,9 @@ def export_artifact(
     gen = torch.Generator().manual_seed(seed)
     images = torch.randn((max(2, size[0]), *size[1:]), generator=gen).to(ref.dtype)
     data = serialize(module, format, images)
-    got = load_artifact(data, format)(images)
-    expected = _reference_logits(model, width, images)
-    diff = _max_abs_diff(got, expected)
+    got = load_single(data, format)(images)
+    expected = reference_logits(model, width, images)
+    diff = max_abs_diff(got, expected)
     scale = max(1.0, float(expected.abs().max()))
     if not diff <= tolerance * scale:
         relative = f" x the logits' scale {scale:.3g}" if scale > 1.0 else ""
@@ -308,7 +308,7 @@ def earlier_export_rows(out: Path, format: str, options: Mapping) -> list[dict]:
         "format": format,
         "input_size": list(check_input_size(options.get("input_size", defaults["input_size"]))),
         "fused_bn": fuse_bn,
-        "tolerance": _check_tolerance(options.get("tolerance", defaults["tolerance"]), fuse_bn),
+        "tolerance": check_tolerance(options.get("tolerance", defaults["tolerance"]), fuse_bn),
     }
     differ = [f"{key} {index.get(key)!r} there, {value!r} now" for key, value in now.items()
               if index.get(key) != value]  # fmt: skip
@@ -334,7 +334,7 @@ def spectrum_top1(
     return None
 
 
-def _reference_logits(model: nn.Module, width: Width, images: Tensor) -> Tensor:
+def reference_logits(model: nn.Module, width: Width, images: Tensor) -> Tensor:
     """The slimmable model's logits on the CPU, where the artifact runs: a model on a GPU is
     copied to the CPU first (GPU kernels, TF32 convolutions among them, round differently)."""
     if next(model.parameters()).device.type != "cpu":
@@ -342,7 +342,7 @@ def _reference_logits(model: nn.Module, width: Width, images: Tensor) -> Tensor:
     return eval_forward(model, width, images)
 
 
-def _max_abs_diff(got: Tensor, expected: Tensor) -> float:
+def max_abs_diff(got: Tensor, expected: Tensor) -> float:
     if got.shape != expected.shape:
         raise VerificationError(
             f"artifact output shape {tuple(got.shape)} != model's {tuple(expected.shape)}"
@@ -350,7 +350,7 @@ def _max_abs_diff(got: Tensor, expected: Tensor) -> float:
     return float((got.double() - expected.double()).abs().max())
 
 
-def _check_tolerance(tolerance: float | None, fuse_bn: bool) -> float:
+def check_tolerance(tolerance: float | None, fuse_bn: bool) -> float:
     if tolerance is None:
         return FUSED_BN_TOLERANCE if fuse_bn else DEFAULT_TOLERANCE
     if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not tolerance > 0:
