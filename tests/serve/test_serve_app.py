@@ -292,3 +292,34 @@ def test_metrics(client):
     assert "usnet_request_latency_seconds_count 3.0" in text
     assert "usnet_queue_images 0.0" in text
     assert "usnet_slo_misses_total 0.0" in text
+
+
+def test_accepted_connections_send_without_delay():
+    # A response goes out as headers, then body: without TCP_NODELAY the body waits for the
+    # client's delayed ACK, ~40 ms per request on a keep-alive connection.
+    import asyncio
+    import socket
+
+    from usnet.serve.app import bind
+
+    sock = bind("127.0.0.1", 0)
+    assert sock.proto == socket.IPPROTO_TCP
+    seen = []
+
+    async def main():
+        def accepted(reader, writer):
+            seen.append(writer.get_extra_info("socket").getsockopt(socket.IPPROTO_TCP,
+                                                                   socket.TCP_NODELAY))  # fmt: skip
+            writer.close()
+
+        server = await asyncio.start_server(accepted, sock=sock)
+        _, writer = await asyncio.open_connection("127.0.0.1", sock.getsockname()[1])
+        for _ in range(100):
+            if seen:
+                break
+            await asyncio.sleep(0.01)
+        writer.close()
+        server.close()
+
+    asyncio.run(main())
+    assert seen and seen[0] != 0

@@ -176,17 +176,28 @@ def test_latency_table_learns_a_slower_model():
     assert c.table.estimate(1.0, MAX_BATCH) == pytest.approx(true_latency(1.0, MAX_BATCH), rel=0.05)
 
 
+def test_a_slowdown_seen_at_one_width_slows_every_estimate():
+    table = LatencyTable(WIDTHS, MAX_BATCH, measured())
+    for _ in range(30):  # another process takes half the CPU: full width runs 2x slower
+        table.observe(1.0, 4, 2 * true_latency(1.0, 4))
+    assert table.estimate(0.25, 8) == pytest.approx(2 * true_latency(0.25, 8), rel=0.02)
+    for _ in range(10):  # it went away: the factor falls, slowly
+        table.observe(1.0, 4, true_latency(1.0, 4))
+    assert 1.0 < table.factor < 2.0
+
+
 def test_latency_table_interpolates_and_never_decreases_with_batch():
     table = LatencyTable((1.0,), 8, {(1.0, 1): 1.0, (1.0, 4): 4.0, (1.0, 8): 2.0})
     assert table.estimate(1.0, 2) == pytest.approx(2.0)
     assert table.estimate(1.0, 3) == pytest.approx(3.0)
     assert table.estimate(1.0, 6) == pytest.approx(4.0)  # 3.0 interpolated, but 4 took 4.0
     assert table.estimate(1.0, 16) == pytest.approx(8.0)  # past max_batch: per image
-    table.observe(1.0, 8, 22.0)  # an exponentially weighted average: 2 + 0.2 * (22 - 2)
-    assert table.estimate(1.0, 8) == pytest.approx(6.0)
-    assert table.to_dict()["1"]["8"] == pytest.approx(6000.0)
+    table.observe(1.0, 8, 12.0)  # 3x the table: the factor rises by 0.3 * (3 - 1)
+    assert table.factor == pytest.approx(1.6)
+    assert table.estimate(1.0, 2) == pytest.approx(3.2)
+    assert table.to_dict()["1"]["8"] == pytest.approx(6400.0)
     table.observe(1.0, 8, math.nan)  # a failed batch teaches nothing
-    assert table.estimate(1.0, 8) == pytest.approx(6.0)
+    assert table.factor == pytest.approx(1.6)
 
 
 def test_the_queue_is_bounded():
@@ -212,3 +223,12 @@ def test_request_widths_resolve_to_served_ones():
         c.resolve_min_width(1.5)
     with pytest.raises(ValueError, match="1 to 8 images"):
         c.admit(Pending(9, 0.0), 0.0)
+
+
+def test_a_pinned_width_runs_the_network_it_rounds_to():
+    # 0.5 stands for widths 0.4..0.5 (the same channels): pinning 0.45 runs it, not 0.25
+    table = LatencyTable(WIDTHS, MAX_BATCH, measured())
+    c = WidthController(WIDTHS, table, SLO, MAX_BATCH, 64, equivalent={0.5: 0.4})
+    assert c.resolve_width(0.45) == 0.5
+    assert c.resolve_width(0.39) == 0.25
+    assert make_controller().resolve_width(0.45) == 0.25

@@ -58,13 +58,14 @@ def test_checkpoint_in_onnxruntime(tiny_checkpoint):
 
 def test_onnx_export_directory(tiny_checkpoint, tmp_path):
     _, model, spectrum = tiny_checkpoint
-    # 0.6 and 0.75 give the same channels (24): one file; the widest of them represents it
+    # 0.6 and 0.75 give the same channels (24): one file; the widest of them stands for it
     usnet.export_widths(model, [0.25, 0.6, 0.75, 1.0], tmp_path / "m", "onnx", spectrum=spectrum,
                         input_size=(1, 3, SPATIAL, SPATIAL))  # fmt: skip
     runner = open_runner(tmp_path / "m")
     assert runner.runtime == "onnxruntime"
     assert runner.widths == (0.25, 0.75, 1.0)
     assert runner.top1 == {0.25: 0.6, 0.75: 0.8, 1.0: 0.9}
+    assert runner.equivalent == {0.25: 0.25, 0.75: 0.6, 1.0: 1.0}
     for w in runner.widths:
         np.testing.assert_allclose(runner.run(X, w)[0], reference_logits(model, w, X), atol=1e-5)
     with pytest.raises(ValueError, match="--runtime onnx"):
@@ -169,3 +170,9 @@ def test_what_cannot_be_served(tmp_path, tiny_checkpoint):
         open_runner(tiny_checkpoint[0], runtime="tvm")
     with pytest.raises(ValueError, match="0.1"):
         open_runner(tiny_checkpoint[0], widths=[0.1])  # outside the model's width range
+
+
+def test_widths_giving_one_network_are_served_once(tiny_checkpoint):
+    runner = open_runner(tiny_checkpoint[0], widths=[0.25, 0.6, 0.75, 1.0])
+    assert runner.widths == (0.25, 0.75, 1.0)  # 0.6 and 0.75 both give 24 channels
+    assert runner.equivalent == {0.25: 0.25, 0.75: 0.6, 1.0: 1.0}

@@ -97,7 +97,7 @@ class ModelServer:
         self.controller = WidthController(
             runner.widths, self.table, self.slo_s, max_batch,
             max_queue if max_queue is not None else default_max_queue(runner, max_batch),
-            None if margin_ms is None else margin_ms / 1e3,
+            None if margin_ms is None else margin_ms / 1e3, runner.equivalent,
         )  # fmt: skip
         self.ready = False
         self._wakeup: asyncio.Event | None = None
@@ -134,7 +134,8 @@ class ModelServer:
     # --- lifecycle ----------------------------------------------------------------------------
     async def start(self) -> None:
         self._wakeup = asyncio.Event()
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="usnet-model")
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="usnet-model",
+                                            initializer=self.runner.init_thread)  # fmt: skip
         self._task = asyncio.create_task(self._dispatch())
         self.ready = True
 
@@ -211,7 +212,9 @@ class ModelServer:
 
     def metadata(self) -> dict:
         r = self.runner
-        widths = [{"width": w, **({"top1": r.top1[w]} if w in r.top1 else {})} for w in r.widths]
+        widths = [{"width": w, **({"top1": r.top1[w]} if w in r.top1 else {}),
+                   **({"same_network_from": r.equivalent[w]} if r.equivalent[w] < w else {})}
+                  for w in r.widths]  # fmt: skip
         return {
             "name": self.name,
             "versions": ["1"],
@@ -343,7 +346,10 @@ async def _read_body(request, limit: int) -> bytes:
 def bind(host: str, port: int) -> socket.socket:
     """A listening TCP socket on ``host:port`` (port 0: an ephemeral one)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # proto IPPROTO_TCP: asyncio then sets TCP_NODELAY on every accepted connection (it checks
+    # the proto); without it, a response written as headers then body waits for the client's
+    # delayed ACK (~40 ms per request on a keep-alive connection).
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))

@@ -31,42 +31,51 @@ from typing import Any
 
 from ..errors import UsnetValueError
 
-EWMA_WEIGHT = 0.2
-"""Weight of a new observation in the latency table (a batch that ran, against the estimate)."""
+RISE, FALL = 0.3, 0.05
+"""Weights of a new observation in the latency table's slowdown factor when the model ran slower
+than expected (a busier machine shows at once) and when it ran faster (it fades slowly)."""
 
 
 class LatencyTable:
-    """Expected seconds of one batch per (width, batch size), from measurements at some batch
-    sizes (interpolated linearly between them, extrapolated per image past the largest), then
-    refreshed by what the server observes (an exponentially weighted average per entry)."""
+    """Expected seconds of one batch per (width, batch size): the shape from measurements at
+    some batch sizes (interpolated linearly between them, extrapolated per image past the
+    largest), the level from what the server observes. Every batch that runs updates one
+    slowdown factor (observed / measured, an exponentially weighted average), so that another
+    process taking the CPU, seen at the widths that ran, slows every width's estimate alike."""
 
     def __init__(self, widths: Sequence[float], max_batch: int,
-                 measured: Mapping[tuple[float, int], float], weight: float = EWMA_WEIGHT):  # fmt: skip
+                 measured: Mapping[tuple[float, int], float]):  # fmt: skip
         if max_batch < 1:
             raise UsnetValueError(f"max_batch must be at least 1, got {max_batch}")
         self.widths = tuple(widths)
         self.max_batch = max_batch
-        self.weight = weight
+        self.factor = 1.0
         self._table: dict[float, list[float]] = {}
         for w in self.widths:
             points = sorted((b, s) for (pw, b), s in measured.items() if pw == w and b >= 1)
             if not points:
                 raise UsnetValueError(f"no latency measured for width {w:g}")
-            self._table[w] = [_interpolate(points, b) for b in range(1, max_batch + 1)]
+            row = [_interpolate(points, b) for b in range(1, max_batch + 1)]
+            # a bigger batch never looks cheaper than a smaller one (noise in the measurement)
+            self._table[w] = [max(row[: b + 1]) for b in range(max_batch)]
 
-    def estimate(self, width: float, batch: int) -> float:
-        """Seconds expected for ``batch`` images at ``width``: never less than for a smaller
-        batch (a noisy entry does not make a bigger batch look cheaper)."""
+    def measured(self, width: float, batch: int) -> float:
+        """Seconds measured (or interpolated) for ``batch`` images at ``width``."""
         row = self._table[width]
         if batch <= self.max_batch:
-            return max(row[:batch])
-        return max(row) * batch / self.max_batch
+            return row[batch - 1]
+        return row[-1] * batch / self.max_batch
+
+    def estimate(self, width: float, batch: int) -> float:
+        """Seconds expected now for ``batch`` images at ``width``."""
+        return self.measured(width, batch) * self.factor
 
     def observe(self, width: float, batch: int, seconds: float) -> None:
-        if not (math.isfinite(seconds) and seconds >= 0) or not 1 <= batch <= self.max_batch:
+        if not (math.isfinite(seconds) and seconds >= 0) or batch < 1:
             return
-        row = self._table[width]
-        row[batch - 1] += self.weight * (seconds - row[batch - 1])
+        ratio = seconds / self.measured(width, batch)
+        weight = RISE if ratio > self.factor else FALL
+        self.factor = min(20.0, max(0.25, self.factor + weight * (ratio - self.factor)))
 
     def to_dict(self, batches: Iterable[int] | None = None) -> dict[str, dict[str, float]]:
         """``{width: {batch size: milliseconds}}`` (as JSON keys), at ``batches`` (default: the
@@ -137,10 +146,13 @@ class WidthController:
         max_queue: images waiting at most (a bound on memory).
         margin_s: time kept free of model work in every deadline (request parsing, response
             encoding, the client's own HTTP work); default 10% of the SLO.
+        equivalent: width -> the narrowest width that gives the same network (pinning any
+            width from there up runs it).
     """
 
     def __init__(self, widths: Sequence[float], table: LatencyTable, slo_s: float,
-                 max_batch: int, max_queue: int, margin_s: float | None = None):  # fmt: skip
+                 max_batch: int, max_queue: int, margin_s: float | None = None,
+                 equivalent: Mapping[float, float] | None = None):  # fmt: skip
         if not widths or list(widths) != sorted(set(widths)):
             raise UsnetValueError(f"widths must be distinct and ascending, got {list(widths)}")
         if not slo_s > 0:
@@ -148,6 +160,7 @@ class WidthController:
         if max_queue < max_batch:
             raise UsnetValueError(f"max_queue ({max_queue}) must hold a batch ({max_batch})")
         self.widths = tuple(widths)
+        self.equivalent = {w: (equivalent or {}).get(w, w) for w in self.widths}
         self.table = table
         self.slo_s = float(slo_s)
         self.max_batch = max_batch
@@ -159,11 +172,13 @@ class WidthController:
 
     # --- widths a request allows ------------------------------------------------------------
     def resolve_width(self, width: float) -> float:
-        """The width that runs for a pinned ``width``: the widest available at most it."""
-        fitting = [w for w in self.widths if w <= width + 1e-9]
+        """The width that runs for a pinned ``width``: the widest available at most it (or
+        giving the same network as a width at most it)."""
+        fitting = [w for w in self.widths if self.equivalent[w] <= width + 1e-9]
         if not fitting:
             raise UsnetValueError(f"width {width:g} is below the narrowest served width "
-                                  f"{self.widths[0]:g}; served: {_list(self.widths)}")  # fmt: skip
+                                  f"{self.equivalent[self.widths[0]]:g}; served: "
+                                  f"{_list(self.widths)}")  # fmt: skip
         return fitting[-1]
 
     def resolve_min_width(self, min_width: float) -> float:

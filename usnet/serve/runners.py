@@ -53,15 +53,20 @@ class Runner:
 
     def __init__(self, calls: Mapping[float, Call], input_shape: Sequence[int],
                  top1: Mapping[float, float] | None = None, source: str = "",
-                 latency: Mapping[tuple[float, int], float] | None = None):  # fmt: skip
+                 latency: Mapping[tuple[float, int], float] | None = None,
+                 equivalent: Mapping[float, float] | None = None):  # fmt: skip
         if not calls:
             raise UsnetValueError(f"{source or 'the model'}: no width to serve")
         self.widths: tuple[float, ...] = tuple(sorted(calls))
         self._calls = dict(calls)
         self.input_shape = tuple(int(d) for d in input_shape)
         self.top1 = {w: float(a) for w, a in (top1 or {}).items() if w in self._calls}
+        # width -> the narrowest width known to give the same network (widths rounding to the
+        # same channels): a pinned width down to it runs this one
+        self.equivalent = {w: min(w, float((equivalent or {}).get(w, w))) for w in self.widths}
         self.source = source
         self.stored_latency = dict(latency or {})
+        self.torch_threads = torch.get_num_threads()
         logits, _ = self.run(np.zeros((1, *self.input_shape), np.float32), self.widths[-1])
         self.num_classes = int(logits.shape[-1])
 
@@ -75,13 +80,19 @@ class Runner:
         return call(images)
 
     def latency(self, batch_sizes: Sequence[int], warmup: int = 2,
-                repeats: int = 5) -> dict[tuple[float, int], float]:  # fmt: skip
+                repeats: int = 7) -> dict[tuple[float, int], float]:  # fmt: skip
         """Seconds per batch for each (width, batch size): the artifact's own table when it has
         every entry, else measured now (median of ``repeats`` runs after ``warmup``)."""
         wanted = [(w, b) for w in self.widths for b in batch_sizes]
         if self.stored_latency and all(k in self.stored_latency for k in wanted):
             return {k: self.stored_latency[k] for k in wanted}
         return measure_latency(self, batch_sizes, warmup, repeats)
+
+    def init_thread(self) -> None:
+        """Run in a thread that will call :meth:`run`: torch's intra-op thread count is per
+        thread, and a new thread would otherwise use every core (spinning OpenMP workers on a
+        busy machine cost tens of milliseconds per batch)."""
+        torch.set_num_threads(self.torch_threads)
 
     def describe(self) -> dict:
         return {"runtime": self.runtime, "source": self.source,
@@ -115,11 +126,11 @@ class TorchRunner(Runner):
 
     def __init__(self, modules: Mapping[float, nn.Module], input_shape: Sequence[int],
                  top1: Mapping[float, float] | None = None, device: str = "cpu",
-                 source: str = ""):  # fmt: skip
+                 source: str = "", equivalent: Mapping[float, float] | None = None):  # fmt: skip
         self.device = torch.device(device)
         self.modules = {w: m.to(self.device).eval() for w, m in modules.items()}
         calls = {w: self._call(w, m) for w, m in self.modules.items()}
-        super().__init__(calls, input_shape, top1, source)
+        super().__init__(calls, input_shape, top1, source, equivalent=equivalent)
 
     def _call(self, width: float, module: nn.Module) -> Call:
         device = self.device
@@ -167,9 +178,10 @@ def share_storage(modules: Mapping[float, nn.Module], full: nn.Module) -> int:
 
 
 def _checkpoint_widths(model: nn.Module, payload: Mapping, widths: Sequence[float] | None,
-                       source: str) -> tuple[list[float], dict[float, float]]:  # fmt: skip
-    """One width per distinct channel configuration (the widest of those giving it) of
-    ``widths``, by default the spectrum's calibrated widths; and each one's top-1."""
+                       source: str) -> tuple[list[float], dict[float, float], dict[float, float]]:  # fmt: skip
+    """One width per distinct channel configuration of ``widths`` (the widest of those giving
+    it), by default the spectrum's calibrated widths; each one's top-1; and the narrowest
+    width giving the same configuration."""
     from ..calibration import is_calibrated
     from ..deploy import spectrum_top1
     from ..state import get_state
@@ -191,11 +203,14 @@ def _checkpoint_widths(model: nn.Module, payload: Mapping, widths: Sequence[floa
             raise UsnetValueError(f"{source}: width {missing[0]:g} is not calibrated; run usnet "
                                   "calibrate --widths ... first, or serve calibrated widths")  # fmt: skip
     by_config: dict[tuple[int, ...], float] = {}
+    narrowest: dict[tuple[int, ...], float] = {}
     for w in sorted(widths):
         by_config[plan.config(w)] = w
+        narrowest.setdefault(plan.config(w), w)
     chosen = sorted(by_config.values())
+    equivalent = {by_config[c]: narrowest[c] for c in by_config}
     top1 = {w: a for w in chosen if (a := spectrum_top1(model, spectrum, w)) is not None}
-    return chosen, top1
+    return chosen, top1, equivalent
 
 
 def open_checkpoint(path: str, runtime: str | None = None, device: str = "cpu",
@@ -206,12 +221,12 @@ def open_checkpoint(path: str, runtime: str | None = None, device: str = "cpu",
 
     payload = read_checkpoint(path)
     model = model_from_checkpoint(payload, path)
-    chosen, top1 = _checkpoint_widths(model, payload, widths, path)
+    chosen, top1, equivalent = _checkpoint_widths(model, payload, widths, path)
     input_shape = _checkpoint_input_shape(model, payload)
     if runtime in (None, "torch"):
         modules = {w: export(model, w) for w in chosen}
         share_storage(modules, modules[chosen[-1]])
-        return TorchRunner(modules, input_shape, top1, device, source=path)
+        return TorchRunner(modules, input_shape, top1, device, source=path, equivalent=equivalent)
     from ..deploy import deployable, serialize
 
     example = torch.randn((2, *input_shape), generator=torch.Generator().manual_seed(0))
@@ -229,7 +244,7 @@ def open_checkpoint(path: str, runtime: str | None = None, device: str = "cpu",
                                   f"by {diff:.3g} (> 1e-4); serve it with --runtime torch")  # fmt: skip
         sessions[w] = session
     return OnnxRunner({w: _single_width(s, w) for w, s in sessions.items()}, input_shape, top1,
-                      source=path)  # fmt: skip
+                      source=path, equivalent=equivalent)  # fmt: skip
 
 
 def _checkpoint_input_shape(model: nn.Module, payload: Mapping) -> tuple[int, ...]:
@@ -312,18 +327,21 @@ def open_export_dir(path: str, runtime: str | None = None, device: str = "cpu",
     index = read_index(directory)
     format = index.get("format")
     by_file: dict[str, dict] = {}
+    narrowest: dict[str, float] = {}
     for row in index["models"]:
         if not isinstance(row, dict) or not isinstance(row.get("width"), (int, float)):
             continue  # a non-uniform configuration: not addressed by a width
         if widths is not None and not any(abs(row["width"] - w) < 1e-9 for w in widths):
             continue
-        kept = by_file.get(row.get("file"))
+        kept = by_file.get(row.get("file"))  # the widest width of each file stands for it
         if kept is None or row["width"] > kept["width"]:
             by_file[row.get("file")] = row
+        narrowest[row.get("file")] = min(row["width"], narrowest.get(row.get("file"), 1.0))
     if not by_file:
         raise UsnetValueError(f"{path}: index.json lists no uniform width to serve"
                               + (f" among {list(widths)}" if widths is not None else ""))  # fmt: skip
     rows = sorted(by_file.values(), key=lambda r: r["width"])
+    equivalent = {float(r["width"]): narrowest[r.get("file")] for r in rows}
     top1 = {float(r["width"]): float(r["top1"]) for r in rows if r.get("top1") is not None}
     input_shape = index["input_size"][1:]
     files = {float(r["width"]): directory / str(r["file"]) for r in rows}
@@ -334,14 +352,14 @@ def open_export_dir(path: str, runtime: str | None = None, device: str = "cpu",
         if runtime not in (None, "onnx"):
             raise UsnetValueError(f"{path} holds ONNX files: serve it with --runtime onnx")
         calls = {w: _single_width(_session(str(f), device, threads), w) for w, f in files.items()}
-        return OnnxRunner(calls, input_shape, top1, source=path)
+        return OnnxRunner(calls, input_shape, top1, source=path, equivalent=equivalent)
     if format in ("pt", "torchscript"):
         if runtime not in (None, "torch"):
             raise UsnetValueError(f"{path} holds {format} files: serve it with --runtime torch")
         from ..deploy import load_artifact
 
         calls = {w: _torch_artifact(load_artifact(f, format), w) for w, f in files.items()}
-        runner = Runner(calls, input_shape, top1, source=path)
+        runner = Runner(calls, input_shape, top1, source=path, equivalent=equivalent)
         runner.runtime = "torch"
         return runner
     raise UsnetValueError(f"{path}: index.json has format {format!r}; usnet serve runs onnx, pt "
