@@ -12,6 +12,7 @@ from conftest import SPATIAL, reference_logits
 from starlette.testclient import TestClient
 
 from usnet.serve.app import ModelServer, create_app
+from usnet.serve.controller import Batch
 from usnet.serve.runners import open_runner
 
 SHAPE = [3, SPATIAL, SPATIAL]
@@ -122,11 +123,13 @@ def test_min_width_is_respected(runner):
     # Only the narrowest width is fast enough for the SLO: the controller takes it, unless the
     # request's floor forbids it; then the floor's width decides admission.
     latency = {(w, b): (1e-3 if w == 0.25 else 10.0) for w in runner.widths for b in (1, 8)}
-    client, _ = make_client(runner, slo_ms=1000.0, max_batch=8, latency=latency)
+    client, server = make_client(runner, slo_ms=1000.0, max_batch=8, latency=latency)
     with client:
         body = client.post("/v2/models/tiny/infer", json=json_request(images(1))).json()
         assert body["parameters"]["width"] == 0.25
+        server.controller.running = Batch([], 0.25, 1, server.clock(), 0.0)  # busy
         response = client.post("/v2/models/tiny/infer", json=json_request(images(1), min_width=0.6))
+        server.controller.running = None
         assert response.status_code == 429
         assert "even at width 0.75" in response.json()["error"]
         body = client.post("/v2/models/tiny/infer", json=json_request(images(1), min_width=0.2))
@@ -271,7 +274,10 @@ def test_overload_is_429_with_retry_after(runner):
     slow = {(w, b): 0.2 for w in runner.widths for b in (1, 8)}
     client, server = make_client(runner, slo_ms=100.0, max_batch=8, latency=slow)
     with client:
+        # the model is busy (an idle one takes any request)
+        server.controller.running = Batch([], 0.25, 1, server.clock(), 0.2)
         response = client.post("/v2/models/tiny/infer", json=json_request(images(1)))
+        server.controller.running = None
         assert response.status_code == 429
         assert int(response.headers["retry-after"]) >= 1
         assert "even at width 0.25" in response.json()["error"]

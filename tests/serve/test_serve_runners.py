@@ -8,6 +8,7 @@ import json
 import numpy as np
 import onnx
 import pytest
+import torch
 from conftest import SPATIAL, WIDTHS, reference_logits
 from onnx import TensorProto, helper
 
@@ -30,8 +31,22 @@ def test_torch_runner_from_a_checkpoint(tiny_checkpoint):
         np.testing.assert_allclose(logits, reference_logits(model, w, X), rtol=1e-5, atol=1e-6)
 
 
-def test_narrower_widths_share_the_full_widths_storage(tiny_checkpoint):
-    model = tiny_checkpoint[1]
+def two_conv_model():
+    """conv-BN-ReLU twice: the second BN's statistics differ by width (its inputs do)."""
+    from torch import nn
+
+    plain = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                          nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10))  # fmt: skip
+    model = usnet.slimmable(plain, (0.25, 1.0), input_size=(1, 3, SPATIAL, SPATIAL))
+    gen = torch.Generator().manual_seed(2)
+    usnet.calibrate(model, [torch.randn(32, 3, SPATIAL, SPATIAL, generator=gen)], widths=WIDTHS,
+                    num_images=32)  # fmt: skip
+    return model
+
+
+def test_narrower_widths_share_the_full_widths_storage():
+    model = two_conv_model()
     modules = {w: usnet.export(model, w) for w in WIDTHS}
     separate = sum(t.numel() * t.element_size() for m in modules.values()
                    for t in [*m.parameters(), *m.buffers()])  # fmt: skip
@@ -39,11 +54,13 @@ def test_narrower_widths_share_the_full_widths_storage(tiny_checkpoint):
     runner = TorchRunner(modules, (3, SPATIAL, SPATIAL))
     assert saved > 0
     assert runner.resident_bytes() == separate - saved
-    first_conv = modules[0.25][0].weight  # (8, 3, 3, 3): the full width's first 8 filters
-    assert (
-        first_conv.untyped_storage().data_ptr()
-        == modules[1.0][0].weight.untyped_storage().data_ptr()
-    )
+
+    def same(a, b):
+        return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+
+    narrow, full = modules[0.25], modules[1.0]
+    assert same(narrow[0].weight, full[0].weight)  # (4, 3, 3, 3): the full width's first 4
+    assert not same(narrow[4].running_mean, full[4].running_mean)  # calibrated per width
     for w in WIDTHS:  # sharing changed no value
         np.testing.assert_allclose(runner.run(X, w)[0], reference_logits(model, w, X), atol=1e-6)
 
@@ -135,8 +152,15 @@ def test_switchable_onnx_adapter(tmp_path, width_output):
         logits, ran = runner.run(X, w)
         assert ran == w  # read back from the graph's width output
         np.testing.assert_allclose(logits, expected_switchable(weight, X, w), rtol=1e-5)
-    # the graph itself picks the widest entry at most the requested width
-    assert runner._calls[0.5](X)[1] == 0.5
+    # the width that ran is read from the graph, not echoed: 0.7 runs the 0.5 entry
+    import onnxruntime
+
+    from usnet.serve.runners import _switchable_width
+
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    logits, ran = _switchable_width(session, 0.7, width_output)(X)
+    assert ran == 0.5
+    np.testing.assert_allclose(logits, expected_switchable(weight, X, 0.5), rtol=1e-5)
 
 
 def test_switchable_latency_from_the_artifact(tmp_path):

@@ -17,7 +17,8 @@ The policy (slack-based, after SuperServe's SlackFit):
   (the admission check made that feasible when it queued them). At low load
   that is the full width; under load the slack shrinks and the width with it.
 * Admission control: a request is refused (HTTP 429) only when, served at the narrowest width
-  it allows behind everything already queued, it would still miss the SLO; a bounded queue
+  it allows behind everything already queued, it would still miss the SLO (never by an idle
+  model: its latency is then observed, not predicted); a bounded queue
   (``max_queue`` images, HTTP 503) keeps memory bounded whatever the latency table says.
 """
 
@@ -31,7 +32,7 @@ from typing import Any
 
 from ..errors import UsnetValueError
 
-RISE, FALL = 0.3, 0.05
+RISE, FALL = 0.3, 0.1
 """Weights of a new observation in the latency table's slowdown factor when the model ran slower
 than expected (a busier machine shows at once) and when it ran faster (it fades slowly)."""
 
@@ -205,7 +206,10 @@ class WidthController:
             return Admission(False, 503, f"the queue is full ({self.queued_images} images "
                              f"waiting, at most {self.max_queue})", self._retry_after(now))  # fmt: skip
         finish = self._finish_at_lowest(now, extra=request)
-        if finish + self.margin_s > request.arrival + self.slo_s:
+        idle = self.running is None and not self.queue
+        # An idle model always takes the request: refusing on a table that may be stale
+        # (a slowdown that has passed) would leave nothing to observe, and refuse forever.
+        if not idle and finish + self.margin_s > request.arrival + self.slo_s:
             return Admission(False, 429, f"overloaded: even at width {self._lowest(request):g} "
                              f"this request would take {1e3 * (finish - request.arrival):.1f} ms "
                              f"(SLO {1e3 * self.slo_s:g} ms)", self._retry_after(now))  # fmt: skip
