@@ -329,3 +329,14 @@ def test_accepted_connections_send_without_delay():
 
     asyncio.run(main())
     assert seen and seen[0] != 0
+
+
+def test_the_margin_grows_by_the_servers_own_overhead(runner):
+    client, server = make_client(runner, slo_ms=1000.0, max_batch=8, margin_ms=5.0)
+    with client:
+        for _ in range(16):
+            client.post("/v2/models/tiny/infer", json=json_request(images(8)))
+        text = client.get("/metrics").text
+    added = server.controller.margin_s - 5e-3
+    assert 0 < added < 0.5  # parsing 8 images of JSON and answering took some time
+    assert f"usnet_margin_seconds {server.controller.margin_s!r}" in text

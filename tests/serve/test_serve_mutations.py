@@ -57,6 +57,11 @@ def test_a_table_that_never_learns_fails_its_tests(monkeypatch):
     fails(controller_tests.test_a_slowdown_seen_at_one_width_slows_every_estimate)
 
 
+def test_a_mean_slowdown_fails_the_stall_test(monkeypatch):
+    monkeypatch.setattr(controller.statistics, "median", controller.statistics.fmean)
+    fails(controller_tests.test_a_slowdown_seen_at_one_width_slows_every_estimate)
+
+
 def test_an_unbounded_queue_fails_its_test(monkeypatch):
     monkeypatch.setattr(
         controller.WidthController, "__init__", _unbounded(controller.WidthController.__init__)

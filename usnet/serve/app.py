@@ -18,6 +18,7 @@ import math
 import signal
 import socket
 import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -99,6 +100,8 @@ class ModelServer:
             max_queue if max_queue is not None else default_max_queue(runner, max_batch),
             None if margin_ms is None else margin_ms / 1e3, runner.equivalent,
         )  # fmt: skip
+        self.base_margin_s = self.controller.margin_s
+        self._overheads: deque[float] = deque(maxlen=256)
         self.ready = False
         self._wakeup: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
@@ -124,6 +127,9 @@ class ModelServer:
                                          buckets=[f * slo for f in (0.05, 0.1, 0.25, 0.5, 1, 2)],
                                          registry=r)  # fmt: skip
         self.m_queue = Gauge("usnet_queue_images", "Images waiting for the model", registry=r)
+        self.m_margin = Gauge("usnet_margin_seconds", "Time kept free of model work in each "
+                              "deadline (base + recent server overhead, p90)", registry=r)  # fmt: skip
+        self.m_margin.set(self.controller.margin_s)
         self.m_in_flight = Gauge("usnet_requests_in_flight", "Inference requests received and "
                                  "not yet answered", registry=r)  # fmt: skip
         self.m_misses = Counter("usnet_slo_misses", "Requests answered later than the SLO",
@@ -210,6 +216,20 @@ class ModelServer:
                         j.future.set_result((logits[offset : offset + r.size], info))
                     offset += r.size
 
+    def answered(self, elapsed: float, info: dict) -> None:
+        """Learn a request's time in the server outside the queue and the model (reading,
+        parsing, answering, waiting for the event loop): the controller keeps the base margin
+        plus the 90th percentile of the recent ones free in every deadline."""
+        self.m_latency.observe(elapsed)
+        if elapsed > self.slo_s:
+            self.m_misses.inc()
+        self._overheads.append(max(0.0, elapsed - (info["queue_ms"] + info["compute_ms"]) / 1e3))
+        if len(self._overheads) % 16 == 0:
+            recent = sorted(self._overheads)
+            p90 = recent[int(0.9 * (len(recent) - 1))]
+            self.controller.margin_s = self.base_margin_s + p90
+            self.m_margin.set(self.controller.margin_s)
+
     def metadata(self) -> dict:
         r = self.runner
         widths = [{"width": w, **({"top1": r.top1[w]} if w in r.top1 else {}),
@@ -289,10 +309,7 @@ def create_app(server: ModelServer):
             server.m_requests.labels("500").inc()
             return error(f"inference failed: {type(err).__name__}: {err}", 500)
         response = infer_response(server.name, logits, parsed, info)
-        elapsed = server.clock() - arrival
-        server.m_latency.observe(elapsed)
-        if elapsed > server.slo_s:
-            server.m_misses.inc()
+        server.answered(server.clock() - arrival, info)
         server.m_requests.labels("200").inc()
         return Response(response.body, 200, response.headers)
 

@@ -25,6 +25,7 @@ The policy (slack-based, after SuperServe's SlackFit):
 from __future__ import annotations
 
 import math
+import statistics
 from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -32,26 +33,32 @@ from typing import Any
 
 from ..errors import UsnetValueError
 
-RISE, FALL = 0.3, 0.1
-"""Weights of a new observation in the latency table's slowdown factor when the model ran slower
-than expected (a busier machine shows at once) and when it ran faster (it fades slowly)."""
+EWMA_WEIGHT = 0.2
+"""Weight of a new observation in the expected latency of its (width, batch size)."""
+RECENT = 64
+"""Batches whose slowdown (observed / measured) sets the level of the entries not yet seen."""
 
 
 class LatencyTable:
-    """Expected seconds of one batch per (width, batch size): the shape from measurements at
-    some batch sizes (interpolated linearly between them, extrapolated per image past the
-    largest), the level from what the server observes. Every batch that runs updates one
-    slowdown factor (observed / measured, an exponentially weighted average), so that another
-    process taking the CPU, seen at the widths that ran, slows every width's estimate alike."""
+    """Expected seconds of one batch per (width, batch size).
+
+    It starts from measurements at some batch sizes (interpolated linearly between them,
+    extrapolated per image past the largest) and follows what the server observes: an entry
+    that has run is an exponentially weighted average of its own observations; an entry that
+    has not is its measurement times the median slowdown (observed / measured) of the last
+    batches, so that another process taking the CPU, seen at the widths that ran, slows the
+    estimates of the others too (and one stalled batch does not)."""
 
     def __init__(self, widths: Sequence[float], max_batch: int,
-                 measured: Mapping[tuple[float, int], float]):  # fmt: skip
+                 measured: Mapping[tuple[float, int], float], weight: float = EWMA_WEIGHT):  # fmt: skip
         if max_batch < 1:
             raise UsnetValueError(f"max_batch must be at least 1, got {max_batch}")
         self.widths = tuple(widths)
         self.max_batch = max_batch
-        self.factor = 1.0
+        self.weight = weight
         self._table: dict[float, list[float]] = {}
+        self._observed: dict[tuple[float, int], float] = {}
+        self._ratios: deque[float] = deque(maxlen=RECENT)
         for w in self.widths:
             points = sorted((b, s) for (pw, b), s in measured.items() if pw == w and b >= 1)
             if not points:
@@ -59,6 +66,11 @@ class LatencyTable:
             row = [_interpolate(points, b) for b in range(1, max_batch + 1)]
             # a bigger batch never looks cheaper than a smaller one (noise in the measurement)
             self._table[w] = [max(row[: b + 1]) for b in range(max_batch)]
+
+    @property
+    def slowdown(self) -> float:
+        """Median of observed / measured over the last batches (1 before any)."""
+        return statistics.median(self._ratios) if self._ratios else 1.0
 
     def measured(self, width: float, batch: int) -> float:
         """Seconds measured (or interpolated) for ``batch`` images at ``width``."""
@@ -69,14 +81,16 @@ class LatencyTable:
 
     def estimate(self, width: float, batch: int) -> float:
         """Seconds expected now for ``batch`` images at ``width``."""
-        return self.measured(width, batch) * self.factor
+        seen = self._observed.get((width, batch))
+        return seen if seen is not None else self.measured(width, batch) * self.slowdown
 
     def observe(self, width: float, batch: int, seconds: float) -> None:
         if not (math.isfinite(seconds) and seconds >= 0) or batch < 1:
             return
-        ratio = seconds / self.measured(width, batch)
-        weight = RISE if ratio > self.factor else FALL
-        self.factor = min(20.0, max(0.25, self.factor + weight * (ratio - self.factor)))
+        self._ratios.append(seconds / self.measured(width, batch))
+        key = (width, batch)
+        seen = self._observed.get(key)
+        self._observed[key] = seconds if seen is None else seen + self.weight * (seconds - seen)
 
     def to_dict(self, batches: Iterable[int] | None = None) -> dict[str, dict[str, float]]:
         """``{width: {batch size: milliseconds}}`` (as JSON keys), at ``batches`` (default: the
@@ -146,7 +160,8 @@ class WidthController:
         max_batch: images per batch at most.
         max_queue: images waiting at most (a bound on memory).
         margin_s: time kept free of model work in every deadline (request parsing, response
-            encoding, the client's own HTTP work); default 10% of the SLO.
+            encoding, the client's own HTTP work); default 10% of the SLO (the server adds
+            what it observes of its own).
         equivalent: width -> the narrowest width that gives the same network (pinning any
             width from there up runs it).
     """
