@@ -57,9 +57,14 @@ def test_a_table_that_never_learns_fails_its_tests(monkeypatch):
     fails(controller_tests.test_a_slowdown_seen_at_one_width_slows_every_estimate)
 
 
-def test_a_mean_slowdown_fails_the_stall_test(monkeypatch):
-    monkeypatch.setattr(controller.statistics, "median", controller.statistics.fmean)
+def test_the_largest_slowdown_fails_the_stall_test(monkeypatch):
+    monkeypatch.setattr(controller, "_quantile", lambda values, q: max(values))
     fails(controller_tests.test_a_slowdown_seen_at_one_width_slows_every_estimate)
+
+
+def test_expecting_the_mean_fails_the_noise_test(monkeypatch):
+    monkeypatch.setattr(controller, "DEVIATIONS", 0.0)
+    fails(controller_tests.test_a_noisy_entry_expects_its_mean_plus_two_deviations)
 
 
 def test_an_unbounded_queue_fails_its_test(monkeypatch):

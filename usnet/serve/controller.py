@@ -25,7 +25,6 @@ The policy (slack-based, after SuperServe's SlackFit):
 from __future__ import annotations
 
 import math
-import statistics
 from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -34,20 +33,25 @@ from typing import Any
 from ..errors import UsnetValueError
 
 EWMA_WEIGHT = 0.2
-"""Weight of a new observation in the expected latency of its (width, batch size)."""
+"""Weight of a new observation in the running mean and deviation of its (width, batch size)."""
+DEVIATIONS = 2.0
+"""Expected latency = mean + this many mean deviations (TCP's retransmission timer uses 4)."""
 RECENT = 64
 """Batches whose slowdown (observed / measured) sets the level of the entries not yet seen."""
+QUANTILE = 0.9
 
 
 class LatencyTable:
-    """Expected seconds of one batch per (width, batch size).
+    """Expected seconds of one batch per (width, batch size), kept on the safe side.
 
     It starts from measurements at some batch sizes (interpolated linearly between them,
-    extrapolated per image past the largest) and follows what the server observes: an entry
-    that has run is an exponentially weighted average of its own observations; an entry that
-    has not is its measurement times the median slowdown (observed / measured) of the last
-    batches, so that another process taking the CPU, seen at the widths that ran, slows the
-    estimates of the others too (and one stalled batch does not)."""
+    extrapolated per image past the largest) and follows what the server observes. An entry
+    that has run keeps a running mean and mean deviation of its own observations (Jacobson's
+    estimator of TCP round-trip times) and expects their mean plus :data:`DEVIATIONS`
+    deviations. An entry that has not run expects its measurement times the 90th percentile of
+    the slowdown (observed / measured) of the last batches: another process taking the CPU,
+    seen at the widths that ran, slows the others' estimates too, and one stalled batch does
+    not."""
 
     def __init__(self, widths: Sequence[float], max_batch: int,
                  measured: Mapping[tuple[float, int], float], weight: float = EWMA_WEIGHT):  # fmt: skip
@@ -57,7 +61,7 @@ class LatencyTable:
         self.max_batch = max_batch
         self.weight = weight
         self._table: dict[float, list[float]] = {}
-        self._observed: dict[tuple[float, int], float] = {}
+        self._observed: dict[tuple[float, int], tuple[float, float]] = {}  # (mean, deviation)
         self._ratios: deque[float] = deque(maxlen=RECENT)
         for w in self.widths:
             points = sorted((b, s) for (pw, b), s in measured.items() if pw == w and b >= 1)
@@ -69,8 +73,8 @@ class LatencyTable:
 
     @property
     def slowdown(self) -> float:
-        """Median of observed / measured over the last batches (1 before any)."""
-        return statistics.median(self._ratios) if self._ratios else 1.0
+        """The 90th percentile of observed / measured over the last batches (1 before any)."""
+        return _quantile(self._ratios, QUANTILE) if self._ratios else 1.0
 
     def measured(self, width: float, batch: int) -> float:
         """Seconds measured (or interpolated) for ``batch`` images at ``width``."""
@@ -82,15 +86,21 @@ class LatencyTable:
     def estimate(self, width: float, batch: int) -> float:
         """Seconds expected now for ``batch`` images at ``width``."""
         seen = self._observed.get((width, batch))
-        return seen if seen is not None else self.measured(width, batch) * self.slowdown
+        if seen is not None:
+            return seen[0] + DEVIATIONS * seen[1]
+        return self.measured(width, batch) * self.slowdown
 
     def observe(self, width: float, batch: int, seconds: float) -> None:
         if not (math.isfinite(seconds) and seconds >= 0) or batch < 1:
             return
         self._ratios.append(seconds / self.measured(width, batch))
         key = (width, batch)
-        seen = self._observed.get(key)
-        self._observed[key] = seconds if seen is None else seen + self.weight * (seconds - seen)
+        if key not in self._observed:
+            self._observed[key] = (seconds, seconds / 4)
+            return
+        mean, deviation = self._observed[key]
+        deviation += self.weight * (abs(seconds - mean) - deviation)
+        self._observed[key] = (mean + self.weight * (seconds - mean), deviation)
 
     def to_dict(self, batches: Iterable[int] | None = None) -> dict[str, dict[str, float]]:
         """``{width: {batch size: milliseconds}}`` (as JSON keys), at ``batches`` (default: the
@@ -99,6 +109,11 @@ class LatencyTable:
             batches = sorted({*_powers_of_two(self.max_batch), self.max_batch})
         return {f"{w:g}": {str(b): round(1e3 * self.estimate(w, b), 4) for b in batches}
                 for w in self.widths}  # fmt: skip
+
+
+def _quantile(values, q: float) -> float:
+    ordered = sorted(values)
+    return ordered[int(q * (len(ordered) - 1))]
 
 
 def _powers_of_two(limit: int) -> list[int]:
