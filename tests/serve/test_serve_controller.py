@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from usnet.serve.controller import LatencyTable, Pending, WidthController
+from usnet.serve.controller import Batch, LatencyTable, Pending, WidthController
 
 WIDTHS = (0.25, 0.5, 1.0)
 MAX_BATCH = 8
@@ -258,3 +258,15 @@ def test_an_idle_model_takes_a_request_whatever_the_table_says():
     batch = c.next_batch(0.0)
     c.finished(batch, true_latency(batch.width, batch.size))
     assert c.table.estimate(batch.width, 1) == pytest.approx(1.5 * true_latency(batch.width, 1))
+
+
+def test_admission_expects_the_mean_and_the_width_choice_the_safe_side():
+    table = LatencyTable(WIDTHS, MAX_BATCH, measured())
+    for k in range(200):  # the narrowest at batch 1 takes 4 or 12 ms: mean 8, deviation 4
+        table.observe(0.25, 1, 4e-3 if k % 2 else 12e-3)
+    assert table.estimate(0.25, 1, safe=False) == pytest.approx(8e-3, rel=0.1)
+    assert table.estimate(0.25, 1) == pytest.approx(16e-3, rel=0.1)
+    c = WidthController(WIDTHS, table, SLO, MAX_BATCH, 64, margin_s=0.0)
+    c.running = Batch([], 0.25, 1, 0.0, 5e-3)  # busy for 5 more ms
+    # expected: 5 + 8 = 13 ms <= 20: taken (on the safe side, 5 + 16 = 21 would refuse it)
+    assert c.admit(Pending(1, 0.0, min_width=0.25), 0.0).accepted

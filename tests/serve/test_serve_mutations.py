@@ -108,3 +108,10 @@ def test_a_socket_without_nodelay_fails_its_test(monkeypatch):
 
     monkeypatch.setattr(app.socket, "socket", plain)
     fails(app_tests.test_accepted_connections_send_without_delay)
+
+
+def test_safe_admission_fails_the_admission_test(monkeypatch):
+    estimate = controller.LatencyTable.estimate
+    monkeypatch.setattr(controller.LatencyTable, "estimate",
+                        lambda self, w, b, safe=True: estimate(self, w, b, True))  # fmt: skip
+    fails(controller_tests.test_admission_expects_the_mean_and_the_width_choice_the_safe_side)

@@ -17,7 +17,7 @@ The policy (slack-based, after SuperServe's SlackFit):
   (the admission check made that feasible when it queued them). At low load
   that is the full width; under load the slack shrinks and the width with it.
 * Admission control: a request is refused (HTTP 429) only when, served at the narrowest width
-  it allows behind everything already queued, it would still miss the SLO (never by an idle
+  it allows behind everything already queued, it is expected to miss the SLO (never by an idle
   model: its latency is then observed, not predicted); a bounded queue
   (``max_queue`` images, HTTP 503) keeps memory bounded whatever the latency table says.
 """
@@ -71,10 +71,9 @@ class LatencyTable:
             # a bigger batch never looks cheaper than a smaller one (noise in the measurement)
             self._table[w] = [max(row[: b + 1]) for b in range(max_batch)]
 
-    @property
-    def slowdown(self) -> float:
-        """The 90th percentile of observed / measured over the last batches (1 before any)."""
-        return _quantile(self._ratios, QUANTILE) if self._ratios else 1.0
+    def slowdown(self, q: float = QUANTILE) -> float:
+        """The ``q`` quantile of observed / measured over the last batches (1 before any)."""
+        return _quantile(self._ratios, q) if self._ratios else 1.0
 
     def measured(self, width: float, batch: int) -> float:
         """Seconds measured (or interpolated) for ``batch`` images at ``width``."""
@@ -83,12 +82,14 @@ class LatencyTable:
             return row[batch - 1]
         return row[-1] * batch / self.max_batch
 
-    def estimate(self, width: float, batch: int) -> float:
-        """Seconds expected now for ``batch`` images at ``width``."""
+    def estimate(self, width: float, batch: int, safe: bool = True) -> float:
+        """Seconds expected now for ``batch`` images at ``width``: on the safe side (see the
+        class docstring), or with ``safe=False`` the central expectation (the mean of its
+        observations, or its measurement times the median slowdown)."""
         seen = self._observed.get((width, batch))
         if seen is not None:
-            return seen[0] + DEVIATIONS * seen[1]
-        return self.measured(width, batch) * self.slowdown
+            return seen[0] + DEVIATIONS * seen[1] if safe else seen[0]
+        return self.measured(width, batch) * self.slowdown(QUANTILE if safe else 0.5)
 
     def observe(self, width: float, batch: int, seconds: float) -> None:
         if not (math.isfinite(seconds) and seconds >= 0) or batch < 1:
@@ -247,25 +248,27 @@ class WidthController:
         self.queued_images += request.size
         return Admission(True)
 
-    def _busy_until(self, now: float) -> float:
+    def _busy_until(self, now: float) -> float:  # the running batch's expected end
         if self.running is None:
             return now
         return max(now, self.running.started + self.running.expected)
 
     def _finish_at_lowest(self, now: float, extra: Pending | None = None) -> float:
-        """When the queue (and ``extra`` behind it) would be done, every request at the
-        narrowest width it allows, batched as :meth:`next_batch` groups them."""
+        """When the queue (and ``extra`` behind it) is expected to be done, every request at
+        the narrowest width it allows, batched as :meth:`next_batch` groups them. Central
+        estimates, not safe ones: refusing is a certain failure, serving late only a possible
+        one, so a request is refused only when it is expected to miss."""
         t = self._busy_until(now)
         chunk_width, chunk = None, 0
         for r in [*self.queue, *([extra] if extra is not None else [])]:
             w = self._lowest(r)
             if w != chunk_width or chunk + r.size > self.max_batch:
                 if chunk:
-                    t += self.table.estimate(chunk_width, chunk)
+                    t += self.table.estimate(chunk_width, chunk, safe=False)
                 chunk_width, chunk = w, 0
             chunk += r.size
         if chunk:
-            t += self.table.estimate(chunk_width, chunk)
+            t += self.table.estimate(chunk_width, chunk, safe=False)
         return t
 
     def _retry_after(self, now: float) -> int:
@@ -292,7 +295,7 @@ class WidthController:
             width = self._choose(now, head, size, floor, rest)
         self.queue = deque(rest)
         self.queued_images -= size
-        batch = Batch(members, width, size, now, self.table.estimate(width, size))
+        batch = Batch(members, width, size, now, self.table.estimate(width, size, safe=False))
         self.running = batch
         return batch
 
