@@ -22,8 +22,9 @@ Starlette app that parses the request and calls the runner inline), interleaved.
 
 Usage::
 
-    python benchmarks/serve_slo.py --out benchmarks/results/serve_slo-DATE   # ~6 minutes
-    python benchmarks/serve_slo.py --report benchmarks/results/serve_slo-DATE  # table + plot again
+    python benchmarks/serve_slo.py --out benchmarks/results/serve_slo-DATE/run1   # ~7 minutes
+    python benchmarks/serve_slo.py --report benchmarks/results/serve_slo-DATE/run*  # tables and
+        # plots again, and the median of the runs (targets are judged on it)
 """
 
 from __future__ import annotations
@@ -262,6 +263,27 @@ def report(results: dict) -> str:
     return "\n".join(lines)
 
 
+def median_of_runs(runs: list[dict]) -> dict:
+    """One results dict whose every number is the median over ``runs`` (same settings)."""
+    first = runs[0]
+    out = {**first, "when": ", ".join(r["when"] for r in runs),
+           "commit": ", ".join(sorted({r["commit"] for r in runs})),
+           "command": f"median of {len(runs)} runs of: {first['command']}",
+           "capacity_rps": statistics.median(r["capacity_rps"] for r in runs),
+           "capacity_ips": statistics.median(r["capacity_ips"] for r in runs)}  # fmt: skip
+    cells = []
+    for k, run in enumerate(first["runs"]):
+        same = [r["runs"][k] for r in runs]
+        assert all((c["load"], c["server"]) == (run["load"], run["server"]) for c in same)
+        summary = {key: statistics.median(c["summary"][key] for c in same)
+                   for key in run["summary"]}  # fmt: skip
+        cells.append({"load": run["load"], "server": run["server"], "summary": summary})
+    out["runs"] = cells
+    out["memory"] = {k: statistics.median(r["memory"][k] for r in runs) for k in first["memory"]}
+    out["batch1"] = {k: statistics.median(r["batch1"][k] for r in runs) for k in first["batch1"]}
+    return out
+
+
 def targets(results: dict) -> list[str]:
     out = ["## Targets"]
     runs = results["runs"]
@@ -414,7 +436,9 @@ def runtime_ms(checkpoint: str, threads: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, help="results directory (raw JSON, table, plot)")
-    parser.add_argument("--report", type=Path, help="rebuild table and plot from a results dir")
+    parser.add_argument("--report", type=Path, nargs="+",
+                        help="rebuild tables and plots from results dirs; with several, also "
+                        "the median of the runs (written beside them)")  # fmt: skip
     parser.add_argument("--slo-ms", type=float, default=50.0)
     parser.add_argument("--images", type=int, default=16, help="images per request")
     parser.add_argument("--max-batch", type=int, default=64, help="images per batch")
@@ -431,10 +455,18 @@ def main() -> None:
     if args.bare_server:
         return bare_server(args.bare_server, args.threads)
     if args.report:
-        results = json.loads((args.report / "results.json").read_text())
+        runs = []
+        for directory in args.report:
+            results = json.loads((directory / "results.json").read_text())
+            (directory / "table.md").write_text(report(results) + "\n")
+            plot(results, directory / "serve_slo.png")
+            runs.append(results)
+        results = median_of_runs(runs) if len(runs) > 1 else runs[0]
         text = report(results)
-        (args.report / "table.md").write_text(text + "\n")
-        plot(results, args.report / "serve_slo.png")
+        if len(runs) > 1:
+            parent = args.report[0].parent
+            (parent / "median.md").write_text(text + "\n")
+            plot(results, parent / "serve_slo-median.png")
         print(text)
         return None
     if args.out is None:
