@@ -279,9 +279,20 @@ def median_of_runs(runs: list[dict]) -> dict:
                    for key in run["summary"]}  # fmt: skip
         cells.append({"load": run["load"], "server": run["server"], "summary": summary})
     out["runs"] = cells
+    # ratios are taken within each run (side by side), then their median
     out["memory"] = {k: statistics.median(r["memory"][k] for r in runs) for k in first["memory"]}
+    out["memory"]["ratio"] = statistics.median(memory_ratio(r["memory"]) for r in runs)
     out["batch1"] = {k: statistics.median(r["batch1"][k] for r in runs) for k in first["batch1"]}
+    out["batch1"]["ratio"] = statistics.median(batch1_ratio(r["batch1"]) for r in runs)
     return out
+
+
+def memory_ratio(memory: dict) -> float:
+    return memory.get("ratio") or memory["usnet_rss_mb"] / memory["full_only_rss_mb"]
+
+
+def batch1_ratio(batch1: dict) -> float:
+    return batch1.get("ratio") or batch1["usnet_p50_ms"] / batch1["bare_p50_ms"]
 
 
 def targets(results: dict) -> list[str]:
@@ -324,7 +335,7 @@ def targets(results: dict) -> list[str]:
         )
     mem = results.get("memory")
     if mem:
-        ratio = mem["usnet_rss_mb"] / mem["full_only_rss_mb"]
+        ratio = memory_ratio(mem)
         out.append(f"3. memory: server RSS {mem['usnet_rss_mb']:.0f} MB with every width against "
                    f"{mem['full_only_rss_mb']:.0f} MB holding only the full width: {ratio:.3f}x "
                    f"(target <= 1.2x: {'met' if ratio <= 1.2 else 'missed'}); parameters and "
@@ -333,7 +344,7 @@ def targets(results: dict) -> list[str]:
                    f"({mem['usnet_tensor_kb'] / mem['full_only_tensor_kb']:.2f}x)")  # fmt: skip
     b1 = results.get("batch1")
     if b1:
-        ratio = b1["usnet_p50_ms"] / b1["bare_p50_ms"]
+        ratio = batch1_ratio(b1)
         out.append(f"4. batch-1 latency at low load: usnet p50 {b1['usnet_p50_ms']:.3f} ms, bare "
                    f"runtime call behind the same HTTP stack {b1['bare_p50_ms']:.3f} ms: "
                    f"{ratio:.3f}x (target <= 1.10x: {'met' if ratio <= 1.10 else 'missed'}); the "
@@ -362,6 +373,10 @@ def plot(results: dict, path: Path) -> None:
           title=f"SLO {results['slo_ms']} ms")  # fmt: skip
     b.set(xscale="log", xlabel="offered load (x full-width capacity)",
           ylabel="mean top-1 of served requests (%)", title="accuracy (from the spectrum)")  # fmt: skip
+    ticks = sorted({r["load"] for r in poisson})
+    for axis in (a, b):
+        axis.minorticks_off()
+        axis.set_xticks(ticks, [f"{t:g}x" for t in ticks])
     a.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -484,7 +499,7 @@ def main() -> None:
         when=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         commit=commit + ("+dirty" if dirty else ""),
         command="python " + " ".join([os.path.relpath(__file__, ROOT), *sys.argv[1:]]),
-        machine=f"{platform.machine()}, {os.cpu_count()} CPUs, load average before "
+        machine=f"{platform.machine()}, {os.cpu_count()} CPUs, load average at the end "
         f"{os.getloadavg()[0]:.2f}",
     )
     (args.out / "results.json").write_text(json.dumps(results) + "\n")
