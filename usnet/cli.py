@@ -579,7 +579,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     name = args.name or Path(args.artifact.rstrip("/")).name.split(".")[0]
     server = ModelServer(runner, name=name, slo_ms=args.slo_ms, max_batch=args.max_batch,
                          max_queue=args.max_queue, max_body_bytes=int(args.max_body_mb * 2**20))  # fmt: skip
-    return serve(server, args.host, args.port,
+    return serve(server, args.host, args.port, max_connections=args.max_connections,
                  announce=lambda url: print(describe(server, url), flush=True))  # fmt: skip
 
 
@@ -778,6 +778,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="serve only these widths (default: every width of the spectrum/artifact)")  # fmt: skip
     p.add_argument("--threads", type=whole_number(1), default=None, help="CPU threads of the model")
     p.add_argument("--max-body-mb", type=float, default=64.0, help="request size limit (413)")
+    p.add_argument("--max-connections", type=whole_number(1), default=256,
+                   help="open connections at most; beyond: 503 (bounds memory)")  # fmt: skip
     p.set_defaults(func=cmd_serve)
     return parser
 

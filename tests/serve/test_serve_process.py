@@ -172,3 +172,28 @@ def test_cli_refuses_bad_input_in_one_line(tmp_path, convnet_checkpoint):
         assert code == 2 and "address already in use" in err
     finally:
         taken.close()
+
+
+def test_connections_beyond_the_limit_get_503(convnet_checkpoint):
+    # uvicorn answers 503 once the open connections reach --max-connections
+    process = subprocess.Popen(
+        [sys.executable, "-m", "usnet", "serve", str(convnet_checkpoint[0]), "--port", "0",
+         "--threads", "1", "--widths", "1.0", "--max-connections", "2"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        line = process.stdout.readline()
+        port = int(line.split("http://127.0.0.1:")[1].split("/")[0])
+        first = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        first.request("GET", "/v2/health/live")
+        assert first.getresponse().status == 200  # one connection, kept open
+        assert post(port, b"{}", path="/v2/health/live")[0] == 503  # the second reaches 2
+        first.close()
+        time.sleep(0.2)
+        again = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        again.request("GET", "/v2/health/live")
+        assert again.getresponse().status == 200  # room again
+        again.close()
+    finally:
+        process.terminate()
+        assert process.wait(60) == 0

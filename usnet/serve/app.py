@@ -173,9 +173,7 @@ class ModelServer:
         if not admission.accepted:
             reason = "queue_full" if admission.status == 503 else "slo"
             self.m_rejections.labels(reason).inc()
-            err = ProtocolError(admission.reason, admission.status)
-            err.retry_after_s = admission.retry_after_s
-            raise err
+            raise ProtocolError(admission.reason, admission.status, admission.retry_after_s)
         self.m_queue.set(c.queued_images)
         self._wakeup.set()
         return await job.future
@@ -303,7 +301,7 @@ def create_app(server: ModelServer):
             logits, info = await server.infer(parsed, arrival)
         except ProtocolError as err:
             server.m_requests.labels(str(err.status)).inc()
-            retry = getattr(err, "retry_after_s", None)
+            retry = err.retry_after_s
             return error(str(err), err.status, {"retry-after": str(retry)} if retry else None)
         except Exception as err:  # noqa: BLE001 (the model failed: a 500 naming it)
             server.m_requests.labels("500").inc()
@@ -379,8 +377,11 @@ def bind(host: str, port: int) -> socket.socket:
 
 def serve(server: ModelServer, host: str = "127.0.0.1", port: int = 8000, *,
           announce: Callable[[str], None] | None = None, log_level: str = "warning",
-          graceful_timeout_s: float = 30.0) -> int:  # fmt: skip
-    """Serve until SIGTERM or Ctrl-C; returns the exit status (0 after a graceful stop)."""
+          graceful_timeout_s: float = 30.0, max_connections: int = 256) -> int:  # fmt: skip
+    """Serve until SIGTERM or Ctrl-C; returns the exit status (0 after a graceful stop).
+
+    Beyond ``max_connections`` open connections uvicorn answers 503: with the body limit and
+    the bounded queue, that bounds the memory requests can take."""
     import uvicorn
 
     sock = bind(host, port)
@@ -401,7 +402,8 @@ def serve(server: ModelServer, host: str = "127.0.0.1", port: int = 8000, *,
                     signal.signal(s, handler)
 
     config = uvicorn.Config(create_app(server), log_level=log_level, access_log=False,
-                            lifespan="on", timeout_graceful_shutdown=graceful_timeout_s)  # fmt: skip
+                            lifespan="on", timeout_graceful_shutdown=graceful_timeout_s,
+                            limit_concurrency=max_connections)  # fmt: skip
     url_host = f"[{host}]" if ":" in host else host
     (announce or (lambda text: print(text, flush=True)))(f"http://{url_host}:{bound}")
     Server(config).run(sockets=[sock])

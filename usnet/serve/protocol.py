@@ -30,11 +30,13 @@ _FP32 = np.dtype("<f4")
 
 
 class ProtocolError(UsnetValueError):
-    """A request the server cannot take; ``status`` is the HTTP status to answer with."""
+    """A request the server cannot take; ``status`` is the HTTP status to answer with, and
+    ``retry_after_s`` (overload) the ``Retry-After`` header."""
 
-    def __init__(self, message: str, status: int = 400):
+    def __init__(self, message: str, status: int = 400, retry_after_s: int | None = None):
         super().__init__(message)
         self.status = status
+        self.retry_after_s = retry_after_s
 
 
 @dataclass
