@@ -1,5 +1,5 @@
 """The ``usnet`` command line: ``train``, ``eval``, ``calibrate``, ``profile``, ``export``,
-``select``, ``search``.
+``select``, ``search``, ``serve``.
 
 Every command reports bad input as one line, ``usnet: error: ...``, and exits with status 2:
 usnet's own errors (:class:`~usnet.errors.UsnetError`), ``OSError`` (a missing or unwritable
@@ -27,6 +27,7 @@ from .commands import (
     cmd_select,
     cmd_train,
 )
+from .serve import add_serve_parser
 
 USER_ERRORS = (UsnetError, OSError, argparse.ArgumentError, argparse.ArgumentTypeError)
 """What the command line reports as one line (exit 2); every other exception is a failure."""
@@ -212,6 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_search)
+
+    add_serve_parser(sub)
     return parser
 
 
