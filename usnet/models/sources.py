@@ -244,9 +244,10 @@ def build_model(
                 f"convert options apply to models converted on the fly (torchvision:, timm:, "
                 f"module:callable); the zoo model {spec.name!r} sets its own"
             )
-        return create_model(spec.name, num_classes=num_classes, in_channels=in_channels,
-                            small_input=small_input, width_range=tuple(width_range),
-                            **dict(spec.kwargs))  # fmt: skip
+        # the data's sizes, unless model_kwargs set them (a ViT's image size, ...)
+        kwargs = {"num_classes": num_classes, "in_channels": in_channels,
+                  "small_input": small_input, "width_range": tuple(width_range), **spec.kwargs}  # fmt: skip
+        return create_model(spec.name, **kwargs)
     convert = convert or ConvertOptions()
     kwargs = dict(spec.kwargs)
     if spec.source == "timm":
