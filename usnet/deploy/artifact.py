@@ -131,13 +131,7 @@ def load_single(
     """A callable ``images -> logits`` (CPU tensors) running a one-width artifact with its own
     runtime. ``source`` is a file (format from its suffix unless given) or the artifact's bytes.
     (:func:`usnet.load_artifact` opens switchable files too.)"""
-    if format is None:
-        if isinstance(source, bytes):
-            raise UsnetValueError(
-                f"loading an artifact's bytes needs format=; valid: {', '.join(FORMATS)}"
-            )
-        format = format_of(source)
-    check_format(format)
+    format = source_format(source, format)
     data = source if isinstance(source, bytes) else Path(source).read_bytes()
     if format == "onnx":
         import onnxruntime
@@ -163,6 +157,17 @@ def load_single(
             return module(images.cpu())
 
     return run_torch
+
+
+def source_format(source: str | os.PathLike | bytes, format: str | None) -> str:
+    """``format`` checked, or the format of file ``source`` by its suffix (bytes need one)."""
+    if format is None:
+        if isinstance(source, bytes):
+            raise UsnetValueError(
+                f"load_artifact needs format= for bytes; valid: {', '.join(FORMATS)}"
+            )
+        format = format_of(source)
+    return check_format(format)
 
 
 def format_of(path: str | os.PathLike) -> str:

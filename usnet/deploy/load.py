@@ -8,7 +8,7 @@ from pathlib import Path
 
 from torch import Tensor
 
-from .artifact import FORMATS, check_format, format_of, load_single
+from .artifact import load_single, source_format
 from .onnx_file import read_onnx, switchable_metadata
 from .switchable import SwitchableArtifact
 
@@ -24,15 +24,7 @@ def load_artifact(
     switchable ONNX file (:func:`usnet.export_switchable`) gives a :class:`SwitchableArtifact`,
     called as ``artifact(images, width=0.5)``; any other file a one-width callable.
     """
-    if format is None:
-        if isinstance(source, bytes):
-            from ..errors import UsnetValueError
-
-            raise UsnetValueError(
-                f"load_artifact needs format= for bytes; valid: {', '.join(FORMATS)}"
-            )
-        format = format_of(source)
-    check_format(format)
+    format = source_format(source, format)
     if format == "onnx":
         data = source if isinstance(source, bytes) else Path(source).read_bytes()
         name = "the given bytes" if isinstance(source, bytes) else repr(str(source))
