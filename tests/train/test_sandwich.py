@@ -661,6 +661,17 @@ def test_python_api_and_run_config_share_one_distillation_default():
     assert InplaceDistillationLoss().label_weight == TrainConfig().distill_label_weight == 0.5
 
 
+def test_python_api_and_run_config_share_the_recipe_defaults():
+    import inspect
+
+    from usnet.train.config import TrainConfig
+
+    config = TrainConfig()
+    optimizer = make_optimizer(tiny_model(), lr=0.1)
+    assert optimizer.param_groups[0]["weight_decay"] == config.weight_decay == 5e-5
+    assert inspect.signature(make_scheduler).parameters["schedule"].default == config.lr_schedule
+
+
 @pytest.mark.parametrize("ends", ["both", "max", "min", "none"])
 def test_narrowest_loss_is_the_narrowest_widths_whatever_the_order(ends):
     """The trainer logs ``loss_narrowest`` from it: with ``sandwich_ends`` other than "both" the

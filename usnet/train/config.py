@@ -23,7 +23,8 @@ import yaml
 from ..channels import parse_widths
 from ..device import check_device_name
 from ..errors import ConfigError
-from .sandwich import DISTILL_LABEL_WEIGHT
+from .distill import DISTILL_LABEL_WEIGHT
+from .recipe import SCHEDULE, WEIGHT_DECAY
 
 
 @dataclass
@@ -106,7 +107,7 @@ class TrainConfig:
     # when changing batch_size, scale lr linearly (Goyal et al. 2017: lr = 0.1 * batch_size / 256).
     batch_size: int = 128
     lr: float = 0.1
-    lr_schedule: Literal["linear", "cosine"] = "cosine"
+    lr_schedule: Literal["linear", "cosine"] = SCHEDULE
     warmup_epochs: float = 0.0
     # sgd: the paper's SGD with (Nesterov) momentum; adamw: AdamW with betas, the usual vision
     # transformer recipe. momentum/nesterov belong to sgd and betas to adamw: a value changed from
@@ -115,7 +116,7 @@ class TrainConfig:
     momentum: float = 0.9
     nesterov: bool = True
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    weight_decay: float = 5e-5  # conv/linear weights only (usnet.train.recipe.param_groups)
+    weight_decay: float = WEIGHT_DECAY  # conv/linear weights only (usnet.train.recipe.param_groups)
     amp: Literal["none", "bf16", "fp16"] = "none"
     # CUDA: cuDNN autotuning, with every channel configuration tuned before the first step (a
     # random width then never re-tunes mid-training). On the CPU only the warm-up runs.

@@ -27,6 +27,11 @@ __all__ = [
 SCHEDULES = ("linear", "cosine")
 """Learning-rate decay shapes accepted by :func:`lr_lambda` and :func:`make_scheduler`."""
 
+WEIGHT_DECAY = 5e-5
+SCHEDULE = "cosine"
+"""The recipe's defaults, for the Python API and the run config (``weight_decay``,
+``lr_schedule``) alike."""
+
 
 # -- optimizer -----------------------------------------------------------------------------------
 def _decayed(module: nn.Module) -> list[nn.Parameter]:
@@ -77,7 +82,7 @@ def make_optimizer(
     model: nn.Module,
     lr: float,
     momentum: float = 0.9,
-    weight_decay: float = 1e-4,
+    weight_decay: float = WEIGHT_DECAY,
     nesterov: bool = True,
     *,
     kind: str = "sgd",
@@ -133,7 +138,7 @@ def make_scheduler(
     optimizer: torch.optim.Optimizer,
     total_steps: int,
     warmup_steps: int = 0,
-    schedule: str = "linear",
+    schedule: str = SCHEDULE,
 ) -> LambdaLR:
     """A per-iteration ``LambdaLR`` following :func:`lr_lambda`: call ``scheduler.step()`` after
     every optimizer step (not every epoch)."""
