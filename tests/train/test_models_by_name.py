@@ -5,6 +5,7 @@ pickled code) and rebuilt by every command that reads the checkpoint."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import zipfile
@@ -76,12 +77,14 @@ def test_torchvision_model_trains_exports_and_selects_from_its_checkpoint(tmp_pa
     plain = usnet.export(model, 0.5)
     assert torch.allclose(plain.eval()(images), expected, atol=1e-5)
     # the commands rebuild it from the record
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # one thread per test process, as conftest
     run = lambda *a: subprocess.run([sys.executable, "-m", "usnet", *a], capture_output=True,  # noqa: E731
-                                    text=True, timeout=300, cwd=tmp_path)  # fmt: skip
+                                    text=True, timeout=300, cwd=tmp_path, env=env)  # fmt: skip
     exported = run("export", str(out / "model.pt"), "--width", "0.5", "--format", "onnx",
                    "--out", str(tmp_path / "m.onnx"))  # fmt: skip
     assert exported.returncode == 0, exported.stderr
-    selected = run("select", str(out / "model.pt"), "--max-macs", "2M", "--json")
+    selected = run("select", str(out / "model.pt"), "--max-macs", "2M", "--json",
+                   "--widths", "0.25:1.0:0.25")  # fmt: skip
     assert selected.returncode == 0, selected.stderr
     assert 0.25 <= json.loads(selected.stdout)["width"] < 1.0
 
