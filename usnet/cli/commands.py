@@ -12,10 +12,10 @@ from ..channels import format_width
 from ..errors import UsnetValueError
 from ..files import check_output, check_writable
 from ..models import model_input_size
+from ..train.data import checkpoint_input_size
 from .common import (
     calibration_of,
     check_data_fits,
-    checkpoint_input_size,
     data_for,
     distinct_widths_for,
     export_in,

@@ -156,19 +156,6 @@ def load_checkpoint_arg(spec: str) -> tuple[nn.Module, dict]:
     return load_model_arg(spec), {}
 
 
-def checkpoint_input_size(model: nn.Module, payload: dict) -> tuple[int, ...]:
-    """The run's dataset input size if the checkpoint records its config, else the model's default.
-
-    Only ``data.name``/``data.image_size`` are read (not the whole config, validated), so a
-    checkpoint whose config has keys this version does not know still exports."""
-    from ..train.data import dataset_input_size
-
-    data = ((payload.get("extra") or {}).get("config") or {}).get("data") or {}
-    if isinstance(data, dict) and data.get("name"):
-        return dataset_input_size(str(data["name"]), int(data.get("image_size", 224)))
-    return model_input_size(model)
-
-
 def export_in(format: str):
     """Recognizes an artifact of ``format`` (an earlier ``usnet export``): its runtime loads it."""
 

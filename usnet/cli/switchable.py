@@ -45,8 +45,9 @@ def export(args: argparse.Namespace) -> int:
     from ..deploy.switchable import export_switchable
     from ..files import check_output
     from ..state import get_state
+    from ..train.data import checkpoint_input_size
     from .args import width_spec
-    from .common import check_data_fits, checkpoint_input_size, data_for, load_checkpoint_arg
+    from .common import check_data_fits, data_for, load_checkpoint_arg
 
     if args.format != "onnx":
         raise UsnetValueError(f"--switchable writes onnx, got --format {args.format!r}")

@@ -216,11 +216,12 @@ def open_checkpoint(path: str, runtime: str | None = None, device: str = "cpu",
     """A runner over the plain exports of a checkpoint's widths (see the module docstring)."""
     from ..checkpoint import model_from_checkpoint, read_checkpoint
     from ..deploy.plain import export
+    from ..train.data import checkpoint_input_size
 
     payload = read_checkpoint(path)
     model = model_from_checkpoint(payload, path)
     chosen, top1, equivalent = _checkpoint_widths(model, payload, widths, path)
-    input_shape = _checkpoint_input_shape(model, payload)
+    input_shape = checkpoint_input_size(model, payload)[1:]
     if runtime in (None, "torch"):
         modules = {w: export(model, w) for w in chosen}
         share_storage(modules, modules[chosen[-1]])
@@ -243,17 +244,6 @@ def open_checkpoint(path: str, runtime: str | None = None, device: str = "cpu",
         sessions[w] = session
     return OnnxRunner({w: _single_width(s, w) for w, s in sessions.items()}, input_shape, top1,
                       source=path, equivalent=equivalent)  # fmt: skip
-
-
-def _checkpoint_input_shape(model: nn.Module, payload: Mapping) -> tuple[int, ...]:
-    """(C, H, W): the run's dataset size when the checkpoint records it, else the model's."""
-    from ..models import model_input_size
-    from ..train.data import dataset_input_size
-
-    data = ((payload.get("extra") or {}).get("config") or {}).get("data") or {}
-    if isinstance(data, dict) and data.get("name"):
-        return tuple(dataset_input_size(str(data["name"]), int(data.get("image_size", 224)))[1:])
-    return tuple(model_input_size(model)[1:])
 
 
 # --- onnxruntime --------------------------------------------------------------------------------

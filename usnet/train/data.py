@@ -11,11 +11,12 @@ import gzip
 import os
 import typing
 import zlib
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.utils.data import Dataset, Subset
 
 from ..errors import ConfigError, DataError, UsnetValueError
@@ -194,6 +195,20 @@ def dataset_input_size(name: str, image_size: int = 224) -> tuple[int, int, int,
     raise UsnetValueError(
         f"unknown dataset {name!r}; valid: fashion_mnist, imagefolder, cifar10, cifar100"
     )
+
+
+def checkpoint_input_size(model: nn.Module, payload: Mapping[str, typing.Any]) -> tuple[int, ...]:
+    """The ``(1, C, H, W)`` a checkpoint's model is profiled, exported and served at: its run's
+    dataset size if the checkpoint records its config, else the model's own.
+
+    Only ``data.name``/``data.image_size`` are read (not the whole config, validated), so a
+    checkpoint whose config has keys this version does not know still exports."""
+    from ..models import model_input_size
+
+    data = ((payload.get("extra") or {}).get("config") or {}).get("data") or {}
+    if isinstance(data, dict) and data.get("name"):
+        return dataset_input_size(str(data["name"]), int(data.get("image_size", 224)))
+    return model_input_size(model)
 
 
 def build_datasets(name: str, root: str | None = None, *, limit_train: int | None = None,
