@@ -134,17 +134,9 @@ def load_single(
     format = source_format(source, format)
     data = source if isinstance(source, bytes) else Path(source).read_bytes()
     if format == "onnx":
-        import onnxruntime
-
         name = "the given bytes" if isinstance(source, bytes) else repr(str(source))
         read_onnx(data, name)  # a truncated or foreign file: an error naming it
-        session = onnxruntime.InferenceSession(data, providers=["CPUExecutionProvider"])
-
-        def run_onnx(images: Tensor) -> Tensor:
-            (logits,) = session.run(["logits"], {"input": images.detach().cpu().numpy()})
-            return torch.from_numpy(np.asarray(logits))
-
-        return run_onnx
+        return onnx_runner(data)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         if format == "pt":
@@ -157,6 +149,20 @@ def load_single(
             return module(images.cpu())
 
     return run_torch
+
+
+def onnx_runner(data: bytes) -> Callable[[Tensor], Tensor]:
+    """``images -> logits`` of a one-width ONNX model already read and checked (``read_onnx``),
+    in onnxruntime on the CPU."""
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(data, providers=["CPUExecutionProvider"])
+
+    def run_onnx(images: Tensor) -> Tensor:
+        (logits,) = session.run(["logits"], {"input": images.detach().cpu().numpy()})
+        return torch.from_numpy(np.asarray(logits))
+
+    return run_onnx
 
 
 def source_format(source: str | os.PathLike | bytes, format: str | None) -> str:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from torch import Tensor
 
-from .artifact import load_single, source_format
+from .artifact import load_single, onnx_runner, source_format
 from .onnx_file import read_onnx, switchable_metadata
 from .switchable import SwitchableArtifact
 
@@ -31,5 +31,5 @@ def load_artifact(
         proto = read_onnx(data, name)  # a truncated or foreign file: an error naming it
         if switchable_metadata(proto) is not None:  # every width in one file: takes width=
             return SwitchableArtifact(proto, name)
-        return load_single(data, format)
+        return onnx_runner(data)  # checked once, above
     return load_single(source, format)
