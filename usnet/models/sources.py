@@ -61,8 +61,11 @@ class ConvertOptions:
             raise UsnetValueError(
                 f"unknown conversion option {unknown[0]!r}; valid: {', '.join(CONVERT_OPTIONS)}"
             )
+        divisor = int(raw.get("divisor", 8))
+        if divisor < 1:
+            raise UsnetValueError(f"convert.divisor must be >= 1, got {divisor}")
         return cls(fixed_outputs=tuple(raw.get("fixed_outputs", ())),
-                   ratio_ties=tuple(raw.get("ratio_ties", ())), divisor=int(raw.get("divisor", 8)),
+                   ratio_ties=tuple(raw.get("ratio_ties", ())), divisor=divisor,
                    slim_outputs=bool(raw.get("slim_outputs", False)),
                    input_averaging=bool(raw.get("input_averaging", False)))  # fmt: skip
 
@@ -99,9 +102,15 @@ def parse_model(spec: str, kwargs: Mapping[str, Any] | None = None) -> ModelSpec
     return ModelSpec("python", spec, dict(kwargs or {}))
 
 
-def check_model(spec: ModelSpec) -> None:
+def check_model(spec: ModelSpec, convert: ConvertOptions | None = None) -> None:
     """Refuse, before any work, a model name its source does not have (listing close matches),
-    a callable that cannot be imported, or a keyword argument the callable does not take."""
+    a callable that cannot be imported, a keyword argument the callable does not take, or
+    conversion options for a zoo model (which sets its own)."""
+    if spec.source == "zoo" and convert not in (None, ConvertOptions()):
+        raise UsnetValueError(
+            f"convert options apply to models converted on the fly (torchvision:NAME, timm:NAME, "
+            f"module:callable); the zoo model {spec.name!r} sets its own"
+        )
     if spec.source == "zoo":
         if spec.name not in list_models():
             raise UsnetValueError(
@@ -138,9 +147,6 @@ def _close(name: str, names: Sequence[str], what: str) -> str:
 def _torchvision(name: str, num_classes: int, kwargs: Mapping[str, Any]) -> nn.Module:
     import torchvision
 
-    names = torchvision.models.list_models(module=torchvision.models)  # classification models
-    if name not in names:
-        raise UsnetValueError(_close(name, names, "torchvision classification"))
     return torchvision.models.get_model(name, weights=None, num_classes=num_classes, **kwargs)
 
 
@@ -153,11 +159,9 @@ def _timm_module(name: str):
 
 
 def _timm(name: str, num_classes: int, kwargs: Mapping[str, Any]) -> nn.Module:
-    timm = _timm_module(name)
-    names = timm.list_models()
-    if name not in names:
-        raise UsnetValueError(_close(name, names, "timm"))
-    return timm.create_model(name, pretrained=False, num_classes=num_classes, **kwargs)
+    return _timm_module(name).create_model(
+        name, pretrained=False, num_classes=num_classes, **kwargs
+    )
 
 
 def _import_callable(spec: str) -> Callable:
@@ -202,7 +206,7 @@ SOURCES: dict[str, Callable[[str, int, Mapping[str, Any]], nn.Module]] = {
     "python": _python,
 }
 """Source -> ``build(name, num_classes, kwargs)``, the plain model with ``num_classes``
-outputs and no trained weights."""
+outputs and no trained weights (the name already checked by :func:`check_model`)."""
 
 
 def _with_input_channels(model: nn.Module, in_channels: int, spec: ModelSpec) -> nn.Module:
@@ -238,12 +242,8 @@ def build_model(
 ) -> nn.Module:
     """The slimmable model ``spec`` names, for data of ``input_size`` ``(1, C, H, W)`` and
     ``num_classes`` classes, over ``width_range``."""
+    check_model(spec, convert)  # names, kwargs and options: refused before any model is built
     if spec.source == "zoo":
-        if convert not in (None, ConvertOptions()):
-            raise UsnetValueError(
-                f"convert options apply to models converted on the fly (torchvision:, timm:, "
-                f"module:callable); the zoo model {spec.name!r} sets its own"
-            )
         # the data's sizes, unless model_kwargs set them (a ViT's image size, ...)
         kwargs = {"num_classes": num_classes, "in_channels": in_channels,
                   "small_input": small_input, "width_range": tuple(width_range), **spec.kwargs}  # fmt: skip

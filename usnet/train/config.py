@@ -385,24 +385,18 @@ def _check_semantics(c: TrainConfig) -> None:
 
 
 def _check_model(c: TrainConfig) -> None:
-    """The model's name and keyword arguments, before any work (no model is built here)."""
+    """The model's name, keyword arguments and conversion options, before any work (no model
+    is built here)."""
     from ..models.sources import ConvertOptions, check_model, parse_model
 
     try:
-        check_model(parse_model(c.model, c.model_kwargs))
+        convert = ConvertOptions.from_dict(dataclasses.asdict(c.convert))
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    try:
+        check_model(parse_model(c.model, c.model_kwargs), convert)
     except ValueError as err:
         raise ConfigError(f"model: {err}") from None
-    spec = parse_model(c.model, c.model_kwargs)
-    if c.convert.divisor < 1:
-        raise ConfigError(f"convert.divisor must be >= 1, got {c.convert.divisor}")
-    if (
-        spec.source == "zoo"
-        and ConvertOptions.from_dict(dataclasses.asdict(c.convert)) != ConvertOptions()
-    ):
-        raise ConfigError(
-            f"convert options apply to models converted on the fly (torchvision:NAME, timm:NAME, "
-            f"module:callable); the zoo model {c.model!r} sets its own"
-        )
 
 
 def _check_optimizer(c: TrainConfig) -> None:

@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from ..checkpoint import FORMAT
 from ..errors import ConfigError
+from ..models.sources import ModelSpec
 from ..nn.norm import SlimmableBatchNorm2d
 from ..state import get_state, run_full_width
 
@@ -43,9 +44,8 @@ def read_init_weights(path: str | os.PathLike) -> tuple[dict[str, Tensor], str |
     arch = None
     if isinstance(payload, Mapping) and payload.get("format") == FORMAT:
         record = (payload.get("usnet") or {}).get("arch") or {}
-        arch = record.get("name")
-        if arch is not None and record.get("source") in ("torchvision", "timm"):
-            arch = f"{record['source']}:{arch}"  # as the config names it
+        if record.get("name") is not None:  # as the config names it
+            arch = ModelSpec(str(record.get("source", "zoo")), str(record["name"])).label
         payload = payload.get("state_dict")
     elif isinstance(payload, Mapping):
         for key in ("state_dict", "model"):
