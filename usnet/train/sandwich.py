@@ -103,12 +103,19 @@ def _check_finite(widths: Sequence[Width], values: Sequence[float]) -> None:
             )
 
 
-def _optimizer_step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None) -> None:
+def _finish_step(model: nn.Module, optimizer: torch.optim.Optimizer,
+                 scaler: torch.amp.GradScaler | None, widths: Sequence[Width],
+                 losses: Tensor) -> list[float]:  # fmt: skip
+    """The optimizer step after the widths' backward passes, unless a width's loss (``losses``,
+    one per width; the mean over ranks under DDP) is not finite. Returns the losses."""
+    values = _ranks_mean(model, losses).tolist()  # one device sync per step
+    _check_finite(widths, values)
     if scaler is None:
         optimizer.step()
     else:
         scaler.step(optimizer)
         scaler.update()
+    return values
 
 
 def sandwich_step(
@@ -174,9 +181,7 @@ def sandwich_step(
     try:
         losses, kinds = backward_widths(model, images, labels, widths, criterion, scaler=scaler,
                                         autocast_dtype=autocast_dtype, teacher_probs=teacher_probs)  # fmt: skip
-        values = _ranks_mean(model, torch.stack(losses)).tolist()  # one device sync per step
-        _check_finite(widths, values)
-        _optimizer_step(optimizer, scaler)
+        values = _finish_step(model, optimizer, scaler, widths, torch.stack(losses))
     finally:
         set_width(inner, widths[0])
     return StepResult(widths=[width_value(w) for w in widths], losses=values, loss_kinds=kinds)
@@ -314,8 +319,7 @@ class SandwichRule:
         self.autocast_dtype = autocast_dtype
         self.accumulation_steps = accumulation_steps
         self._pending: list[Width] | None = None  # widths of the optimizer step in progress
-        self._micro = 0
-        self._losses: list[Tensor] = []
+        self._losses: list[Tensor] = []  # its micro-batches' losses so far
 
     def step(
         self,
@@ -338,11 +342,10 @@ class SandwichRule:
         inner = unwrap(self.model)
         if self._pending is None:
             self._pending = draw_widths(self.sampler)
-            self._micro, self._losses = 0, []
+            self._losses = []
             optimizer.zero_grad(set_to_none=True)
         widths = self._pending
-        self._micro += 1
-        last = self._micro == self.accumulation_steps
+        last = len(self._losses) + 1 == self.accumulation_steps
         try:
             losses, kinds = backward_widths(
                 self.model, images, labels, widths, self.criterion, scaler=self.scaler,
@@ -352,11 +355,9 @@ class SandwichRule:
             self._losses.append(torch.stack(losses))
             if not last:
                 return None
-            mean = torch.stack(self._losses).mean(0)
-            values = _ranks_mean(self.model, mean).tolist()
             self._pending = None
-            _check_finite(widths, values)
-            _optimizer_step(optimizer, self.scaler)
+            mean = torch.stack(self._losses).mean(0)
+            values = _finish_step(self.model, optimizer, self.scaler, widths, mean)
         except BaseException:
             self._pending = None  # the next call starts a new optimizer step
             raise
