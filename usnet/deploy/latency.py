@@ -22,14 +22,13 @@ import statistics
 import time
 from collections.abc import Sequence
 from datetime import datetime, timezone
-from pathlib import Path
 
 import numpy as np
 
 from ..device import device_name
 from ..errors import UsnetValueError
 from ..files import atomic_write_bytes
-from .onnx_file import read_onnx, set_metadata, switchable_metadata
+from .onnx_file import read_switchable, set_metadata
 from .switchable_onnx import ENTRY_INPUT, WIDTH_INPUT
 
 RUNTIME = "onnxruntime"
@@ -123,14 +122,10 @@ def profile_latency(
 ) -> list[dict]:
     """Measure every entry of the switchable file ``path`` and write the tables into its
     metadata (atomically; the rest of the file is unchanged). Returns the new tables."""
-    data = Path(path).read_bytes()
-    proto = read_onnx(data, repr(str(path)))
-    meta = switchable_metadata(proto)
-    if meta is None:
-        raise UsnetValueError(
-            f"{str(path)!r} is not a switchable usnet artifact (usnet export --switchable); "
-            "profile --latency measures those"
-        )
+    data, proto, meta = read_switchable(
+        path, "is not a switchable usnet artifact (usnet export --switchable); "
+        "profile --latency measures those"
+    )  # fmt: skip
     tables = measure_tables(data, meta, threads=threads, batch_sizes=batch_sizes, warmup=warmup,
                             repeats=repeats)  # fmt: skip
     meta["latency"] = merge_tables(meta.get("latency", []), tables)
@@ -170,14 +165,10 @@ def select_entry(
     for name, value in budgets.items():
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
             raise UsnetValueError(f"{name} must be a positive number, got {value!r}")
-    data = Path(path).read_bytes()
-    proto = read_onnx(data, repr(str(path)))
-    meta = switchable_metadata(proto)
-    if meta is None:
-        raise UsnetValueError(
-            f"{str(path)!r} is a single-width ONNX export; select takes a checkpoint or a "
-            "switchable artifact (usnet export --switchable)"
-        )
+    data, _, meta = read_switchable(
+        path, "is a single-width ONNX export; select takes a checkpoint or a switchable "
+        "artifact (usnet export --switchable)"
+    )  # fmt: skip
     entries = [dict(e) for e in meta["entries"]]
     latency = None
     if max_latency_ms is not None:

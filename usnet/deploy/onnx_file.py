@@ -4,7 +4,9 @@
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Mapping
+from pathlib import Path
 
 from ..errors import UsnetValueError
 
@@ -48,3 +50,14 @@ def read_onnx(data: bytes, name: str):
     if not proto.graph.node:
         raise UsnetValueError(f"{name} is not a valid ONNX model: its graph is empty")
     return proto
+
+
+def read_switchable(path: str | os.PathLike, not_switchable: str) -> tuple[bytes, object, dict]:
+    """``(bytes, model, metadata)`` of the switchable ONNX file ``path``; any other valid ONNX
+    file is refused with ``"'path' " + not_switchable`` (what the caller takes instead)."""
+    data = Path(path).read_bytes()
+    proto = read_onnx(data, repr(str(path)))
+    meta = switchable_metadata(proto)
+    if meta is None:
+        raise UsnetValueError(f"{str(path)!r} {not_switchable}")
+    return data, proto, meta
