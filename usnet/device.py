@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import platform
 import re
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -57,3 +59,20 @@ def device_name(device: torch.device) -> str:
     except OSError:
         pass
     return f"cpu:{model or platform.processor() or platform.machine()}"
+
+
+def timed_ms(run: Callable[[], object], warmup: int, repeats: int,
+             sync: Callable[[], object] = lambda: None) -> list[float]:  # fmt: skip
+    """Wall-clock milliseconds of ``repeats`` calls of ``run`` after ``warmup`` untimed ones;
+    ``sync`` waits for queued work (``torch.cuda.synchronize`` on a GPU) after the warm-up and
+    inside each timed call."""
+    for _ in range(warmup):
+        run()
+    sync()
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        sync()
+        samples.append((time.perf_counter() - start) * 1e3)
+    return samples

@@ -19,13 +19,12 @@ from __future__ import annotations
 import math
 import os
 import statistics
-import time
 from collections.abc import Sequence
 from datetime import datetime, timezone
 
 import numpy as np
 
-from ..device import device_name
+from ..device import device_name, timed_ms
 from ..errors import UsnetValueError
 from ..files import atomic_write_bytes
 from .onnx_file import read_switchable, set_metadata
@@ -91,13 +90,7 @@ def measure_tables(
                     feed[WIDTH_INPUT] = np.array(entry["width"], np.float32)
                 elif has_entry:
                     feed[ENTRY_INPUT] = np.array(index, np.int64)
-                for _ in range(warmup):
-                    session.run(None, feed)
-                samples = []
-                for _ in range(repeats):
-                    start = time.perf_counter()
-                    session.run(None, feed)
-                    samples.append((time.perf_counter() - start) * 1e3)
+                samples = timed_ms(lambda: session.run(None, feed), warmup, repeats)
                 medians.append(statistics.median(samples))
             tables.append({**this_machine(t, b), "warmup": warmup, "repeats": repeats,
                            "measured_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),

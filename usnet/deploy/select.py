@@ -29,7 +29,6 @@ import json
 import math
 import os
 import statistics
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -38,7 +37,7 @@ import torch
 from torch import nn
 
 from ..channels import ChannelPlan, config_id, config_key
-from ..device import device_name, resolve_device
+from ..device import device_name, resolve_device, timed_ms
 from ..errors import UsnetValueError
 from ..files import atomic_write_bytes
 from ..progress import progress_bar
@@ -288,16 +287,7 @@ def measure_latency(module: nn.Module, input_size: Sequence[int], *, device: str
     x = torch.randn(tuple(input_size), dtype=ref.dtype, device=device)
     module.eval()
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    for _ in range(warmup):
-        module(x)
-    sync()
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        module(x)
-        sync()
-        samples.append((time.perf_counter() - start) * 1e3)
-    return samples
+    return timed_ms(lambda: module(x), warmup, repeats, sync)
 
 
 def model_fingerprint(model: nn.Module) -> str:

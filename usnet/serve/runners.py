@@ -27,7 +27,6 @@ import json
 import math
 import os
 import statistics
-import time
 import warnings
 import zipfile
 from collections.abc import Callable, Mapping, Sequence
@@ -38,6 +37,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..device import timed_ms
 from ..errors import UsnetValueError
 
 Call = Callable[[np.ndarray], tuple[np.ndarray, float]]
@@ -105,14 +105,8 @@ def measure_latency(runner: Runner, batch_sizes: Sequence[int], warmup: int = 2,
     for b in batch_sizes:
         images = rng.standard_normal((b, *runner.input_shape), dtype=np.float32)
         for w in runner.widths:
-            for _ in range(warmup):
-                runner.run(images, w)
-            samples = []
-            for _ in range(repeats):
-                start = time.perf_counter()
-                runner.run(images, w)
-                samples.append(time.perf_counter() - start)
-            out[(w, b)] = statistics.median(samples)
+            samples = timed_ms(lambda: runner.run(images, w), warmup, repeats)
+            out[(w, b)] = statistics.median(samples) / 1e3
     return out
 
 
