@@ -14,6 +14,7 @@ from ..files import check_output, check_writable
 from ..models import model_input_size
 from ..train.data import checkpoint_input_size
 from .common import (
+    calibrate_missing,
     calibration_of,
     check_data_fits,
     data_for,
@@ -153,7 +154,6 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from ..calibration import calibrate, is_calibrated
     from ..deploy.artifact import check_format, earlier_export_rows, export_artifact, export_widths
     from ..deploy.cost import format_count
     from ..state import get_state
@@ -178,19 +178,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     options = {"fuse_bn": args.fuse_bn, "input_size": input_size, "tolerance": args.tolerance}
     if args.widths is not None:  # an earlier export there: its settings must match (merged)
         earlier_export_rows(Path(args.out), args.format, options)
-    missing = [w for w in widths if not is_calibrated(model, w)]
-    if missing:
-        if args.data is None and args.dataset is None:
-            w = missing[0]
-            raise UsnetValueError(f"width {format_width(w)} is not calibrated in "
-                             f"{args.checkpoint}; pass --data ROOT to calibrate it first (or run usnet calibrate)")  # fmt: skip
-        config, (_, calib_set, _, info) = data_for(
-            args.checkpoint, payload, args.data, args.dataset
-        )
-        check_data_fits(model, info, args.checkpoint, config.data.name)
-        print(f"calibrating {len(missing)} widths on {args.calib_images} training images")
-        calibrate(model, calib_set, missing, num_images=args.calib_images, seed=config.seed,
-                  batch_size=config.calib.batch_size)  # fmt: skip
+    calibrate_missing(model, payload, widths, args)
     runtime = {"pt": "torch.export.load", "torchscript": "torch.jit.load", "onnx": "onnxruntime"}[
         args.format
     ]

@@ -184,3 +184,24 @@ def search_result(path: Path) -> str | None:
     if isinstance(report, dict) and "width" in report and "test_top1" in report:
         return "an earlier usnet search result"
     return None
+
+
+def calibrate_missing(model: nn.Module, payload: dict, widths: list, args) -> None:
+    """``usnet export``: calibrate the widths among ``widths`` the checkpoint has no BN
+    statistics for, on ``--data``/``--dataset`` (``--calib-images``), or refuse naming one."""
+    from ..calibration import calibrate, is_calibrated
+    from ..channels import format_width
+
+    missing = [w for w in widths if not is_calibrated(model, w)]
+    if not missing:
+        return
+    if args.data is None and args.dataset is None:
+        raise UsnetValueError(
+            f"width {format_width(missing[0])} is not calibrated in {args.checkpoint}; pass "
+            "--data ROOT to calibrate it first (or run usnet calibrate)"
+        )
+    config, (_, calib_set, _, info) = data_for(args.checkpoint, payload, args.data, args.dataset)
+    check_data_fits(model, info, args.checkpoint, config.data.name)
+    print(f"calibrating {len(missing)} widths on {args.calib_images} training images")
+    calibrate(model, calib_set, missing, num_images=args.calib_images, seed=config.seed,
+              batch_size=config.calib.batch_size)  # fmt: skip

@@ -40,14 +40,13 @@ def _int_list(text: str, option: str) -> list[int]:
 
 def export(args: argparse.Namespace) -> int:
     """``usnet export CHECKPOINT --widths SPEC [--entry NAME=WIDTH] --switchable --out F``."""
-    from ..calibration import calibrate, is_calibrated
     from ..deploy.cost import format_count
     from ..deploy.switchable import export_switchable
     from ..files import check_output
     from ..state import get_state
     from ..train.data import checkpoint_input_size
     from .args import width_spec
-    from .common import check_data_fits, data_for, load_checkpoint_arg
+    from .common import calibrate_missing, load_checkpoint_arg
 
     if args.format != "onnx":
         raise UsnetValueError(f"--switchable writes onnx, got --format {args.format!r}")
@@ -81,18 +80,7 @@ def export(args: argparse.Namespace) -> int:
         if name in widths:
             raise UsnetValueError(f"--entry {name}: the name is taken by a --widths entry")
         widths[name] = plan.check_width(w)
-    missing = [w for w in widths.values() if not is_calibrated(model, w)]
-    if missing:
-        if args.data is None and args.dataset is None:
-            raise UsnetValueError(f"width {missing[0]} is not calibrated in {args.checkpoint}; "
-                                  "pass --data ROOT to calibrate it first (or run usnet calibrate)")  # fmt: skip
-        config, (_, calib_set, _, info) = data_for(
-            args.checkpoint, payload, args.data, args.dataset
-        )
-        check_data_fits(model, info, args.checkpoint, config.data.name)
-        print(f"calibrating {len(missing)} widths on {args.calib_images} training images")
-        calibrate(model, calib_set, missing, num_images=args.calib_images, seed=config.seed,
-                  batch_size=config.calib.batch_size)  # fmt: skip
+    calibrate_missing(model, payload, list(widths.values()), args)
     result = export_switchable(
         model, _dedupe_names(model, widths), args.out, "onnx", fuse_bn=args.fuse_bn,
         input_size=args.input_size or checkpoint_input_size(model, payload), tolerance=args.tolerance,
