@@ -402,3 +402,12 @@ def test_every_batchnorm_is_folded_even_where_the_exporter_deduplicates(tmp_path
     walk(proto.graph)
     assert ops.count("Conv") == 10 and "BatchNormalization" not in ops
     assert [e["max_abs_diff"] for e in result.entries] == [0.0, 0.0]
+
+
+def test_cli_refuses_an_uncalibrated_width_without_data(checkpoint, tmp_path, capsys):
+    """A width the checkpoint has no BN statistics for: one line naming it and the fix; no file."""
+    out = tmp_path / "m.onnx"
+    code, _, err = run(["export", checkpoint, "--widths", "0.25,0.6", "--switchable", "--format",
+                        "onnx", "--out", out, "--input-size", "1,1,28,28"], capsys)  # fmt: skip
+    assert code == 2 and "width 0.6 is not calibrated in" in err and "--data ROOT" in err
+    assert not out.exists()
